@@ -1,0 +1,49 @@
+"""django-filter building blocks that follow Cumulocity's query rules: bad values are 422."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django import forms
+
+from deviceplatform.api.exceptions import InvalidQuery
+from deviceplatform.api.params import get_bool, parse_id
+
+
+class _StrictBooleanField(forms.Field):
+    """`true`/`false` in any case; anything else is invalid (django-filter would ignore it)."""
+
+    def to_python(self, value: Any) -> bool | None:
+        if value in (None, ""):
+            return None
+        return get_bool({"value": value}, "value")
+
+
+class _IdField(forms.Field):
+    def to_python(self, value: Any) -> int | None:
+        if value in (None, ""):
+            return None
+        return parse_id(value)
+
+
+class StrictBooleanFilter(django_filters.Filter):
+    field_class = _StrictBooleanField
+
+
+class IdFilter(django_filters.Filter):
+    field_class = _IdField
+
+
+class CumulocityFilterSet(django_filters.FilterSet):
+    """A FilterSet whose invalid parameters raise a 422 instead of being dropped silently."""
+
+    @property
+    def qs(self) -> Any:
+        if self.is_bound and not self.form.is_valid():
+            problems = "; ".join(
+                f"{field}: {' '.join(str(error) for error in errors)}"
+                for field, errors in self.form.errors.items()
+            )
+            raise InvalidQuery(problems)
+        return super().qs

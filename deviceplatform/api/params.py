@@ -1,0 +1,62 @@
+"""Query-parameter readers: a bad value is a 422 (spec README §1 and §6), unknown ones are ignored."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from deviceplatform.api.dates import parse_datetime
+from deviceplatform.api.exceptions import InvalidQuery
+
+
+def get_bool(params: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = params.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered == "true":
+        return True
+    if lowered == "false":
+        return False
+    raise InvalidQuery(f"{name} must be true or false, not {value!r}")
+
+
+def get_int(params: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    value = params.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise InvalidQuery(f"{name} must be an integer, not {value!r}") from None
+    if number < minimum:
+        raise InvalidQuery(f"{name} must be at least {minimum}, not {number}")
+    return number
+
+
+def get_id(params: Mapping[str, str], name: str) -> int | None:
+    """An ID parameter: digits only; absent or empty means no filter."""
+    value = params.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return parse_id(value, field=name)
+
+
+def parse_id(value: object, *, field: str = "id") -> int:
+    """IDs are decimal strings on the wire; a JSON number is accepted too (spec README §3)."""
+    if isinstance(value, bool):
+        raise InvalidQuery(f"{field} must be an ID, not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidQuery(f"{field} must be an ID, not {value!r}")
+        return value
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        return int(value.strip())
+    raise InvalidQuery(f"{field} must be an ID, not {value!r}")
+
+
+def get_datetime(params: Mapping[str, str], name: str) -> datetime | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    return parse_datetime(value, field=name)

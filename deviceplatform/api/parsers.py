@@ -1,0 +1,33 @@
+"""The one JSON parser: plain and vendor JSON bodies; invalid JSON is a 400 (spec README §2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from django.conf import settings
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import BaseParser
+
+from deviceplatform.api.exceptions import PayloadTooLarge
+
+
+class CumulocityJSONParser(BaseParser):
+    media_type = "application/json"
+
+    def parse(
+        self,
+        stream: Any,
+        media_type: str | None = None,
+        parser_context: dict[str, Any] | None = None,
+    ) -> Any:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        raw = stream.read(limit + 1) if stream is not None else b""
+        if len(raw) > limit:  # a chunked body has no Content-Length for the middleware to check
+            raise PayloadTooLarge()
+        if not raw.strip():
+            return None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ParseError(f"Could not parse the request body as JSON: {exc}") from exc

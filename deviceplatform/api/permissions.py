@@ -1,0 +1,52 @@
+"""The one permission class: views declare the roles each method needs (STYLE.md §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from rest_framework import exceptions
+from rest_framework.permissions import BasePermission
+
+from deviceplatform.roles import Role, user_roles
+
+
+def has_any_role(user: Any, roles: Iterable[Role]) -> bool:
+    wanted = frozenset(roles)
+    return bool(user_roles(user) & wanted)
+
+
+class RolePermission(BasePermission):
+    """Enforces `view.required_roles` (method -> roles, any one suffices; empty = any user).
+
+    Methods listed in `view.owner_rule_methods` pass here and are decided per object by
+    `has_object_permission`: a required role, or ownership (`view.owner_of(obj)`), auth.md §4.
+    A method the view does not implement passes, so the caller sees 405 before 403 (auth.md §6)."""
+
+    message = "Access is denied"
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        if request.user is None:
+            raise exceptions.NotAuthenticated()
+        method = request.method.upper()
+        if not hasattr(view, method.lower()) or method == "OPTIONS":
+            return True
+        if method in getattr(view, "owner_rule_methods", frozenset()):
+            return True
+        roles = view.required_roles.get(method)
+        if roles is None:
+            return False
+        return not roles or has_any_role(request.user, roles)
+
+    def has_object_permission(self, request: Any, view: Any, obj: Any) -> bool:
+        method = request.method.upper()
+        roles = view.required_roles.get(method, frozenset())
+        if not roles or has_any_role(request.user, roles):
+            return True
+        if method in getattr(view, "owner_rule_methods", frozenset()):
+            return is_owner(request.user, view.owner_of(obj))
+        return False
+
+
+def is_owner(user: Any, owner: str | None) -> bool:
+    return owner is not None and owner.lower() == user.username.lower()

@@ -1,0 +1,62 @@
+"""The base view every REST resource uses: validate, call, render with the right media type."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rest_framework.generics import GenericAPIView
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from deviceplatform.api.exceptions import ValidationFailed
+from deviceplatform.api.media_types import MediaType, response_content_type
+from deviceplatform.roles import Role
+
+
+class CumulocityView(GenericAPIView):
+    """One Cumulocity resource. Subclasses set `required_roles` and implement get/post/put/delete."""
+
+    required_roles: ClassVar[dict[str, frozenset[Role]]] = {}
+    owner_rule_methods: ClassVar[frozenset[str]] = frozenset()
+
+    def owner_of(self, obj: Any) -> str | None:
+        return getattr(obj, "owner", None)
+
+    def respond(
+        self,
+        data: Any,
+        media_type: MediaType,
+        *,
+        status: int = 200,
+        location: str | None = None,
+    ) -> Response:
+        """Render `data` (a dict, or a callable producing it) with the resource's media type.
+
+        The empty-body rule (spec README §2): a POST or PUT without any Accept header gets no body."""
+        request: Request = self.request
+        accept = request.META.get("HTTP_ACCEPT")
+        headers = {"Location": location} if location else None
+        if request.method in ("POST", "PUT") and accept is None:
+            return Response(None, status=status, headers=headers, content_type=None)
+        body = data() if callable(data) else data
+        return Response(
+            body,
+            status=status,
+            headers=headers,
+            content_type=response_content_type(accept, media_type),
+        )
+
+    def no_content(self) -> Response:
+        return Response(None, status=204)
+
+    def request_object(self) -> dict[str, Any]:
+        """The request body, which must be a JSON object (missing or another JSON value: 422)."""
+        data = self.request.data
+        if data is None:
+            raise ValidationFailed("The request body is missing; a JSON object is expected")
+        if not isinstance(data, dict):
+            raise ValidationFailed("The request body must be a JSON object")
+        return data
+
+    def absolute(self, path: str) -> str:
+        return self.request.build_absolute_uri(path)

@@ -1,0 +1,73 @@
+"""Database helpers shared by the apps' migrations: the one global ID sequence (spec README §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import migrations
+
+GLOBAL_ID_SEQUENCE = "global_id_seq"
+
+
+class RunSQLForVendor(migrations.RunSQL):
+    """RunSQL whose statements depend on the database vendor (`postgresql`, `sqlite`)."""
+
+    def __init__(
+        self, forwards: dict[str, list[str]], backwards: dict[str, list[str]] | None = None
+    ):
+        self.forwards = forwards
+        self.backwards = backwards or {}
+        super().__init__(sql=migrations.RunSQL.noop, reverse_sql=migrations.RunSQL.noop)
+
+    def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
+        return (self.__class__.__name__, [self.forwards, self.backwards], {})
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):  # type: ignore[no-untyped-def]
+        for statement in self.forwards.get(schema_editor.connection.vendor, []):
+            schema_editor.execute(statement)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):  # type: ignore[no-untyped-def]
+        for statement in self.backwards.get(schema_editor.connection.vendor, []):
+            schema_editor.execute(statement)
+
+
+def use_global_id_sequence(table: str) -> RunSQLForVendor:
+    """Make `table.id` draw from the one global sequence.
+
+    PostgreSQL: a shared SEQUENCE as the column default (no extra round trip per insert).
+    SQLite: AUTOINCREMENT tables keep their high-water mark in `sqlite_sequence`; a trigger per table
+    raises the mark of every participating table to the newest ID, so the next insert anywhere gets
+    a larger one. (Never insert T's own row there: SQLite writes it itself at the end of the statement.)"""
+    return RunSQLForVendor(
+        forwards={
+            "postgresql": [
+                f"CREATE SEQUENCE IF NOT EXISTS {GLOBAL_ID_SEQUENCE} AS bigint",
+                f"ALTER TABLE {table} ALTER COLUMN id DROP IDENTITY IF EXISTS",
+                f"ALTER TABLE {table} ALTER COLUMN id SET DEFAULT nextval('{GLOBAL_ID_SEQUENCE}')",
+                f"SELECT setval('{GLOBAL_ID_SEQUENCE}', GREATEST("
+                f"(SELECT COALESCE(MAX(id), 0) FROM {table}) + 1,"
+                f" (SELECT last_value FROM {GLOBAL_ID_SEQUENCE})))",
+            ],
+            "sqlite": [
+                "CREATE TABLE IF NOT EXISTS global_id_tables (name TEXT PRIMARY KEY)",
+                f"INSERT OR IGNORE INTO global_id_tables (name) VALUES ('{table}')",
+                f"""CREATE TRIGGER IF NOT EXISTS {table}_global_id AFTER INSERT ON {table}
+                BEGIN
+                  INSERT INTO sqlite_sequence (name, seq)
+                    SELECT g.name, NEW.id FROM global_id_tables g
+                    WHERE g.name != '{table}'
+                      AND g.name NOT IN (SELECT name FROM sqlite_sequence);
+                  UPDATE sqlite_sequence SET seq = NEW.id
+                    WHERE name IN (SELECT name FROM global_id_tables)
+                      AND name != '{table}' AND seq < NEW.id;
+                END""",
+            ],
+        },
+        backwards={
+            "postgresql": [f"ALTER TABLE {table} ALTER COLUMN id DROP DEFAULT"],
+            "sqlite": [
+                f"DROP TRIGGER IF EXISTS {table}_global_id",
+                f"DELETE FROM global_id_tables WHERE name = '{table}'",
+            ],
+        },
+    )

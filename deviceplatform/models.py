@@ -1,0 +1,34 @@
+"""Users and the Cumulocity roles, stored as Django permissions so groups can grant them."""
+
+from django.contrib.auth.models import AbstractUser, UserManager
+from django.db import models
+from django.db.models.functions import Lower
+
+from deviceplatform.roles import ROLE_DESCRIPTIONS
+
+
+class CaseInsensitiveUserManager(UserManager["User"]):
+    def get_by_natural_key(self, username: str | None) -> "User":
+        # Cumulocity usernames log in case-insensitively (auth.md §2).
+        return self.get(username__iexact=username)
+
+
+class User(AbstractUser):
+    """A platform user. `username` is stored without a tenant prefix and matched case-insensitively."""
+
+    objects = CaseInsensitiveUserManager()
+
+    class Meta(AbstractUser.Meta):
+        swappable = "AUTH_USER_MODEL"
+        constraints = [
+            models.UniqueConstraint(Lower("username"), name="user_username_ci_unique"),
+        ]
+
+
+class CumulocityRole(models.Model):
+    """Not a table: the holder of one Django permission per Cumulocity role (codename = role name)."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        permissions = [(role.value, description) for role, description in ROLE_DESCRIPTIONS.items()]

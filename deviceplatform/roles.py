@@ -1,0 +1,89 @@
+"""Cumulocity role names (spec auth.md §3) as one enum, and how a user's effective roles are derived."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deviceplatform.models import User
+
+
+class Role(StrEnum):
+    INVENTORY_READ = "ROLE_INVENTORY_READ"
+    INVENTORY_CREATE = "ROLE_INVENTORY_CREATE"
+    INVENTORY_ADMIN = "ROLE_INVENTORY_ADMIN"
+    IDENTITY_READ = "ROLE_IDENTITY_READ"
+    IDENTITY_ADMIN = "ROLE_IDENTITY_ADMIN"
+    DEVICE_CONTROL_READ = "ROLE_DEVICE_CONTROL_READ"
+    DEVICE_CONTROL_ADMIN = "ROLE_DEVICE_CONTROL_ADMIN"
+    BULK_OPERATION_READ = "ROLE_BULK_OPERATION_READ"
+    BULK_OPERATION_ADMIN = "ROLE_BULK_OPERATION_ADMIN"
+    USER_MANAGEMENT_OWN_READ = "ROLE_USER_MANAGEMENT_OWN_READ"
+
+
+ROLE_DESCRIPTIONS: dict[Role, str] = {
+    Role.INVENTORY_READ: "Read any managed object and its references",
+    Role.INVENTORY_CREATE: "Create managed objects (the creator becomes the owner)",
+    Role.INVENTORY_ADMIN: "Create, read, update and delete any managed object and reference",
+    Role.IDENTITY_READ: "Read any external ID",
+    Role.IDENTITY_ADMIN: "Create and delete any external ID",
+    Role.DEVICE_CONTROL_READ: "Read any operation; subscribe to operation notifications",
+    Role.DEVICE_CONTROL_ADMIN: "Create and update any operation; delete operation collections",
+    Role.BULK_OPERATION_READ: "Read bulk operations",
+    Role.BULK_OPERATION_ADMIN: "Create, update and cancel bulk operations",
+    Role.USER_MANAGEMENT_OWN_READ: "Read the current user and tenant",
+}
+
+# `*_ADMIN` implies the matching `*_READ` here (auth.md §3); every user may read their own session.
+IMPLIED_ROLES: dict[Role, frozenset[Role]] = {
+    Role.INVENTORY_ADMIN: frozenset({Role.INVENTORY_READ, Role.INVENTORY_CREATE}),
+    Role.IDENTITY_ADMIN: frozenset({Role.IDENTITY_READ}),
+    Role.DEVICE_CONTROL_ADMIN: frozenset({Role.DEVICE_CONTROL_READ}),
+    Role.BULK_OPERATION_ADMIN: frozenset({Role.BULK_OPERATION_READ}),
+}
+ALWAYS_GRANTED = frozenset({Role.USER_MANAGEMENT_OWN_READ})
+
+READ_ROLES = frozenset(role for role in Role if role.value.endswith("_READ"))
+
+# Built-in groups created by a migration (auth.md §3).
+DEFAULT_GROUPS: dict[str, frozenset[Role]] = {
+    "admins": frozenset(Role),
+    "readers": READ_ROLES,
+    "devices": frozenset({Role.INVENTORY_CREATE, Role.IDENTITY_READ}),
+}
+
+ROLE_APP_LABEL = "deviceplatform"
+
+
+def expand_roles(granted: set[str] | frozenset[str]) -> frozenset[Role]:
+    """The effective roles for a set of granted role names: implied and always-granted roles added."""
+    roles = {Role(name) for name in granted if name in Role.__members__.values()}
+    for role in list(roles):
+        roles |= IMPLIED_ROLES.get(role, frozenset())
+    return frozenset(roles | ALWAYS_GRANTED)
+
+
+def user_roles(user: User) -> frozenset[Role]:
+    """Effective roles of a user, computed once per user object (one query, cached on the instance)."""
+    cached = getattr(user, "_c8y_roles", None)
+    if cached is not None:
+        return cached
+    if not user.is_active:
+        roles: frozenset[Role] = frozenset()
+    elif user.is_superuser:
+        roles = frozenset(Role)
+    else:
+        from django.contrib.auth.models import Permission
+        from django.db.models import Q
+
+        granted = set(
+            Permission.objects.filter(
+                Q(user=user) | Q(group__user=user), content_type__app_label=ROLE_APP_LABEL
+            )
+            .values_list("codename", flat=True)
+            .distinct()
+        )
+        roles = expand_roles(granted)
+    user._c8y_roles = roles  # type: ignore[attr-defined]
+    return roles

@@ -1,0 +1,32 @@
+"""URL wiring: the Cumulocity API at the host root, the admin UI under /admin/.
+
+This and asgi.py are the only modules of the project package that name the apps (STYLE.md §1)."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+from deviceplatform.api import session_views
+from deviceplatform.api.routing import c8y_path
+from devicecontrol.serializers import devicecontrol_api_json
+from inventory.serializers import identity_api_json, inventory_api_json
+
+platform_resources = {
+    "inventory": inventory_api_json,
+    "identity": identity_api_json,
+    "deviceControl": devicecontrol_api_json,
+}
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    c8y_path(r"platform", session_views.PlatformView.as_view(resources=platform_resources)),
+    c8y_path(r"tenant/currentTenant", session_views.CurrentTenantView.as_view()),
+    c8y_path(r"tenant/loginOptions", session_views.LoginOptionsView.as_view()),
+    c8y_path(r"user/currentUser", session_views.CurrentUserView.as_view()),
+    path("", include("inventory.urls")),
+    path("", include("devicecontrol.urls")),
+]
+
+handler400 = "deviceplatform.api.exceptions.handler400"
+handler403 = "deviceplatform.api.exceptions.handler403"
+handler404 = "deviceplatform.api.exceptions.handler404"
+handler500 = "deviceplatform.api.exceptions.handler500"

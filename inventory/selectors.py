@@ -1,0 +1,157 @@
+"""Inventory reads with rules: visibility by role and owner, lookups that 404, batched references."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from django.db.models import Exists, OuterRef, Q, QuerySet
+
+from deviceplatform.api.exceptions import NotFound
+from deviceplatform.api.params import parse_id
+from deviceplatform.api.permissions import has_any_role
+from deviceplatform.roles import Role
+from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
+from inventory.services import managed_object_not_found
+
+
+def managed_object_get(*, pk: object) -> ManagedObject:
+    """The object with this ID (a path segment or body value), or 404 `inventory/Not Found`."""
+    try:
+        object_id = parse_id(pk)
+    except Exception:
+        raise managed_object_not_found(pk) from None
+    managed_object = ManagedObject.objects.filter(pk=object_id).first()
+    if managed_object is None:
+        raise managed_object_not_found(pk)
+    return managed_object
+
+
+def managed_objects_visible_to(user: Any) -> QuerySet[ManagedObject]:
+    """All objects for ROLE_INVENTORY_READ, otherwise the user's own (auth.md §5)."""
+    queryset = ManagedObject.objects.all()
+    if has_any_role(user, {Role.INVENTORY_READ}):
+        return queryset
+    return queryset.filter(owner__iexact=user.username)
+
+
+def text_search_q(value: str) -> Q:
+    """Case-insensitive prefix match on id, name, type, owner and external-ID values (§4 `text`)."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == "'":
+        value = value[1:-1].replace("''", "'")
+    condition = (
+        Q(name__istartswith=value)
+        | Q(type__istartswith=value)
+        | Q(owner__istartswith=value)
+        | Exists(
+            ExternalId.objects.filter(
+                managed_object=OuterRef("pk"), external_id__istartswith=value
+            )
+        )
+    )
+    if value.isdigit():
+        condition |= Q(pk=int(value))
+    return condition
+
+
+def has_parent_q(relation: Relation, parent_id: int) -> Q:
+    return Q(
+        Exists(
+            ManagedObjectReference.objects.filter(
+                parent_id=parent_id, relation=relation, child=OuterRef("pk")
+            )
+        )
+    )
+
+
+def is_child_of_q(relation: Relation, child_id: int) -> Q:
+    """Objects that have `child_id` among their children in `relation` (its parents)."""
+    return Q(
+        Exists(
+            ManagedObjectReference.objects.filter(
+                parent=OuterRef("pk"), relation=relation, child_id=child_id
+            )
+        )
+    )
+
+
+def only_roots_q() -> Q:
+    return ~Q(Exists(ManagedObjectReference.objects.filter(child=OuterRef("pk"))))
+
+
+def children_of(*, parent: ManagedObject, relation: Relation) -> QuerySet[ManagedObject]:
+    """The children of `parent` in `relation`, in order of assignment (inventory.md §7.1)."""
+    return ManagedObject.objects.filter(
+        parent_refs__parent=parent, parent_refs__relation=relation
+    ).order_by("parent_refs__id")
+
+
+def parents_of(*, child: ManagedObject, relation: Relation) -> QuerySet[ManagedObject]:
+    return ManagedObject.objects.filter(
+        child_refs__child=child, child_refs__relation=relation
+    ).order_by("child_refs__id")
+
+
+def reference_get(*, parent: ManagedObject, relation: Relation, child_pk: object) -> ManagedObject:
+    """The child of one edge, or 404 when the edge does not exist."""
+    try:
+        child_id = parse_id(child_pk)
+    except Exception:
+        raise managed_object_not_found(child_pk) from None
+    child = children_of(parent=parent, relation=relation).filter(pk=child_id).first()
+    if child is None:
+        raise NotFound(
+            f"Managed object {child_pk} is not a {relation.children_segment} child of {parent.pk}",
+            error="inventory/Not Found",
+        )
+    return child
+
+
+def references_for(
+    ids: Iterable[int], *, children: bool = True, parents: bool = False
+) -> dict[int, dict[str, list[tuple[int, str | None]]]]:
+    """For each object ID: its child (and/or parent) references as (id, name) per collection key
+    (`childDevices`, ..., `deviceParents`, ...), in assignment order. One query per direction."""
+    ids = list(ids)
+    result: dict[int, dict[str, list[tuple[int, str | None]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    if not ids:
+        return result
+    if children:
+        rows = (
+            ManagedObjectReference.objects.filter(parent_id__in=ids)
+            .order_by("id")
+            .values_list("parent_id", "relation", "child_id", "child__name")
+        )
+        for parent_id, relation, child_id, child_name in rows:
+            result[parent_id][Relation(relation).children_segment].append((child_id, child_name))
+    if parents:
+        rows = (
+            ManagedObjectReference.objects.filter(child_id__in=ids)
+            .order_by("id")
+            .values_list("child_id", "relation", "parent_id", "parent__name")
+        )
+        for child_id, relation, parent_id, parent_name in rows:
+            result[child_id][Relation(relation).parents_segment].append((parent_id, parent_name))
+    return result
+
+
+def external_id_get(*, type: str, external_id: str) -> ExternalId:
+    found = (
+        ExternalId.objects.select_related("managed_object")
+        .filter(type=type, external_id=external_id)
+        .first()
+    )
+    if found is None:
+        raise NotFound(
+            f"External id not found; external id = ID [type={type}, value={external_id}]",
+            error="identity/Not Found",
+        )
+    return found
+
+
+def external_ids_of(*, managed_object: ManagedObject) -> QuerySet[ExternalId]:
+    return ExternalId.objects.filter(managed_object=managed_object).order_by("id")

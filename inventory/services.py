@@ -1,0 +1,248 @@
+"""Every inventory and identity write: validate, save, then register side effects on commit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
+from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
+
+# Keys of a managed object body that are not fragments (spec inventory.md §1). Read-only ones are
+# ignored on input; `type`, `name` and `owner` are columns.
+COLUMN_KEYS = frozenset({"type", "name", "owner"})
+READ_ONLY_KEYS = frozenset(
+    {
+        "id",
+        "self",
+        "creationTime",
+        "lastUpdated",
+        "childDevices",
+        "childAssets",
+        "childAdditions",
+        "deviceParents",
+        "assetParents",
+        "additionParents",
+    }
+)
+FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
+
+INVENTORY_NOT_FOUND = "inventory/Not Found"
+
+
+def managed_object_not_found(pk: object) -> NotFound:
+    return NotFound(
+        f"Finding device data from database failed : No managedObject for id '{pk}'!",
+        error=INVENTORY_NOT_FOUND,
+    )
+
+
+def _check_string(data: dict[str, Any], key: str) -> None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValidationFailed(f"Invalid value for {key}: a string is expected")
+
+
+def _split_body(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(columns, fragments) of a managed object body; read-only keys dropped, names checked."""
+    for key in COLUMN_KEYS:
+        _check_string(data, key)
+    columns = {key: data[key] for key in COLUMN_KEYS if key in data}
+    fragments: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in COLUMN_KEYS or key in READ_ONLY_KEYS:
+            continue
+        if not key or FORBIDDEN_NAME_CHARS & set(key):
+            raise ValidationFailed(
+                f"Invalid fragment name {key!r}: names may not contain '.', '$' or whitespace"
+            )
+        fragments[key] = value
+    return columns, fragments
+
+
+def managed_object_create(
+    *,
+    owner: str,
+    data: dict[str, Any],
+    allow_owner: bool = False,
+    now: datetime | None = None,
+) -> ManagedObject:
+    """Create a managed object from a body. `owner` is the caller unless `allow_owner` (ADMIN) and
+    the body names one. `null` values are not stored (inventory.md §1)."""
+    columns, fragments = _split_body(data)
+    now = now or timezone.now()
+    chosen_owner = columns.get("owner") if allow_owner and columns.get("owner") else owner
+    managed_object = ManagedObject(
+        type=columns.get("type"),
+        name=columns.get("name"),
+        owner=chosen_owner,
+        creation_time=now,
+        last_updated=now,
+        fragments={key: value for key, value in fragments.items() if value is not None},
+    )
+    managed_object.refresh_flags()
+    managed_object.save(force_insert=True)
+    return managed_object
+
+
+def managed_object_update(
+    *,
+    managed_object: ManagedObject,
+    data: dict[str, Any],
+    allow_owner: bool = False,
+    now: datetime | None = None,
+) -> ManagedObject:
+    """Partial update: each key replaces its value wholesale, `null` removes it (inventory.md §6)."""
+    columns, fragments = _split_body(data)
+    for key in ("type", "name"):
+        if key in columns:
+            setattr(managed_object, key, columns[key])
+    if allow_owner and columns.get("owner"):
+        managed_object.owner = columns["owner"]
+    merged = dict(managed_object.fragments)
+    for key, value in fragments.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    managed_object.fragments = merged
+    managed_object.refresh_flags()
+    managed_object.last_updated = now or timezone.now()
+    managed_object.save()
+    return managed_object
+
+
+def _descendants(roots: Iterable[int], relations: Iterable[str], only_groups: bool) -> set[int]:
+    """IDs reachable from `roots` over the given relations (roots excluded unless reached)."""
+    seen: set[int] = set()
+    frontier = set(roots)
+    relations = list(relations)
+    while frontier:
+        refs = ManagedObjectReference.objects.filter(parent_id__in=frontier, relation__in=relations)
+        if only_groups:
+            refs = refs.filter(child__is_group=True)
+        children = set(refs.values_list("child_id", flat=True)) - seen
+        seen |= children
+        frontier = children
+    return seen
+
+
+@transaction.atomic
+def managed_object_delete(
+    *, managed_object: ManagedObject, cascade: bool = False, force_cascade: bool = False
+) -> list[int]:
+    """Delete the object and, per inventory.md §6, its group subgroups, its cascade hierarchy or the
+    whole forced hierarchy. External IDs and references go with it (database cascade). Returns the
+    deleted IDs."""
+    root = managed_object.pk
+    if force_cascade:
+        doomed = _descendants([root], [r.value for r in Relation], only_groups=False)
+    elif cascade:
+        doomed = _descendants([root], [Relation.DEVICE, Relation.ASSET], only_groups=False)
+    elif managed_object.is_group:
+        doomed = _descendants([root], [Relation.ASSET], only_groups=True)
+    else:
+        doomed = set()
+    doomed.add(root)
+    deleted = sorted(doomed)
+    ManagedObject.objects.filter(pk__in=deleted).delete()
+    return deleted
+
+
+def _would_cycle(parent_id: int, child_id: int) -> bool:
+    """A device edge parent -> child closes a cycle if parent is reachable from child."""
+    return parent_id in _descendants([child_id], [Relation.DEVICE], only_groups=False)
+
+
+@transaction.atomic
+def managed_object_add_children(
+    *,
+    parent: ManagedObject,
+    relation: Relation,
+    children: list[ManagedObject],
+    now: datetime | None = None,
+) -> list[ManagedObjectReference]:
+    """Add each child under `parent` in `relation`. Existing edges are kept (no-op). Self-references
+    and childDevices cycles are refused with 422 and nothing is changed."""
+    references = []
+    for child in children:
+        if child.pk == parent.pk:
+            raise ValidationFailed(f"Managed object {parent.pk} cannot be its own child")
+        if relation == Relation.DEVICE and _would_cycle(parent.pk, child.pk):
+            raise ValidationFailed(
+                f"Adding {child.pk} as a child device of {parent.pk} would create a cycle"
+            )
+        reference, _ = ManagedObjectReference.objects.get_or_create(
+            parent=parent, child=child, relation=relation
+        )
+        reference.child = child
+        references.append(reference)
+    parent.last_updated = now or timezone.now()
+    parent.save(update_fields=["last_updated"])
+    return references
+
+
+@transaction.atomic
+def managed_object_remove_children(
+    *, parent: ManagedObject, relation: Relation, child_ids: Iterable[int], strict: bool = False
+) -> int:
+    """Remove the edges parent -> child; with `strict`, a missing edge is a 404 (single unassign)."""
+    child_ids = list(child_ids)
+    removed, _ = ManagedObjectReference.objects.filter(
+        parent=parent, relation=relation, child_id__in=child_ids
+    ).delete()
+    if strict and removed == 0:
+        raise NotFound(
+            f"Managed object {child_ids[0] if child_ids else ''} is not a "
+            f"{Relation(relation).children_segment} child of {parent.pk}",
+            error=INVENTORY_NOT_FOUND,
+        )
+    if removed:
+        parent.last_updated = timezone.now()
+        parent.save(update_fields=["last_updated"])
+    return removed
+
+
+def external_id_create(
+    *, managed_object: ManagedObject, type: str, external_id: str
+) -> tuple[ExternalId, bool]:
+    """Bind (type, external_id) to the object. Already bound here: returned unchanged (created is
+    False). Bound to another object: 409 (identity.md §3)."""
+    missing = [
+        name
+        for name, value in (("type", type), ("externalId", external_id))
+        if not isinstance(value, str) or not value
+    ]
+    if missing:
+        raise MissingFields(missing)
+    if "/" in type:
+        raise ValidationFailed("An external ID type may not contain '/'")
+    existing = ExternalId.objects.filter(type=type, external_id=external_id).first()
+    if existing is None:
+        try:
+            with transaction.atomic():
+                return (
+                    ExternalId.objects.create(
+                        type=type, external_id=external_id, managed_object=managed_object
+                    ),
+                    True,
+                )
+        except IntegrityError:  # a concurrent create won the race
+            existing = ExternalId.objects.filter(type=type, external_id=external_id).first()
+            if existing is None:
+                raise
+    if existing.managed_object_id != managed_object.pk:
+        raise Conflict(
+            f"Identity already bound to a different Global ID: "
+            f"ID [type={type}, value={external_id}] belongs to {existing.managed_object_id}",
+            error="identity/Conflict",
+        )
+    return existing, False
+
+
+def external_id_delete(*, external_id: ExternalId) -> None:
+    external_id.delete()

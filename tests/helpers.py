@@ -1,0 +1,25 @@
+"""Assertion helpers shared by the tests."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+PASSWORD = "pw-secret:with-colon"
+
+
+def basic(login: str, password: str = PASSWORD) -> str:
+    return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
+
+
+def assert_error(response: Any, status: int, error: str | None = None) -> dict[str, Any]:
+    """The response is `status` with the Cumulocity error body and media type."""
+    assert response.status_code == status, (response.status_code, response.content[:500])
+    assert response["Content-Type"].startswith("application/vnd.com.nsn.cumulocity.error+json")
+    body = response.json()
+    assert set(body) >= {"error", "message", "info"}, body
+    assert isinstance(body["message"], str)
+    assert body["message"]
+    if error is not None:
+        assert body["error"] == error, body
+    return body
