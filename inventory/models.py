@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db import models
+from django.db.models.functions import Upper
 from django.utils import timezone
 
 
@@ -27,6 +28,10 @@ class ManagedObject(models.Model):
     class Meta:
         ordering = ["id"]
         verbose_name = "managed object"
+        indexes = [
+            # Users without ROLE_INVENTORY_READ see objects they own, matched case-insensitively.
+            models.Index(Upper("owner"), name="mo_owner_upper_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name or '(unnamed)'} [{self.pk}]"

@@ -109,8 +109,9 @@ class ManagedObjectCollectionView(InventoryView):
         managed_object = services.managed_object_create(
             owner=request.user.username, data=self.request_object(), allow_owner=self.is_admin()
         )
+        # A new object has no references yet: render without querying for them.
         return self.respond(
-            lambda: self.render_one(managed_object),
+            lambda: managed_object_json(managed_object, base=self.base),
             MediaType.MANAGED_OBJECT,
             status=201,
             location=managed_object_url(self.base, managed_object.pk),

@@ -1,0 +1,535 @@
+"""The inventory query language (spec inventory.md §5): `$filter=`/`$orderby=` text to Q and order."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import Enum
+from functools import reduce
+from operator import or_
+from typing import Any
+
+from django.db.models import BooleanField, F, Func, OrderBy, Q
+from django.db.models.fields.json import (
+    KeyTransform,
+    KeyTransformExact,
+    KeyTransformGt,
+    KeyTransformGte,
+    KeyTransformLt,
+    KeyTransformLte,
+    KeyTransformRegex,
+)
+from django.db.models.lookups import Lookup
+
+from deviceplatform.api.dates import parse_datetime
+from deviceplatform.api.exceptions import InvalidQuery, ValidationFailed
+from deviceplatform.api.params import parse_id
+from inventory.models import Relation
+from inventory.selectors import has_parent_q, text_search_q
+
+# Properties that are columns, not fragments. `has()` on any of these, or on the read-only
+# collections, is a 422 (§5): they are never stored in `fragments`, so a silent "no match" would
+# hide the client's mistake.
+STRING_COLUMNS = {"name": "name", "type": "type", "owner": "owner"}
+DATE_COLUMNS = {"creationTime": "creation_time", "lastUpdated": "last_updated"}
+STANDARD_PROPERTIES = frozenset(
+    {
+        "id",
+        *STRING_COLUMNS,
+        *DATE_COLUMNS,
+        "self",
+        "childDevices",
+        "childAssets",
+        "childAdditions",
+        "deviceParents",
+        "assetParents",
+        "additionParents",
+    }
+)
+TEXT_PSEUDO_PROPERTY = "text"
+MAX_ID = 2**63 - 1  # bigint
+
+OPERATORS = ("eq", "ne", "gt", "ge", "lt", "le")
+_RANGE_LOOKUPS = {"gt": "gt", "ge": "gte", "lt": "lt", "le": "lte"}
+_JSONPATH_OPERATORS = {"eq": "==", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_FUNCTIONS = ("has", "hasany", "bygroupid")
+
+# A bare word ends at whitespace, `+` (the c8y-api clause separator), parentheses, commas, quotes
+# and `$` (so that `...)$orderby=` still splits).
+_WORD = re.compile(r"[^\s+(),'\"$]+")
+# ASCII digits only: Python's \d and Decimal() accept other scripts' digits, jsonpath does not.
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)[fFdD]?")
+_PATH = re.compile(r"[^.*=<>!]+(?:\.[^.*=<>!]+)*")
+# Characters with a meaning in PostgreSQL AREs and Python regexes; everything else is literal.
+_REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}")
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    """A parsed query. Apply `order_by` only when non-empty: `order_by()` with no arguments would
+    drop the model's default ordering by ascending id."""
+
+    filter: Q  # Q() when there is no $filter
+    order_by: tuple[Any, ...]  # Django order_by() arguments; () = default (ascending id)
+
+
+def parse_query(text: str) -> ParsedQuery:
+    """Parse the value of the `query` / `q` parameter (already URL-decoded). Raises InvalidQuery."""
+    if "\x00" in text:
+        # PostgreSQL text cannot hold NUL; refuse it here rather than fail in the driver.
+        raise InvalidQuery("the query contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidQuery("the query is not valid Unicode text") from None
+    return _Parser(_tokenize(text)).parse()
+
+
+# --- Tokens ---------------------------------------------------------------------------------
+
+
+class _Kind(Enum):
+    LPAREN = "'('"
+    RPAREN = "')'"
+    COMMA = "','"
+    STRING = "quoted string"
+    WORD = "word"
+    FILTER = "'$filter='"
+    ORDERBY = "'$orderby='"
+    END = "end of query"
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: _Kind
+    text: str  # quotes removed and '' unescaped for STRING
+    position: int  # 1-based, for error messages
+
+    def is_word(self, *words: str) -> bool:
+        return self.kind is _Kind.WORD and self.text.lower() in words
+
+    def describe(self) -> str:
+        if self.kind is _Kind.END:
+            return "end of query"
+        if self.kind is _Kind.STRING:
+            return f"'{self.text}' at position {self.position}"
+        if self.kind is _Kind.WORD:
+            return f"{self.text!r} at position {self.position}"
+        return f"{self.kind.value} at position {self.position}"
+
+
+_PUNCTUATION = {"(": _Kind.LPAREN, ")": _Kind.RPAREN, ",": _Kind.COMMA}
+_OPTIONS = (("$filter=", _Kind.FILTER), ("$orderby=", _Kind.ORDERBY))
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    index, length = 0, len(text)
+    while index < length:
+        char = text[index]
+        # `+` is whitespace outside quotes: c8y-api joins clauses with a literal `+`
+        # (`$filter=(...)+$orderby=name`), which arrives undecoded when it was sent as %2B.
+        if char.isspace() or char == "+":
+            index += 1
+        elif char in _PUNCTUATION:
+            tokens.append(_Token(_PUNCTUATION[char], char, index + 1))
+            index += 1
+        elif char == "'":
+            value, end = _read_string(text, index)
+            tokens.append(_Token(_Kind.STRING, value, index + 1))
+            index = end
+        elif char == '"':
+            raise InvalidQuery(
+                f"double quote at position {index + 1}: quote strings with single quotes"
+            )
+        elif char == "$":
+            for option, kind in _OPTIONS:
+                if text[index : index + len(option)].lower() == option:
+                    tokens.append(_Token(kind, option, index + 1))
+                    index += len(option)
+                    break
+            else:
+                word = _WORD.match(text, index + 1)
+                shown = "$" + (word.group() if word else "")
+                raise InvalidQuery(
+                    f"unsupported option {shown!r} at position {index + 1}: "
+                    "only $filter= and $orderby= are understood"
+                )
+        else:
+            word = _WORD.match(text, index)
+            assert word is not None  # every character not handled above starts a word
+            tokens.append(_Token(_Kind.WORD, word.group(), index + 1))
+            index = word.end()
+    tokens.append(_Token(_Kind.END, "", length + 1))
+    return tokens
+
+
+def _read_string(text: str, start: int) -> tuple[str, int]:
+    """The quoted string opening at `start` (`''` is one quote) and the index after it."""
+    parts: list[str] = []
+    index = start + 1
+    while True:
+        end = text.find("'", index)
+        if end < 0:
+            raise InvalidQuery(f"unterminated string starting at position {start + 1}")
+        parts.append(text[index:end])
+        if text.startswith("''", end):
+            parts.append("'")
+            index = end + 2
+        else:
+            return "".join(parts), end + 1
+
+
+# --- Literals -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Literal:
+    text: str  # as written, unquoted: what string columns and date-times compare against
+    value: str | int | Decimal | bool  # typed per §5: what fragment values compare against
+    position: int
+
+    @property
+    def has_wildcard(self) -> bool:
+        return isinstance(self.value, str) and "*" in self.value
+
+
+def _literal(token: _Token) -> _Literal:
+    if token.kind is _Kind.STRING:
+        return _Literal(token.text, token.text, token.position)
+    if token.kind is not _Kind.WORD:
+        raise InvalidQuery(f"expected a value, got {token.describe()}")
+    text = token.text
+    value: str | int | Decimal | bool
+    if text.lower() in ("true", "false"):
+        value = text.lower() == "true"
+    elif _INTEGER.fullmatch(text):
+        value = int(text)
+    elif _DECIMAL.fullmatch(text):
+        # `12.5d` / `12.5f`: the Java-style suffix only says "floating point".
+        value = Decimal(text.rstrip("fFdD"))
+    else:
+        value = text
+    return _Literal(text, value, token.position)
+
+
+# --- Fragment conditions --------------------------------------------------------------------
+
+
+def _jsonpath_string(text: str) -> str:
+    # JSON string escapes are a subset of jsonpath's, so json.dumps gives a safe literal.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _jsonpath_literal(value: str | int | Decimal | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | Decimal):
+        return format(value, "f")  # plain digits, never an exponent
+    return _jsonpath_string(value)
+
+
+def _regex_escape(text: str) -> str:
+    return "".join("\\" + char if char in _REGEX_SPECIAL else char for char in text)
+
+
+def wildcard_regex(pattern: str) -> str:
+    """`Dev*` → `^Dev.*$`: `*` matches any run of characters, everything else is literal."""
+    return "^" + ".*".join(_regex_escape(part) for part in pattern.split("*")) + "$"
+
+
+class FragmentCondition(Func):
+    """A comparison on a path into `fragments`, true if any value the path reaches matches.
+
+    On PostgreSQL this is `fragments @? '<jsonpath>'`. Lax-mode jsonpath unwraps arrays at every
+    step, which gives §5's "any element" rule both for array values (`tags eq 'x'`) and for paths
+    through arrays of objects (`customers.id eq '123'`); values of another JSON type never match.
+    The `@?` operator (unlike `jsonb_path_exists()`) can use the GIN index on `fragments`, so the
+    value is written into the jsonpath as an escaped literal and the whole jsonpath travels as one
+    query parameter. Other databases get Django's key transforms: scalar values only."""
+
+    def __init__(
+        self, path: tuple[str, ...], operator: str, value: str | int | Decimal | bool
+    ) -> None:
+        super().__init__(F("fragments"), output_field=BooleanField())
+        self.path = path
+        self.operator = operator  # a key of _JSONPATH_OPERATORS, or "like_regex" (value = regex)
+        self.value = value
+
+    def jsonpath(self) -> str:
+        target = "$" + "".join("." + _jsonpath_string(key) for key in self.path)
+        if self.operator == "like_regex":
+            # flag "s": `*` must also match across newlines, as it does on columns.
+            assert isinstance(self.value, str)
+            condition = f'@ like_regex {_jsonpath_string(self.value)} flag "s"'
+        else:
+            condition = f"@ {_JSONPATH_OPERATORS[self.operator]} {_jsonpath_literal(self.value)}"
+        return f"{target} ? ({condition})"
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        column_sql, params = compiler.compile(self.get_source_expressions()[0])
+        return f"({column_sql} @? %s::jsonpath)", (*params, self.jsonpath())
+
+    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        return compiler.compile(self._key_lookup(self.get_source_expressions()[0]))
+
+    def _key_lookup(self, column: Any) -> Lookup:
+        target = column
+        for key in self.path:
+            target = KeyTransform(key, target)
+        if self.operator == "like_regex":
+            return KeyTransformRegex(target, self.value)
+        lookup_class = {
+            "eq": KeyTransformExact,
+            "gt": KeyTransformGt,
+            "ge": KeyTransformGte,
+            "lt": KeyTransformLt,
+            "le": KeyTransformLte,
+        }[self.operator]
+        # The JSON encoder behind key lookups has no Decimal.
+        value = float(self.value) if isinstance(self.value, Decimal) else self.value
+        return lookup_class(target, value)
+
+
+# --- Parser ---------------------------------------------------------------------------------
+
+
+class _Parser:
+    """Recursive descent over the §5 grammar; each rule returns a Q."""
+
+    def __init__(self, tokens: list[_Token]) -> None:
+        self.tokens = tokens
+        self.index = 0
+
+    def peek(self) -> _Token:
+        return self.tokens[self.index]
+
+    def advance(self) -> _Token:
+        token = self.tokens[self.index]
+        if token.kind is not _Kind.END:
+            self.index += 1
+        return token
+
+    def expect(self, kind: _Kind, context: str) -> _Token:
+        token = self.advance()
+        if token.kind is not kind:
+            raise InvalidQuery(f"expected {kind.value} {context}, got {token.describe()}")
+        return token
+
+    def parse(self) -> ParsedQuery:
+        condition: Q | None = None
+        order_by: tuple[Any, ...] = ()
+        if self.peek().kind is _Kind.FILTER:
+            self.advance()
+            if self.peek().kind in (_Kind.ORDERBY, _Kind.END):
+                raise InvalidQuery("$filter= is empty")
+        if self.peek().kind not in (_Kind.ORDERBY, _Kind.END):
+            condition = self.expression()
+        if self.peek().kind is _Kind.ORDERBY:
+            self.advance()
+            order_by = self.order()
+        elif condition is None:
+            raise InvalidQuery("the query is empty")
+        token = self.peek()
+        if token.kind is not _Kind.END:
+            raise InvalidQuery(
+                f"unexpected {token.describe()}; conditions are joined with 'and' / 'or' "
+                "and $orderby= comes last"
+            )
+        return ParsedQuery(filter=condition if condition is not None else Q(), order_by=order_by)
+
+    # expr := and_expr { "or" and_expr }: `and` binds tighter than `or`.
+    def expression(self) -> Q:
+        condition = self.conjunction()
+        while self.peek().is_word("or"):
+            self.advance()
+            condition = condition | self.conjunction()
+        return condition
+
+    def conjunction(self) -> Q:
+        condition = self.term()
+        while self.peek().is_word("and"):
+            self.advance()
+            condition = condition & self.term()
+        return condition
+
+    def term(self) -> Q:
+        token = self.peek()
+        if token.is_word("not"):
+            self.advance()
+            return ~self.term()
+        if token.kind is _Kind.LPAREN:
+            self.advance()
+            condition = self.expression()
+            self.expect(_Kind.RPAREN, f"to close the '(' at position {token.position}")
+            return condition
+        if token.kind is not _Kind.WORD or token.is_word("and", "or"):
+            raise InvalidQuery(f"expected a condition, got {token.describe()}")
+        self.advance()
+        if self.peek().kind is _Kind.LPAREN:
+            return self.function(token)
+        return self.comparison(token)
+
+    def function(self, name: _Token) -> Q:
+        function = name.text.lower()
+        if function not in _FUNCTIONS:
+            raise InvalidQuery(
+                f"unknown function {name.text!r} at position {name.position}; "
+                f"supported: {', '.join(f + '()' for f in _FUNCTIONS)}"
+            )
+        self.advance()  # "("
+        arguments = [self.argument(function)]
+        while self.peek().kind is _Kind.COMMA:
+            self.advance()
+            arguments.append(self.argument(function))
+        self.expect(_Kind.RPAREN, f"to close {function}()")
+        if function == "bygroupid":
+            # Direct childAssets only (§5, unverified): a membership test per group, ORed.
+            group_ids = [parse_id(argument.text, field="bygroupid()") for argument in arguments]
+            conditions = [
+                has_parent_q(Relation.ASSET, group_id)
+                for group_id in group_ids
+                if group_id <= MAX_ID  # a larger one names no group; keep it out of the SQL
+            ]
+            return reduce(or_, conditions) if conditions else Q(pk__in=[])
+        names = [self.fragment_name(argument, function) for argument in arguments]
+        if function == "has":
+            if len(names) != 1:
+                raise InvalidQuery("has() takes exactly one fragment name; use hasany() for more")
+            return Q(fragments__has_key=names[0])
+        return Q(fragments__has_any_keys=names)
+
+    def argument(self, function: str) -> _Token:
+        token = self.advance()
+        if token.kind not in (_Kind.WORD, _Kind.STRING) or not token.text:
+            raise InvalidQuery(f"expected an argument of {function}(), got {token.describe()}")
+        return token
+
+    @staticmethod
+    def fragment_name(token: _Token, function: str) -> str:
+        name = token.text
+        if name in STANDARD_PROPERTIES:
+            raise InvalidQuery(
+                f"{function}() tests custom fragments; {name!r} is a standard property"
+            )
+        if "." in name or "*" in name:
+            raise InvalidQuery(f"{function}() takes top-level fragment names, not {name!r}")
+        return name
+
+    def comparison(self, path_token: _Token) -> Q:
+        path = _path(path_token)
+        operator_token = self.advance()
+        operator = operator_token.text.lower() if operator_token.kind is _Kind.WORD else ""
+        if operator not in OPERATORS:
+            raise InvalidQuery(
+                f"expected an operator ({', '.join(OPERATORS)}) after {path!r}, "
+                f"got {operator_token.describe()}"
+            )
+        literal = _literal(self.advance())
+        return _comparison_q(path, operator, literal)
+
+    # order := path [asc|desc] { "," path [asc|desc] }
+    def order(self) -> tuple[Any, ...]:
+        items: list[Any] = []
+        by_id = False
+        while True:
+            token = self.expect(_Kind.WORD, "(a property to order by)")
+            descending = False
+            if self.peek().is_word("asc", "desc"):
+                descending = self.advance().text.lower() == "desc"
+            path = _path(token)
+            by_id = by_id or path == "id"
+            items.append(_order_item(path, descending))
+            if self.peek().kind is not _Kind.COMMA:
+                break
+            self.advance()
+        if not by_id:
+            # Equal sort keys would otherwise come back in any order and pages would overlap.
+            items.append("id")
+        return tuple(items)
+
+
+def _path(token: _Token) -> str:
+    if not _PATH.fullmatch(token.text):
+        raise InvalidQuery(f"invalid property name {token.text!r} at position {token.position}")
+    return token.text
+
+
+def _comparison_q(path: str, operator: str, literal: _Literal) -> Q:
+    if operator == "ne":
+        # `ne` is NOT(eq): objects without the property match too, on columns as on fragments.
+        return ~_comparison_q(path, "eq", literal)
+    keys = tuple(path.split("."))
+    head = keys[0]
+    if path == TEXT_PSEUDO_PROPERTY:
+        if operator != "eq":
+            raise InvalidQuery("the text pseudo-property supports only eq and ne")
+        # text is already a prefix search; a trailing `*` (as UIs write it) adds nothing.
+        return text_search_q(literal.text.rstrip("*"))
+    if path == "id":
+        return _id_q(operator, literal)
+    if path in STRING_COLUMNS:
+        return _string_column_q(STRING_COLUMNS[path], operator, literal)
+    if head in DATE_COLUMNS and keys[1:] in ((), ("date",)):
+        when = _datetime(path, literal)
+        lookup = DATE_COLUMNS[head] + ("" if operator == "eq" else "__" + _RANGE_LOOKUPS[operator])
+        return Q(**{lookup: when})
+    if head in STANDARD_PROPERTIES:
+        raise InvalidQuery(f"{path!r} cannot be queried")
+    if operator == "eq" and literal.has_wildcard:
+        assert isinstance(literal.value, str)
+        return Q(FragmentCondition(keys, "like_regex", wildcard_regex(literal.value)))
+    return Q(FragmentCondition(keys, operator, literal.value))
+
+
+def _id_q(operator: str, literal: _Literal) -> Q:
+    # IDs are strings on the wire, so `id eq '42'` is as good as `id eq 42`.
+    if not _INTEGER.fullmatch(literal.text):
+        raise InvalidQuery(f"id must be compared with an integer, not {literal.text!r}")
+    number = int(literal.text)
+    if operator == "eq":
+        return Q(pk=number)
+    return Q(**{"pk__" + _RANGE_LOOKUPS[operator]: number})
+
+
+def _string_column_q(column: str, operator: str, literal: _Literal) -> Q:
+    # Columns compare the value as written: `name eq 123` means the name "123".
+    if operator == "eq":
+        if literal.has_wildcard:
+            return Q(**{column + "__regex": wildcard_regex(literal.text)})
+        return Q(**{column: literal.text})
+    return Q(**{column + "__" + _RANGE_LOOKUPS[operator]: literal.text})
+
+
+def _datetime(path: str, literal: _Literal) -> Any:
+    try:
+        return parse_datetime(literal.text, field=path)
+    except ValidationFailed as exc:
+        raise InvalidQuery(exc.message) from None
+
+
+def _order_item(path: str, descending: bool) -> Any:
+    keys = path.split(".")
+    head = keys[0]
+    if path == "id":
+        return "-id" if descending else "id"
+    if path == "owner":
+        return "-owner" if descending else "owner"
+    if head in DATE_COLUMNS and keys[1:] in ([], ["date"]):
+        column = DATE_COLUMNS[head]
+        return "-" + column if descending else column
+    if path in STRING_COLUMNS:
+        expression: Any = F(STRING_COLUMNS[path])
+    elif head in STANDARD_PROPERTIES or path == TEXT_PSEUDO_PROPERTY:
+        raise InvalidQuery(f"cannot order by {path!r}")
+    else:
+        # Ordered as jsonb values: on PostgreSQL strings < numbers < booleans < arrays < objects.
+        expression = F("fragments")
+        for key in keys:
+            expression = KeyTransform(key, expression)
+    # Objects without the property sort last either way, on every database (a descending list
+    # that opens with unnamed objects helps nobody).
+    return OrderBy(expression, descending=descending, nulls_last=True)
