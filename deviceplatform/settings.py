@@ -15,6 +15,11 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"])
 # Cumulocity: one tenant per deployment (spec auth.md §1).
 C8Y_TENANT_ID = env.str("C8Y_TENANT_ID", default="t100")
 
+# The first superuser `manage.py ensureadmin` (bin/run) creates; no password: a random one, kept in
+# the git-ignored file .admin-password.
+ADMIN_USERNAME = env.str("ADMIN_USERNAME", default="admin")
+ADMIN_PASSWORD = env.str("ADMIN_PASSWORD", default="")
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -150,6 +155,9 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Without a broker the in-process scheduler (deviceplatform/scheduler.py) runs the beat schedule.
 EMBEDDED_SCHEDULER = not REDIS_URL
+# Without a broker nothing would consume `memory://`: tasks enqueued with delay()/delay_on_commit()
+# run inline in the calling process instead of being silently lost.
+CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
 # Static, reviewed beat schedule (STYLE.md §8). Later issues add the ramp and the sweepers here.
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
 
