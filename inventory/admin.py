@@ -1,0 +1,543 @@
+"""Operator UI for managed objects, their child references and external IDs.
+
+Every write goes through `inventory.services`, as the REST API's do: the admin only validates
+forms and maps a service's refusal onto a form error. Inline changes are rehearsed with the real
+services inside a savepoint that is always rolled back, so a refused edit (a childDevices cycle,
+an identity bound elsewhere) is shown on the form and nothing is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+
+from deviceplatform.api.exceptions import ApiError
+from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
+from inventory.services import (
+    COLUMN_KEYS,
+    FORBIDDEN_NAME_CHARS,
+    READ_ONLY_KEYS,
+    external_id_create,
+    external_id_delete,
+    managed_object_add_children,
+    managed_object_create,
+    managed_object_delete,
+    managed_object_remove_children,
+    managed_object_update,
+)
+
+MAX_OBJECT_ID = 2**63 - 1  # bigint: a longer digit string in the search box is no ID
+
+
+class _Rehearsal(Exception):
+    """Raised inside a rehearsal to roll its savepoint back."""
+
+
+def rehearse(apply: Callable[[], Any]) -> None:
+    """Run service calls in a savepoint that is always rolled back; a refusal becomes a form error.
+
+    The admin's change view validates every form before it saves anything, so this is how a
+    service's own rules (not a copy of them) decide whether an edit is valid."""
+    try:
+        with transaction.atomic():
+            apply()
+            raise _Rehearsal
+    except _Rehearsal:
+        pass
+    except ApiError as exc:
+        raise ValidationError(exc.message) from exc
+
+
+def adopt(target: models.Model, source: models.Model) -> None:
+    """Make the admin's in-memory object mirror the row a service saved (primary key included),
+    so the admin's inlines, log entry and redirect all see what was written."""
+    for model_field in source._meta.concrete_fields:
+        setattr(target, model_field.attname, getattr(source, model_field.attname))
+    target._state.adding = False
+    target._state.db = source._state.db
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(key) or _contains_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(item) for item in value)
+    return False
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+class FragmentsField(forms.JSONField):
+    """The fragments document as indented JSON in a textarea. It must be a JSON object whose keys
+    are fragment names; blank means no fragments."""
+
+    default_error_messages = {
+        "invalid": "Enter valid JSON: %(reason)s.",
+        "not_object": "Fragments must be a JSON object ({ ... }), not %(kind)s.",
+        "nul": "Fragments may not contain the NUL character (\\u0000).",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("required", False)
+        kwargs.setdefault(
+            "widget",
+            forms.Textarea(
+                attrs={
+                    "rows": 24,
+                    "cols": 100,
+                    "spellcheck": "false",
+                    "class": "vLargeTextField",
+                    "style": "font-family: monospace; width: 95%;",
+                }
+            ),
+        )
+        super().__init__(**kwargs)
+
+    def to_python(self, value: Any) -> Any:
+        if self.disabled:
+            return value
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return {}
+        if isinstance(value, str):
+            try:
+                # NaN/Infinity are not JSON and PostgreSQL's jsonb refuses them.
+                value = json.loads(value, parse_constant=_reject_constant)
+            except json.JSONDecodeError as exc:
+                raise ValidationError(
+                    self.error_messages["invalid"],
+                    code="invalid",
+                    params={"reason": f"{exc.msg} (line {exc.lineno}, column {exc.colno})"},
+                ) from None
+            except ValueError as exc:
+                raise ValidationError(
+                    self.error_messages["invalid"], code="invalid", params={"reason": str(exc)}
+                ) from None
+        if not isinstance(value, dict):
+            raise ValidationError(
+                self.error_messages["not_object"],
+                code="not_object",
+                params={"kind": JSON_KINDS.get(type(value), "null")},
+            )
+        if _contains_nul(value):  # jsonb cannot store \u0000
+            raise ValidationError(self.error_messages["nul"], code="nul")
+        return value
+
+    def bound_data(self, data: Any, initial: Any) -> Any:
+        if self.disabled or data is None:
+            return super().bound_data(data, initial)
+        try:
+            return self.to_python(data)
+        except ValidationError:
+            return forms.fields.InvalidJSONInput(data)  # redisplayed exactly as typed
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, forms.fields.InvalidJSONInput):
+            return value  # the operator's text, unchanged, so it can be corrected
+        return json.dumps(value, ensure_ascii=False, indent=2, cls=self.encoder)
+
+
+class ManagedObjectForm(forms.ModelForm):
+    fragments = FragmentsField(
+        help_text=(
+            "Every top-level key is a fragment (c8y_IsDevice makes a device, "
+            "com_cumulocity_model_Agent an agent, c8y_IsDeviceGroup a group). "
+            "Removing a key removes the fragment."
+        )
+    )
+
+    class Meta:
+        model = ManagedObject
+        fields = ["name", "type", "owner", "fragments"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "owner" in self.fields:
+            self.fields["owner"].required = False
+            self.fields["owner"].help_text = (
+                "Blank: you when adding, unchanged when editing."
+                if self.instance.pk is None
+                else "Blank keeps the current owner."
+            )
+
+    def clean_fragments(self) -> dict[str, Any]:
+        fragments = self.cleaned_data["fragments"]
+        errors = []
+        for key in fragments:
+            if key in COLUMN_KEYS:
+                errors.append(f"{key!r} is a standard property: use its field above.")
+            elif key in READ_ONLY_KEYS:
+                errors.append(f"{key!r} is read-only and cannot be a fragment.")
+            elif not key or FORBIDDEN_NAME_CHARS & set(key):
+                errors.append(
+                    f"Invalid fragment name {key!r}: names may not contain '.', '$' or whitespace."
+                )
+        if errors:
+            raise ValidationError(errors)
+        return fragments
+
+
+# --- inlines ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What an inline formset asks for. An edited row is removed (its initial values) and added
+    again (its new values), so the services see only the operations they offer."""
+
+    deleted: list[forms.ModelForm] = field(default_factory=list)
+    changed: list[forms.ModelForm] = field(default_factory=list)
+    new: list[forms.ModelForm] = field(default_factory=list)
+
+    @property
+    def removals(self) -> list[forms.ModelForm]:
+        return self.deleted + self.changed
+
+    @property
+    def additions(self) -> list[forms.ModelForm]:
+        return self.changed + self.new
+
+
+class ServiceInlineFormSet(forms.BaseInlineFormSet):
+    """An inline formset that writes through services: `apply` makes the calls (returning the
+    added rows in `plan.additions` order), `clean` rehearses them, `save_through_services` does
+    them for real."""
+
+    def plan(self) -> _Plan:
+        plan = _Plan()
+        for form in self.initial_forms:
+            if self.can_delete and self._should_delete_form(form):
+                plan.deleted.append(form)
+            elif form.has_changed():
+                plan.changed.append(form)
+        for form in self.extra_forms:
+            if form.has_changed() and not self._should_delete_form(form):
+                plan.new.append(form)
+        return plan
+
+    def apply(self, parent: ManagedObject, plan: _Plan) -> list[models.Model]:
+        raise NotImplementedError
+
+    def clean(self) -> None:
+        super().clean()
+        if any(self.errors) or self.instance.pk is None:
+            # A new parent has no references or identities yet: nothing a service could refuse.
+            return
+        plan = self.plan()
+        if plan.removals or plan.additions:
+            parent = ManagedObject.objects.get(pk=self.instance.pk)
+            rehearse(lambda: self.apply(parent, plan))
+
+    def save_through_services(self) -> None:
+        """Apply the plan and fill in what the admin's change message reads from a formset."""
+        plan = self.plan()
+        added = self.apply(self.instance, plan)
+        edited = len(plan.changed)
+        self.changed_objects = [
+            (obj, form.changed_data) for form, obj in zip(plan.changed, added[:edited], strict=True)
+        ]
+        self.new_objects = added[edited:]
+        self.deleted_objects = [form.instance for form in plan.deleted]
+
+
+class ReferenceFormSet(ServiceInlineFormSet):
+    def apply(self, parent: ManagedObject, plan: _Plan) -> list[models.Model]:
+        for form in plan.removals:
+            managed_object_remove_children(
+                parent=parent,
+                relation=Relation(form.initial["relation"]),
+                child_ids=[form.initial["child"]],
+            )
+        added: list[models.Model] = []
+        for form in plan.additions:
+            added += managed_object_add_children(
+                parent=parent,
+                relation=Relation(form.cleaned_data["relation"]),
+                children=[form.cleaned_data["child"]],
+            )
+        return added
+
+
+class ExternalIdTypeForm(forms.ModelForm):
+    def clean_type(self) -> str:
+        value = self.cleaned_data["type"]
+        if "/" in value:
+            raise ValidationError("An external ID type may not contain '/'.")
+        return value
+
+
+class ExternalIdFormSet(ServiceInlineFormSet):
+    def apply(self, parent: ManagedObject, plan: _Plan) -> list[models.Model]:
+        for form in plan.removals:
+            current = ExternalId.objects.filter(pk=form.instance.pk).first()
+            if current is not None:
+                external_id_delete(external_id=current)
+        added: list[models.Model] = []
+        for form in plan.additions:
+            external_id, _ = external_id_create(
+                managed_object=parent,
+                type=form.cleaned_data["type"],
+                external_id=form.cleaned_data["external_id"],
+            )
+            added.append(external_id)
+        return added
+
+
+class ChildReferenceInline(admin.TabularInline):
+    model = ManagedObjectReference
+    formset = ReferenceFormSet
+    fk_name = "parent"
+    fields = ["relation", "child"]
+    autocomplete_fields = ["child"]
+    extra = 1
+    verbose_name = "child reference"
+    verbose_name_plural = "child references (childDevices, childAssets, childAdditions)"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ManagedObjectReference]:
+        return super().get_queryset(request).select_related("child")
+
+
+class ExternalIdInline(admin.TabularInline):
+    model = ExternalId
+    form = ExternalIdTypeForm
+    formset = ExternalIdFormSet
+    fields = ["type", "external_id"]
+    extra = 1
+
+
+# --- model admins ----------------------------------------------------------------------------
+
+
+@admin.register(ManagedObject)
+class ManagedObjectAdmin(admin.ModelAdmin):
+    form = ManagedObjectForm
+    inlines = [ChildReferenceInline, ExternalIdInline]
+    list_display = [
+        "id",
+        "name",
+        "type",
+        "owner",
+        "is_device",
+        "is_agent",
+        "is_group",
+        "last_updated",
+    ]
+    list_display_links = ["id", "name"]
+    list_filter = ["is_device", "is_agent", "is_group", "type", "owner"]
+    search_fields = ["name", "type", "owner"]
+    search_help_text = "ID, or part of a name, type, owner or external ID value."
+    ordering = ["-id"]
+    readonly_fields = [
+        "is_device",
+        "is_agent",
+        "is_group",
+        "creation_time",
+        "last_updated",
+        "parents",
+    ]
+
+    def get_fieldsets(self, request: HttpRequest, obj: ManagedObject | None = None) -> Any:
+        fieldsets: list[tuple[str | None, dict[str, Any]]] = [
+            (None, {"fields": ["name", "type", "owner"]}),
+            ("Fragments", {"fields": ["fragments"]}),
+        ]
+        if obj is not None:
+            fieldsets += [
+                (
+                    "Derived",
+                    {
+                        "fields": [
+                            ("is_device", "is_agent", "is_group"),
+                            ("creation_time", "last_updated"),
+                            "parents",
+                        ]
+                    },
+                ),
+            ]
+        return fieldsets
+
+    @admin.display(description="parents")
+    def parents(self, obj: ManagedObject) -> str:
+        if obj.pk is None:
+            return "-"
+        refs = obj.parent_refs.select_related("parent").order_by("relation", "id")
+        if not refs:
+            return "-"
+        return format_html(
+            "<ul>{}</ul>",
+            format_html_join(
+                "",
+                '<li>{}: <a href="{}">{}</a></li>',
+                (
+                    (
+                        Relation(ref.relation).parents_segment,
+                        reverse("admin:inventory_managedobject_change", args=[ref.parent_id]),
+                        str(ref.parent),
+                    )
+                    for ref in refs
+                ),
+            ),
+        )
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[ManagedObject], search_term: str
+    ) -> tuple[QuerySet[ManagedObject], bool]:
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        term = search_term.strip()
+        if not term:
+            return found, may_have_duplicates
+        extra = Q(
+            Exists(
+                ExternalId.objects.filter(
+                    managed_object=OuterRef("pk"), external_id__icontains=term
+                )
+            )
+        )
+        if term.isdigit() and int(term) <= MAX_OBJECT_ID:
+            extra |= Q(pk=int(term))
+        return found | queryset.filter(extra), may_have_duplicates
+
+    def save_model(
+        self, request: HttpRequest, obj: ManagedObject, form: forms.ModelForm, change: bool
+    ) -> None:
+        data = {
+            "name": form.cleaned_data.get("name"),
+            "type": form.cleaned_data.get("type"),
+            "owner": form.cleaned_data.get("owner") or None,
+            **form.cleaned_data["fragments"],
+        }
+        if not change:
+            saved = managed_object_create(
+                owner=request.user.get_username(), data=data, allow_owner=True
+            )
+        else:
+            current = ManagedObject.objects.select_for_update().get(pk=obj.pk)
+            # The service merges fragments key by key; a key the operator removed is sent as
+            # null so that the edited document is what gets stored.
+            for key in current.fragments.keys() - form.cleaned_data["fragments"].keys():
+                data[key] = None
+            saved = managed_object_update(managed_object=current, data=data, allow_owner=True)
+        adopt(obj, saved)
+
+    def save_formset(
+        self, request: HttpRequest, form: forms.ModelForm, formset: Any, change: bool
+    ) -> None:
+        if isinstance(formset, ServiceInlineFormSet):
+            formset.save_through_services()
+        else:
+            super().save_formset(request, form, formset, change)
+
+    def delete_model(self, request: HttpRequest, obj: ManagedObject) -> None:
+        deleted = managed_object_delete(managed_object=obj)
+        also = [pk for pk in deleted if pk != obj.pk]
+        if also:
+            messages.info(request, f"Also deleted subgroups: {', '.join(map(str, also))}.")
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ManagedObject]) -> None:
+        for pk in list(queryset.values_list("pk", flat=True)):
+            # An earlier deletion in this batch may already have taken it (a group's subgroups).
+            managed_object = ManagedObject.objects.filter(pk=pk).first()
+            if managed_object is not None:
+                managed_object_delete(managed_object=managed_object)
+
+
+class ExternalIdForm(ExternalIdTypeForm):
+    class Meta:
+        model = ExternalId
+        fields = ["type", "external_id", "managed_object"]
+
+    def _post_clean(self) -> None:
+        # After Django's own checks (uniqueness included), let the service have the last word.
+        super()._post_clean()
+        if self.errors or not self.has_changed():
+            return
+        pk = self.instance.pk
+        data = self.cleaned_data
+
+        def apply() -> None:
+            current = ExternalId.objects.filter(pk=pk).first() if pk else None
+            if current is not None:
+                external_id_delete(external_id=current)
+            external_id_create(
+                managed_object=data["managed_object"],
+                type=data["type"],
+                external_id=data["external_id"],
+            )
+
+        try:
+            rehearse(apply)
+        except ValidationError as exc:
+            self.add_error(None, exc)
+
+
+@admin.register(ExternalId)
+class ExternalIdAdmin(admin.ModelAdmin):
+    form = ExternalIdForm
+    list_display = ["type", "external_id", "managed_object_link"]
+    list_display_links = ["type", "external_id"]
+    list_select_related = ["managed_object"]
+    list_filter = ["type"]
+    search_fields = ["type", "external_id", "=managed_object__id"]
+    search_help_text = "Part of a type or external ID, or a managed object's ID."
+    autocomplete_fields = ["managed_object"]
+    ordering = ["type", "external_id"]
+
+    @admin.display(description="managed object", ordering="managed_object_id")
+    def managed_object_link(self, obj: ExternalId) -> str:
+        return format_html(
+            '<a href="{}">{}</a>',
+            reverse("admin:inventory_managedobject_change", args=[obj.managed_object_id]),
+            str(obj.managed_object),
+        )
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[ExternalId], search_term: str
+    ) -> tuple[QuerySet[ExternalId], bool]:
+        term = search_term.strip()
+        if term.isdigit() and int(term) > MAX_OBJECT_ID:
+            # Django would compare the too-large number with a bigint column and fail.
+            return queryset.filter(Q(type__icontains=term) | Q(external_id__icontains=term)), False
+        return super().get_search_results(request, queryset, search_term)
+
+    def save_model(
+        self, request: HttpRequest, obj: ExternalId, form: forms.ModelForm, change: bool
+    ) -> None:
+        if change:
+            if not form.has_changed():
+                return
+            current = ExternalId.objects.filter(pk=obj.pk).first()
+            if current is not None:
+                external_id_delete(external_id=current)
+        saved, _ = external_id_create(
+            managed_object=obj.managed_object, type=obj.type, external_id=obj.external_id
+        )
+        adopt(obj, saved)
+
+    def delete_model(self, request: HttpRequest, obj: ExternalId) -> None:
+        external_id_delete(external_id=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ExternalId]) -> None:
+        for external_id in queryset:
+            external_id_delete(external_id=external_id)
