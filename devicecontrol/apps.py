@@ -1,4 +1,4 @@
-"""Device control: operations (filled by the operations issue)."""
+"""Device control: operations, their sweepers and their realtime events."""
 
 from django.apps import AppConfig
 
@@ -6,3 +6,10 @@ from django.apps import AppConfig
 class DeviceControlConfig(AppConfig):
     name = "devicecontrol"
     verbose_name = "Device control"
+
+    def ready(self) -> None:
+        from devicecontrol.services import operations_delete_for_devices
+        from inventory.services import BEFORE_DELETE_HOOKS
+
+        if operations_delete_for_devices not in BEFORE_DELETE_HOOKS:
+            BEFORE_DELETE_HOOKS.append(operations_delete_for_devices)

@@ -1,8 +1,15 @@
 """Device-control URLs (each with and without trailing slash)."""
 
 from deviceplatform.api.routing import c8y_path
-from devicecontrol import views
+from devicecontrol import views, waiting
 
 urlpatterns = [
     c8y_path(r"devicecontrol", views.DeviceControlApiView.as_view()),
+    c8y_path(r"devicecontrol/operations", views.OperationCollectionView.as_view()),
+    # Before the detail route: "wait" is not an operation ID.
+    c8y_path(r"devicecontrol/operations/wait", waiting.operation_create_and_wait),
+    c8y_path(r"devicecontrol/operations/(?P<pk>[^/]+)", views.OperationDetailView.as_view()),
+    c8y_path(
+        r"devicecontrol/operations/(?P<pk>[^/]+)/retry", views.OperationRetryView.as_view()
+    ),
 ]

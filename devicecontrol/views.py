@@ -1,20 +1,153 @@
-"""Device-control REST resources. The operations collection arrives with the operations issue."""
+"""Device-control REST resources (spec devicecontrol.md): validate, call a service or selector, render."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
+from deviceplatform.api.exceptions import MissingFields, ValidationFailed
 from deviceplatform.api.media_types import MediaType
+from deviceplatform.api.pagination import paginated
+from deviceplatform.api.params import parse_id
+from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
-from devicecontrol.serializers import devicecontrol_api_json
+from devicecontrol import selectors, services
+from devicecontrol.filters import OperationFilter
+from devicecontrol.models import Operation
+from devicecontrol.serializers import devicecontrol_api_json, operation_json, operation_url
+from inventory.models import ManagedObject
+
+READ = frozenset({Role.DEVICE_CONTROL_READ})
+ADMIN = frozenset({Role.DEVICE_CONTROL_ADMIN})
 
 
-class DeviceControlApiView(CumulocityView):
-    required_roles = {"GET": frozenset({Role.DEVICE_CONTROL_READ})}
+class DeviceControlView(CumulocityView):
+    @property
+    def base(self) -> str:
+        return self.request.build_absolute_uri("/").rstrip("/")
+
+    def owner_of(self, obj: Operation) -> str | None:
+        """The owner rule for operations is the target device's owner (auth.md §4)."""
+        return obj.device.owner
+
+    def notify(self) -> bool:
+        """`X-Cumulocity-Processing-Mode: QUIESCENT` suppresses realtime notifications."""
+        return getattr(self.request, "processing_mode", "PERSISTENT") != "QUIESCENT"
+
+
+class DeviceControlApiView(DeviceControlView):
+    required_roles = {"GET": READ}
 
     def get(self, request: Any) -> Response:
-        base = request.build_absolute_uri("/").rstrip("/")
-        return self.respond(devicecontrol_api_json(base), MediaType.DEVICE_CONTROL_API)
+        return self.respond(devicecontrol_api_json(self.base), MediaType.DEVICE_CONTROL_API)
+
+
+class OperationCollectionView(DeviceControlView):
+    """`GET` (FIFO, filtered), `POST` (create, agent resolution), `DELETE` (by filter)."""
+
+    required_roles = {"GET": frozenset(), "POST": ADMIN, "DELETE": ADMIN}
+    owner_rule_methods = frozenset({"POST"})
+
+    def get(self, request: Any) -> Response:
+        filterset = OperationFilter(
+            request.GET, queryset=selectors.operations_visible_to(request.user)
+        )
+        queryset = filterset.qs.order_by(*filterset.ordering())
+        with_external_ids = bool(request.GET.get("agentId"))
+        base = self.base
+
+        def render(rows: list[Operation]) -> list[dict[str, Any]]:
+            device_ids = [row.device_id for row in rows]
+            names = selectors.device_names(device_ids)
+            external = (
+                selectors.device_external_ids(device_ids, base=base) if with_external_ids else None
+            )
+            return [
+                operation_json(
+                    row,
+                    base=base,
+                    device_name=names.get(row.device_id),
+                    external_ids=external.get(row.device_id, []) if external is not None else None,
+                )
+                for row in rows
+            ]
+
+        return self.respond(
+            paginated(request, queryset, key="operations", render=render),
+            MediaType.OPERATION_COLLECTION,
+        )
+
+    def post(self, request: Any) -> Response:
+        body = self.request_object()
+        # Check order (devicecontrol.md §6): deviceId present, device exists, permission, agent.
+        if body.get("deviceId") in (None, ""):
+            raise MissingFields(["deviceId"])
+        try:
+            device_id = parse_id(body["deviceId"], field="deviceId")
+        except ValidationFailed:
+            raise ValidationFailed(
+                f"Invalid deviceId {body['deviceId']!r}", error="devicecontrol/Invalid Data"
+            ) from None
+        device = ManagedObject.objects.filter(pk=device_id).first()
+        if device is None:
+            raise ValidationFailed(
+                f"Device {device_id} does not exist", error="devicecontrol/Invalid Data"
+            )
+        if not (has_any_role(request.user, ADMIN) or is_owner(request.user, device.owner)):
+            raise PermissionDenied()
+        operation = services.operation_create(device=device, data=body, notify=self.notify())
+        return self.respond(
+            lambda: operation_json(operation, base=self.base),
+            MediaType.OPERATION,
+            status=201,
+            location=operation_url(self.base, operation.pk),
+        )
+
+    def delete(self, request: Any) -> Response:
+        filterset = OperationFilter(request.GET, queryset=Operation.objects.all())
+        services.operations_delete(queryset=filterset.qs, notify=self.notify())
+        return self.no_content()
+
+
+class OperationDetailView(DeviceControlView):
+    """`GET` and `PUT` of one operation; there is no single DELETE (405, devicecontrol.md §8)."""
+
+    required_roles = {"GET": READ, "PUT": ADMIN}
+    owner_rule_methods = frozenset({"GET", "PUT"})
+
+    def get_operation(self, pk: str) -> Operation:
+        operation = selectors.operation_get(pk=pk)
+        self.check_object_permissions(self.request, operation)
+        return operation
+
+    def get(self, request: Any, pk: str) -> Response:
+        operation = self.get_operation(pk)
+        return self.respond(operation_json(operation, base=self.base), MediaType.OPERATION)
+
+    def put(self, request: Any, pk: str) -> Response:
+        operation = self.get_operation(pk)
+        operation = services.operation_update(
+            operation_id=operation.pk, data=self.request_object(), notify=self.notify()
+        )
+        return self.respond(lambda: operation_json(operation, base=self.base), MediaType.OPERATION)
+
+
+class OperationRetryView(DeviceControlView):
+    """`POST /devicecontrol/operations/{id}/retry` (extension): re-issue a FAILED operation."""
+
+    required_roles = {"POST": ADMIN}
+    owner_rule_methods = frozenset({"POST"})
+
+    def post(self, request: Any, pk: str) -> Response:
+        operation = selectors.operation_get(pk=pk)
+        self.check_object_permissions(request, operation)
+        retry = services.operation_retry(operation=operation)
+        return self.respond(
+            lambda: operation_json(retry, base=self.base),
+            MediaType.OPERATION,
+            status=201,
+            location=operation_url(self.base, retry.pk),
+        )

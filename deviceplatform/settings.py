@@ -158,8 +158,31 @@ EMBEDDED_SCHEDULER = not REDIS_URL
 # Without a broker nothing would consume `memory://`: tasks enqueued with delay()/delay_on_commit()
 # run inline in the calling process instead of being silently lost.
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
-# Static, reviewed beat schedule (STYLE.md §8). Later issues add the ramp and the sweepers here.
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+# Static, reviewed beat schedule (STYLE.md §8): seconds between runs.
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    "expire-pending-operations": {
+        "task": "devicecontrol.tasks.expire_pending_operations",
+        "schedule": env.float("OPERATION_SWEEP_INTERVAL", default=30.0),
+    },
+    "time-out-executing-operations": {
+        "task": "devicecontrol.tasks.time_out_executing_operations",
+        "schedule": env.float("OPERATION_SWEEP_INTERVAL", default=30.0),
+    },
+    "purge-old-operations": {
+        "task": "devicecontrol.tasks.purge_old_operations",
+        "schedule": env.float("OPERATION_PURGE_INTERVAL", default=3600.0),
+    },
+}
+
+# --- Device control (README "Beyond Cumulocity") ---------------------------------------------------
+# A PENDING operation not picked up within this many seconds becomes FAILED (0: never). ARTIK: 7 days.
+OPERATION_PENDING_TIMEOUT = env.int("OPERATION_PENDING_TIMEOUT", default=7 * 24 * 3600)
+# An operation EXECUTING for longer than this many seconds becomes FAILED (0: never).
+OPERATION_EXECUTION_TIMEOUT = env.int("OPERATION_EXECUTION_TIMEOUT", default=24 * 3600)
+# Operations in a final state are deleted this many days after their last status change (0: keep).
+OPERATION_RETENTION_DAYS = env.int("OPERATION_RETENTION_DAYS", default=30)
+# Longest wait a client may ask for when creating an operation with ?waitForResult=SECONDS.
+OPERATION_MAX_WAIT_SECONDS = env.int("OPERATION_MAX_WAIT_SECONDS", default=120)
 
 # --- Logging ---------------------------------------------------------------------------------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

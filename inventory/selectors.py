@@ -6,7 +6,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import CharField, Exists, OuterRef, Q, QuerySet
+from django.db.models.functions import Cast
+from django.db.models.lookups import StartsWith
 
 from deviceplatform.api.exceptions import NotFound
 from deviceplatform.api.params import parse_id
@@ -51,8 +53,8 @@ def text_search_q(value: str) -> Q:
             )
         )
     )
-    if value.isdigit():
-        condition |= Q(pk=int(value))
+    if value.isdigit():  # a prefix of the id too, like every other field (§4)
+        condition |= Q(StartsWith(Cast("pk", output_field=CharField()), value))
     return condition
 
 
@@ -155,3 +157,23 @@ def external_id_get(*, type: str, external_id: str) -> ExternalId:
 
 def external_ids_of(*, managed_object: ManagedObject) -> QuerySet[ExternalId]:
     return ExternalId.objects.filter(managed_object=managed_object).order_by("id")
+
+
+def device_agent_id(*, device: ManagedObject) -> int | None:
+    """The agent that receives operations for `device` (devicecontrol.md §4): the device itself if
+    it is an agent, else the nearest level of `childDevices` ancestors that holds an agent, the
+    smallest ID winning a tie. Only device edges count. One query per level walked."""
+    if device.is_agent:
+        return device.pk
+    seen = {device.pk}
+    frontier = {device.pk}
+    while frontier:
+        rows = ManagedObjectReference.objects.filter(
+            child_id__in=frontier, relation=Relation.DEVICE
+        ).values_list("parent_id", "parent__is_agent")
+        agents = [parent_id for parent_id, is_agent in rows if is_agent]
+        if agents:
+            return min(agents)
+        frontier = {parent_id for parent_id, _ in rows} - seen
+        seen |= frontier
+    return None

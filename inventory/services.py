@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +32,11 @@ READ_ONLY_KEYS = frozenset(
 FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
 
 INVENTORY_NOT_FOUND = "inventory/Not Found"
+
+# Called inside the deleting transaction with the IDs about to go, before they go. Apps that hang
+# data on managed objects register here (devicecontrol deletes the operations with their realtime
+# DELETE events), so inventory never imports them (STYLE.md §1: imports flow towards inventory).
+BEFORE_DELETE_HOOKS: list[Callable[[list[int]], None]] = []
 
 
 def managed_object_not_found(pk: object) -> NotFound:
@@ -149,6 +154,8 @@ def managed_object_delete(
         doomed = set()
     doomed.add(root)
     deleted = sorted(doomed)
+    for hook in BEFORE_DELETE_HOOKS:
+        hook(deleted)
     ManagedObject.objects.filter(pk__in=deleted).delete()
     return deleted
 

@@ -7,6 +7,7 @@ from typing import Any
 import django_filters
 from django import forms
 
+from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import InvalidQuery
 from deviceplatform.api.params import get_bool, parse_id
 
@@ -25,6 +26,19 @@ class _IdField(forms.Field):
         if value in (None, ""):
             return None
         return parse_id(value)
+
+
+class _DateTimeField(forms.Field):
+    def to_python(self, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        return parse_datetime(value)
+
+
+class DateTimeFilter(django_filters.Filter):
+    """ISO 8601 as spec README §4 reads it (offsets, a space for `+`, plain dates); bad: 422."""
+
+    field_class = _DateTimeField
 
 
 class StrictBooleanFilter(django_filters.Filter):

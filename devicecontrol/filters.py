@@ -1,0 +1,59 @@
+"""Query parameters of `GET/DELETE /devicecontrol/operations` (devicecontrol.md §5, §8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django import forms
+from django.db.models import QuerySet
+
+from deviceplatform.api.filters import (
+    CumulocityFilterSet,
+    DateTimeFilter,
+    IdFilter,
+    StrictBooleanFilter,
+)
+from devicecontrol.models import Operation, OperationStatus
+
+
+class _StatusField(forms.Field):
+    def to_python(self, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        if value not in OperationStatus.values:
+            raise forms.ValidationError(
+                f"{value!r} is not one of {', '.join(OperationStatus.values)}"
+            )
+        return value
+
+
+class StatusFilter(django_filters.Filter):
+    field_class = _StatusField
+
+
+class OperationFilter(CumulocityFilterSet):
+    status = StatusFilter(field_name="status")
+    deviceId = IdFilter(field_name="device_id")  # noqa: N815
+    agentId = IdFilter(field_name="agent_id")  # noqa: N815
+    bulkOperationId = IdFilter(field_name="bulk_operation_id")  # noqa: N815
+    fragmentType = django_filters.CharFilter(method="filter_fragment_type")  # noqa: N815
+    dateFrom = DateTimeFilter(field_name="creation_time", lookup_expr="gte")  # noqa: N815
+    dateTo = DateTimeFilter(field_name="creation_time", lookup_expr="lte")  # noqa: N815
+    revert = StrictBooleanFilter(method="filter_noop")
+
+    class Meta:
+        model = Operation
+        fields: list[str] = []
+
+    def filter_fragment_type(self, queryset: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
+        return queryset.filter(fragments__has_key=value)
+
+    def filter_noop(self, queryset: QuerySet[Any], name: str, value: Any) -> QuerySet[Any]:
+        return queryset  # ordering is the view's job; the value is still validated
+
+    def ordering(self) -> tuple[str, ...]:
+        """FIFO; `revert=true` gives newest first only together with a date filter (§5)."""
+        data = self.form.cleaned_data
+        has_dates = data.get("dateFrom") is not None or data.get("dateTo") is not None
+        return ("-id",) if data.get("revert") and has_dates else ("id",)

@@ -1,0 +1,77 @@
+"""Operations: commands for a device, queued FIFO for the agent above it (spec devicecontrol.md)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class OperationStatus(models.TextChoices):
+    PENDING = "PENDING"
+    EXECUTING = "EXECUTING"
+    SUCCESSFUL = "SUCCESSFUL"
+    FAILED = "FAILED"
+
+
+FINAL_STATUSES = frozenset({OperationStatus.SUCCESSFUL, OperationStatus.FAILED})
+
+
+class Operation(models.Model):
+    """One operation. `id` draws from the global sequence (migration 0002).
+
+    `agent_id` is the agent resolved at creation (devicecontrol.md §4); it is deliberately not a
+    foreign key: it is never recomputed, and deleting the agent leaves its operations as they are.
+    Fragments hold every other top-level key verbatim. The extension columns (expiry, execution
+    timeout, retry link) are documented in the README under "Beyond Cumulocity"."""
+
+    device = models.ForeignKey(
+        "inventory.ManagedObject", on_delete=models.CASCADE, related_name="operations"
+    )
+    agent_id = models.BigIntegerField()
+    status = models.CharField(
+        max_length=10, choices=OperationStatus.choices, default=OperationStatus.PENDING
+    )
+    creation_time = models.DateTimeField(default=timezone.now)
+    status_changed_at = models.DateTimeField(default=timezone.now)
+    failure_reason = models.TextField(null=True, blank=True)
+    fragments = models.JSONField(default=dict, blank=True)
+    bulk_operation_id = models.BigIntegerField(null=True, blank=True)
+    # Extensions beyond Cumulocity: a PENDING operation fails when `expires_at` passes; an
+    # EXECUTING one fails `execution_timeout` seconds after it started executing.
+    expires_at = models.DateTimeField(null=True, blank=True)
+    execution_timeout = models.PositiveIntegerField(null=True, blank=True)
+    executing_since = models.DateTimeField(null=True, blank=True)
+    retry_of = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="retries"
+    )
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # The agent's poll: "my PENDING operations, oldest first".
+            models.Index(fields=["agent_id", "status", "id"], name="operation_agent_status_idx"),
+            # A device's history page.
+            models.Index(fields=["device", "id"], name="operation_device_idx"),
+            models.Index(fields=["status", "id"], name="operation_status_idx"),
+            models.Index(fields=["bulk_operation_id", "id"], name="operation_bulk_idx"),
+            models.Index(fields=["creation_time"], name="operation_creation_idx"),
+            # Sweepers: only the rows they can act on are indexed.
+            models.Index(
+                fields=["expires_at"],
+                name="operation_pending_expiry_idx",
+                condition=models.Q(status="PENDING", expires_at__isnull=False),
+            ),
+            models.Index(
+                fields=["executing_since"],
+                name="operation_executing_idx",
+                condition=models.Q(status="EXECUTING"),
+            ),
+            models.Index(
+                fields=["status_changed_at"],
+                name="operation_final_idx",
+                condition=models.Q(status__in=["SUCCESSFUL", "FAILED"]),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"operation {self.pk} {self.status} for device {self.device_id}"

@@ -1,0 +1,311 @@
+"""Every operation write: validate, lock, save, then register the realtime event on commit.
+
+State changes lock the row (`select_for_update`), so concurrent agents never lose an update; sweepers
+claim their rows with `FOR UPDATE SKIP LOCKED` in batches (shared/PERFORMANCE.md §4)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
+from devicecontrol.models import FINAL_STATUSES, Operation, OperationStatus
+from devicecontrol.realtime import OperationEvent, publish_operation_event
+from devicecontrol.serializers import EXTENSION_KEYS, READ_ONLY_KEYS, operation_json
+from inventory.models import ManagedObject
+from inventory.selectors import device_agent_id
+
+FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
+EXPIRED_REASON = "Operation expired: it was still PENDING after {seconds} seconds"
+TIMED_OUT_REASON = "Operation timed out: it was EXECUTING for more than {seconds} seconds"
+
+
+def operation_not_found(pk: object) -> NotFound:
+    return NotFound(
+        f"Finding device data from database failed : No operation for gid '{pk}'!",
+        error="devicecontrol/Not Found",
+    )
+
+
+def _fragments(data: dict[str, Any]) -> dict[str, Any]:
+    fragments: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in READ_ONLY_KEYS:
+            continue
+        if not key or FORBIDDEN_NAME_CHARS & set(key):
+            raise ValidationFailed(
+                f"Invalid fragment name {key!r}: names may not contain '.', '$' or whitespace"
+            )
+        if key in EXTENSION_KEYS and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValidationFailed(f"{key} must be a whole number of seconds, at least 1")
+        fragments[key] = value
+    return fragments
+
+
+def _status(value: object) -> OperationStatus:
+    if not isinstance(value, str) or value not in OperationStatus.values:
+        raise ValidationFailed(
+            f"Invalid status {value!r}; expected one of {', '.join(OperationStatus.values)}",
+            error="devicecontrol/Invalid Data",
+        )
+    return OperationStatus(value)
+
+
+def _event(action: str, operation: Operation) -> OperationEvent:
+    data: dict[str, Any] | str = (
+        str(operation.pk) if action == "DELETE" else operation_json(operation, base="")
+    )
+    return OperationEvent(
+        action=action,  # type: ignore[arg-type]
+        operation_id=operation.pk,
+        device_id=operation.device_id,
+        agent_id=operation.agent_id,
+        data=data,
+    )
+
+
+def _pending_deadline(fragments: dict[str, Any], now: datetime) -> datetime | None:
+    seconds = fragments.get("pendingTimeout") or settings.OPERATION_PENDING_TIMEOUT
+    return now + timedelta(seconds=seconds) if seconds else None
+
+
+def operation_create(
+    *,
+    device: ManagedObject,
+    data: dict[str, Any],
+    bulk_operation_id: int | None = None,
+    retry_of: Operation | None = None,
+    notify: bool = True,
+    now: datetime | None = None,
+) -> Operation:
+    """Create a PENDING operation for `device`, routed to the agent above it (devicecontrol.md §4,
+    §6): 422 when no agent is found. `status` and other read-only keys in `data` are ignored."""
+    fragments = _fragments(data)
+    agent_id = device_agent_id(device=device)
+    if agent_id is None:
+        raise ValidationFailed(
+            f"Device {device.pk} is not in the childDevices hierarchy of any agent "
+            "(com_cumulocity_model_Agent)",
+            error="devicecontrol/Invalid Data",
+        )
+    now = now or timezone.now()
+    fragments = {key: value for key, value in fragments.items() if value is not None}
+    operation = Operation(
+        device=device,
+        agent_id=agent_id,
+        status=OperationStatus.PENDING,
+        creation_time=now,
+        status_changed_at=now,
+        fragments=fragments,
+        bulk_operation_id=bulk_operation_id,
+        retry_of=retry_of,
+        expires_at=_pending_deadline(fragments, now),
+        execution_timeout=fragments.get("executionTimeout"),
+    )
+    operation.save(force_insert=True)
+    if notify:
+        publish_operation_event(_event("CREATE", operation))
+    return operation
+
+
+def operation_update(
+    *,
+    operation_id: int,
+    data: dict[str, Any],
+    notify: bool = True,
+    now: datetime | None = None,
+) -> Operation:
+    """Apply a PUT body (devicecontrol.md §7) under a row lock: `status` required, `failureReason`
+    only with FAILED and dropped when leaving FAILED, fragments replaced per key (`null` removes)."""
+    if "status" not in data:
+        raise MissingFields(["status"])
+    status = _status(data["status"])
+    reason = data.get("failureReason")
+    if "failureReason" in data and reason is not None:
+        if status != OperationStatus.FAILED:
+            raise ValidationFailed(
+                "failureReason is only allowed when the status is FAILED",
+                error="devicecontrol/Invalid Data",
+            )
+        if not isinstance(reason, str):
+            raise ValidationFailed("failureReason must be a string")
+    fragments = _fragments(data)
+    now = now or timezone.now()
+    with transaction.atomic():
+        operation = Operation.objects.select_for_update().filter(pk=operation_id).first()
+        if operation is None:
+            raise operation_not_found(operation_id)
+        _apply_status(operation, status, now)
+        if status == OperationStatus.FAILED:
+            if reason is not None:
+                operation.failure_reason = reason
+        else:
+            operation.failure_reason = None
+        merged = dict(operation.fragments)
+        for key, value in fragments.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        operation.fragments = merged
+        if "executionTimeout" in fragments:
+            operation.execution_timeout = fragments["executionTimeout"]
+        if "pendingTimeout" in fragments and operation.status == OperationStatus.PENDING:
+            operation.expires_at = _pending_deadline(merged, operation.creation_time)
+        operation.save()
+        if notify:
+            publish_operation_event(_event("UPDATE", operation))
+    return operation
+
+
+def _apply_status(operation: Operation, status: OperationStatus, now: datetime) -> None:
+    """Set the status and the timestamps the sweepers read. Any transition is allowed (§7)."""
+    if status != operation.status:
+        operation.status_changed_at = now
+        if status == OperationStatus.EXECUTING:
+            operation.executing_since = now
+    if status == OperationStatus.PENDING and operation.expires_at is None:
+        operation.expires_at = _pending_deadline(operation.fragments, now)
+    operation.status = status
+
+
+def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> int:
+    """Delete the matching operations; one DELETE event per operation after commit (§8)."""
+    with transaction.atomic():
+        doomed = list(queryset.order_by().values_list("pk", "device_id", "agent_id"))
+        if not doomed:
+            return 0
+        Operation.objects.filter(pk__in=[pk for pk, _, _ in doomed]).delete()
+        if notify:
+            for pk, device_id, agent_id in doomed:
+                publish_operation_event(
+                    OperationEvent(
+                        action="DELETE",
+                        operation_id=pk,
+                        device_id=device_id,
+                        agent_id=agent_id,
+                        data=str(pk),
+                    )
+                )
+    return len(doomed)
+
+
+def operation_retry(*, operation: Operation, now: datetime | None = None) -> Operation:
+    """Re-issue a FAILED operation as a new PENDING one with the same fragments, linked to it."""
+    if operation.status != OperationStatus.FAILED:
+        raise ValidationFailed(
+            f"Only FAILED operations can be retried; operation {operation.pk} is {operation.status}",
+            error="devicecontrol/Invalid Data",
+        )
+    device = ManagedObject.objects.get(pk=operation.device_id)
+    return operation_create(
+        device=device,
+        data=dict(operation.fragments),
+        bulk_operation_id=operation.bulk_operation_id,
+        retry_of=operation,
+        now=now,
+    )
+
+
+def _fail_due(
+    *, queryset: QuerySet[Operation], reason: Any, now: datetime, batch_size: int
+) -> int:
+    """Fail the operations of `queryset`, claimed `batch_size` at a time with SKIP LOCKED, each
+    with an UPDATE event. Idempotent: a row that changed status meanwhile no longer matches."""
+    total = 0
+    while True:
+        with transaction.atomic():
+            batch = list(
+                queryset.select_for_update(skip_locked=True).order_by("pk")[:batch_size]
+            )
+            if not batch:
+                return total
+            for operation in batch:
+                operation.status = OperationStatus.FAILED
+                operation.status_changed_at = now
+                operation.failure_reason = reason(operation)
+            Operation.objects.bulk_update(
+                batch, ["status", "status_changed_at", "failure_reason"]
+            )
+            for operation in batch:
+                publish_operation_event(_event("UPDATE", operation))
+        total += len(batch)
+
+
+def operations_expire(*, now: datetime, batch_size: int = 500) -> int:
+    """PENDING operations past their deadline become FAILED with an 'expired' reason."""
+    return _fail_due(
+        queryset=Operation.objects.filter(status=OperationStatus.PENDING, expires_at__lte=now),
+        reason=lambda op: EXPIRED_REASON.format(
+            seconds=int((op.expires_at - op.creation_time).total_seconds())
+        ),
+        now=now,
+        batch_size=batch_size,
+    )
+
+
+def operations_time_out(*, now: datetime, batch_size: int = 500) -> int:
+    """EXECUTING operations over their execution timeout become FAILED with a 'timed out' reason.
+
+    Rows with their own timeout are checked per row; the default applies to the others."""
+    default = settings.OPERATION_EXECUTION_TIMEOUT
+    executing = Operation.objects.filter(status=OperationStatus.EXECUTING)
+    total = 0
+    if default:
+        total += _fail_due(
+            queryset=executing.filter(
+                execution_timeout__isnull=True,
+                executing_since__lte=now - timedelta(seconds=default),
+            ),
+            reason=lambda op: TIMED_OUT_REASON.format(seconds=default),
+            now=now,
+            batch_size=batch_size,
+        )
+    overdue_ids = [
+        pk
+        for pk, started, timeout in executing.filter(execution_timeout__isnull=False)
+        .values_list("pk", "executing_since", "execution_timeout")
+        .iterator()
+        if started is not None and started + timedelta(seconds=timeout) <= now
+    ]
+    if overdue_ids:
+        total += _fail_due(
+            queryset=executing.filter(pk__in=overdue_ids),
+            reason=lambda op: TIMED_OUT_REASON.format(seconds=op.execution_timeout),
+            now=now,
+            batch_size=batch_size,
+        )
+    return total
+
+
+def operations_purge(*, now: datetime, batch_size: int = 1000) -> int:
+    """Delete operations in a final state whose last status change is older than the retention."""
+    days = settings.OPERATION_RETENTION_DAYS
+    if not days:
+        return 0
+    cutoff = now - timedelta(days=days)
+    total = 0
+    while True:
+        ids = list(
+            Operation.objects.filter(
+                status__in=list(FINAL_STATUSES), status_changed_at__lt=cutoff
+            )
+            .order_by("pk")
+            .values_list("pk", flat=True)[:batch_size]
+        )
+        if not ids:
+            return total
+        total += operations_delete(queryset=Operation.objects.filter(pk__in=ids))
+
+
+
+def operations_delete_for_devices(device_ids: list[int]) -> None:
+    """Inventory deletion hook: a deleted device takes its operations along, each with a realtime
+    DELETE event (inventory.md §6)."""
+    operations_delete(queryset=Operation.objects.filter(device_id__in=device_ids))
