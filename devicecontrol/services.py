@@ -14,6 +14,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
+from devicecontrol.delivery import deliver_by_sms, is_sms
 from devicecontrol.models import FINAL_STATUSES, Operation, OperationStatus
 from devicecontrol.realtime import OperationEvent, publish_operation_event
 from devicecontrol.serializers import EXTENSION_KEYS, READ_ONLY_KEYS, operation_json
@@ -96,6 +97,9 @@ def operation_create(
         )
     now = now or timezone.now()
     fragments = {key: value for key, value in fragments.items() if value is not None}
+    sms = is_sms(fragments=fragments, device_fragments=device.fragments)
+    if sms:
+        fragments.setdefault("deliveryType", "SMS")
     operation = Operation(
         device=device,
         agent_id=agent_id,
@@ -111,6 +115,9 @@ def operation_create(
     operation.save(force_insert=True)
     if notify:
         publish_operation_event(_event("CREATE", operation))
+    if sms:
+        payload = operation_json(operation, base="")
+        transaction.on_commit(lambda: deliver_by_sms(payload))
     return operation
 
 

@@ -181,6 +181,10 @@ OPERATION_PENDING_TIMEOUT = env.int("OPERATION_PENDING_TIMEOUT", default=7 * 24 
 OPERATION_EXECUTION_TIMEOUT = env.int("OPERATION_EXECUTION_TIMEOUT", default=24 * 3600)
 # Operations in a final state are deleted this many days after their last status change (0: keep).
 OPERATION_RETENTION_DAYS = env.int("OPERATION_RETENTION_DAYS", default=30)
+# Backend handed SMS-delivered operations (devicecontrol/delivery.py documents the interface).
+OPERATION_SMS_BACKEND = env.str(
+    "OPERATION_SMS_BACKEND", default="devicecontrol.delivery.LoggingSmsBackend"
+)
 # Longest wait a client may ask for when creating an operation with ?waitForResult=SECONDS.
 OPERATION_MAX_WAIT_SECONDS = env.int("OPERATION_MAX_WAIT_SECONDS", default=120)
 
