@@ -33,10 +33,6 @@ class DeviceControlView(CumulocityView):
         """The owner rule for operations is the target device's owner (auth.md §4)."""
         return obj.device.owner
 
-    def notify(self) -> bool:
-        """`X-Cumulocity-Processing-Mode: QUIESCENT` suppresses realtime notifications."""
-        return getattr(self.request, "processing_mode", "PERSISTENT") != "QUIESCENT"
-
 
 class DeviceControlApiView(DeviceControlView):
     required_roles = {"GET": READ}
@@ -98,7 +94,7 @@ class OperationCollectionView(DeviceControlView):
             )
         if not (has_any_role(request.user, ADMIN) or is_owner(request.user, device.owner)):
             raise PermissionDenied()
-        operation = services.operation_create(device=device, data=body, notify=self.notify())
+        operation = services.operation_create(device=device, data=body, notify=self.notify)
         return self.respond(
             lambda: operation_json(operation, base=self.base),
             MediaType.OPERATION,
@@ -108,7 +104,7 @@ class OperationCollectionView(DeviceControlView):
 
     def delete(self, request: Any) -> Response:
         filterset = OperationFilter(request.GET, queryset=Operation.objects.all())
-        services.operations_delete(queryset=filterset.qs, notify=self.notify())
+        services.operations_delete(queryset=filterset.qs, notify=self.notify)
         return self.no_content()
 
 
@@ -130,7 +126,7 @@ class OperationDetailView(DeviceControlView):
     def put(self, request: Any, pk: str) -> Response:
         operation = self.get_operation(pk)
         operation = services.operation_update(
-            operation_id=operation.pk, data=self.request_object(), notify=self.notify()
+            operation_id=operation.pk, data=self.request_object(), notify=self.notify
         )
         return self.respond(lambda: operation_json(operation, base=self.base), MediaType.OPERATION)
 

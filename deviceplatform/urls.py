@@ -22,6 +22,7 @@ urlpatterns = [
     c8y_path(r"tenant/currentTenant", session_views.CurrentTenantView.as_view()),
     c8y_path(r"tenant/loginOptions", session_views.LoginOptionsView.as_view()),
     c8y_path(r"user/currentUser", session_views.CurrentUserView.as_view()),
+    c8y_path(r"user/currentUser/password", session_views.CurrentUserPasswordView.as_view()),
     path("", include("inventory.urls")),
     path("", include("devicecontrol.urls")),
 ]

@@ -163,7 +163,7 @@ class ReferenceView(InventoryView):
         return (
             self.is_admin()
             or is_owner(user, parent.owner)
-            or all(is_owner(user, child.owner) for child in children)
+            or (bool(children) and all(is_owner(user, child.owner) for child in children))
         )
 
     def references_body(self, parent: ManagedObject, children: list[ManagedObject]) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 from django.conf import settings
@@ -9,14 +10,14 @@ from django.http import HttpRequest, HttpResponse
 
 from deviceplatform.api.exceptions import PayloadTooLarge, error_response
 
-PROCESSING_MODES = frozenset({"PERSISTENT", "TRANSIENT", "QUIESCENT", "CEP"})
 OVERRIDABLE_METHODS = frozenset({"PUT", "DELETE", "GET"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class CumulocityRequestMiddleware:
     """- `POST` with `X-HTTP-METHOD: PUT|DELETE|GET` is handled as that method.
-    - `X-Cumulocity-Processing-Mode` must be a known value (422); it is kept on the request.
-    - A declared body larger than the limit is refused with 413 before it is read.
+    - A declared body larger than the limit is refused with 413 before it is read; an undeclared
+      (chunked) one is read up to the limit here.
     - Every non-streaming response carries Content-Length (pyc8y decides "empty" by it)."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -32,15 +33,6 @@ class CumulocityRequestMiddleware:
         override = request.META.get("HTTP_X_HTTP_METHOD", "").strip().upper()
         if request.method == "POST" and override in OVERRIDABLE_METHODS:
             request.method = override
-        mode = request.META.get("HTTP_X_CUMULOCITY_PROCESSING_MODE", "PERSISTENT").strip().upper()
-        if mode not in PROCESSING_MODES:
-            return error_response(
-                422,
-                "undefined/validationError",
-                f"Unknown X-Cumulocity-Processing-Mode {mode!r}; "
-                f"expected one of {', '.join(sorted(PROCESSING_MODES))}",
-            )
-        request.processing_mode = mode  # type: ignore[attr-defined]
         try:
             declared = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -48,4 +40,18 @@ class CumulocityRequestMiddleware:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         if limit is not None and declared > limit:
             return error_response(413, PayloadTooLarge.error, PayloadTooLarge.default_message)
+        if not request.META.get("CONTENT_LENGTH") and request.method in BODY_METHODS:
+            return self._read_undeclared_body(request, limit)
+        return None
+
+    @staticmethod
+    def _read_undeclared_body(request: HttpRequest, limit: int | None) -> HttpResponse | None:
+        """A chunked body (ASGI) declares no length, and DRF ignores a body without one: read at most
+        limit + 1 bytes, refuse more with 413, and declare the length of what was read."""
+        body = request.read() if limit is None else request.read(limit + 1)
+        if limit is not None and len(body) > limit:
+            return error_response(413, PayloadTooLarge.error, PayloadTooLarge.default_message)
+        request._body = body  # as HttpRequest.body caches it; DRF reads the body from there
+        request._stream = io.BytesIO(body)
+        request.META["CONTENT_LENGTH"] = str(len(body))
         return None

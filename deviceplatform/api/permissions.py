@@ -28,7 +28,7 @@ class RolePermission(BasePermission):
     def has_permission(self, request: Any, view: Any) -> bool:
         if request.user is None:
             raise exceptions.NotAuthenticated()
-        method = request.method.upper()
+        method = _method(request)
         if not hasattr(view, method.lower()) or method == "OPTIONS":
             return True
         if method in getattr(view, "owner_rule_methods", frozenset()):
@@ -39,13 +39,19 @@ class RolePermission(BasePermission):
         return not roles or has_any_role(request.user, roles)
 
     def has_object_permission(self, request: Any, view: Any, obj: Any) -> bool:
-        method = request.method.upper()
+        method = _method(request)
         roles = view.required_roles.get(method, frozenset())
         if not roles or has_any_role(request.user, roles):
             return True
         if method in getattr(view, "owner_rule_methods", frozenset()):
             return is_owner(request.user, view.owner_of(obj))
         return False
+
+
+def _method(request: Any) -> str:
+    """HEAD is answered by the GET handler (Django's View), so it needs what GET needs."""
+    method = request.method.upper()
+    return "GET" if method == "HEAD" else method
 
 
 def is_owner(user: Any, owner: str | None) -> bool:

@@ -92,6 +92,10 @@ class CurrentUserView(CumulocityView):
         return self.respond(body, MediaType.CURRENT_USER)
 
 
+class CurrentUserPasswordView(CumulocityView):
+    """`/user/currentUser/password`: out of scope, so every method is 405 (platform.md §3)."""
+
+
 class LoginOptionsView(CumulocityView):
     """Unauthenticated: tells pyc8y and web clients that Basic auth is available (platform.md §4)."""
 

@@ -13,11 +13,15 @@ from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.roles import Role
 
 
+PROCESSING_MODES = frozenset({"PERSISTENT", "TRANSIENT", "QUIESCENT", "CEP"})
+
+
 class CumulocityView(GenericAPIView):
     """One Cumulocity resource. Subclasses set `required_roles` and implement get/post/put/delete."""
 
     required_roles: ClassVar[dict[str, frozenset[Role]]] = {}
     owner_rule_methods: ClassVar[frozenset[str]] = frozenset()
+    metadata_class = None  # OPTIONS is no Cumulocity method: 405 (DRF's metadata would be a 500)
 
     def owner_of(self, obj: Any) -> str | None:
         return getattr(obj, "owner", None)
@@ -49,10 +53,28 @@ class CumulocityView(GenericAPIView):
     def no_content(self) -> Response:
         return Response(None, status=204)
 
+    @property
+    def processing_mode(self) -> str:
+        """`X-Cumulocity-Processing-Mode` (spec README §1); validated in `initial`."""
+        return self.request.META.get("HTTP_X_CUMULOCITY_PROCESSING_MODE", "PERSISTENT").upper()
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # authentication and roles come first (auth.md §6)
+        if self.processing_mode.strip() not in PROCESSING_MODES:
+            raise ValidationFailed(
+                f"Unknown X-Cumulocity-Processing-Mode {self.processing_mode!r}; "
+                f"expected one of {', '.join(sorted(PROCESSING_MODES))}"
+            )
+
+    @property
+    def notify(self) -> bool:
+        """QUIESCENT processing suppresses realtime notifications for the change."""
+        return self.processing_mode.strip() != "QUIESCENT"
+
     def request_object(self) -> dict[str, Any]:
         """The request body, which must be a JSON object (missing or another JSON value: 422)."""
         data = self.request.data
-        if data is None:
+        if data is None or self.request.stream is None:
             raise ValidationFailed("The request body is missing; a JSON object is expected")
         if not isinstance(data, dict):
             raise ValidationFailed("The request body must be a JSON object")
