@@ -8,13 +8,13 @@ import django_filters
 from django import forms
 from django.db.models import QuerySet
 
+from devicecontrol.models import Operation, OperationStatus
 from deviceplatform.api.filters import (
     CumulocityFilterSet,
     DateTimeFilter,
     IdFilter,
     StrictBooleanFilter,
 )
-from devicecontrol.models import Operation, OperationStatus
 
 
 class _StatusField(forms.Field):

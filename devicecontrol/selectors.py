@@ -8,11 +8,11 @@ from typing import Any
 
 from django.db.models import QuerySet
 
+from devicecontrol.models import Operation
+from devicecontrol.services import operation_not_found
 from deviceplatform.api.params import parse_id
 from deviceplatform.api.permissions import has_any_role
 from deviceplatform.roles import Role
-from devicecontrol.models import Operation
-from devicecontrol.services import operation_not_found
 from inventory.models import ExternalId, ManagedObject
 from inventory.serializers import external_id_json
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deviceplatform.api.dates import format_datetime
 from devicecontrol.models import Operation, OperationStatus
+from deviceplatform.api.dates import format_datetime
 
 
 def devicecontrol_api_json(base: str) -> dict[str, Any]:

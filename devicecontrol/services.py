@@ -13,11 +13,11 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
 from devicecontrol.delivery import deliver_by_sms, is_sms
 from devicecontrol.models import FINAL_STATUSES, Operation, OperationStatus
 from devicecontrol.realtime import OperationEvent, publish_operation_event
 from devicecontrol.serializers import EXTENSION_KEYS, READ_ONLY_KEYS, operation_json
+from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
 from inventory.models import ManagedObject
 from inventory.selectors import device_agent_id
 
@@ -33,6 +33,10 @@ def operation_not_found(pk: object) -> NotFound:
     )
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _fragments(data: dict[str, Any]) -> dict[str, Any]:
     fragments: dict[str, Any] = {}
     for key, value in data.items():
@@ -42,9 +46,8 @@ def _fragments(data: dict[str, Any]) -> dict[str, Any]:
             raise ValidationFailed(
                 f"Invalid fragment name {key!r}: names may not contain '.', '$' or whitespace"
             )
-        if key in EXTENSION_KEYS and value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValidationFailed(f"{key} must be a whole number of seconds, at least 1")
+        if key in EXTENSION_KEYS and value is not None and not _is_positive_int(value):
+            raise ValidationFailed(f"{key} must be a whole number of seconds, at least 1")
         fragments[key] = value
     return fragments
 
@@ -164,7 +167,8 @@ def operation_update(
         if "executionTimeout" in fragments:
             operation.execution_timeout = fragments["executionTimeout"]
         if "pendingTimeout" in fragments and operation.status == OperationStatus.PENDING:
-            operation.expires_at = _pending_deadline(merged, operation.creation_time)
+            # Counted from when the operation (last) became PENDING, not from its creation.
+            operation.expires_at = _pending_deadline(merged, operation.status_changed_at)
         operation.save()
         if notify:
             publish_operation_event(_event("UPDATE", operation))
@@ -177,7 +181,11 @@ def _apply_status(operation: Operation, status: OperationStatus, now: datetime) 
         operation.status_changed_at = now
         if status == OperationStatus.EXECUTING:
             operation.executing_since = now
-    if status == OperationStatus.PENDING and operation.expires_at is None:
+    # Entering PENDING (again, e.g. FAILED -> PENDING) starts a fresh deadline from the change; a
+    # PENDING -> PENDING update keeps the running one.
+    if status == OperationStatus.PENDING and (
+        status != operation.status or operation.expires_at is None
+    ):
         operation.expires_at = _pending_deadline(operation.fragments, now)
     operation.status = status
 
@@ -234,9 +242,10 @@ def _fail_due(
             if not batch:
                 return total
             for operation in batch:
+                # The reason reads the timestamps of the state being left: compute it first.
+                operation.failure_reason = reason(operation)
                 operation.status = OperationStatus.FAILED
                 operation.status_changed_at = now
-                operation.failure_reason = reason(operation)
             Operation.objects.bulk_update(
                 batch, ["status", "status_changed_at", "failure_reason"]
             )
@@ -250,7 +259,7 @@ def operations_expire(*, now: datetime, batch_size: int = 500) -> int:
     return _fail_due(
         queryset=Operation.objects.filter(status=OperationStatus.PENDING, expires_at__lte=now),
         reason=lambda op: EXPIRED_REASON.format(
-            seconds=int((op.expires_at - op.creation_time).total_seconds())
+            seconds=int((op.expires_at - op.status_changed_at).total_seconds())
         ),
         now=now,
         batch_size=batch_size,

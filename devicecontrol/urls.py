@@ -1,7 +1,7 @@
 """Device-control URLs (each with and without trailing slash)."""
 
-from deviceplatform.api.routing import c8y_path
 from devicecontrol import views, waiting
+from deviceplatform.api.routing import c8y_path
 
 urlpatterns = [
     c8y_path(r"devicecontrol", views.DeviceControlApiView.as_view()),

@@ -7,6 +7,10 @@ from typing import Any
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
+from devicecontrol import selectors, services
+from devicecontrol.filters import OperationFilter
+from devicecontrol.models import Operation
+from devicecontrol.serializers import devicecontrol_api_json, operation_json, operation_url
 from deviceplatform.api.exceptions import MissingFields, ValidationFailed
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.pagination import paginated
@@ -14,10 +18,6 @@ from deviceplatform.api.params import parse_id
 from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
-from devicecontrol import selectors, services
-from devicecontrol.filters import OperationFilter
-from devicecontrol.models import Operation
-from devicecontrol.serializers import devicecontrol_api_json, operation_json, operation_url
 from inventory.models import ManagedObject
 
 READ = frozenset({Role.DEVICE_CONTROL_READ})

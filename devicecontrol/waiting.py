@@ -18,14 +18,14 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from deviceplatform.api.exceptions import error_response
-from deviceplatform.api.media_types import MediaType, response_content_type
-from deviceplatform.api.params import parse_id
-from deviceplatform.api.renderers import dumps
 from devicecontrol import selectors
 from devicecontrol.models import FINAL_STATUSES
 from devicecontrol.realtime import device_group
 from devicecontrol.serializers import operation_json, operation_url
+from deviceplatform.api.exceptions import error_response
+from deviceplatform.api.media_types import MediaType, response_content_type
+from deviceplatform.api.params import parse_id
+from deviceplatform.api.renderers import dumps
 
 
 def _timeout(request: HttpRequest) -> float | HttpResponse:
