@@ -356,6 +356,7 @@ def test_post_with_trailing_slash(api: Clients) -> None:
 BAD_BODIES = [
     pytest.param({"raw": '{"name": '}, 400, id="malformed-json"),
     pytest.param({"raw": "{'name': 'x'}"}, 400, id="single-quotes"),
+    pytest.param({"raw": ""}, 422, id="missing-body"),
     pytest.param({"raw": '{"name": "x"}', "content_type": "text/plain"}, 415, id="text/plain"),
     pytest.param({"raw": "<mo/>", "content_type": "application/xml"}, 415, id="xml"),
     pytest.param(
@@ -1270,6 +1271,25 @@ def test_delete_removes_external_ids(api: Clients) -> None:
             "identity/Not Found",
         )
     assert list(ExternalId.objects.values_list("external_id", flat=True)) == ["kept"]
+
+
+def test_delete_removes_the_device_operations(api: Clients) -> None:
+    """inventory.md §6 side effect 2 and §9: deleting a device deletes its operations."""
+    from devicecontrol.models import Operation
+    from devicecontrol.services import operation_create
+
+    agent = AgentFactory()
+    device, sibling = DeviceFactory(owner="owner"), DeviceFactory()
+    link(agent, device, sibling)
+    for target in (device, device, sibling, agent):
+        operation_create(device=target, data={"c8y_Restart": {}}, notify=False)
+
+    assert call(api["owner"], "DELETE", mo_path(device.pk)).status_code == 204
+
+    assert not Operation.objects.filter(device_id=device.pk).exists()
+    assert sorted(Operation.objects.values_list("device_id", flat=True)) == sorted(
+        [sibling.pk, agent.pk]
+    )
 
 
 @pytest.mark.parametrize("query", ["?cascade=maybe", "?forceCascade=1", "?withDeviceUser=yes"])
