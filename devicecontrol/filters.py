@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import django_filters
@@ -39,7 +40,7 @@ class OperationFilter(CumulocityFilterSet):
     bulkOperationId = IdFilter(field_name="bulk_operation_id")  # noqa: N815
     fragmentType = django_filters.CharFilter(method="filter_fragment_type")  # noqa: N815
     dateFrom = DateTimeFilter(field_name="creation_time", lookup_expr="gte")  # noqa: N815
-    dateTo = DateTimeFilter(field_name="creation_time", lookup_expr="lte")  # noqa: N815
+    dateTo = DateTimeFilter(method="filter_date_to")  # noqa: N815
     revert = StrictBooleanFilter(method="filter_noop")
 
     class Meta:
@@ -48,6 +49,17 @@ class OperationFilter(CumulocityFilterSet):
 
     def filter_fragment_type(self, queryset: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         return queryset.filter(fragments__has_key=value)
+
+    def filter_date_to(self, queryset: QuerySet[Any], name: str, value: Any) -> QuerySet[Any]:
+        """Inclusive at the precision `creationTime` is emitted in (milliseconds, README §4): an
+        operation is found by `dateTo` set to its own creationTime even though the column holds
+        microseconds."""
+        try:
+            end = value.replace(microsecond=value.microsecond // 1000 * 1000)
+            end += timedelta(milliseconds=1)
+        except OverflowError:  # the last representable millisecond: no upper bound left
+            return queryset
+        return queryset.filter(creation_time__lt=end)
 
     def filter_noop(self, queryset: QuerySet[Any], name: str, value: Any) -> QuerySet[Any]:
         return queryset  # ordering is the view's job; the value is still validated

@@ -24,8 +24,12 @@ class Operation(models.Model):
     Fragments hold every other top-level key verbatim. The extension columns (expiry, execution
     timeout, retry link) are documented in the README under "Beyond Cumulocity"."""
 
+    # No separate index on device_id: operation_device_idx and operation_device_status_idx lead with it.
     device = models.ForeignKey(
-        "inventory.ManagedObject", on_delete=models.CASCADE, related_name="operations"
+        "inventory.ManagedObject",
+        on_delete=models.CASCADE,
+        related_name="operations",
+        db_index=False,
     )
     agent_id = models.BigIntegerField()
     status = models.CharField(
@@ -52,6 +56,8 @@ class Operation(models.Model):
             models.Index(fields=["agent_id", "status", "id"], name="operation_agent_status_idx"),
             # A device's history page.
             models.Index(fields=["device", "id"], name="operation_device_idx"),
+            # `deviceId&status=…`, and the agent's poll under the owner filter (bench/operations.py).
+            models.Index(fields=["device", "status", "id"], name="operation_device_status_idx"),
             models.Index(fields=["status", "id"], name="operation_status_idx"),
             models.Index(fields=["bulk_operation_id", "id"], name="operation_bulk_idx"),
             models.Index(fields=["creation_time"], name="operation_creation_idx"),

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import DurationField, ExpressionWrapper, F, QuerySet
 from django.utils import timezone
 
 from devicecontrol.delivery import deliver_by_sms, is_sms
@@ -22,6 +22,7 @@ from inventory.models import ManagedObject
 from inventory.selectors import device_agent_id
 
 FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
+MAX_TIMEOUT_SECONDS = 2**31 - 1  # Operation.execution_timeout is a PostgreSQL integer
 EXPIRED_REASON = "Operation expired: it was still PENDING after {seconds} seconds"
 TIMED_OUT_REASON = "Operation timed out: it was EXECUTING for more than {seconds} seconds"
 
@@ -48,6 +49,8 @@ def _fragments(data: dict[str, Any]) -> dict[str, Any]:
             )
         if key in EXTENSION_KEYS and value is not None and not _is_positive_int(value):
             raise ValidationFailed(f"{key} must be a whole number of seconds, at least 1")
+        if key in EXTENSION_KEYS and value is not None and value > MAX_TIMEOUT_SECONDS:
+            raise ValidationFailed(f"{key} must be at most {MAX_TIMEOUT_SECONDS} seconds")
         fragments[key] = value
     return fragments
 
@@ -193,7 +196,11 @@ def _apply_status(operation: Operation, status: OperationStatus, now: datetime) 
 def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> int:
     """Delete the matching operations; one DELETE event per operation after commit (§8)."""
     with transaction.atomic():
-        doomed = list(queryset.order_by().values_list("pk", "device_id", "agent_id"))
+        # Locked, so a concurrent PUT either finishes first (and may make a row no longer match)
+        # or waits and then finds the row gone.
+        doomed = list(
+            queryset.select_for_update().order_by().values_list("pk", "device_id", "agent_id")
+        )
         if not doomed:
             return 0
         Operation.objects.filter(pk__in=[pk for pk, _, _ in doomed]).delete()
@@ -211,7 +218,9 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
     return len(doomed)
 
 
-def operation_retry(*, operation: Operation, now: datetime | None = None) -> Operation:
+def operation_retry(
+    *, operation: Operation, notify: bool = True, now: datetime | None = None
+) -> Operation:
     """Re-issue a FAILED operation as a new PENDING one with the same fragments, linked to it."""
     if operation.status != OperationStatus.FAILED:
         raise ValidationFailed(
@@ -224,21 +233,18 @@ def operation_retry(*, operation: Operation, now: datetime | None = None) -> Ope
         data=dict(operation.fragments),
         bulk_operation_id=operation.bulk_operation_id,
         retry_of=operation,
+        notify=notify,
         now=now,
     )
 
 
-def _fail_due(
-    *, queryset: QuerySet[Operation], reason: Any, now: datetime, batch_size: int
-) -> int:
+def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batch_size: int) -> int:
     """Fail the operations of `queryset`, claimed `batch_size` at a time with SKIP LOCKED, each
     with an UPDATE event. Idempotent: a row that changed status meanwhile no longer matches."""
     total = 0
     while True:
         with transaction.atomic():
-            batch = list(
-                queryset.select_for_update(skip_locked=True).order_by("pk")[:batch_size]
-            )
+            batch = list(queryset.select_for_update(skip_locked=True).order_by("pk")[:batch_size])
             if not batch:
                 return total
             for operation in batch:
@@ -246,9 +252,7 @@ def _fail_due(
                 operation.failure_reason = reason(operation)
                 operation.status = OperationStatus.FAILED
                 operation.status_changed_at = now
-            Operation.objects.bulk_update(
-                batch, ["status", "status_changed_at", "failure_reason"]
-            )
+            Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
             for operation in batch:
                 publish_operation_event(_event("UPDATE", operation))
         total += len(batch)
@@ -269,7 +273,7 @@ def operations_expire(*, now: datetime, batch_size: int = 500) -> int:
 def operations_time_out(*, now: datetime, batch_size: int = 500) -> int:
     """EXECUTING operations over their execution timeout become FAILED with a 'timed out' reason.
 
-    Rows with their own timeout are checked per row; the default applies to the others."""
+    Rows with their own timeout use it; the default setting applies to the others."""
     default = settings.OPERATION_EXECUTION_TIMEOUT
     executing = Operation.objects.filter(status=OperationStatus.EXECUTING)
     total = 0
@@ -283,20 +287,18 @@ def operations_time_out(*, now: datetime, batch_size: int = 500) -> int:
             now=now,
             batch_size=batch_size,
         )
-    overdue_ids = [
-        pk
-        for pk, started, timeout in executing.filter(execution_timeout__isnull=False)
-        .values_list("pk", "executing_since", "execution_timeout")
-        .iterator()
-        if started is not None and started + timedelta(seconds=timeout) <= now
-    ]
-    if overdue_ids:
-        total += _fail_due(
-            queryset=executing.filter(pk__in=overdue_ids),
-            reason=lambda op: TIMED_OUT_REASON.format(seconds=op.execution_timeout),
-            now=now,
-            batch_size=batch_size,
-        )
+    # Per-row timeouts compared in SQL, so the claim re-checks the deadline on the locked rows.
+    deadline = F("executing_since") + ExpressionWrapper(
+        F("execution_timeout") * timedelta(seconds=1), output_field=DurationField()
+    )
+    total += _fail_due(
+        queryset=executing.filter(execution_timeout__isnull=False)
+        .alias(deadline=deadline)
+        .filter(deadline__lte=now),
+        reason=lambda op: TIMED_OUT_REASON.format(seconds=op.execution_timeout),
+        now=now,
+        batch_size=batch_size,
+    )
     return total
 
 
@@ -307,18 +309,15 @@ def operations_purge(*, now: datetime, batch_size: int = 1000) -> int:
         return 0
     cutoff = now - timedelta(days=days)
     total = 0
+    expired = Operation.objects.filter(
+        status__in=list(FINAL_STATUSES), status_changed_at__lt=cutoff
+    )
     while True:
-        ids = list(
-            Operation.objects.filter(
-                status__in=list(FINAL_STATUSES), status_changed_at__lt=cutoff
-            )
-            .order_by("pk")
-            .values_list("pk", flat=True)[:batch_size]
-        )
+        ids = list(expired.order_by("pk").values_list("pk", flat=True)[:batch_size])
         if not ids:
             return total
-        total += operations_delete(queryset=Operation.objects.filter(pk__in=ids))
-
+        # The condition is re-checked on the locked rows: one a PUT just moved back to PENDING stays.
+        total += operations_delete(queryset=expired.filter(pk__in=ids))
 
 
 def operations_delete_for_devices(device_ids: list[int]) -> None:

@@ -140,7 +140,7 @@ class OperationRetryView(DeviceControlView):
     def post(self, request: Any, pk: str) -> Response:
         operation = selectors.operation_get(pk=pk)
         self.check_object_permissions(request, operation)
-        retry = services.operation_retry(operation=operation)
+        retry = services.operation_retry(operation=operation, notify=self.notify)
         return self.respond(
             lambda: operation_json(retry, base=self.base),
             MediaType.OPERATION,

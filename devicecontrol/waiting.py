@@ -15,6 +15,7 @@ import orjson
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -22,7 +23,8 @@ from devicecontrol import selectors
 from devicecontrol.models import FINAL_STATUSES
 from devicecontrol.realtime import device_group
 from devicecontrol.serializers import operation_json, operation_url
-from deviceplatform.api.exceptions import error_response
+from deviceplatform.api.authentication import BAD_CREDENTIALS, authenticate_header_value
+from deviceplatform.api.exceptions import ApiError, error_response
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.api.params import parse_id
 from deviceplatform.api.renderers import dumps
@@ -55,8 +57,22 @@ def _device_id(request: HttpRequest) -> int | None:
 async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
     from devicecontrol.views import OperationCollectionView
 
+    # Authentication first (auth.md §6); the create view checks roles and the body again.
+    user = await sync_to_async(authenticate_header_value)(request.META.get("HTTP_AUTHORIZATION"))
+    if user is None:
+        return error_response(
+            401,
+            "security/Unauthorized",
+            BAD_CREDENTIALS,
+            headers={"WWW-Authenticate": 'Basic realm="Cumulocity"'},
+        )
     if request.method != "POST":
-        return error_response(405, "general/methodNotAllowed", f'Method "{request.method}" not allowed.')
+        return error_response(
+            405,
+            "general/methodNotAllowed",
+            f'Method "{request.method}" not allowed.',
+            headers={"Allow": "POST"},
+        )
     timeout = _timeout(request)
     if isinstance(timeout, HttpResponse):
         return timeout
@@ -76,6 +92,11 @@ async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
         def run_create() -> HttpResponse:
             response = create(request)
             response.render()
+            # Hand the connection back (to the pool) before waiting: otherwise it stays checked
+            # out by this request's thread until the request ends. Not inside an enclosing
+            # transaction (the test client's), which closing would break.
+            if not connection.in_atomic_block:
+                connection.close()
             return response
 
         created = await sync_to_async(run_create)()
@@ -92,9 +113,16 @@ async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
                 message = await asyncio.wait_for(layer.receive(channel), remaining)
             except TimeoutError:
                 break
-            if message.get("operationId") == str(operation_id) and isinstance(message["data"], dict):
+            if message.get("operationId") != str(operation_id):
+                continue
+            if message.get("action") == "DELETE":
+                break  # deleted meanwhile (by filter, or with its device): answered 404 below
+            if isinstance(message["data"], dict):
                 status = message["data"].get("status", status)
-        operation = await sync_to_async(selectors.operation_get)(pk=operation_id)
+        try:
+            operation = await sync_to_async(selectors.operation_get)(pk=operation_id)
+        except ApiError as error:
+            return error_response(error.status_code, error.error, error.message)
     finally:
         if channel is not None and group is not None:
             await layer.group_discard(group, channel)
@@ -107,4 +135,3 @@ async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
     )
     response["Location"] = operation_url(base, operation.pk)
     return response
-

@@ -185,7 +185,7 @@ OPERATION_RETENTION_DAYS = env.int("OPERATION_RETENTION_DAYS", default=30)
 OPERATION_SMS_BACKEND = env.str(
     "OPERATION_SMS_BACKEND", default="devicecontrol.delivery.LoggingSmsBackend"
 )
-# Longest wait a client may ask for when creating an operation with ?waitForResult=SECONDS.
+# Longest `timeout` a client may ask for in POST /devicecontrol/operations/wait?timeout=SECONDS.
 OPERATION_MAX_WAIT_SECONDS = env.int("OPERATION_MAX_WAIT_SECONDS", default=120)
 
 # --- Logging ---------------------------------------------------------------------------------------
