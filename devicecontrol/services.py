@@ -197,9 +197,10 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
     """Delete the matching operations; one DELETE event per operation after commit (§8)."""
     with transaction.atomic():
         # Locked, so a concurrent PUT either finishes first (and may make a row no longer match)
-        # or waits and then finds the row gone.
+        # or waits and then finds the row gone. In ID order: concurrent deletes lock alike (no
+        # deadlock) and the DELETE events come in creation order.
         doomed = list(
-            queryset.select_for_update().order_by().values_list("pk", "device_id", "agent_id")
+            queryset.select_for_update().order_by("pk").values_list("pk", "device_id", "agent_id")
         )
         if not doomed:
             return 0
