@@ -5,9 +5,9 @@ This and asgi.py are the only modules of the project package that name the apps 
 from django.contrib import admin
 from django.urls import include, path
 
+from devicecontrol.serializers import devicecontrol_api_json
 from deviceplatform.api import session_views
 from deviceplatform.api.routing import c8y_path
-from devicecontrol.serializers import devicecontrol_api_json
 from inventory.serializers import identity_api_json, inventory_api_json
 
 platform_resources = {

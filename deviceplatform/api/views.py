@@ -12,7 +12,6 @@ from deviceplatform.api.exceptions import ValidationFailed
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.roles import Role
 
-
 PROCESSING_MODES = frozenset({"PERSISTENT", "TRANSIENT", "QUIESCENT", "CEP"})
 
 
