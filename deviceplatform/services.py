@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from django.contrib.auth.models import Group, Permission
 from django.db import transaction
 
+from deviceplatform.api.authentication import roles_cache
 from deviceplatform.api.exceptions import ValidationFailed
 from deviceplatform.models import User
 from deviceplatform.roles import ROLE_APP_LABEL, Role
@@ -54,4 +55,5 @@ def user_upsert(
     user.save()
     user.user_permissions.set(permissions)
     user.groups.set(group_objects)
+    roles_cache.forget(user.pk)
     return user

@@ -489,3 +489,29 @@ def test_order_for_an_authorised_user_ends_with_validation(admin_api: APIClient)
         admin_api.generic("PUT", f"{MO}/{device.pk}", b"x", content_type="text/plain"), 415
     )
     assert not ExternalId.objects.exists()
+
+
+def test_roles_cache_expires_and_is_forgotten_on_upsert(
+    make_user: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Effective roles are reused for AUTH_ROLES_CACHE_SECONDS; a group edit made elsewhere applies
+    after that, a createuser/user_upsert change at once. The clock is injected, nothing sleeps."""
+    from django.contrib.auth.models import Group
+
+    from deviceplatform.api import authentication
+    from deviceplatform.roles import Role
+
+    settings.AUTH_ROLES_CACHE_SECONDS = 5
+    now = [1000.0]
+    monkeypatch.setattr(authentication.roles_cache, "_clock", lambda: now[0])
+    user = make_user("carol", groups=["devices"])
+    login = authentication.authenticate_credentials
+    assert Role.INVENTORY_READ not in login("carol", PASSWORD)._c8y_roles
+    # An operator adds the user to `readers` in the admin (not through user_upsert).
+    user.groups.add(Group.objects.get(name="readers"))
+    assert Role.INVENTORY_READ not in login("carol", PASSWORD)._c8y_roles
+    now[0] += 5.1
+    assert Role.INVENTORY_READ in login("carol", PASSWORD)._c8y_roles
+    # user_upsert (createuser) forgets the entry at once.
+    make_user("carol", groups=["devices"])
+    assert Role.INVENTORY_READ not in login("carol", PASSWORD)._c8y_roles
