@@ -1,0 +1,1230 @@
+"""Device control at 10,000 and 1,000,000 operations: the agent's poll, a device's history page, creates.
+
+Creates a dedicated PostgreSQL database, migrates it, seeds 100 agents x 10 devices and grows the
+operations table with COPY in two stages (10k rows, then 1M rows). At each size it measures, through
+gunicorn (sync workers) and directly in SQL:
+
+  * the agent's poll "my PENDING operations, oldest first":
+    GET /devicecontrol/operations?agentId=A&status=PENDING&pageSize=100
+  * a device's history page:   GET /devicecontrol/operations?deviceId=D&pageSize=20&currentPage=1
+  * the same, newest first:    ...&dateFrom=1970-01-01&revert=true
+  * a device's queue:          GET /devicecontrol/operations?deviceId=D&status=PENDING&pageSize=100
+  * the poll as the agent's own device user (group `devices`, no ROLE_DEVICE_CONTROL_READ), so the
+    owner visibility filter applies (SQL only: each user would pay a password hash per worker)
+
+with p50/p99 over requests spread across agents and devices, and prints the SQL the view runs (captured
+from a real request through Django's debug cursor) with its EXPLAIN (ANALYZE, BUFFERS) plan. With 1M
+rows present it then measures create-operation requests/s with 16 concurrent connections as a ratio
+to a raw single-row INSERT into the operations table in the same run (shared/PERFORMANCE.md).
+
+Usage (see bench/README.md):  .venv/bin/python bench/operations.py [--large 200000] [--reads 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import base64
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", ""})
+DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/dp_bench_ops"
+BENCH_USER = "bench"
+BENCH_PASSWORD = "bench-pw:not-secret"
+AGENT_USER_PASSWORD = "agent-pw:not-secret"
+TENANT = "t100"
+STARTUP_TIMEOUT = 60.0
+WARM_REQUEST_SECONDS = 0.25  # a slower warm-up request is a worker's first password check
+MAX_WARMUP_ROUNDS = 60
+TABLE = "devicecontrol_operation"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The index each measured query must use (models.py Meta.indexes); alternatives after the first.
+EXPECTED_INDEX = {
+    "poll": ("operation_agent_status_idx",),
+    # Under the owner filter the plan starts from the user's devices (mo_owner_upper_idx) and
+    # needs (device_id, status) to stay independent of each device's history.
+    "poll as agent's user": ("operation_device_status_idx",),
+    # With a few rows per device the planner may take (device_id, status, id) and sort.
+    "history": ("operation_device_idx", "operation_device_status_idx"),
+    "history newest first": ("operation_device_idx", "operation_device_status_idx"),
+    "device's PENDING": ("operation_device_status_idx",),
+}
+
+
+def uses_expected(name: str, indexes: list[str]) -> bool:
+    return any(index in indexes for index in EXPECTED_INDEX[name])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn sync workers")
+    parser.add_argument("--concurrency", "-c", type=int, default=16, help="create connections")
+    parser.add_argument("--agents", type=int, default=100)
+    parser.add_argument("--devices-per-agent", type=int, default=10)
+    parser.add_argument("--small", type=int, default=10_000, help="operations at the first size")
+    parser.add_argument("--large", type=int, default=1_000_000, help="operations at the second")
+    parser.add_argument(
+        "--pending-per-device", type=int, default=2, help="queued PENDING operations per device"
+    )
+    parser.add_argument("--reads", type=int, default=300, help="requests per query and size")
+    parser.add_argument("--creates", type=int, default=3000)
+    parser.add_argument("--raw-inserts", type=int, default=3000)
+    parser.add_argument(
+        "--phase-timeout", type=float, default=40.0, help="seconds before a phase stops issuing"
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_OPS_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="PostgreSQL on loopback; DROPPED and re-created (its name must contain 'bench')",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=60.0,
+        help="before each measured size, wait up to this many seconds for the rest of the machine "
+        "to be quiet (other people's test runs share these cores); 0: do not wait",
+    )
+    parser.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--save", action="store_true", help="also write bench/results/*.txt")
+    args = parser.parse_args(argv)
+    queue = args.agents * args.devices_per_agent * args.pending_per_device + args.agents
+    if not queue < args.small < args.large:
+        parser.error(f"need {queue} (queued operations) < --small < --large")
+    return args
+
+
+class Report:
+    """Prints lines as they come and keeps them for --save."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+
+# --- database set-up (the same checks as bench/inventory_http.py) --------------------------------
+
+
+def checked_database_url(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise SystemExit(f"--database-url must be a postgres:// URL, not {url!r}")
+    if (parts.hostname or "") not in LOOPBACK_HOSTS:
+        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
+    name = parts.path.lstrip("/")
+    if "bench" not in name:
+        raise SystemExit(f"refusing to drop database {name!r}: its name must contain 'bench'")
+    return url, urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
+
+
+def recreate_database(url: str, admin_url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def manage(env: dict[str, str], *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"manage.py {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+
+
+def setup_django(env: dict[str, str]) -> None:
+    """This process uses the app's own code to seed inventory and to build and capture its SQL."""
+    os.environ.update(env)
+    os.environ.pop("REDIS_URL", None)
+    sys.path.insert(0, str(REPO))
+    import django
+
+    django.setup()
+
+
+# --- seeding --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    agents: list[int]
+    devices: list[int]  # child devices only
+    agent_of: dict[int, int]  # every target (agents and devices) -> its agent
+    user_of_agent: dict[int, str]  # the device user that owns an agent and its children
+
+
+def seed_inventory(args: argparse.Namespace) -> Fleet:
+    """Agents with `com_cumulocity_model_Agent`, each with child devices (childDevices edges) and one
+    c8y_Serial external ID per device. Each agent's objects are owned by its own device user (group
+    `devices`, without ROLE_DEVICE_CONTROL_READ), as the agent's own credentials would create them."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+    from django.contrib.auth.models import Group
+
+    from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
+
+    user_model = get_user_model()
+    password = make_password(AGENT_USER_PASSWORD)  # hashed once, valid for every user
+    users = user_model.objects.bulk_create(
+        [user_model(username=f"agent-user-{a:03d}", password=password) for a in range(args.agents)]
+    )
+    devices_group = Group.objects.get(name="devices")
+    user_model.groups.through.objects.bulk_create(
+        [user_model.groups.through(user_id=user.pk, group_id=devices_group.pk) for user in users]
+    )
+    agents = ManagedObject.objects.bulk_create(
+        [
+            ManagedObject(
+                type="c8y_BenchAgent",
+                name=f"agent-{a:03d}",
+                owner=users[a].username,
+                fragments={"com_cumulocity_model_Agent": {}, "c8y_IsDevice": {}},
+                is_device=True,
+                is_agent=True,
+            )
+            for a in range(args.agents)
+        ]
+    )
+    children = ManagedObject.objects.bulk_create(
+        [
+            ManagedObject(
+                type="c8y_BenchDevice",
+                name=f"device-{a:03d}-{d:02d}",
+                owner=users[a].username,
+                fragments={"c8y_IsDevice": {}, "c8y_Hardware": {"serialNumber": f"sn-{a}-{d}"}},
+                is_device=True,
+            )
+            for a in range(args.agents)
+            for d in range(args.devices_per_agent)
+        ]
+    )
+    per = args.devices_per_agent
+    ManagedObjectReference.objects.bulk_create(
+        [
+            ManagedObjectReference(
+                parent=agents[i // per], child=child, relation=Relation.DEVICE.value
+            )
+            for i, child in enumerate(children)
+        ]
+    )
+    ExternalId.objects.bulk_create(
+        [
+            ExternalId(type="c8y_Serial", external_id=f"sn-{i:05d}", managed_object=child)
+            for i, child in enumerate(children)
+        ]
+    )
+    agent_of = {agent.pk: agent.pk for agent in agents}
+    agent_of.update({child.pk: agents[i // per].pk for i, child in enumerate(children)})
+    return Fleet(
+        agents=[agent.pk for agent in agents],
+        devices=[child.pk for child in children],
+        agent_of=agent_of,
+        user_of_agent={agents[a].pk: users[a].username for a in range(args.agents)},
+    )
+
+
+HISTORY_FRAGMENTS = [
+    ("Restart device", '{"c8y_Restart": {}}'),
+    ("Execute shell command", '{"c8y_Command": {"text": "uptime", "result": "up 3 days"}}'),
+    ("Send configuration", '{"c8y_Configuration": {"config": "interval=60"}}'),
+    (
+        "Update software",
+        '{"c8y_SoftwareUpdate": [{"name": "agent", "version": "1.4.2", "action": "install"}]}',
+    ),
+]
+COPY_COLUMNS = (
+    "device_id, agent_id, status, creation_time, status_changed_at, failure_reason, fragments,"
+    " expires_at, executing_since"
+)
+
+
+class Timeline:
+    """Row k of the final table was created at start + k * step: creation order follows id order,
+    and every row is younger than the default retention, so no sweeper would touch it."""
+
+    def __init__(self, total: int) -> None:
+        self.start = datetime.now(UTC) - timedelta(days=20)
+        self.step = timedelta(days=19) / total
+
+    def at(self, k: int) -> datetime:
+        return self.start + self.step * k
+
+
+def _ts(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def history_rows(
+    fleet: Fleet, timeline: Timeline, first: int, count: int, rng: random.Random
+) -> Iterator[str]:
+    """Finished operations, one COPY text line each: 88 % SUCCESSFUL, 12 % FAILED with a reason, on
+    random targets (agents and their devices)."""
+    targets = fleet.devices + fleet.agents
+    for k in range(first, first + count):
+        target = targets[rng.randrange(len(targets))]
+        created = timeline.at(k)
+        description, fragment = HISTORY_FRAGMENTS[k % len(HISTORY_FRAGMENTS)]
+        body = fragment[:-1] + f', "description": "{description}"}}'
+        failed = rng.random() < 0.12
+        yield (
+            f"{target}\t{fleet.agent_of[target]}\t{'FAILED' if failed else 'SUCCESSFUL'}\t"
+            f"{_ts(created)}\t{_ts(created + timedelta(seconds=30))}\t"
+            f"{'Timeout waiting for the device' if failed else chr(92) + 'N'}\t{body}\t\\N\t"
+            f"{_ts(created + timedelta(seconds=5))}\n"
+        )
+
+
+def queue_rows(
+    fleet: Fleet, timeline: Timeline, first: int, pending_per_device: int
+) -> Iterator[str]:
+    """The live queue, the newest rows: PENDING operations for every device and one EXECUTING
+    operation per agent."""
+    k = first
+    for _ in range(pending_per_device):
+        for device in fleet.devices:
+            created = timeline.at(k)
+            yield (
+                f"{device}\t{fleet.agent_of[device]}\tPENDING\t{_ts(created)}\t{_ts(created)}\t\\N\t"
+                f'{{"c8y_Restart": {{}}, "description": "Restart device"}}\t'
+                f"{_ts(created + timedelta(days=7))}\t\\N\n"
+            )
+            k += 1
+    for agent in fleet.agents:
+        created = timeline.at(k)
+        yield (
+            f"{agent}\t{agent}\tEXECUTING\t{_ts(created)}\t{_ts(created)}\t\\N\t"
+            f'{{"c8y_SoftwareUpdate": [], "description": "Update software"}}\t\\N\t'
+            f"{_ts(created)}\n"
+        )
+        k += 1
+
+
+def copy_rows(conn: psycopg.Connection, rows: Iterator[str], chunk: int = 20_000) -> int:
+    """COPY text lines into the operations table; `id` comes from its default (the global
+    sequence)."""
+    written = 0
+    with conn.cursor() as cursor, cursor.copy(f"COPY {TABLE} ({COPY_COLUMNS}) FROM STDIN") as copy:
+        buffer = io.StringIO()
+        for number, line in enumerate(rows, 1):
+            buffer.write(line)
+            if number % chunk == 0:
+                copy.write(buffer.getvalue())
+                buffer = io.StringIO()
+            written = number
+        copy.write(buffer.getvalue())
+    return written
+
+
+def grow_operations(
+    url: str,
+    fleet: Fleet,
+    timeline: Timeline,
+    *,
+    current: int,
+    target: int,
+    queue: int,
+    pending_per_device: int,
+    rng: random.Random,
+) -> tuple[int, float]:
+    """Bring the table from `current` to `target` rows: the queued operations finish (so the queue
+    stays the same size), history is appended, then a fresh queue; VACUUM ANALYZE. (rows, s)."""
+    started = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        if current:
+            conn.execute(
+                f"UPDATE {TABLE} SET status = 'SUCCESSFUL', status_changed_at = now(),"
+                " expires_at = NULL WHERE status IN ('PENDING', 'EXECUTING')"
+            )
+        history = target - current - queue
+        with conn.transaction():
+            copy_rows(conn, history_rows(fleet, timeline, current, history, rng))
+            copy_rows(conn, queue_rows(fleet, timeline, target - queue, pending_per_device))
+        conn.execute(f"VACUUM (ANALYZE) {TABLE}")
+        rows = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]
+    return rows, time.perf_counter() - started
+
+
+# --- statistics and CPU ---------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class Sample:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    elapsed: float = 0.0
+    cut: bool = False
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else math.nan
+
+    def p(self, q: float) -> float:
+        return percentile(sorted(self.latencies), q) * 1000
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as handle:
+        return handle.read().decode(errors="replace")
+
+
+def cpu_seconds(server_session: int | None, database: str) -> dict[str, Any]:
+    """CPU seconds per process of the server's session and of PostgreSQL (the bench database's
+    backends and the background processes), of this process, and of the whole machine."""
+    with open("/proc/stat") as handle:
+        ticks = [int(value) for value in handle.readline().split()[1:]]
+    machine = (sum(ticks) - sum(ticks[8:10]) - ticks[3] - ticks[4]) / CLK_TCK
+    server: dict[int, float] = {}
+    postgres: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = _read(f"/proc/{entry.name}/stat")
+            comm = raw[raw.find("(") + 1 : raw.rfind(")")]
+            fields = raw[raw.rfind(")") + 2 :].split()
+            seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            if server_session is not None and int(fields[3]) == server_session:
+                server[int(entry.name)] = seconds
+            elif comm.startswith("postgres"):
+                title = _read(f"/proc/{entry.name}/cmdline").replace("\0", " ")
+                if f" {database} " in title or "(" not in title:
+                    postgres[int(entry.name)] = seconds
+        except (OSError, IndexError, ValueError):
+            continue
+    return {"server": server, "postgres": postgres, "client": time.process_time(), "all": machine}
+
+
+def cores_used(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, float]:
+    def delta(key: str) -> float:
+        return sum(value - before[key].get(pid, 0.0) for pid, value in after[key].items())
+
+    used = {
+        "server": delta("server") / seconds,
+        "pg": delta("postgres") / seconds,
+        "client": (after["client"] - before["client"]) / seconds,
+    }
+    used["other"] = max(0.0, (after["all"] - before["all"]) / seconds - sum(used.values()))
+    return used
+
+
+def machine_busy_cores(seconds: float) -> float:
+    """Cores busy over the next `seconds` on the whole machine (this process sleeps meanwhile)."""
+    before = cpu_seconds(None, "")
+    time.sleep(seconds)
+    after = cpu_seconds(None, "")
+    return (after["all"] - before["all"]) / seconds
+
+
+def wait_idle(max_seconds: float, threshold: float = 0.4, quiet_windows: int = 3) -> str:
+    """Wait until the machine (our idle server included) used less than `threshold` cores in
+    `quiet_windows` consecutive one-second windows, or `max_seconds` passed. Returns a summary."""
+    if max_seconds <= 0:
+        return "not waiting for an idle machine (--wait-idle 0)"
+    start = time.monotonic()
+    quiet, busy = 0, 0.0
+    while time.monotonic() - start < max_seconds:
+        busy = machine_busy_cores(1.0)
+        quiet = quiet + 1 if busy < threshold else 0
+        if quiet >= quiet_windows:
+            return f"machine quiet after {time.monotonic() - start:.0f} s ({busy:.2f} cores busy)"
+    return (
+        f"machine still busy after {max_seconds:.0f} s ({busy:.2f} cores busy by others): "
+        "figures below are disturbed, compare the 'other' columns"
+    )
+
+
+# --- the server (as bench/inventory_http.py starts it) -------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """The server in its own session, so stopping it stops every worker; stopped at exit too."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        atexit.register(self.stop)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, url: str) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(
+                    f"server exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"server not ready after {STARTUP_TIMEOUT:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        if not self._log.closed:
+            self._log.close()
+
+
+def server_command(args: argparse.Namespace, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "deviceplatform.wsgi:application",
+        "--workers",
+        str(args.workers),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "warning",
+    ]
+
+
+# --- HTTP load ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    body: bytes | None = None
+
+
+class Http:
+    """aiohttp with keep-alive, Basic auth and `Accept: application/json` on every request."""
+
+    def __init__(self, base: str, concurrency: int, server_session: int, database: str) -> None:
+        self.base = base
+        self.concurrency = concurrency
+        self.server_session = server_session
+        self.database = database
+        token = base64.b64encode(f"{TENANT}/{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()
+        self.headers = {"Authorization": f"Basic {token}", "Accept": "application/json"}
+        self.post_headers = {**self.headers, "Content-Type": "application/json"}
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Http:
+        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def one(self, call: Call) -> tuple[int | None, bytes, float, str]:
+        assert self.session is not None
+        headers = self.post_headers if call.body is not None else self.headers
+        t0 = time.perf_counter()
+        try:
+            async with self.session.request(
+                call.method, self.base + call.path, data=call.body, headers=headers
+            ) as response:
+                payload = await response.read()
+                return response.status, payload, time.perf_counter() - t0, ""
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return None, b"", time.perf_counter() - t0, type(exc).__name__
+
+    async def run(
+        self,
+        name: str,
+        calls: list[Call],
+        concurrency: int,
+        deadline_seconds: float,
+        check: Callable[[bytes], str | None] | None = None,
+    ) -> Sample:
+        """Closed loop: `concurrency` connections, each sending its next call when the previous
+        answer has been read. `check` returns a problem description for a bad 2xx body."""
+        result = Sample(name=name)
+        pending = iter(calls)
+        before = cpu_seconds(self.server_session, self.database)
+        start = time.perf_counter()
+        deadline = start + deadline_seconds
+
+        async def connection() -> None:
+            for call in pending:
+                if time.perf_counter() > deadline:
+                    result.cut = True
+                    return
+                status, payload, seconds, problem = await self.one(call)
+                result.latencies.append(seconds)
+                if status is None or not 200 <= status < 300:
+                    problem = problem or f"HTTP {status} {payload[:120]!r}"
+                elif check is not None:
+                    problem = check(payload) or ""
+                if problem:
+                    result.errors += 1
+                    result.error_kinds[problem] += 1
+
+        await asyncio.gather(*(connection() for _ in range(concurrency)))
+        result.elapsed = time.perf_counter() - start
+        result.cpu = cores_used(
+            before, cpu_seconds(self.server_session, self.database), result.elapsed
+        )
+        return result
+
+    async def warm_up(self, path: str, minimum: int = 50) -> tuple[int, float]:
+        """Untimed rounds until every worker has checked the password once (the slow hash) and
+        imported everything: at least `minimum` requests and one whole fast round."""
+        sent, slowest = 0, 0.0
+        for _ in range(MAX_WARMUP_ROUNDS):
+            answers = await asyncio.gather(
+                *(self.one(Call("GET", path)) for _ in range(self.concurrency))
+            )
+            sent += len(answers)
+            failed = [answer for answer in answers if answer[0] != 200]
+            if failed:
+                status, payload, _, problem = failed[0]
+                raise SystemExit(f"warm-up request failed: {problem or status} {payload[:300]!r}")
+            round_max = max(answer[2] for answer in answers)
+            slowest = max(slowest, round_max)
+            if sent >= minimum and round_max < WARM_REQUEST_SECONDS:
+                break
+        return sent, slowest
+
+
+# --- the measured queries -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    """One measured list query: its name, the query string for a target, and whose it is."""
+
+    name: str
+    params: Callable[[int], dict[str, str]]
+    targets: str  # "agents" or "devices"
+    as_agent_user: bool = False
+
+
+QUERIES = [
+    Query(
+        "poll",
+        lambda agent: {"agentId": str(agent), "status": "PENDING", "pageSize": "100"},
+        "agents",
+    ),
+    Query(
+        "poll as agent's user",
+        lambda agent: {"agentId": str(agent), "status": "PENDING", "pageSize": "100"},
+        "agents",
+        as_agent_user=True,
+    ),
+    Query(
+        "history",
+        lambda device: {"deviceId": str(device), "pageSize": "20", "currentPage": "1"},
+        "devices",
+    ),
+    Query(
+        "history newest first",
+        lambda device: {
+            "deviceId": str(device),
+            "dateFrom": "1970-01-01",
+            "revert": "true",
+            "pageSize": "20",
+            "currentPage": "1",
+        },
+        "devices",
+    ),
+    # The `operationsByDeviceIdAndStatus` template; what c8y-api's select(device_id, status) sends.
+    Query(
+        "device's PENDING",
+        lambda device: {"deviceId": str(device), "status": "PENDING", "pageSize": "100"},
+        "devices",
+    ),
+]
+
+
+def basic(login: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{TENANT}/{login}:{password}".encode()).decode()
+
+
+def view_sql(params: dict[str, str], user: Any) -> tuple[str, tuple[Any, ...]]:
+    """The page query `OperationCollectionView.get` runs, built by the same code (filter set,
+    visibility, ordering, page slice). It is checked against SQL captured from a real request."""
+    from django.http import QueryDict
+
+    from devicecontrol import selectors
+    from devicecontrol.filters import OperationFilter
+    from deviceplatform.api.pagination import PageRequest
+
+    query = QueryDict(mutable=True)
+    query.update(params)
+    filterset = OperationFilter(query, queryset=selectors.operations_visible_to(user))
+    queryset = filterset.qs.order_by(*filterset.ordering())
+    page = PageRequest.from_params(query)
+    sql, sql_params = queryset[page.offset : page.offset + page.page_size].query.sql_with_params()
+    return sql, tuple(sql_params)
+
+
+def captured_request(path: str, params: dict[str, str], authorization: str) -> list[str]:
+    """Every SQL statement one real request runs in this process (Django's debug cursor)."""
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    client = Client(HTTP_AUTHORIZATION=authorization, HTTP_ACCEPT="application/json")
+    client.get(path, params)  # the first request pays the password hash and the imports
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(path, params)
+    if response.status_code != 200:
+        raise SystemExit(f"GET {path} {params}: {response.status_code} {response.content[:300]!r}")
+    return [query["sql"] for query in captured.captured_queries]
+
+
+@dataclass
+class Plan:
+    text: str
+    execution_ms: float
+    shared_hit: int
+    shared_read: int
+    rows: int
+    indexes: list[str]
+
+
+def explain(sql: str, params: tuple[Any, ...] = ()) -> Plan:
+    from django.db import connection
+
+    def index_names(node: dict[str, Any]) -> list[str]:
+        found = [node["Index Name"]] if "Index Name" in node else []
+        for child in node.get("Plans", []):
+            found += index_names(child)
+        return found
+
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params)
+        data = cursor.fetchone()[0]
+        document = (json.loads(data) if isinstance(data, str) else data)[0]
+        cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params)
+        text = "\n".join(row[0] for row in cursor.fetchall())
+    top = document["Plan"]
+    return Plan(
+        text=text,
+        execution_ms=document["Execution Time"],
+        shared_hit=top.get("Shared Hit Blocks", 0),
+        shared_read=top.get("Shared Read Blocks", 0),
+        rows=top.get("Actual Rows", 0),
+        indexes=index_names(top),
+    )
+
+
+def time_sql(
+    query: Query, targets: list[int], users: dict[int, Any], admin: Any, count: int, database: str
+) -> tuple[Sample, Sample]:
+    """The view's own SQL for `count` random targets on one connection: (round trip including
+    fetching every row, execution time inside PostgreSQL from EXPLAIN ANALYZE with TIMING OFF).
+    The second is free of the client's and the loopback's scheduling noise."""
+    from django.db import connection
+
+    result = Sample(name=query.name)
+    inside = Sample(name=query.name)
+    before = cpu_seconds(None, database)
+    start = time.perf_counter()
+    with connection.cursor() as cursor:
+        for target in targets[:count]:
+            user = users[target] if query.as_agent_user else admin
+            sql, params = view_sql(query.params(target), user)
+            t0 = time.perf_counter()
+            cursor.execute(sql, params)
+            cursor.fetchall()
+            result.latencies.append(time.perf_counter() - t0)
+    result.elapsed = time.perf_counter() - start
+    result.cpu = cores_used(before, cpu_seconds(None, database), result.elapsed)
+    inside.cpu = result.cpu
+    with connection.cursor() as cursor:
+        for target in targets[:count]:
+            user = users[target] if query.as_agent_user else admin
+            sql, params = view_sql(query.params(target), user)
+            cursor.execute("EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) " + sql, params)
+            data = cursor.fetchone()[0]
+            document = (json.loads(data) if isinstance(data, str) else data)[0]
+            inside.latencies.append(document["Execution Time"] / 1000)
+    return result, inside
+
+
+@dataclass
+class SizeResult:
+    rows: int
+    http: dict[str, Sample] = field(default_factory=dict)
+    sql: dict[str, Sample] = field(default_factory=dict)
+    db: dict[str, Sample] = field(default_factory=dict)
+    plans: dict[str, Plan] = field(default_factory=dict)
+    result_rows: dict[str, float] = field(default_factory=dict)
+
+
+def measure_size(
+    label: str,
+    rows: int,
+    args: argparse.Namespace,
+    fleet: Fleet,
+    base: str,
+    server: Server,
+    database: str,
+    out: Report,
+) -> SizeResult:
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    user_model = get_user_model()
+    admin = user_model.objects.get(username=BENCH_USER)
+    owners = {u.username: u for u in user_model.objects.filter(username__startswith="agent-user")}
+    users = {agent: owners[name] for agent, name in fleet.user_of_agent.items()}
+    rng = random.Random(f"{args.seed}-{label}")
+    picks = {
+        "agents": [rng.choice(fleet.agents) for _ in range(args.reads)],
+        "devices": [rng.choice(fleet.devices) for _ in range(args.reads)],
+    }
+    result = SizeResult(rows=rows)
+    out()
+    out(f"=== {label}: {rows:,} operations ===")
+    out(wait_idle(args.wait_idle))
+    for query in QUERIES:
+        example = picks[query.targets][0]
+        params = query.params(example)
+        if query.as_agent_user:
+            authorization = basic(fleet.user_of_agent[example], AGENT_USER_PASSWORD)
+            user = users[example]
+        else:
+            authorization = basic(BENCH_USER, BENCH_PASSWORD)
+            user = admin
+        statements = captured_request("/devicecontrol/operations", params, authorization)
+        sql, sql_params = view_sql(params, user)
+        composed = connection.ops.compose_sql(sql, sql_params)
+        page_statements = [s for s in statements if f'FROM "{TABLE}"' in s]
+        same = composed in page_statements
+        plan = explain(sql, sql_params)
+        result.plans[query.name] = plan
+        expected = " or ".join(EXPECTED_INDEX[query.name])
+        out()
+        out(f"--- {query.name}: GET /devicecontrol/operations?{urlencode(params)}")
+        out(
+            f"{'' if query.as_agent_user else 'bench admin; '}"
+            f"{'agent device user ' + fleet.user_of_agent[example] + ' (no ROLE_DEVICE_CONTROL_READ: owner filter); ' if query.as_agent_user else ''}"
+            f"the request ran {len(statements)} SQL statements; the page query "
+            f"({'identical to' if same else 'DIFFERS FROM'} the one timed below):"
+        )
+        out(f"  {composed}")
+        for other in statements:
+            if other != composed:
+                out(f"  other: {other[:160]}{'...' if len(other) > 160 else ''}")
+        out(
+            f"EXPLAIN (ANALYZE, BUFFERS):  index use "
+            f"{'OK' if uses_expected(query.name, plan.indexes) else 'MISSING'}"
+            f" ({expected}; plan uses {', '.join(plan.indexes) or 'no index'})"
+        )
+        for line in plan.text.splitlines():
+            out(f"  {line}")
+        result.sql[query.name], result.db[query.name] = time_sql(
+            query, picks[query.targets], users, admin, args.reads, database
+        )
+
+    async def drive() -> None:
+        async with Http(base, 1, server.process.pid, database) as http:
+            for query in QUERIES:
+                if query.as_agent_user:
+                    continue  # one password hash per agent user and worker: SQL-level only
+                calls = [
+                    Call("GET", "/devicecontrol/operations?" + urlencode(query.params(target)))
+                    for target in picks[query.targets]
+                ]
+                counted: list[int] = []
+
+                def check(payload: bytes, counted: list[int] = counted) -> str | None:
+                    counted.append(len(orjson.loads(payload)["operations"]))
+                    return None
+
+                sample = await http.run(query.name, calls, 1, args.phase_timeout, check)
+                result.http[query.name] = sample
+                result.result_rows[query.name] = sum(counted) / max(1, len(counted))
+
+    asyncio.run(drive())
+    return result
+
+
+# --- creates --------------------------------------------------------------------------------------
+
+
+def raw_insert_ceiling(url: str, fleet: Fleet, rows: int, rng: random.Random) -> Sample:
+    """One psycopg connection, autocommit, a prepared single-row INSERT into the operations table
+    itself (same indexes, same sequence) per round trip: one durable commit each."""
+    result = Sample(name="raw INSERT")
+    database = urlsplit(url).path.lstrip("/")
+    sql = (
+        f"INSERT INTO {TABLE} (device_id, agent_id, status, creation_time, status_changed_at,"
+        " fragments, expires_at) VALUES (%s, %s, 'PENDING', now(), now(), %s,"
+        " now() + interval '7 days')"
+    )
+    body = {"description": "Restart device", "c8y_Restart": {}}
+    with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cursor:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("CHECKPOINT")
+        for _ in range(50):
+            device = rng.choice(fleet.devices)
+            cursor.execute(sql, (device, fleet.agent_of[device], Jsonb(body)), prepare=True)
+        before = cpu_seconds(None, database)
+        start = time.perf_counter()
+        for _ in range(rows):
+            device = rng.choice(fleet.devices)
+            t0 = time.perf_counter()
+            cursor.execute(sql, (device, fleet.agent_of[device], Jsonb(body)), prepare=True)
+            result.latencies.append(time.perf_counter() - t0)
+        result.elapsed = time.perf_counter() - start
+        result.cpu = cores_used(before, cpu_seconds(None, database), result.elapsed)
+    return result
+
+
+def count_operations(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0])
+
+
+def measure_creates(
+    args: argparse.Namespace, fleet: Fleet, base: str, server: Server, database: str
+) -> Sample:
+    rng = random.Random(f"{args.seed}-creates")
+    calls = []
+    for number in range(args.creates):
+        body = {
+            "deviceId": str(rng.choice(fleet.devices)),
+            "description": f"Restart device ({number})",
+            "c8y_Restart": {},
+        }
+        calls.append(Call("POST", "/devicecontrol/operations", orjson.dumps(body)))
+
+    def check(payload: bytes) -> str | None:
+        return None if orjson.loads(payload).get("status") == "PENDING" else "not PENDING"
+
+    async def drive() -> Sample:
+        async with Http(base, args.concurrency, server.process.pid, database) as http:
+            return await http.run(
+                "create (HTTP)", calls, args.concurrency, args.phase_timeout, check
+            )
+
+    return asyncio.run(drive())
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+KIND_LABEL = {"http": "HTTP", "sql": "SQL", "db": "in PG"}
+
+
+def size_label(rows: int) -> str:
+    if rows >= 1_000_000:
+        return f"{rows / 1_000_000:.3g}M"
+    return f"{rows / 1000:.3g}k"
+
+
+def side_by_side(small: SizeResult, large: SizeResult, out: Report) -> None:
+    sl, ll = size_label(small.rows), size_label(large.rows)
+    out()
+    out(
+        f"=== side by side (latency in ms; rows: operations per page at {sl}/{ll}; a device has "
+        "few operations at the small size, so its history page is shorter there) ==="
+    )
+    header = (
+        f"{'query':<34}{'rows':>7}{sl + ' p50':>11}{sl + ' p99':>11}"
+        f"{ll + ' p50':>10}{ll + ' p99':>10}{'p50 ' + ll + '/' + sl:>12}"
+        f"{'other ' + sl:>10}{'other ' + ll:>10}"
+    )
+    out(header)
+    out("-" * len(header))
+    for query in QUERIES:
+        for kind in ("http", "sql", "db"):
+            a = getattr(small, kind).get(query.name)
+            b = getattr(large, kind).get(query.name)
+            if a is None or b is None:
+                continue
+            rows = "/".join(
+                f"{size.result_rows.get(query.name, size.plans[query.name].rows):.0f}"
+                for size in (small, large)
+            )
+            cut = "*" if a.cut or b.cut else ""
+            out(
+                f"{query.name + ' (' + KIND_LABEL[kind] + ')' + cut:<34}"
+                f"{rows:>7}{a.p(0.5):>11.2f}{a.p(0.99):>11.2f}{b.p(0.5):>10.2f}"
+                f"{b.p(0.99):>10.2f}{b.p(0.5) / a.p(0.5):>11.2f}x"
+                f"{a.cpu.get('other', math.nan):>10.2f}{b.cpu.get('other', math.nan):>10.2f}"
+            )
+    out(
+        "HTTP: whole request, one at a time; SQL: the page query's round trip on one connection "
+        "(execute + fetch); in PG: its execution time inside PostgreSQL (EXPLAIN ANALYZE, TIMING OFF)"
+    )
+    out(
+        "other: cores used by everything but this benchmark, its server and its database during "
+        "the sample (noise)"
+    )
+    out()
+    out("EXPLAIN ANALYZE of the example page query (one execution, warm cache):")
+    header = (
+        f"{'query':<24}{sl + ' ms':>9}{sl + ' buffers':>13}{ll + ' ms':>9}{ll + ' buffers':>13}"
+        f"  index ({sl} / {ll})"
+    )
+    out(header)
+    out("-" * len(header))
+    for query in QUERIES:
+        a, b = small.plans[query.name], large.plans[query.name]
+        out(
+            f"{query.name:<24}{a.execution_ms:>9.3f}{a.shared_hit + a.shared_read:>13}"
+            f"{b.execution_ms:>9.3f}{b.shared_hit + b.shared_read:>13}"
+            f"  {','.join(a.indexes) or '-'} / {','.join(b.indexes) or '-'}"
+        )
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    out = Report()
+    url, admin_url = checked_database_url(args.database_url)
+    database = urlsplit(url).path.lstrip("/")
+    port = args.port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = server_command(args, port)
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    queue = args.agents * args.devices_per_agent * args.pending_per_device + args.agents
+
+    out("# bench/operations.py")
+    out(f"command: {shlex.join([sys.executable, 'bench/operations.py', *argv])}")
+    out(f"server: gunicorn, {args.workers} sync worker(s), psycopg pool, DEBUG off, no REDIS_URL")
+    out(f"server command: {shlex.join(command)}")
+    out(
+        f"machine: {cores} cores ({usable} usable), {platform.machine()}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+    out(f"database: {url} (dropped and re-created)")
+    out("load average before the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    out(
+        f"fleet: {args.agents} agents x {args.devices_per_agent} devices; queue: "
+        f"{args.pending_per_device} PENDING per device + 1 EXECUTING per agent = {queue:,}; "
+        f"history 88 % SUCCESSFUL / 12 % FAILED; sizes {args.small:,} and {args.large:,} rows"
+    )
+    out(
+        f"reads: {args.reads} sequential requests per query and size (one connection), random "
+        f"agents/devices; creates: {args.creates} with {args.concurrency} connections; "
+        f"raw inserts: {args.raw_inserts}"
+    )
+
+    started = time.perf_counter()
+    recreate_database(url, admin_url)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"REDIS_URL", "DATABASE_URL"} and not key.startswith("PYTEST_")
+    }
+    env.update(
+        DATABASE_URL=url,
+        DEBUG="false",
+        LOG_LEVEL="WARNING",
+        DJANGO_SETTINGS_MODULE="deviceplatform.settings",
+        PYTHONUNBUFFERED="1",
+    )
+    manage(env, "migrate", "--noinput", "-v", "0")
+    manage(env, "createuser", BENCH_USER, "--password", BENCH_PASSWORD, "--groups", "admins")
+    setup_django(env)
+    fleet = seed_inventory(args)
+    out(f"setup (database, migrate, users, inventory): {time.perf_counter() - started:.1f} s")
+
+    rng = random.Random(args.seed)
+    timeline = Timeline(args.large)
+    rows, seconds = grow_operations(
+        url, fleet, timeline, current=0, target=args.small, queue=queue,
+        pending_per_device=args.pending_per_device, rng=rng,
+    )  # fmt: skip
+    out(f"seeded {rows:,} operations with COPY + VACUUM ANALYZE in {seconds:.1f} s")
+
+    server = Server(command, env, Path(tempfile.mkdtemp(prefix="dp-bench-ops-")) / "server.log")
+    try:
+        server.wait_ready(f"{base}/tenant/loginOptions")
+
+        async def warm() -> tuple[int, float]:
+            async with Http(base, args.concurrency, server.process.pid, database) as http:
+                return await http.warm_up("/devicecontrol/operations?pageSize=5")
+
+        sent, slowest = asyncio.run(warm())
+        out(
+            f"client: aiohttp {aiohttp.__version__}; warm-up: {sent} untimed requests "
+            f"(slowest {slowest * 1000:.0f} ms)"
+        )
+        small = measure_size("size 1", rows, args, fleet, base, server, database, out)
+
+        rows, seconds = grow_operations(
+            url, fleet, timeline, current=args.small, target=args.large, queue=queue,
+            pending_per_device=args.pending_per_device, rng=rng,
+        )  # fmt: skip
+        out()
+        out(
+            f"grew the table to {rows:,} operations with COPY (queue finished and re-queued) "
+            f"+ VACUUM ANALYZE in {seconds:.1f} s"
+        )
+        large = measure_size("size 2", rows, args, fleet, base, server, database, out)
+
+        out()
+        out(f"=== creates with {rows:,} operations present ===")
+        out(wait_idle(args.wait_idle))
+        raw = raw_insert_ceiling(url, fleet, args.raw_inserts, random.Random(args.seed))
+        before = count_operations(url)
+        create = measure_creates(args, fleet, base, server, database)
+        created = count_operations(url) - before
+        if server.process.poll() is not None:
+            raise SystemExit(f"server died during the run:\n{server.log_tail()}")
+    finally:
+        server.stop()
+
+    side_by_side(small, large, out)
+    out()
+    header = (
+        f"{'phase':<16}{'requests':>9}{'errors':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'max ms':>9}{'server':>7}{'pg':>7}{'client':>7}{'other':>7}"
+    )
+    out(header)
+    out("-" * len(header))
+    for sample in (create, raw):
+        ordered = sorted(sample.latencies)
+        out(
+            f"{sample.name:<16}{str(len(sample.latencies)) + ('*' if sample.cut else ''):>9}"
+            f"{sample.errors:>8}{sample.rate:>10.1f}{sample.p(0.5):>9.2f}{sample.p(0.99):>9.2f}"
+            f"{ordered[-1] * 1000 if ordered else math.nan:>9.1f}"
+            + "".join(
+                f"{sample.cpu.get(key, math.nan):>7.2f}"
+                for key in ("server", "pg", "client", "other")
+            )
+        )
+    ratio = create.rate / raw.rate if raw.rate else math.nan
+    out()
+    out(
+        f"ratio create req/s / raw INSERT rows/s: {create.rate:.1f} / {raw.rate:.1f} = {ratio:.2f}x"
+        f"  ({args.concurrency} connections vs one; {args.workers} gunicorn sync workers)"
+    )
+    out(
+        "server/pg/client/other: cores busy during the phase (server processes, postgres, this "
+        f"client, everything else); {usable} usable cores"
+    )
+    failures = 0
+    for sample in [create, *small.http.values(), *large.http.values()]:
+        if sample.error_kinds:
+            failures += sample.errors
+            out(f"errors in {sample.name}: {dict(sample.error_kinds)}")
+        if sample.cut:
+            out(f"* {sample.name} stopped at --phase-timeout")
+    good_creates = len(create.latencies) - create.errors
+    if created != good_creates:
+        failures += 1
+        out(f"MISMATCH: {good_creates} creates answered 2xx but {created} rows were added")
+    missing = [
+        f"{label} {name}"
+        for label, size in (("size 1", small), ("size 2", large))
+        for name, plan in size.plans.items()
+        if not uses_expected(name, plan.indexes)
+    ]
+    out(
+        f"index use: {'all plans use the expected index' if not missing else 'MISSING in ' + ', '.join(missing)}"
+    )
+    out(f"total run time {time.perf_counter() - started:.1f} s")
+    if args.save:
+        results = REPO / "bench" / "results"
+        results.mkdir(exist_ok=True)
+        path = results / f"operations-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        path.write_text("\n".join(out.lines) + "\n")
+        print(f"saved {path.relative_to(REPO)}")
+    return 1 if failures or missing else 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    print(f"stopped by signal {signum}", file=sys.stderr)
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops the server
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
