@@ -37,9 +37,7 @@ def operations_visible_to(user: Any) -> QuerySet[Operation]:
 
 
 def device_names(device_ids: Iterable[int]) -> dict[int, str | None]:
-    return dict(
-        ManagedObject.objects.filter(pk__in=set(device_ids)).values_list("pk", "name")
-    )
+    return dict(ManagedObject.objects.filter(pk__in=set(device_ids)).values_list("pk", "name"))
 
 
 def device_external_ids(device_ids: Iterable[int], *, base: str) -> dict[int, list[dict[str, Any]]]:

@@ -9,7 +9,5 @@ urlpatterns = [
     # Before the detail route: "wait" is not an operation ID.
     c8y_path(r"devicecontrol/operations/wait", waiting.operation_create_and_wait),
     c8y_path(r"devicecontrol/operations/(?P<pk>[^/]+)", views.OperationDetailView.as_view()),
-    c8y_path(
-        r"devicecontrol/operations/(?P<pk>[^/]+)/retry", views.OperationRetryView.as_view()
-    ),
+    c8y_path(r"devicecontrol/operations/(?P<pk>[^/]+)/retry", views.OperationRetryView.as_view()),
 ]

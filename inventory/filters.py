@@ -50,5 +50,7 @@ class ManagedObjectFilter(CumulocityFilterSet):
     def filter_child_asset(self, queryset: QuerySet[Any], name: str, value: int) -> QuerySet[Any]:
         return queryset.filter(is_child_of_q(Relation.ASSET, value))
 
-    def filter_child_addition(self, queryset: QuerySet[Any], name: str, value: int) -> QuerySet[Any]:
+    def filter_child_addition(
+        self, queryset: QuerySet[Any], name: str, value: int
+    ) -> QuerySet[Any]:
         return queryset.filter(is_child_of_q(Relation.ADDITION, value))

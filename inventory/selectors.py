@@ -48,9 +48,7 @@ def text_search_q(value: str) -> Q:
         | Q(type__istartswith=value)
         | Q(owner__istartswith=value)
         | Exists(
-            ExternalId.objects.filter(
-                managed_object=OuterRef("pk"), external_id__istartswith=value
-            )
+            ExternalId.objects.filter(managed_object=OuterRef("pk"), external_id__istartswith=value)
         )
     )
     if value.isdigit():  # a prefix of the id too, like every other field (§4)

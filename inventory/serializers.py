@@ -132,9 +132,7 @@ def managed_object_json(
     return body
 
 
-def reference_json(
-    parent_url: str, segment: str, child_json: dict[str, Any]
-) -> dict[str, Any]:
+def reference_json(parent_url: str, segment: str, child_json: dict[str, Any]) -> dict[str, Any]:
     return {"self": f"{parent_url}/{segment}/{child_json['id']}", "managedObject": child_json}
 
 
@@ -174,7 +172,9 @@ def references_list_ids(body: dict[str, Any]) -> list[int]:
     references = body.get("references")
     if not isinstance(references, list) or not references:
         raise ValidationFailed("references must be a non-empty list of managed object references")
-    return [reference_target_id(item, where=f"references[{i}]") for i, item in enumerate(references)]
+    return [
+        reference_target_id(item, where=f"references[{i}]") for i, item in enumerate(references)
+    ]
 
 
 def ids_param(value: str) -> list[int]:

@@ -312,4 +312,3 @@ class ParentCollectionView(InventoryView):
             ),
             MediaType.MANAGED_OBJECT_REFERENCE_COLLECTION,
         )
-

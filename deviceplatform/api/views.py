@@ -58,7 +58,9 @@ class CumulocityView(GenericAPIView):
         return self.request.META.get("HTTP_X_CUMULOCITY_PROCESSING_MODE", "PERSISTENT").upper()
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        super().initial(request, *args, **kwargs)  # authentication and roles come first (auth.md §6)
+        super().initial(
+            request, *args, **kwargs
+        )  # authentication and roles come first (auth.md §6)
         if self.processing_mode.strip() not in PROCESSING_MODES:
             raise ValidationFailed(
                 f"Unknown X-Cumulocity-Processing-Mode {self.processing_mode!r}; "
