@@ -21,6 +21,7 @@ class Operation(models.Model):
 
     `agent_id` is the agent resolved at creation (devicecontrol.md §4); it is deliberately not a
     foreign key: it is never recomputed, and deleting the agent leaves its operations as they are.
+    It is empty only for a bulk child created FAILED because its device had no agent.
     Fragments hold every other top-level key verbatim. The extension columns (expiry, execution
     timeout, retry link) are documented in the README under "Beyond Cumulocity"."""
 
@@ -31,7 +32,7 @@ class Operation(models.Model):
         related_name="operations",
         db_index=False,
     )
-    agent_id = models.BigIntegerField()
+    agent_id = models.BigIntegerField(null=True, blank=True)
     status = models.CharField(
         max_length=10, choices=OperationStatus.choices, default=OperationStatus.PENDING
     )
@@ -51,6 +52,14 @@ class Operation(models.Model):
 
     class Meta:
         ordering = ["id"]
+        constraints = [
+            # Exactly once per device and bulk operation (retries of a child are separate rows).
+            models.UniqueConstraint(
+                fields=["bulk_operation_id", "device"],
+                name="operation_bulk_device_unique",
+                condition=models.Q(bulk_operation_id__isnull=False, retry_of__isnull=True),
+            ),
+        ]
         indexes = [
             # The agent's poll: "my PENDING operations, oldest first".
             models.Index(fields=["agent_id", "status", "id"], name="operation_agent_status_idx"),

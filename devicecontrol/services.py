@@ -5,6 +5,8 @@ claim their rows with `FOR UPDATE SKIP LOCKED` in batches (shared/PERFORMANCE.md
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,16 +17,46 @@ from django.utils import timezone
 
 from devicecontrol.delivery import deliver_by_sms, is_sms
 from devicecontrol.models import FINAL_STATUSES, Operation, OperationStatus
-from devicecontrol.realtime import OperationEvent, publish_operation_event
+from devicecontrol.realtime import (
+    OperationEvent,
+    publish_operation_event,
+    publish_operation_events,
+)
 from devicecontrol.serializers import EXTENSION_KEYS, READ_ONLY_KEYS, operation_json
 from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
 from inventory.models import ManagedObject
-from inventory.selectors import device_agent_id
+from inventory.selectors import device_agent_id, devices_agent_ids
 
 FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
 MAX_TIMEOUT_SECONDS = 2**31 - 1  # Operation.execution_timeout is a PostgreSQL integer
 EXPIRED_REASON = "Operation expired: it was still PENDING after {seconds} seconds"
 TIMED_OUT_REASON = "Operation timed out: it was EXECUTING for more than {seconds} seconds"
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One operation of a bulk operation entering (`old` None), leaving (`new` None) or changing
+    status. Bulk operations keep their progress counters from these (bulkops registers a hook)."""
+
+    bulk_operation_id: int
+    old: str | None
+    new: str | None
+
+
+# Called inside the changing transaction, so counters commit (or roll back) with the change. Apps
+# above devicecontrol register here; devicecontrol never imports them (STYLE.md §1).
+STATUS_CHANGE_HOOKS: list[Callable[[list[StatusChange]], None]] = []
+
+
+def _status_changed(changes: Iterable[tuple[int | None, str | None, str | None]]) -> None:
+    relevant = [
+        StatusChange(bulk_id, old, new)
+        for bulk_id, old, new in changes
+        if bulk_id is not None and old != new
+    ]
+    if relevant:
+        for hook in STATUS_CHANGE_HOOKS:
+            hook(relevant)
 
 
 def operation_not_found(pk: object) -> NotFound:
@@ -119,6 +151,7 @@ def operation_create(
         execution_timeout=fragments.get("executionTimeout"),
     )
     operation.save(force_insert=True)
+    _status_changed([(bulk_operation_id, None, operation.status)])
     if notify:
         publish_operation_event(_event("CREATE", operation))
     if sms:
@@ -154,6 +187,7 @@ def operation_update(
         operation = Operation.objects.select_for_update().filter(pk=operation_id).first()
         if operation is None:
             raise operation_not_found(operation_id)
+        _status_changed([(operation.bulk_operation_id, operation.status, status)])
         _apply_status(operation, status, now)
         if status == OperationStatus.FAILED:
             if reason is not None:
@@ -199,12 +233,16 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
         # Locked, so a concurrent PUT either finishes first (and may make a row no longer match)
         # or waits and then finds the row gone. In ID order: concurrent deletes lock alike (no
         # deadlock) and the DELETE events come in creation order.
-        doomed = list(
-            queryset.select_for_update().order_by("pk").values_list("pk", "device_id", "agent_id")
+        rows = list(
+            queryset.select_for_update()
+            .order_by("pk")
+            .values_list("pk", "device_id", "agent_id", "bulk_operation_id", "status")
         )
-        if not doomed:
+        if not rows:
             return 0
-        Operation.objects.filter(pk__in=[pk for pk, _, _ in doomed]).delete()
+        Operation.objects.filter(pk__in=[row[0] for row in rows]).delete()
+        _status_changed((bulk_id, status, None) for _, _, _, bulk_id, status in rows)
+        doomed = [(pk, device_id, agent_id) for pk, device_id, agent_id, _, _ in rows]
         if notify:
             for pk, device_id, agent_id in doomed:
                 publish_operation_event(
@@ -217,6 +255,52 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
                     )
                 )
     return len(doomed)
+
+
+def operations_create_many(
+    *,
+    devices: list[ManagedObject],
+    data: dict[str, Any],
+    bulk_operation_id: int,
+    no_agent_reason: str,
+    now: datetime | None = None,
+) -> list[Operation]:
+    """Create one operation per device in one INSERT: the bulk ramp's batch form of
+    `operation_create`, with the same validation, fragments, agent routing, SMS hand-off and
+    CREATE events. A device without an agent gets a FAILED operation with `no_agent_reason`
+    instead of a 422, so that a later `failedParentId` run can retry it (bulkoperations.md §4)."""
+    fragments = {key: value for key, value in _fragments(data).items() if value is not None}
+    now = now or timezone.now()
+    agents = devices_agent_ids(devices=devices)
+    operations = []
+    for device in devices:
+        own = dict(fragments)
+        if is_sms(fragments=own, device_fragments=device.fragments):
+            own.setdefault("deliveryType", "SMS")
+        agent_id = agents.get(device.pk)
+        failed = agent_id is None
+        operations.append(
+            Operation(
+                device=device,
+                agent_id=agent_id,
+                status=OperationStatus.FAILED if failed else OperationStatus.PENDING,
+                failure_reason=no_agent_reason if failed else None,
+                creation_time=now,
+                status_changed_at=now,
+                fragments=own,
+                bulk_operation_id=bulk_operation_id,
+                expires_at=None if failed else _pending_deadline(own, now),
+                execution_timeout=own.get("executionTimeout"),
+            )
+        )
+    Operation.objects.bulk_create(operations)
+    _status_changed((bulk_operation_id, None, op.status) for op in operations)
+    publish_operation_events([_event("CREATE", op) for op in operations])
+    for operation in operations:
+        if operation.fragments.get("deliveryType") == "SMS" and operation.agent_id is not None:
+            payload = operation_json(operation, base="")
+            transaction.on_commit(lambda payload=payload: deliver_by_sms(payload))
+    return operations
 
 
 def operation_retry(
@@ -248,6 +332,9 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
             batch = list(queryset.select_for_update(skip_locked=True).order_by("pk")[:batch_size])
             if not batch:
                 return total
+            _status_changed(
+                (op.bulk_operation_id, op.status, OperationStatus.FAILED) for op in batch
+            )
             for operation in batch:
                 # The reason reads the timestamps of the state being left: compute it first.
                 operation.failure_reason = reason(operation)

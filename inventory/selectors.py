@@ -175,3 +175,34 @@ def device_agent_id(*, device: ManagedObject) -> int | None:
         frontier = {parent_id for parent_id, _ in rows} - seen
         seen |= frontier
     return None
+
+
+def devices_agent_ids(*, devices: list[ManagedObject]) -> dict[int, int | None]:
+    """`device_agent_id` for many devices at once: one query per hierarchy level for all of them
+    (a bulk ramp resolves thousands of devices per batch)."""
+    result: dict[int, int | None] = {}
+    # device id -> (IDs seen on its walk, current frontier)
+    walks: dict[int, tuple[set[int], set[int]]] = {}
+    for device in devices:
+        if device.is_agent:
+            result[device.pk] = device.pk
+        else:
+            walks[device.pk] = ({device.pk}, {device.pk})
+    while walks:
+        frontier = set().union(*(walk[1] for walk in walks.values()))
+        parents: dict[int, list[tuple[int, bool]]] = defaultdict(list)
+        for child_id, parent_id, is_agent in ManagedObjectReference.objects.filter(
+            child_id__in=frontier, relation=Relation.DEVICE
+        ).values_list("child_id", "parent_id", "parent__is_agent"):
+            parents[child_id].append((parent_id, is_agent))
+        for device_id, (seen, current) in list(walks.items()):
+            level = [edge for node in current for edge in parents.get(node, [])]
+            agents = [parent_id for parent_id, is_agent in level if is_agent]
+            following = {parent_id for parent_id, _ in level} - seen
+            if agents or not following:
+                result[device_id] = min(agents) if agents else None
+                del walks[device_id]
+            else:
+                seen |= following
+                walks[device_id] = (seen, following)
+    return result
