@@ -1,4 +1,4 @@
-"""Bulk operations (filled by the bulk-operations issue)."""
+"""Bulk operations: a prototype ramped across the devices of a group by Celery beat."""
 
 from django.apps import AppConfig
 
@@ -6,3 +6,10 @@ from django.apps import AppConfig
 class BulkOpsConfig(AppConfig):
     name = "bulkops"
     verbose_name = "Bulk operations"
+
+    def ready(self) -> None:
+        from bulkops.services import bulk_progress_apply
+        from devicecontrol.services import STATUS_CHANGE_HOOKS
+
+        if bulk_progress_apply not in STATUS_CHANGE_HOOKS:
+            STATUS_CHANGE_HOOKS.append(bulk_progress_apply)

@@ -87,6 +87,12 @@ def _fragments(data: dict[str, Any]) -> dict[str, Any]:
     return fragments
 
 
+def operation_prototype_validate(data: dict[str, Any]) -> dict[str, Any]:
+    """The fragments an operation created from `data` would get (bulk prototypes are checked when
+    the bulk operation is stored, not once per child)."""
+    return _fragments(data)
+
+
 def _status(value: object) -> OperationStatus:
     if not isinstance(value, str) or value not in OperationStatus.values:
         raise ValidationFailed(

@@ -37,7 +37,11 @@ def use_global_id_sequence(table: str) -> RunSQLForVendor:
     PostgreSQL: a shared SEQUENCE as the column default (no extra round trip per insert).
     SQLite: AUTOINCREMENT tables keep their high-water mark in `sqlite_sequence`; a trigger per table
     raises the mark of every participating table to the newest ID, so the next insert anywhere gets
-    a larger one. (Never insert T's own row there: SQLite writes it itself at the end of the statement.)"""
+    a larger one. (Never insert T's own row there: SQLite writes it itself at the end of the statement.)
+
+    SQLite rebuilds a table for most AlterField/RemoveField operations and drops its triggers then:
+    a migration that does so must end with this operation again (it is idempotent);
+    tests/deviceplatform/test_global_ids.py checks every participating table has its trigger."""
     return RunSQLForVendor(
         forwards={
             "postgresql": [

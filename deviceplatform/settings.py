@@ -164,6 +164,12 @@ EMBEDDED_SCHEDULER = not REDIS_URL
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
 # Static, reviewed beat schedule (STYLE.md §8): seconds between runs.
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    # Beat ticks are coarser than a ramp; each tick creates everything due by then, so the pace
+    # holds (bulkoperations.md §4).
+    "advance-bulk-operations": {
+        "task": "bulkops.tasks.advance_bulk_operations",
+        "schedule": env.float("BULK_RAMP_INTERVAL", default=1.0),
+    },
     "expire-pending-operations": {
         "task": "devicecontrol.tasks.expire_pending_operations",
         "schedule": env.float("OPERATION_SWEEP_INTERVAL", default=30.0),

@@ -24,6 +24,7 @@ urlpatterns = [
     c8y_path(r"user/currentUser", session_views.CurrentUserView.as_view()),
     c8y_path(r"user/currentUser/password", session_views.CurrentUserPasswordView.as_view()),
     path("", include("inventory.urls")),
+    path("", include("bulkops.urls")),
     path("", include("devicecontrol.urls")),
 ]
 

@@ -2,22 +2,31 @@
 
 from django.db import migrations, models
 
+from deviceplatform.db import use_global_id_sequence
+
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('devicecontrol', '0003_operation_device_status_idx'),
-        ('inventory', '0003_owner_index'),
+        ("devicecontrol", "0003_operation_device_status_idx"),
+        ("inventory", "0003_owner_index"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='operation',
-            name='agent_id',
+            model_name="operation",
+            name="agent_id",
             field=models.BigIntegerField(blank=True, null=True),
         ),
         migrations.AddConstraint(
-            model_name='operation',
-            constraint=models.UniqueConstraint(condition=models.Q(('bulk_operation_id__isnull', False), ('retry_of__isnull', True)), fields=('bulk_operation_id', 'device'), name='operation_bulk_device_unique'),
+            model_name="operation",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(
+                    ("bulk_operation_id__isnull", False), ("retry_of__isnull", True)
+                ),
+                fields=("bulk_operation_id", "device"),
+                name="operation_bulk_device_unique",
+            ),
         ),
+        # SQLite rebuilds the table for AlterField, which drops its global-ID trigger.
+        use_global_id_sequence("devicecontrol_operation"),
     ]

@@ -1,0 +1,80 @@
+"""Bulk-operation REST resources (spec bulkoperations.md); only the two bulk roles apply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework.response import Response
+
+from bulkops import services
+from bulkops.filters import bulk_operations_filter
+from bulkops.models import BulkOperation
+from bulkops.serializers import bulk_operation_json, bulk_operation_url
+from deviceplatform.api.media_types import MediaType
+from deviceplatform.api.pagination import paginated
+from deviceplatform.api.params import parse_id
+from deviceplatform.api.views import CumulocityView
+from deviceplatform.roles import Role
+
+READ = frozenset({Role.BULK_OPERATION_READ})
+ADMIN = frozenset({Role.BULK_OPERATION_ADMIN})
+
+
+class BulkOperationView(CumulocityView):
+    @property
+    def base(self) -> str:
+        return self.request.build_absolute_uri("/").rstrip("/")
+
+    def get_bulk_operation(self, pk: str) -> BulkOperation:
+        try:
+            bulk = BulkOperation.objects.filter(pk=parse_id(pk)).first()
+        except Exception:
+            bulk = None
+        if bulk is None:
+            raise services.bulk_operation_not_found(pk)
+        return bulk
+
+
+class BulkOperationCollectionView(BulkOperationView):
+    required_roles = {"GET": READ, "POST": ADMIN}
+
+    def get(self, request: Any) -> Response:
+        queryset = bulk_operations_filter(BulkOperation.objects.all(), request.GET)
+        base = self.base
+        return self.respond(
+            paginated(
+                request,
+                queryset,
+                key="bulkOperations",
+                render=lambda rows: [bulk_operation_json(row, base=base) for row in rows],
+            ),
+            MediaType.BULK_OPERATION_COLLECTION,
+        )
+
+    def post(self, request: Any) -> Response:
+        bulk = services.bulk_operation_create(data=self.request_object())
+        return self.respond(
+            lambda: bulk_operation_json(bulk, base=self.base),
+            MediaType.BULK_OPERATION,
+            status=201,
+            location=bulk_operation_url(self.base, bulk.pk),
+        )
+
+
+class BulkOperationDetailView(BulkOperationView):
+    required_roles = {"GET": READ, "PUT": ADMIN, "DELETE": ADMIN}
+
+    def get(self, request: Any, pk: str) -> Response:
+        bulk = self.get_bulk_operation(pk)
+        return self.respond(bulk_operation_json(bulk, base=self.base), MediaType.BULK_OPERATION)
+
+    def put(self, request: Any, pk: str) -> Response:
+        bulk = self.get_bulk_operation(pk)
+        bulk = services.bulk_operation_update(bulk_operation_id=bulk.pk, data=self.request_object())
+        return self.respond(
+            lambda: bulk_operation_json(bulk, base=self.base), MediaType.BULK_OPERATION
+        )
+
+    def delete(self, request: Any, pk: str) -> Response:
+        services.bulk_operation_cancel(bulk_operation_id=self.get_bulk_operation(pk).pk)
+        return self.no_content()
