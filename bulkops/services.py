@@ -295,6 +295,7 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
             data=bulk.operation_prototype,
             bulk_operation_id=bulk.pk,
             no_agent_reason=NO_AGENT_REASON,
+            now=now,
         )
     bulk.next_index = end
     if bulk.next_index >= bulk.target_count:

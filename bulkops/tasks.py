@@ -8,7 +8,8 @@ from bulkops import services
 
 
 @shared_task(acks_late=True)
-def advance_bulk_operations() -> int:
+def advance_bulk_operations(batch_size: int = 500) -> int:
     """Idempotent: the claimed bulk operation's `next_index` moves in the same transaction as its
-    children are created, so a rerun after a crash continues where the last commit left off."""
-    return services.bulk_operations_advance()
+    children are created, so a rerun after a crash continues where the last commit left off.
+    `batch_size` is the number of children per transaction."""
+    return services.bulk_operations_advance(batch_size=batch_size)

@@ -32,6 +32,7 @@ class BulkOperationView(CumulocityView):
             bulk = None
         if bulk is None:
             raise services.bulk_operation_not_found(pk)
+        self.check_object_permissions(self.request, bulk)  # 404 before 403 (auth.md §6)
         return bulk
 
 
@@ -63,6 +64,8 @@ class BulkOperationCollectionView(BulkOperationView):
 
 class BulkOperationDetailView(BulkOperationView):
     required_roles = {"GET": READ, "PUT": ADMIN, "DELETE": ADMIN}
+    # Decided per object so an unknown ID is 404 first; no owner rule applies (no `owner`).
+    owner_rule_methods = frozenset({"GET", "PUT", "DELETE"})
 
     def get(self, request: Any, pk: str) -> Response:
         bulk = self.get_bulk_operation(pk)
