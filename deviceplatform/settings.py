@@ -168,7 +168,7 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     # holds (bulkoperations.md §4).
     "advance-bulk-operations": {
         "task": "bulkops.tasks.advance_bulk_operations",
-        "schedule": env.float("BULK_RAMP_INTERVAL", default=1.0),
+        "schedule": env.float("BULK_RAMP_INTERVAL", default=0.5),
     },
     "expire-pending-operations": {
         "task": "devicecontrol.tasks.expire_pending_operations",

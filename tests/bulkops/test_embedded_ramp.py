@@ -52,7 +52,7 @@ def test_embedded_server_ramps_a_bulk_operation_to_completion(served: tuple[int,
         },
     )
 
-    # The in-process scheduler's `advance-bulk-operations` entry (every BULK_RAMP_INTERVAL, 1 s)
+    # The in-process scheduler's `advance-bulk-operations` entry (every BULK_RAMP_INTERVAL, default 0.5 s)
     # creates the children; nothing else in this process would.
     deadline = time.monotonic() + WAIT
     while True:

@@ -1,0 +1,692 @@
+"""Bulk operations: ramp throughput over 100,000 devices and pace accuracy of a 0.05 s ramp.
+
+Creates a dedicated PostgreSQL database and uses a dedicated Redis DB index, seeds agents, devices
+and groups with multi-row INSERTs, then runs a real Celery worker (`--pool solo`) driven by a real
+`celery beat` (BULK_RAMP_INTERVAL), exactly as production would:
+
+  (a) throughput: one group of --devices devices under --agents agents, a bulk operation with
+      creationRamp 0 created by POST /devicecontrol/bulkoperations (Django test client, in-process:
+      the POST snapshots every target); time until COMPLETED, child operations per second, the
+      worker's peak RSS (VmHWM), compared with AWS IoT Jobs' 1,000 devices/minute;
+  (b) pace: a group of --ramp-devices devices with creationRamp --ramp, once per beat interval in
+      --intervals; after COMPLETED, the deviation of each child's creationTime from its scheduled
+      time (effective_start + k * ramp): max, p50, p99;
+  (c) profile: cProfile of one in-process `bulk_operations_advance()` over a --profile-devices
+      group (same database, same Redis channel layer as the worker), top functions.
+
+Ceiling (shared/PERFORMANCE.md: report ratios): 500-row multi-row INSERTs into a scratch copy of
+the operations table (same columns, indexes and id default), one transaction per batch.
+
+Usage (see bench/README.md):  .venv/bin/python bench/bulk.py [--devices 20000] [--intervals 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import contextlib
+import cProfile
+import io
+import math
+import os
+import platform
+import pstats
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", ""})
+DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/dp_bench_bulk"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
+BENCH_USER = "bench"
+BENCH_PASSWORD = "bench-pw:not-secret"
+TENANT = "t100"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+AWS_IOT_JOBS_PER_MINUTE = 1000
+AIM_PER_MINUTE = 100 * AWS_IOT_JOBS_PER_MINUTE
+PROTOTYPE = {"description": "Restart device", "c8y_Restart": {}}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=100_000, help="(a) group size")
+    parser.add_argument("--agents", type=int, default=100)
+    parser.add_argument("--ramp-devices", type=int, default=2000, help="(b) group size")
+    parser.add_argument("--ramp", type=float, default=0.05, help="(b) creationRamp, seconds")
+    parser.add_argument(
+        "--intervals",
+        default="1.0,0.2",
+        help="(b) BULK_RAMP_INTERVAL values (beat), comma-separated",
+    )
+    parser.add_argument("--profile-devices", type=int, default=10_000, help="(c); 0: skip")
+    parser.add_argument("--ceiling-rows", type=int, default=20_000)
+    parser.add_argument("--timeout", type=float, default=300.0, help="per bulk operation, seconds")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_BULK_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="PostgreSQL on loopback; DROPPED and re-created (its name must contain 'bench')",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_BULK_REDIS_URL", DEFAULT_REDIS_URL),
+        help="Redis on loopback with a dedicated DB index (FLUSHED at start and end)",
+    )
+    args = parser.parse_args(argv)
+    args.interval_list = [float(x) for x in args.intervals.split(",") if x.strip()]
+    if max(args.ramp_devices, args.profile_devices) > args.devices:
+        parser.error("--ramp-devices and --profile-devices must not exceed --devices")
+    return args
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+# --- database and Redis set-up (the same checks as bench/operations.py) ---------------------------
+
+
+def checked_database_url(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise SystemExit(f"--database-url must be a postgres:// URL, not {url!r}")
+    if (parts.hostname or "") not in LOOPBACK_HOSTS:
+        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
+    name = parts.path.lstrip("/")
+    if "bench" not in name:
+        raise SystemExit(f"refusing to drop database {name!r}: its name must contain 'bench'")
+    return url, urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
+
+
+def checked_redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if (parts.hostname or "") not in LOOPBACK_HOSTS:
+        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
+    if parts.path.strip("/") in ("", "0"):
+        raise SystemExit("--redis-url needs a dedicated DB index other than 0 (it is flushed)")
+    return url
+
+
+def recreate_database(url: str, admin_url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+def manage(env: dict[str, str], *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"manage.py {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+
+
+def setup_django(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    sys.path.insert(0, str(REPO))
+    import django
+
+    django.setup()
+
+
+# --- seeding ------------------------------------------------------------------------------------
+
+
+MO_COLUMNS = (
+    "type, name, owner, creation_time, last_updated, fragments, is_device, is_agent, is_group"
+)
+
+
+def seed(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Agents, devices (device i under agent i % agents, 'device' edges), and three static groups
+    ('asset' edges): all devices, the first --ramp-devices, the first --profile-devices."""
+    groups: dict[str, int] = {}
+    with psycopg.connect(url) as conn:
+        agent_fragments = orjson.dumps({"com_cumulocity_model_Agent": {}, "c8y_IsDevice": {}})
+        agents = [
+            row[0]
+            for row in conn.execute(
+                f"INSERT INTO inventory_managedobject ({MO_COLUMNS}) SELECT 'c8y_BenchAgent',"
+                " 'agent-' || g, 'bench', now(), now(), %s::jsonb, true, true, false"
+                " FROM generate_series(0, %s) g RETURNING id",
+                (agent_fragments.decode(), args.agents - 1),
+            ).fetchall()
+        ]
+        agents.sort()
+        device_fragments = orjson.dumps(
+            {"c8y_IsDevice": {}, "c8y_SupportedOperations": ["c8y_Restart"]}
+        )
+        devices = [
+            row[0]
+            for row in conn.execute(
+                f"INSERT INTO inventory_managedobject ({MO_COLUMNS}) SELECT 'c8y_BenchDevice',"
+                " 'device-' || g, 'bench', now(), now(),"
+                " jsonb_set(%s::jsonb, '{c8y_Hardware}', jsonb_build_object('serialNumber', 'sn-' || g)),"
+                " true, false, false FROM generate_series(0, %s) g RETURNING id",
+                (device_fragments.decode(), args.devices - 1),
+            ).fetchall()
+        ]
+        devices.sort()
+        for name, size in (
+            ("all", args.devices),
+            ("ramp", args.ramp_devices),
+            ("profile", args.profile_devices),
+        ):
+            if size <= 0:
+                continue
+            groups[name] = conn.execute(
+                f"INSERT INTO inventory_managedobject ({MO_COLUMNS}) VALUES ('c8y_DeviceGroup',"
+                " %s, 'bench', now(), now(), '{\"c8y_IsDeviceGroup\": {}}', false, false, true)"
+                " RETURNING id",
+                (f"bench-{name}",),
+            ).fetchone()[0]
+        with (
+            conn.cursor() as cursor,
+            cursor.copy(
+                "COPY inventory_managedobjectreference (parent_id, child_id, relation) FROM STDIN"
+            ) as copy,
+        ):
+            buffer = io.StringIO()
+            for i, device in enumerate(devices):
+                buffer.write(f"{agents[i % len(agents)]}\t{device}\tdevice\n")
+                for name, size in (
+                    ("all", args.devices),
+                    ("ramp", args.ramp_devices),
+                    ("profile", args.profile_devices),
+                ):
+                    if i < size:
+                        buffer.write(f"{groups[name]}\t{device}\tasset\n")
+            copy.write(buffer.getvalue())
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+    return {"agents": agents, "devices": devices, "groups": groups}
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+class Process:
+    """A child in its own session, so stopping it stops all of it; stopped at exit too."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.command = command
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        atexit.register(self.stop)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        if not self._log.closed:
+            self._log.close()
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A kB figure from /proc/<pid>/status (VmHWM: peak resident set, VmRSS: current)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_of(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        raw = handle.read()
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def postgres_cpu(database: str) -> float:
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                title = handle.read().decode(errors="replace").replace("\0", " ")
+            if title.startswith("postgres") and (f" {database} " in title or "(" not in title):
+                total += cpu_of(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def machine_cpu() -> float:
+    with open("/proc/stat") as handle:
+        ticks = [int(value) for value in handle.readline().split()[1:]]
+    return (sum(ticks) - sum(ticks[8:10]) - ticks[3] - ticks[4]) / CLK_TCK
+
+
+def redis_cpu() -> float:
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm") as handle:
+                if handle.read().startswith("redis-server"):
+                    total += cpu_of(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def wait_ready(worker: Process, seconds: float = 60.0, marker: str = "ready") -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise SystemExit(f"{worker.name} exited:\n{worker.log_tail()}")
+        if marker in worker.log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{worker.name} not ready after {seconds:.0f} s:\n{worker.log_tail()}")
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def post_bulk(client: Any, group_id: int, ramp: float) -> tuple[int, float]:
+    body = {
+        "groupId": str(group_id),
+        "startDate": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "creationRamp": ramp,
+        "operationPrototype": PROTOTYPE,
+    }
+    t0 = time.perf_counter()
+    response = client.post(
+        "/devicecontrol/bulkoperations",
+        data=orjson.dumps(body),
+        content_type="application/json",
+        HTTP_ACCEPT="application/vnd.com.nsn.cumulocity.bulkoperation+json",
+    )
+    elapsed = time.perf_counter() - t0
+    if response.status_code != 201:
+        raise SystemExit(f"POST failed: {response.status_code} {response.content[:300]!r}")
+    return int(orjson.loads(response.content)["id"]), elapsed
+
+
+def wait_completed(url: str, bulk_id: int, worker: Process, timeout: float) -> float:
+    """Seconds (monotonic) at which the bulk operation was seen COMPLETED (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            status = conn.execute(
+                "SELECT status FROM bulkops_bulkoperation WHERE id = %s", (bulk_id,)
+            ).fetchone()[0]
+            if status == "COMPLETED":
+                return time.monotonic()
+            if not worker.alive():
+                raise SystemExit(f"worker died:\n{worker.log_tail()}")
+            time.sleep(0.05)
+    raise SystemExit(f"bulk operation {bulk_id} not COMPLETED after {timeout:.0f} s")
+
+
+def children(url: str, bulk_id: int) -> list[tuple[int, datetime, datetime]]:
+    """(position, creation_time, scheduled time) of every child, by position."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT t.position, o.creation_time,"
+            " b.effective_start + (t.position - b.first_index) * b.creation_ramp * interval '1 second'"
+            " FROM bulkops_bulkoperationtarget t"
+            " JOIN bulkops_bulkoperation b ON b.id = t.bulk_operation_id"
+            " JOIN devicecontrol_operation o ON o.bulk_operation_id = b.id AND o.device_id = t.device_id"
+            " WHERE b.id = %s ORDER BY t.position",
+            (bulk_id,),
+        ).fetchall()
+
+
+def ceiling(url: str, rows: int, devices: list[int], agents: list[int]) -> float:
+    """Rows/s of 500-row multi-row INSERTs (one transaction each) into a scratch copy of the
+    operations table: what the database alone allows for the ramp's INSERT."""
+    batch = 500
+    body = orjson.dumps(PROTOTYPE).decode()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_ops_ceiling")
+        conn.execute("CREATE TABLE bench_ops_ceiling (LIKE devicecontrol_operation INCLUDING ALL)")
+        values = ", ".join(["(%s, %s, 'PENDING', now(), now(), %s::jsonb, %s)"] * batch)
+        sql = (
+            "INSERT INTO bench_ops_ceiling (device_id, agent_id, status, creation_time,"
+            f" status_changed_at, fragments, bulk_operation_id) VALUES {values}"
+        )
+        start = time.perf_counter()
+        for first in range(0, rows, batch):
+            params: list[Any] = []
+            for i in range(first, first + batch):
+                device = devices[i % len(devices)]
+                params += [device, agents[i % len(agents)], body, 1]
+            conn.execute(sql, params)
+        elapsed = time.perf_counter() - start
+        conn.execute("DROP TABLE bench_ops_ceiling")
+    return (rows // batch * batch) / elapsed
+
+
+def run_bulk(
+    label: str,
+    *,
+    url: str,
+    database: str,
+    client: Any,
+    group_id: int,
+    ramp: float,
+    interval: float,
+    env: dict[str, str],
+    log_dir: Path,
+    timeout: float,
+) -> dict[str, Any]:
+    """Start worker + beat, POST a bulk operation, wait for COMPLETED, stop both; figures."""
+    run_env = {**env, "BULK_RAMP_INTERVAL": str(interval)}
+    schedule = log_dir / f"beat-{label}.schedule"
+    worker = Process(
+        f"worker-{label}",
+        [sys.executable, "-m", "celery", "-A", "deviceplatform", "worker", "--pool", "solo",
+         "--loglevel", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        run_env,
+        log_dir,
+    )  # fmt: skip
+    beat = None
+    try:
+        # Beat runs before the POST, as in production: its start-up must not count as lateness.
+        beat = Process(
+            f"beat-{label}",
+            [sys.executable, "-m", "celery", "-A", "deviceplatform", "beat", "--loglevel",
+             "info", "--schedule", str(schedule)],
+            run_env,
+            log_dir,
+        )  # fmt: skip
+        wait_ready(worker)
+        wait_ready(beat, marker="Sending due task")
+        rss_idle = proc_status(worker.pid, "VmRSS")
+        hwm_idle = proc_status(worker.pid, "VmHWM")
+        bulk_id, post_seconds = post_bulk(client, group_id, ramp)
+        posted = time.monotonic()
+        cpu_before = (cpu_of(worker.pid), postgres_cpu(database), redis_cpu(), machine_cpu())
+        completed = wait_completed(url, bulk_id, worker, timeout)
+        wall = completed - posted
+        cpu_after = (cpu_of(worker.pid), postgres_cpu(database), redis_cpu(), machine_cpu())
+        hwm = proc_status(worker.pid, "VmHWM")
+    finally:
+        if beat is not None:
+            beat.stop()
+        worker.stop()
+    rows = children(url, bulk_id)
+    cores = [(a - b) / wall for a, b in zip(cpu_after, cpu_before, strict=True)]
+    return {
+        "bulk_id": bulk_id,
+        "post": post_seconds,
+        "wall": wall,
+        "rows": rows,
+        "rss_idle_kb": rss_idle,
+        "hwm_idle_kb": hwm_idle,
+        "hwm_kb": hwm,
+        "worker_cores": cores[0],
+        "pg_cores": cores[1],
+        "redis_cores": cores[2],
+        "other_cores": max(0.0, cores[3] - cores[0] - cores[1] - cores[2]),
+        "worker_cmd": worker.command,
+        "beat_cmd": beat.command if beat is not None else [],
+    }
+
+
+def profile_advance(client: Any, group_id: int, top: int = 22) -> tuple[int, float, str]:
+    """One in-process `bulk_operations_advance()` over a fresh ramp-0 bulk operation, under
+    cProfile (worker and beat are stopped, so nothing else claims it)."""
+    from bulkops.services import bulk_operations_advance
+
+    post_bulk(client, group_id, 0)
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    created = bulk_operations_advance()
+    profiler.disable()
+    elapsed = time.perf_counter() - t0
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return created, elapsed, text.getvalue()
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    url, admin_url = checked_database_url(args.database_url)
+    redis_url = checked_redis_url(args.redis_url)
+    database = urlsplit(url).path.lstrip("/")
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    out("# bench/bulk.py")
+    out(f"command: {shlex.join([sys.executable, 'bench/bulk.py', *argv])}")
+    out(
+        f"machine: {cores} cores ({usable} usable), {platform.machine()}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+    out(f"database: {url} (dropped and re-created); redis: {redis_url} (flushed)")
+    out("load average before the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+    started = time.perf_counter()
+    recreate_database(url, admin_url)
+    flush_redis(redis_url)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"REDIS_URL", "DATABASE_URL", "BULK_RAMP_INTERVAL"}
+        and not key.startswith("PYTEST_")
+    }
+    env.update(
+        DATABASE_URL=url,
+        REDIS_URL=redis_url,
+        # Redis pub/sub ignores the DB index: a prefix of our own keeps our events off others' layers.
+        CHANNELS_PREFIX="dp-bench-bulk",
+        DEBUG="false",
+        LOG_LEVEL="WARNING",
+        DJANGO_SETTINGS_MODULE="deviceplatform.settings",
+        PYTHONUNBUFFERED="1",
+    )
+    manage(env, "migrate", "--noinput", "-v", "0")
+    manage(env, "createuser", BENCH_USER, "--password", BENCH_PASSWORD, "--groups", "admins")
+    t0 = time.perf_counter()
+    fleet = seed(url, args)
+    out(
+        f"seeded {len(fleet['agents'])} agents, {len(fleet['devices']):,} devices (device i under "
+        f"agent i mod {args.agents}), groups {fleet['groups']} in {time.perf_counter() - t0:.1f} s"
+    )
+    setup_django(env)
+    from django.test import Client
+
+    token = base64.b64encode(f"{TENANT}/{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()
+    client = Client(HTTP_AUTHORIZATION=f"Basic {token}", HTTP_HOST="127.0.0.1")
+    warm = client.get("/devicecontrol/bulkoperations")  # the password hash, once
+    if warm.status_code != 200:
+        raise SystemExit(f"warm-up GET failed: {warm.status_code} {warm.content[:200]!r}")
+    ceiling_rate = ceiling(url, args.ceiling_rows, fleet["devices"], fleet["agents"])
+    out(
+        f"ceiling: 500-row multi-row INSERTs into a copy of devicecontrol_operation (same indexes), "
+        f"one transaction each: {ceiling_rate:,.0f} rows/s"
+    )
+    out(f"setup: {time.perf_counter() - started:.1f} s")
+    log_dir = Path(tempfile.mkdtemp(prefix="dp-bench-bulk-"))
+    out(f"process logs: {log_dir}")
+    failures = 0
+
+    # --- (a) throughput ----------------------------------------------------------------------
+    out()
+    out(f"=== (a) creationRamp 0 over {args.devices:,} devices, beat every 1.0 s ===")
+    a = run_bulk(
+        "a", url=url, database=database, client=client, group_id=fleet["groups"]["all"], ramp=0,
+        interval=1.0, env=env, log_dir=log_dir, timeout=args.timeout,
+    )  # fmt: skip
+    out(f"worker: {shlex.join(a['worker_cmd'])}")
+    out(f"beat:   {shlex.join(a['beat_cmd'])}   (BULK_RAMP_INTERVAL=1.0)")
+    made = len(a["rows"])
+    if made != args.devices:
+        failures += 1
+        out(f"MISMATCH: {made:,} children for {args.devices:,} targets")
+    created_times = sorted(row[1] for row in a["rows"])
+    span = (created_times[-1] - created_times[0]).total_seconds() if created_times else math.nan
+    rate_wall = made / a["wall"]
+    rate_span = made / span if span else math.nan
+    out(
+        f"POST /devicecontrol/bulkoperations (snapshot of {args.devices:,} targets): {a['post'] * 1000:.0f} ms"
+    )
+    out(f"children created: {made:,} (exactly one per device: {made == args.devices})")
+    out(
+        f"POST answered -> COMPLETED: {a['wall']:.2f} s = {rate_wall:,.0f} children/s "
+        f"({rate_wall * 60:,.0f}/min; includes waiting up to 1 s for the first beat tick)"
+    )
+    out(
+        f"first -> last child creationTime: {span:.2f} s = {rate_span:,.0f} children/s "
+        f"({rate_span * 60:,.0f}/min)"
+    )
+    out(
+        f"vs AWS IoT Jobs 1,000/min: {rate_wall * 60 / AWS_IOT_JOBS_PER_MINUTE:.0f}x (wall), "
+        f"{rate_span * 60 / AWS_IOT_JOBS_PER_MINUTE:.0f}x (creation span); aim 100x = "
+        f"{AIM_PER_MINUTE / 60:,.0f}/s"
+    )
+    out(
+        f"ratio to the multi-row INSERT ceiling: {rate_span:,.0f} / {ceiling_rate:,.0f} = "
+        f"{rate_span / ceiling_rate:.2f}x"
+    )
+    out(
+        f"worker RSS: idle {a['rss_idle_kb'] / 1024:.0f} MiB, peak (VmHWM) {a['hwm_kb'] / 1024:.0f} MiB "
+        f"(+{(a['hwm_kb'] - a['hwm_idle_kb']) / 1024:.0f} MiB over its idle peak)"
+    )
+    out(
+        f"cores busy while ramping: worker {a['worker_cores']:.2f}, postgres {a['pg_cores']:.2f}, "
+        f"redis {a['redis_cores']:.2f}, other {a['other_cores']:.2f} (of {usable})"
+    )
+
+    # --- (b) pace ------------------------------------------------------------------------------
+    for interval in args.interval_list:
+        out()
+        out(
+            f"=== (b) creationRamp {args.ramp} s over {args.ramp_devices:,} devices, beat every "
+            f"{interval} s (BULK_RAMP_INTERVAL={interval}) ==="
+        )
+        b = run_bulk(
+            f"b-{interval}", url=url, database=database, client=client,
+            group_id=fleet["groups"]["ramp"], ramp=args.ramp, interval=interval, env=env,
+            log_dir=log_dir, timeout=args.timeout,
+        )  # fmt: skip
+        if len(b["rows"]) != args.ramp_devices:
+            failures += 1
+            out(f"MISMATCH: {len(b['rows']):,} children for {args.ramp_devices:,} targets")
+        deviations = sorted((created - due).total_seconds() for _, created, due in b["rows"])
+        worst = max(deviations, key=abs)
+        out(
+            f"POST {b['post'] * 1000:.0f} ms; POST -> COMPLETED {b['wall']:.1f} s "
+            f"(schedule length {(args.ramp_devices - 1) * args.ramp:.1f} s)"
+        )
+        out(
+            f"deviation creationTime - scheduled (s): max |dev| {abs(worst):.3f} ({worst:+.3f}), "
+            f"p50 {percentile(deviations, 0.5):.3f}, p99 {percentile(deviations, 0.99):.3f}, "
+            f"min {deviations[0]:+.3f}; aim < 1 s: {'met' if abs(worst) < 1 else 'NOT met'}"
+        )
+        out(
+            f"worker peak RSS {b['hwm_kb'] / 1024:.0f} MiB; cores: worker {b['worker_cores']:.2f}, "
+            f"postgres {b['pg_cores']:.2f}, redis {b['redis_cores']:.2f}, other {b['other_cores']:.2f}"
+        )
+
+    # --- (c) profile ---------------------------------------------------------------------------
+    if args.profile_devices:
+        out()
+        out(
+            f"=== (c) cProfile: in-process bulk_operations_advance(), creationRamp 0 over "
+            f"{args.profile_devices:,} devices (same database, Redis channel layer) ==="
+        )
+        created, elapsed, text = profile_advance(client, fleet["groups"]["profile"])
+        out(
+            f"{created:,} children in {elapsed:.2f} s under cProfile = {created / elapsed:,.0f}/s "
+            "(profiling overhead included)"
+        )
+        for line in text.splitlines():
+            if line.strip():
+                out(line.rstrip())
+
+    flush_redis(redis_url)
+    out()
+    out(f"total run time {time.perf_counter() - started:.1f} s")
+    return 1 if failures else 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    print(f"stopped by signal {signum}", file=sys.stderr)
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the processes
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
