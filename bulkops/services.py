@@ -204,6 +204,19 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     return bulk
 
 
+def _lock_running(bulk_operation_id: int, verb: str) -> BulkOperation:
+    """The bulk operation, row-locked; 404 if unknown, 422 unless ACTIVE or IN_PROGRESS."""
+    bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
+    if bulk is None:
+        raise bulk_operation_not_found(bulk_operation_id)
+    if bulk.status not in RUNNING_STATUSES:
+        raise ValidationFailed(
+            f"Only ACTIVE or IN_PROGRESS bulk operations can be {verb}; {bulk.pk} is {bulk.status}",
+            error=INVALID,
+        )
+    return bulk
+
+
 def bulk_operation_update(
     *, bulk_operation_id: int, data: dict[str, Any], now: datetime | None = None
 ) -> BulkOperation:
@@ -215,14 +228,7 @@ def bulk_operation_update(
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
     now = now or timezone.now()
     with transaction.atomic():
-        bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
-        if bulk is None:
-            raise bulk_operation_not_found(bulk_operation_id)
-        if bulk.status not in RUNNING_STATUSES:
-            raise ValidationFailed(
-                f"Bulk operation {bulk.pk} is {bulk.status} and can no longer be changed",
-                error=INVALID,
-            )
+        bulk = _lock_running(bulk_operation_id, "changed")
         if start is not None:
             bulk.start_date = start
         if ramp is not None:
@@ -247,15 +253,7 @@ def bulk_operation_update(
 def bulk_operation_cancel(*, bulk_operation_id: int, now: datetime | None = None) -> BulkOperation:
     """DELETE (bulkoperations.md §10): no further children; existing ones keep their status."""
     with transaction.atomic():
-        bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
-        if bulk is None:
-            raise bulk_operation_not_found(bulk_operation_id)
-        if bulk.status not in RUNNING_STATUSES:
-            raise ValidationFailed(
-                f"Only ACTIVE or IN_PROGRESS bulk operations can be cancelled; {bulk.pk} is "
-                f"{bulk.status}",
-                error=INVALID,
-            )
+        bulk = _lock_running(bulk_operation_id, "cancelled")
         bulk.status = BulkStatus.DELETED
         bulk.next_due_at = None
         bulk.last_updated = now or timezone.now()

@@ -21,10 +21,6 @@ ADMIN = frozenset({Role.BULK_OPERATION_ADMIN})
 
 
 class BulkOperationView(CumulocityView):
-    @property
-    def base(self) -> str:
-        return self.request.build_absolute_uri("/").rstrip("/")
-
     def get_bulk_operation(self, pk: str) -> BulkOperation:
         try:
             bulk = BulkOperation.objects.filter(pk=parse_id(pk)).first()

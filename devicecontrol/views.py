@@ -25,10 +25,6 @@ ADMIN = frozenset({Role.DEVICE_CONTROL_ADMIN})
 
 
 class DeviceControlView(CumulocityView):
-    @property
-    def base(self) -> str:
-        return self.request.build_absolute_uri("/").rstrip("/")
-
     def owner_of(self, obj: Operation) -> str | None:
         """The owner rule for operations is the target device's owner (auth.md §4)."""
         return obj.device.owner

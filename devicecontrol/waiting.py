@@ -28,6 +28,7 @@ from deviceplatform.api.exceptions import ApiError, error_response
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.api.params import parse_id
 from deviceplatform.api.renderers import dumps
+from deviceplatform.api.views import base_url
 
 
 def _timeout(request: HttpRequest) -> float | HttpResponse:
@@ -126,7 +127,7 @@ async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
     finally:
         if channel is not None and group is not None:
             await layer.group_discard(group, channel)
-    base = request.build_absolute_uri("/").rstrip("/")
+    base = base_url(request)
     done = operation.status in FINAL_STATUSES
     response = HttpResponse(
         dumps(operation_json(operation, base=base)),

@@ -19,9 +19,7 @@ ADMIN = frozenset({Role.IDENTITY_ADMIN})
 
 
 class IdentityView(CumulocityView):
-    @property
-    def base(self) -> str:
-        return self.request.build_absolute_uri("/").rstrip("/")
+    """Base of the identity resources."""
 
 
 class IdentityApiView(IdentityView):

@@ -38,10 +38,6 @@ CREATE = frozenset({Role.INVENTORY_ADMIN, Role.INVENTORY_CREATE})
 class InventoryView(CumulocityView):
     """Shared helpers of the inventory resources."""
 
-    @property
-    def base(self) -> str:
-        return self.request.build_absolute_uri("/").rstrip("/")
-
     def is_admin(self) -> bool:
         return has_any_role(self.request.user, ADMIN)
 

@@ -11,12 +11,8 @@ from rest_framework.response import Response
 from deviceplatform.api.dates import format_datetime
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.params import get_bool
-from deviceplatform.api.views import CumulocityView
+from deviceplatform.api.views import CumulocityView, base_url
 from deviceplatform.roles import user_roles
-
-
-def base_url(request: Any) -> str:
-    return request.build_absolute_uri("/").rstrip("/")
 
 
 class PlatformView(CumulocityView):

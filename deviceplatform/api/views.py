@@ -12,6 +12,12 @@ from deviceplatform.api.exceptions import ValidationFailed
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.roles import Role
 
+
+def base_url(request: Any) -> str:
+    """Absolute root URL (scheme and host of the request, X-Forwarded-* when configured)."""
+    return request.build_absolute_uri("/").rstrip("/")
+
+
 PROCESSING_MODES = frozenset({"PERSISTENT", "TRANSIENT", "QUIESCENT", "CEP"})
 
 
@@ -81,5 +87,7 @@ class CumulocityView(GenericAPIView):
             raise ValidationFailed("The request body must be a JSON object")
         return data
 
-    def absolute(self, path: str) -> str:
-        return self.request.build_absolute_uri(path)
+    @property
+    def base(self) -> str:
+        """The absolute root URL of this request, without trailing slash, for `self` links."""
+        return base_url(self.request)
