@@ -23,37 +23,45 @@ Usage (see bench/README.md):  .venv/bin/python bench/bulk.py [--devices 20000] [
 from __future__ import annotations
 
 import argparse
-import atexit
-import base64
-import contextlib
 import cProfile
 import io
 import math
 import os
-import platform
 import pstats
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg
+from _common import (
+    LOOPBACK_HOSTS,
+    Process,
+    Report,
+    basic_auth,
+    bench_env,
+    checked_database_url,
+    command_line,
+    cpu_sample,
+    database_name,
+    load_average_line,
+    machine_line,
+    migrate_and_create_user,
+    percentile,
+    process_cpu_seconds,
+    recreate_database,
+    run_main,
+    setup_django,
+    usable_cores,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", ""})
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/dp_bench_bulk"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
-BENCH_USER = "bench"
-BENCH_PASSWORD = "bench-pw:not-secret"
-TENANT = "t100"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 AWS_IOT_JOBS_PER_MINUTE = 1000
 AIM_PER_MINUTE = 100 * AWS_IOT_JOBS_PER_MINUTE
 PROTOTYPE = {"description": "Restart device", "c8y_Restart": {}}
@@ -92,23 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def out(line: str = "") -> None:
-    print(line, flush=True)
-
-
-# --- database and Redis set-up (the same checks as bench/operations.py) ---------------------------
-
-
-def checked_database_url(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise SystemExit(f"--database-url must be a postgres:// URL, not {url!r}")
-    if (parts.hostname or "") not in LOOPBACK_HOSTS:
-        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
-    name = parts.path.lstrip("/")
-    if "bench" not in name:
-        raise SystemExit(f"refusing to drop database {name!r}: its name must contain 'bench'")
-    return url, urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
+# --- Redis set-up (the database checks are in bench/_common.py) ------------------------------------
 
 
 def checked_redis_url(url: str) -> str:
@@ -120,41 +112,12 @@ def checked_redis_url(url: str) -> str:
     return url
 
 
-def recreate_database(url: str, admin_url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
 def flush_redis(url: str) -> None:
     import redis
 
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
-
-
-def manage(env: dict[str, str], *args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"manage.py {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-
-
-def setup_django(env: dict[str, str]) -> None:
-    os.environ.update(env)
-    sys.path.insert(0, str(REPO))
-    import django
-
-    django.setup()
 
 
 # --- seeding ------------------------------------------------------------------------------------
@@ -233,55 +196,6 @@ def seed(url: str, args: argparse.Namespace) -> dict[str, Any]:
 # --- processes ----------------------------------------------------------------------------------
 
 
-class Process:
-    """A child in its own session, so stopping it stops all of it; stopped at exit too."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.command = command
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        atexit.register(self.stop)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        if not self._log.closed:
-            self._log.close()
-
-
 def proc_status(pid: int, key: str) -> int:
     """A kB figure from /proc/<pid>/status (VmHWM: peak resident set, VmRSS: current)."""
     with open(f"/proc/{pid}/status") as handle:
@@ -289,34 +203,6 @@ def proc_status(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
-
-
-def cpu_of(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        raw = handle.read()
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def postgres_cpu(database: str) -> float:
-    total = 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                title = handle.read().decode(errors="replace").replace("\0", " ")
-            if title.startswith("postgres") and (f" {database} " in title or "(" not in title):
-                total += cpu_of(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-def machine_cpu() -> float:
-    with open("/proc/stat") as handle:
-        ticks = [int(value) for value in handle.readline().split()[1:]]
-    return (sum(ticks) - sum(ticks[8:10]) - ticks[3] - ticks[4]) / CLK_TCK
 
 
 def redis_cpu() -> float:
@@ -327,31 +213,31 @@ def redis_cpu() -> float:
         try:
             with open(f"/proc/{entry.name}/comm") as handle:
                 if handle.read().startswith("redis-server"):
-                    total += cpu_of(int(entry.name))
+                    total += process_cpu_seconds(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def cpu_totals(worker: int, database: str) -> tuple[float, float, float, float]:
+    """CPU seconds so far of the worker's session, of PostgreSQL (the bench database's backends and
+    the background processes), of Redis, and of the whole machine."""
+    sample = cpu_sample(worker, database)
+    return sum(sample.server.values()), sum(sample.postgres.values()), redis_cpu(), sample.machine
 
 
 def wait_ready(worker: Process, seconds: float = 60.0, marker: str = "ready") -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if not worker.alive():
-            raise SystemExit(f"{worker.name} exited:\n{worker.log_tail()}")
+            raise SystemExit(f"{worker.name} exited:\n{worker.log_tail(30)}")
         if marker in worker.log_path.read_text(errors="replace"):
             return
         time.sleep(0.2)
-    raise SystemExit(f"{worker.name} not ready after {seconds:.0f} s:\n{worker.log_tail()}")
+    raise SystemExit(f"{worker.name} not ready after {seconds:.0f} s:\n{worker.log_tail(30)}")
 
 
 # --- measurements ---------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def post_bulk(client: Any, group_id: int, ramp: float) -> tuple[int, float]:
@@ -385,7 +271,7 @@ def wait_completed(url: str, bulk_id: int, worker: Process, timeout: float) -> f
             if status == "COMPLETED":
                 return time.monotonic()
             if not worker.alive():
-                raise SystemExit(f"worker died:\n{worker.log_tail()}")
+                raise SystemExit(f"worker died:\n{worker.log_tail(30)}")
             time.sleep(0.05)
     raise SystemExit(f"bulk operation {bulk_id} not COMPLETED after {timeout:.0f} s")
 
@@ -446,21 +332,21 @@ def run_bulk(
     run_env = {**env, "BULK_RAMP_INTERVAL": str(interval)}
     schedule = log_dir / f"beat-{label}.schedule"
     worker = Process(
-        f"worker-{label}",
         [sys.executable, "-m", "celery", "-A", "deviceplatform", "worker", "--pool", "solo",
          "--loglevel", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"],
         run_env,
-        log_dir,
+        log_dir / f"worker-{label}.log",
+        name=f"worker-{label}",
     )  # fmt: skip
     beat = None
     try:
         # Beat runs before the POST, as in production: its start-up must not count as lateness.
         beat = Process(
-            f"beat-{label}",
             [sys.executable, "-m", "celery", "-A", "deviceplatform", "beat", "--loglevel",
              "info", "--schedule", str(schedule)],
             run_env,
-            log_dir,
+            log_dir / f"beat-{label}.log",
+            name=f"beat-{label}",
         )  # fmt: skip
         wait_ready(worker)
         wait_ready(beat, marker="Sending due task")
@@ -468,10 +354,10 @@ def run_bulk(
         hwm_idle = proc_status(worker.pid, "VmHWM")
         bulk_id, post_seconds = post_bulk(client, group_id, ramp)
         posted = time.monotonic()
-        cpu_before = (cpu_of(worker.pid), postgres_cpu(database), redis_cpu(), machine_cpu())
+        cpu_before = cpu_totals(worker.pid, database)
         completed = wait_completed(url, bulk_id, worker, timeout)
         wall = completed - posted
-        cpu_after = (cpu_of(worker.pid), postgres_cpu(database), redis_cpu(), machine_cpu())
+        cpu_after = cpu_totals(worker.pid, database)
         hwm = proc_status(worker.pid, "VmHWM")
     finally:
         if beat is not None:
@@ -519,39 +405,26 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     url, admin_url = checked_database_url(args.database_url)
     redis_url = checked_redis_url(args.redis_url)
-    database = urlsplit(url).path.lstrip("/")
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    database = database_name(url)
+    usable = usable_cores()
+    out = Report()
     out("# bench/bulk.py")
-    out(f"command: {shlex.join([sys.executable, 'bench/bulk.py', *argv])}")
-    out(
-        f"machine: {cores} cores ({usable} usable), {platform.machine()}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
+    out(command_line("bench/bulk.py", argv))
+    out(machine_line())
     out(f"database: {url} (dropped and re-created); redis: {redis_url} (flushed)")
-    out("load average before the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    out(load_average_line())
 
     started = time.perf_counter()
     recreate_database(url, admin_url)
     flush_redis(redis_url)
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"REDIS_URL", "DATABASE_URL", "BULK_RAMP_INTERVAL"}
-        and not key.startswith("PYTEST_")
-    }
-    env.update(
-        DATABASE_URL=url,
+    env = bench_env(
+        url,
+        drop=("BULK_RAMP_INTERVAL",),
         REDIS_URL=redis_url,
         # Redis pub/sub ignores the DB index: a prefix of our own keeps our events off others' layers.
         CHANNELS_PREFIX="dp-bench-bulk",
-        DEBUG="false",
-        LOG_LEVEL="WARNING",
-        DJANGO_SETTINGS_MODULE="deviceplatform.settings",
-        PYTHONUNBUFFERED="1",
     )
-    manage(env, "migrate", "--noinput", "-v", "0")
-    manage(env, "createuser", BENCH_USER, "--password", BENCH_PASSWORD, "--groups", "admins")
+    migrate_and_create_user(env)
     t0 = time.perf_counter()
     fleet = seed(url, args)
     out(
@@ -561,8 +434,7 @@ def main(argv: list[str]) -> int:
     setup_django(env)
     from django.test import Client
 
-    token = base64.b64encode(f"{TENANT}/{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()
-    client = Client(HTTP_AUTHORIZATION=f"Basic {token}", HTTP_HOST="127.0.0.1")
+    client = Client(HTTP_AUTHORIZATION=basic_auth(), HTTP_HOST="127.0.0.1")
     warm = client.get("/devicecontrol/bulkoperations")  # the password hash, once
     if warm.status_code != 200:
         raise SystemExit(f"warm-up GET failed: {warm.status_code} {warm.content[:200]!r}")
@@ -676,17 +548,5 @@ def main(argv: list[str]) -> int:
     return 1 if failures else 0
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    print(f"stopped by signal {signum}", file=sys.stderr)
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the processes
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -24,49 +24,58 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
-import base64
 import contextlib
 import io
 import json
 import math
 import os
-import platform
 import random
 import shlex
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
 import psycopg
+from _common import (
+    BENCH_PASSWORD,
+    BENCH_USER,
+    TABLE_HEADER,
+    Call,
+    Load,
+    PhaseResult,
+    Report,
+    Server,
+    basic_auth,
+    bench_env,
+    checked_database_url,
+    command_line,
+    cores_used,
+    cpu_sample,
+    database_name,
+    free_port,
+    gunicorn_command,
+    load_average_line,
+    machine_line,
+    migrate_and_create_user,
+    recreate_database,
+    run_main,
+    setup_django,
+    time_statement,
+    usable_cores,
+    wait_for_idle,
+)
 from psycopg.types.json import Jsonb
 
-REPO = Path(__file__).resolve().parent.parent
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", ""})
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/dp_bench_ops"
-BENCH_USER = "bench"
-BENCH_PASSWORD = "bench-pw:not-secret"
 AGENT_USER_PASSWORD = "agent-pw:not-secret"
-TENANT = "t100"
-STARTUP_TIMEOUT = 60.0
-WARM_REQUEST_SECONDS = 0.25  # a slower warm-up request is a worker's first password check
-MAX_WARMUP_ROUNDS = 60
 TABLE = "devicecontrol_operation"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The index each measured query must use (models.py Meta.indexes); alternatives after the first.
 EXPECTED_INDEX = {
@@ -124,63 +133,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not queue < args.small < args.large:
         parser.error(f"need {queue} (queued operations) < --small < --large")
     return args
-
-
-class Report:
-    """Prints lines as they come and keeps them for --save."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-
-
-# --- database set-up (the same checks as bench/inventory_http.py) --------------------------------
-
-
-def checked_database_url(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise SystemExit(f"--database-url must be a postgres:// URL, not {url!r}")
-    if (parts.hostname or "") not in LOOPBACK_HOSTS:
-        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
-    name = parts.path.lstrip("/")
-    if "bench" not in name:
-        raise SystemExit(f"refusing to drop database {name!r}: its name must contain 'bench'")
-    return url, urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
-
-
-def recreate_database(url: str, admin_url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def manage(env: dict[str, str], *args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"manage.py {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-
-
-def setup_django(env: dict[str, str]) -> None:
-    """This process uses the app's own code to seed inventory and to build and capture its SQL."""
-    os.environ.update(env)
-    os.environ.pop("REDIS_URL", None)
-    sys.path.insert(0, str(REPO))
-    import django
-
-    django.setup()
 
 
 # --- seeding --------------------------------------------------------------------------------------
@@ -385,289 +337,18 @@ def grow_operations(
     return rows, time.perf_counter() - started
 
 
-# --- statistics and CPU ---------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-@dataclass
-class Sample:
-    name: str
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    error_kinds: Counter[str] = field(default_factory=Counter)
-    elapsed: float = 0.0
-    cut: bool = False
-    cpu: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.elapsed if self.elapsed else math.nan
-
-    def p(self, q: float) -> float:
-        return percentile(sorted(self.latencies), q) * 1000
-
-
-def _read(path: str) -> str:
-    with open(path, "rb") as handle:
-        return handle.read().decode(errors="replace")
-
-
-def cpu_seconds(server_session: int | None, database: str) -> dict[str, Any]:
-    """CPU seconds per process of the server's session and of PostgreSQL (the bench database's
-    backends and the background processes), of this process, and of the whole machine."""
-    with open("/proc/stat") as handle:
-        ticks = [int(value) for value in handle.readline().split()[1:]]
-    machine = (sum(ticks) - sum(ticks[8:10]) - ticks[3] - ticks[4]) / CLK_TCK
-    server: dict[int, float] = {}
-    postgres: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = _read(f"/proc/{entry.name}/stat")
-            comm = raw[raw.find("(") + 1 : raw.rfind(")")]
-            fields = raw[raw.rfind(")") + 2 :].split()
-            seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
-            if server_session is not None and int(fields[3]) == server_session:
-                server[int(entry.name)] = seconds
-            elif comm.startswith("postgres"):
-                title = _read(f"/proc/{entry.name}/cmdline").replace("\0", " ")
-                if f" {database} " in title or "(" not in title:
-                    postgres[int(entry.name)] = seconds
-        except (OSError, IndexError, ValueError):
-            continue
-    return {"server": server, "postgres": postgres, "client": time.process_time(), "all": machine}
-
-
-def cores_used(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, float]:
-    def delta(key: str) -> float:
-        return sum(value - before[key].get(pid, 0.0) for pid, value in after[key].items())
-
-    used = {
-        "server": delta("server") / seconds,
-        "pg": delta("postgres") / seconds,
-        "client": (after["client"] - before["client"]) / seconds,
-    }
-    used["other"] = max(0.0, (after["all"] - before["all"]) / seconds - sum(used.values()))
-    return used
-
-
-def machine_busy_cores(seconds: float) -> float:
-    """Cores busy over the next `seconds` on the whole machine (this process sleeps meanwhile)."""
-    before = cpu_seconds(None, "")
-    time.sleep(seconds)
-    after = cpu_seconds(None, "")
-    return (after["all"] - before["all"]) / seconds
-
-
 def wait_idle(max_seconds: float, threshold: float = 0.4, quiet_windows: int = 3) -> str:
     """Wait until the machine (our idle server included) used less than `threshold` cores in
     `quiet_windows` consecutive one-second windows, or `max_seconds` passed. Returns a summary."""
     if max_seconds <= 0:
         return "not waiting for an idle machine (--wait-idle 0)"
-    start = time.monotonic()
-    quiet, busy = 0, 0.0
-    while time.monotonic() - start < max_seconds:
-        busy = machine_busy_cores(1.0)
-        quiet = quiet + 1 if busy < threshold else 0
-        if quiet >= quiet_windows:
-            return f"machine quiet after {time.monotonic() - start:.0f} s ({busy:.2f} cores busy)"
+    quiet, waited, busy = wait_for_idle(max_seconds, threshold, quiet_windows)
+    if quiet:
+        return f"machine quiet after {waited:.0f} s ({busy:.2f} cores busy)"
     return (
         f"machine still busy after {max_seconds:.0f} s ({busy:.2f} cores busy by others): "
         "figures below are disturbed, compare the 'other' columns"
     )
-
-
-# --- the server (as bench/inventory_http.py starts it) -------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """The server in its own session, so stopping it stops every worker; stopped at exit too."""
-
-    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        atexit.register(self.stop)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, url: str) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(
-                    f"server exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"server not ready after {STARTUP_TIMEOUT:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        if not self._log.closed:
-            self._log.close()
-
-
-def server_command(args: argparse.Namespace, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "deviceplatform.wsgi:application",
-        "--workers",
-        str(args.workers),
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--log-level",
-        "warning",
-    ]
-
-
-# --- HTTP load ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Call:
-    method: str
-    path: str
-    body: bytes | None = None
-
-
-class Http:
-    """aiohttp with keep-alive, Basic auth and `Accept: application/json` on every request."""
-
-    def __init__(self, base: str, concurrency: int, server_session: int, database: str) -> None:
-        self.base = base
-        self.concurrency = concurrency
-        self.server_session = server_session
-        self.database = database
-        token = base64.b64encode(f"{TENANT}/{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()
-        self.headers = {"Authorization": f"Basic {token}", "Accept": "application/json"}
-        self.post_headers = {**self.headers, "Content-Type": "application/json"}
-        self.session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Http:
-        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency)
-        self.session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=60)
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-    async def one(self, call: Call) -> tuple[int | None, bytes, float, str]:
-        assert self.session is not None
-        headers = self.post_headers if call.body is not None else self.headers
-        t0 = time.perf_counter()
-        try:
-            async with self.session.request(
-                call.method, self.base + call.path, data=call.body, headers=headers
-            ) as response:
-                payload = await response.read()
-                return response.status, payload, time.perf_counter() - t0, ""
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return None, b"", time.perf_counter() - t0, type(exc).__name__
-
-    async def run(
-        self,
-        name: str,
-        calls: list[Call],
-        concurrency: int,
-        deadline_seconds: float,
-        check: Callable[[bytes], str | None] | None = None,
-    ) -> Sample:
-        """Closed loop: `concurrency` connections, each sending its next call when the previous
-        answer has been read. `check` returns a problem description for a bad 2xx body."""
-        result = Sample(name=name)
-        pending = iter(calls)
-        before = cpu_seconds(self.server_session, self.database)
-        start = time.perf_counter()
-        deadline = start + deadline_seconds
-
-        async def connection() -> None:
-            for call in pending:
-                if time.perf_counter() > deadline:
-                    result.cut = True
-                    return
-                status, payload, seconds, problem = await self.one(call)
-                result.latencies.append(seconds)
-                if status is None or not 200 <= status < 300:
-                    problem = problem or f"HTTP {status} {payload[:120]!r}"
-                elif check is not None:
-                    problem = check(payload) or ""
-                if problem:
-                    result.errors += 1
-                    result.error_kinds[problem] += 1
-
-        await asyncio.gather(*(connection() for _ in range(concurrency)))
-        result.elapsed = time.perf_counter() - start
-        result.cpu = cores_used(
-            before, cpu_seconds(self.server_session, self.database), result.elapsed
-        )
-        return result
-
-    async def warm_up(self, path: str, minimum: int = 50) -> tuple[int, float]:
-        """Untimed rounds until every worker has checked the password once (the slow hash) and
-        imported everything: at least `minimum` requests and one whole fast round."""
-        sent, slowest = 0, 0.0
-        for _ in range(MAX_WARMUP_ROUNDS):
-            answers = await asyncio.gather(
-                *(self.one(Call("GET", path)) for _ in range(self.concurrency))
-            )
-            sent += len(answers)
-            failed = [answer for answer in answers if answer[0] != 200]
-            if failed:
-                status, payload, _, problem = failed[0]
-                raise SystemExit(f"warm-up request failed: {problem or status} {payload[:300]!r}")
-            round_max = max(answer[2] for answer in answers)
-            slowest = max(slowest, round_max)
-            if sent >= minimum and round_max < WARM_REQUEST_SECONDS:
-                break
-        return sent, slowest
 
 
 # --- the measured queries -------------------------------------------------------------------------
@@ -718,10 +399,6 @@ QUERIES = [
         "devices",
     ),
 ]
-
-
-def basic(login: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{TENANT}/{login}:{password}".encode()).decode()
 
 
 def view_sql(params: dict[str, str], user: Any) -> tuple[str, tuple[Any, ...]]:
@@ -795,15 +472,15 @@ def explain(sql: str, params: tuple[Any, ...] = ()) -> Plan:
 
 def time_sql(
     query: Query, targets: list[int], users: dict[int, Any], admin: Any, count: int, database: str
-) -> tuple[Sample, Sample]:
+) -> tuple[PhaseResult, PhaseResult]:
     """The view's own SQL for `count` random targets on one connection: (round trip including
     fetching every row, execution time inside PostgreSQL from EXPLAIN ANALYZE with TIMING OFF).
     The second is free of the client's and the loopback's scheduling noise."""
     from django.db import connection
 
-    result = Sample(name=query.name)
-    inside = Sample(name=query.name)
-    before = cpu_seconds(None, database)
+    result = PhaseResult(name=query.name)
+    inside = PhaseResult(name=query.name)
+    before = cpu_sample(None, database)
     start = time.perf_counter()
     with connection.cursor() as cursor:
         for target in targets[:count]:
@@ -814,7 +491,7 @@ def time_sql(
             cursor.fetchall()
             result.latencies.append(time.perf_counter() - t0)
     result.elapsed = time.perf_counter() - start
-    result.cpu = cores_used(before, cpu_seconds(None, database), result.elapsed)
+    result.cpu = cores_used(before, cpu_sample(None, database), result.elapsed)
     inside.cpu = result.cpu
     with connection.cursor() as cursor:
         for target in targets[:count]:
@@ -830,9 +507,9 @@ def time_sql(
 @dataclass
 class SizeResult:
     rows: int
-    http: dict[str, Sample] = field(default_factory=dict)
-    sql: dict[str, Sample] = field(default_factory=dict)
-    db: dict[str, Sample] = field(default_factory=dict)
+    http: dict[str, PhaseResult] = field(default_factory=dict)
+    sql: dict[str, PhaseResult] = field(default_factory=dict)
+    db: dict[str, PhaseResult] = field(default_factory=dict)
     plans: dict[str, Plan] = field(default_factory=dict)
     result_rows: dict[str, float] = field(default_factory=dict)
 
@@ -867,10 +544,10 @@ def measure_size(
         example = picks[query.targets][0]
         params = query.params(example)
         if query.as_agent_user:
-            authorization = basic(fleet.user_of_agent[example], AGENT_USER_PASSWORD)
+            authorization = basic_auth(fleet.user_of_agent[example], AGENT_USER_PASSWORD)
             user = users[example]
         else:
-            authorization = basic(BENCH_USER, BENCH_PASSWORD)
+            authorization = basic_auth(BENCH_USER, BENCH_PASSWORD)
             user = admin
         statements = captured_request("/devicecontrol/operations", params, authorization)
         sql, sql_params = view_sql(params, user)
@@ -904,7 +581,7 @@ def measure_size(
         )
 
     async def drive() -> None:
-        async with Http(base, 1, server.process.pid, database) as http:
+        async with Load(base, 1, server.pid, database) as http:
             for query in QUERIES:
                 if query.as_agent_user:
                     continue  # one password hash per agent user and worker: SQL-level only
@@ -918,7 +595,9 @@ def measure_size(
                     counted.append(len(orjson.loads(payload)["operations"]))
                     return None
 
-                sample = await http.run(query.name, calls, 1, args.phase_timeout, check)
+                sample = await http.run(
+                    query.name, calls, args.phase_timeout, check, error_body=120
+                )
                 result.http[query.name] = sample
                 result.result_rows[query.name] = sum(counted) / max(1, len(counted))
 
@@ -929,33 +608,24 @@ def measure_size(
 # --- creates --------------------------------------------------------------------------------------
 
 
-def raw_insert_ceiling(url: str, fleet: Fleet, rows: int, rng: random.Random) -> Sample:
+def raw_insert_ceiling(url: str, fleet: Fleet, rows: int, rng: random.Random) -> PhaseResult:
     """One psycopg connection, autocommit, a prepared single-row INSERT into the operations table
     itself (same indexes, same sequence) per round trip: one durable commit each."""
-    result = Sample(name="raw INSERT")
-    database = urlsplit(url).path.lstrip("/")
     sql = (
         f"INSERT INTO {TABLE} (device_id, agent_id, status, creation_time, status_changed_at,"
         " fragments, expires_at) VALUES (%s, %s, 'PENDING', now(), now(), %s,"
         " now() + interval '7 days')"
     )
     body = {"description": "Restart device", "c8y_Restart": {}}
+
+    def params() -> tuple[Any, ...]:
+        device = rng.choice(fleet.devices)
+        return device, fleet.agent_of[device], Jsonb(body)
+
     with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cursor:
         with contextlib.suppress(psycopg.Error):
             conn.execute("CHECKPOINT")
-        for _ in range(50):
-            device = rng.choice(fleet.devices)
-            cursor.execute(sql, (device, fleet.agent_of[device], Jsonb(body)), prepare=True)
-        before = cpu_seconds(None, database)
-        start = time.perf_counter()
-        for _ in range(rows):
-            device = rng.choice(fleet.devices)
-            t0 = time.perf_counter()
-            cursor.execute(sql, (device, fleet.agent_of[device], Jsonb(body)), prepare=True)
-            result.latencies.append(time.perf_counter() - t0)
-        result.elapsed = time.perf_counter() - start
-        result.cpu = cores_used(before, cpu_seconds(None, database), result.elapsed)
-    return result
+        return time_statement(cursor, sql, params, rows, database_name(url))
 
 
 def count_operations(url: str) -> int:
@@ -965,7 +635,7 @@ def count_operations(url: str) -> int:
 
 def measure_creates(
     args: argparse.Namespace, fleet: Fleet, base: str, server: Server, database: str
-) -> Sample:
+) -> PhaseResult:
     rng = random.Random(f"{args.seed}-creates")
     calls = []
     for number in range(args.creates):
@@ -979,11 +649,9 @@ def measure_creates(
     def check(payload: bytes) -> str | None:
         return None if orjson.loads(payload).get("status") == "PENDING" else "not PENDING"
 
-    async def drive() -> Sample:
-        async with Http(base, args.concurrency, server.process.pid, database) as http:
-            return await http.run(
-                "create (HTTP)", calls, args.concurrency, args.phase_timeout, check
-            )
+    async def drive() -> PhaseResult:
+        async with Load(base, args.concurrency, server.pid, database) as http:
+            return await http.run("create (HTTP)", calls, args.phase_timeout, check, error_body=120)
 
     return asyncio.run(drive())
 
@@ -1060,24 +728,20 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = Report()
     url, admin_url = checked_database_url(args.database_url)
-    database = urlsplit(url).path.lstrip("/")
+    database = database_name(url)
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
-    command = server_command(args, port)
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    command = gunicorn_command(args.workers, port)
+    usable = usable_cores()
     queue = args.agents * args.devices_per_agent * args.pending_per_device + args.agents
 
     out("# bench/operations.py")
-    out(f"command: {shlex.join([sys.executable, 'bench/operations.py', *argv])}")
+    out(command_line("bench/operations.py", argv))
     out(f"server: gunicorn, {args.workers} sync worker(s), psycopg pool, DEBUG off, no REDIS_URL")
     out(f"server command: {shlex.join(command)}")
-    out(
-        f"machine: {cores} cores ({usable} usable), {platform.machine()}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
+    out(machine_line())
     out(f"database: {url} (dropped and re-created)")
-    out("load average before the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    out(load_average_line())
     out(
         f"fleet: {args.agents} agents x {args.devices_per_agent} devices; queue: "
         f"{args.pending_per_device} PENDING per device + 1 EXECUTING per agent = {queue:,}; "
@@ -1091,20 +755,10 @@ def main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     recreate_database(url, admin_url)
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"REDIS_URL", "DATABASE_URL"} and not key.startswith("PYTEST_")
-    }
-    env.update(
-        DATABASE_URL=url,
-        DEBUG="false",
-        LOG_LEVEL="WARNING",
-        DJANGO_SETTINGS_MODULE="deviceplatform.settings",
-        PYTHONUNBUFFERED="1",
-    )
-    manage(env, "migrate", "--noinput", "-v", "0")
-    manage(env, "createuser", BENCH_USER, "--password", BENCH_PASSWORD, "--groups", "admins")
+    env = bench_env(url)
+    migrate_and_create_user(env)
+    # This process uses the app's own code to seed inventory and to build and capture its SQL.
+    os.environ.pop("REDIS_URL", None)
     setup_django(env)
     fleet = seed_inventory(args)
     out(f"setup (database, migrate, users, inventory): {time.perf_counter() - started:.1f} s")
@@ -1122,7 +776,7 @@ def main(argv: list[str]) -> int:
         server.wait_ready(f"{base}/tenant/loginOptions")
 
         async def warm() -> tuple[int, float]:
-            async with Http(base, args.concurrency, server.process.pid, database) as http:
+            async with Load(base, args.concurrency, server.pid, database) as http:
                 return await http.warm_up("/devicecontrol/operations?pageSize=5")
 
         sent, slowest = asyncio.run(warm())
@@ -1150,30 +804,17 @@ def main(argv: list[str]) -> int:
         before = count_operations(url)
         create = measure_creates(args, fleet, base, server, database)
         created = count_operations(url) - before
-        if server.process.poll() is not None:
+        if not server.alive():
             raise SystemExit(f"server died during the run:\n{server.log_tail()}")
     finally:
         server.stop()
 
     side_by_side(small, large, out)
     out()
-    header = (
-        f"{'phase':<16}{'requests':>9}{'errors':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'max ms':>9}{'server':>7}{'pg':>7}{'client':>7}{'other':>7}"
-    )
-    out(header)
-    out("-" * len(header))
+    out(TABLE_HEADER)
+    out("-" * len(TABLE_HEADER))
     for sample in (create, raw):
-        ordered = sorted(sample.latencies)
-        out(
-            f"{sample.name:<16}{str(len(sample.latencies)) + ('*' if sample.cut else ''):>9}"
-            f"{sample.errors:>8}{sample.rate:>10.1f}{sample.p(0.5):>9.2f}{sample.p(0.99):>9.2f}"
-            f"{ordered[-1] * 1000 if ordered else math.nan:>9.1f}"
-            + "".join(
-                f"{sample.cpu.get(key, math.nan):>7.2f}"
-                for key in ("server", "pg", "client", "other")
-            )
-        )
+        out(sample.row())
     ratio = create.rate / raw.rate if raw.rate else math.nan
     out()
     out(
@@ -1206,25 +847,9 @@ def main(argv: list[str]) -> int:
     )
     out(f"total run time {time.perf_counter() - started:.1f} s")
     if args.save:
-        results = REPO / "bench" / "results"
-        results.mkdir(exist_ok=True)
-        path = results / f"operations-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-        path.write_text("\n".join(out.lines) + "\n")
-        print(f"saved {path.relative_to(REPO)}")
+        out.save("operations")
     return 1 if failures or missing else 0
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    print(f"stopped by signal {signum}", file=sys.stderr)
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops the server
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
