@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -100,3 +100,18 @@ def row_counts() -> Callable[[], dict[str, int]]:
         }
 
     return counts
+
+
+@pytest.fixture
+def c8y(live_server: Any) -> Iterator[Any]:
+    """The official c8y-api client against the live server, as a user of the `admins` group."""
+    from c8y_api import CumulocityApi
+
+    from deviceplatform.services import user_upsert
+
+    user_upsert(username="admin", password=PASSWORD, groups=["admins"])
+    api = CumulocityApi(
+        base_url=live_server.url, tenant_id="t100", username="admin", password=PASSWORD
+    )
+    yield api
+    api.session.close()

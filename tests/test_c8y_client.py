@@ -7,7 +7,6 @@ reference collections, external-ID `managedObject.id`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,18 +36,6 @@ class RequestLog:
     def take(self) -> list[tuple[str, str, dict[str, list[str]]]]:
         entries, self.entries = self.entries, []
         return entries
-
-
-@pytest.fixture
-def c8y(live_server: Any) -> Iterator[CumulocityApi]:
-    from deviceplatform.services import user_upsert
-
-    user_upsert(username="admin", password=PASSWORD, groups=["admins"])
-    api = CumulocityApi(
-        base_url=live_server.url, tenant_id="t100", username="admin", password=PASSWORD
-    )
-    yield api
-    api.session.close()
 
 
 def ids(objects: Any) -> list[str]:

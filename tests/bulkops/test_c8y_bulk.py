@@ -15,61 +15,20 @@ The live server runs no beat: the test drives the ramp itself with
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from c8y_api import CumulocityApi
 from c8y_api.model import BulkOperation, Device, DeviceGroup, ManagedObject, Operation
 
-from tests.helpers import PASSWORD
+from tests.c8y_support import RequestLog
 
 pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 
 BULK_MEDIA_TYPE = "application/vnd.com.nsn.cumulocity.bulkoperation+json"
 NO_AGENT_REASON = "Device is not in the childDevices hierarchy of any agent"
 PROTOTYPE = {"description": "Restart device", "c8y_Restart": {}}
-
-
-class RequestLog:
-    """Method, path, query, Accept and JSON body of every request the client sends."""
-
-    def __init__(self, c8y: CumulocityApi) -> None:
-        self.entries: list[dict[str, Any]] = []
-        c8y.session.hooks["response"].append(self._record)
-
-    def _record(self, response: Any, *args: Any, **kwargs: Any) -> None:
-        request = response.request
-        url = urlsplit(request.url)
-        self.entries.append(
-            {
-                "method": request.method,
-                "path": url.path,
-                "query": {key: values for key, values in parse_qs(url.query).items()},
-                "accept": request.headers.get("Accept"),
-                "body": json.loads(request.body) if request.body else None,
-                "status": response.status_code,
-            }
-        )
-
-    def take(self) -> list[dict[str, Any]]:
-        entries, self.entries = self.entries, []
-        return entries
-
-
-@pytest.fixture
-def c8y(live_server: Any) -> Iterator[CumulocityApi]:
-    from deviceplatform.services import user_upsert
-
-    user_upsert(username="admin", password=PASSWORD, groups=["admins"])
-    api = CumulocityApi(
-        base_url=live_server.url, tenant_id="t100", username="admin", password=PASSWORD
-    )
-    yield api
-    api.session.close()
 
 
 def advance(bulk_id: str, seconds: float) -> int:
@@ -102,7 +61,7 @@ def test_bulk_operation_round_trip(c8y: CumulocityApi) -> None:
     # A non-device asset of the group is not a target (bulkoperations.md §3).
     group.add_child_asset(ManagedObject(c8y, type="c8y_Building", name="hq").create())
     targets = sorted([d.id for d in devices] + [loner.id], key=int)
-    log = RequestLog(c8y)
+    log = RequestLog(c8y, first_values=False)
 
     # --- create with start_time='now' -----------------------------------------------------------
     bulk = BulkOperation(

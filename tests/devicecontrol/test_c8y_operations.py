@@ -14,59 +14,18 @@ an existing fragment (`op.c8y_Command.result = ...`)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from c8y_api import CumulocityApi
 from c8y_api.model import Device, ExternalId, Operation
 
-from tests.helpers import PASSWORD
+from tests.c8y_support import RequestLog
 
 pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 
 DEVICE_OPERATIONS = 12  # with page_size=5: pages of 5, 5, 2 and the empty fourth that ends paging
 OPERATION_MEDIA_TYPE = "application/vnd.com.nsn.cumulocity.operation+json"
-
-
-class RequestLog:
-    """Method, path, query, Accept and JSON body of every request the client sends."""
-
-    def __init__(self, c8y: CumulocityApi) -> None:
-        self.entries: list[dict[str, Any]] = []
-        c8y.session.hooks["response"].append(self._record)
-
-    def _record(self, response: Any, *args: Any, **kwargs: Any) -> None:
-        request = response.request
-        url = urlsplit(request.url)
-        self.entries.append(
-            {
-                "method": request.method,
-                "path": url.path,
-                "query": {key: values[0] for key, values in parse_qs(url.query).items()},
-                "accept": request.headers.get("Accept"),
-                "body": json.loads(request.body) if request.body else None,
-                "status": response.status_code,
-            }
-        )
-
-    def take(self) -> list[dict[str, Any]]:
-        entries, self.entries = self.entries, []
-        return entries
-
-
-@pytest.fixture
-def c8y(live_server: Any) -> Iterator[CumulocityApi]:
-    from deviceplatform.services import user_upsert
-
-    user_upsert(username="admin", password=PASSWORD, groups=["admins"])
-    api = CumulocityApi(
-        base_url=live_server.url, tenant_id="t100", username="admin", password=PASSWORD
-    )
-    yield api
-    api.session.close()
 
 
 def ids(objects: Any) -> list[str]:
@@ -96,7 +55,7 @@ def test_operations_round_trip(c8y: CumulocityApi) -> None:
     ExternalId(
         c8y, external_id="raspi-1", external_type="c8y_Serial", managed_object_id=device.id
     ).create()
-    log = RequestLog(c8y)
+    log = RequestLog(c8y, first_values=True)
 
     # --- create ---------------------------------------------------------------------------------
     ops = []
