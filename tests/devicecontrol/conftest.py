@@ -195,3 +195,23 @@ def group_listener(settings: Any) -> Iterator[Callable[[str], GroupListener]]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+
+
+# An agent and its one child device, both owned by `owner` (who holds no role): the owner rule.
+@pytest.fixture
+def agent(db: None) -> ManagedObject:
+    return inventory_services.managed_object_create(
+        owner="owner",
+        data={"name": "Agent", "c8y_IsDevice": {}, "com_cumulocity_model_Agent": {}},
+    )
+
+
+@pytest.fixture
+def device(agent: ManagedObject) -> ManagedObject:
+    child = inventory_services.managed_object_create(
+        owner="owner", data={"name": "Device", "c8y_IsDevice": {}}
+    )
+    inventory_services.managed_object_add_children(
+        parent=agent, relation=Relation.DEVICE, children=[child]
+    )
+    return child

@@ -15,8 +15,7 @@ from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.realtime import EventDelivery, OperationEvent
 from devicecontrol.serializers import operation_json
 from deviceplatform.roles import Role
-from inventory.models import ManagedObject, Relation
-from inventory.services import managed_object_add_children, managed_object_create
+from inventory.models import ManagedObject
 from tests.factories import Clients
 from tests.helpers import assert_error
 
@@ -38,21 +37,6 @@ USERS: dict[str, list[Role]] = {
 @pytest.fixture
 def api(make_user: Callable[..., Any], client_for: Callable[..., APIClient]) -> Clients:
     return Clients(make_user, client_for, USERS, usernames={"admin": "dc_admin"})
-
-
-@pytest.fixture
-def agent(db: None) -> ManagedObject:
-    return managed_object_create(
-        owner="owner",
-        data={"name": "Agent", "c8y_IsDevice": {}, "com_cumulocity_model_Agent": {}},
-    )
-
-
-@pytest.fixture
-def device(agent: ManagedObject) -> ManagedObject:
-    child = managed_object_create(owner="owner", data={"name": "Device", "c8y_IsDevice": {}})
-    managed_object_add_children(parent=agent, relation=Relation.DEVICE, children=[child])
-    return child
 
 
 FRAGMENTS = {
