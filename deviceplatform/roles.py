@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from deviceplatform.models import User
@@ -46,7 +46,7 @@ ALWAYS_GRANTED = frozenset({Role.USER_MANAGEMENT_OWN_READ})
 
 READ_ROLES = frozenset(role for role in Role if role.value.endswith("_READ"))
 
-# Built-in groups created by a migration (auth.md §3).
+# Built-in groups (auth.md §3): created by a migration and recreated after every migrate or flush.
 DEFAULT_GROUPS: dict[str, frozenset[Role]] = {
     "admins": frozenset(Role),
     "readers": READ_ROLES,
@@ -54,6 +54,30 @@ DEFAULT_GROUPS: dict[str, frozenset[Role]] = {
 }
 
 ROLE_APP_LABEL = "deviceplatform"
+
+
+def ensure_default_groups(apps: Any) -> None:
+    """Create the role permissions and the built-in groups if missing (idempotent).
+
+    `apps` is a migration state registry or the global one. Runs from the data migration and on
+    `post_migrate`, so a `flush` (as transactional tests do) leaves the built-in groups in place.
+    """
+    from django.contrib.auth.management import create_permissions
+
+    app_config = apps.get_app_config(ROLE_APP_LABEL)
+    models_module = getattr(app_config, "models_module", None)
+    app_config.models_module = models_module or True  # a state registry has none
+    create_permissions(app_config, apps=apps, verbosity=0)
+    app_config.models_module = models_module
+    Group = apps.get_model("auth", "Group")
+    Permission = apps.get_model("auth", "Permission")
+    for name, roles in DEFAULT_GROUPS.items():
+        group, _ = Group.objects.get_or_create(name=name)
+        group.permissions.set(
+            Permission.objects.filter(
+                content_type__app_label=ROLE_APP_LABEL, codename__in=[r.value for r in roles]
+            )
+        )
 
 
 def expand_roles(granted: set[str] | frozenset[str]) -> frozenset[Role]:
