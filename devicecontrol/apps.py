@@ -8,8 +8,10 @@ class DeviceControlConfig(AppConfig):
     verbose_name = "Device control"
 
     def ready(self) -> None:
+        from devicecontrol.realtime import register_channels
         from devicecontrol.services import operations_delete_for_devices
         from inventory.services import BEFORE_DELETE_HOOKS
 
+        register_channels()
         if operations_delete_for_devices not in BEFORE_DELETE_HOOKS:
             BEFORE_DELETE_HOOKS.append(operations_delete_for_devices)

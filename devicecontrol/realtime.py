@@ -1,20 +1,24 @@
-"""Operation change events: built by the services, sent after commit through one function.
+"""Operation change events: built by the services, published after commit through one function.
 
-The realtime issue connects `deliver` to the Bayeux/CometD consumers; until then the events go to the
-Channels layer groups named here. A rolled-back change sends nothing, because events are only ever
-registered with `transaction.on_commit`."""
+`deliver` turns each `OperationEvent` into the Bayeux messages of realtime.md §5: on the realtime
+family `/operations/{deviceId}` with `{realtimeAction, data}`, and for creations also the bare
+operation on the agent family's `/{agentId}`. A rolled-back change sends nothing, because events
+are only ever registered with `transaction.on_commit`. `register_channels` declares who may
+subscribe to these channels (auth.md §7)."""
 
 from __future__ import annotations
 
-import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import transaction
 
-logger = logging.getLogger(__name__)
+from deviceplatform.api.permissions import has_any_role, is_owner
+from deviceplatform.realtime.events import BASE_URL, RealtimeEvent, publish
+from deviceplatform.realtime.subscriptions import Family, register
+from deviceplatform.roles import Role
+from inventory.models import ManagedObject
 
 Action = Literal["CREATE", "UPDATE", "DELETE"]
 
@@ -22,7 +26,7 @@ Action = Literal["CREATE", "UPDATE", "DELETE"]
 @dataclass(frozen=True)
 class OperationEvent:
     """One change of one operation. `data` is the operation JSON (CREATE, UPDATE) rendered with
-    relative URLs (the consumer prefixes its client's host), or the ID string (DELETE)."""
+    relative URLs (each subscriber sees its own host), or the ID string (DELETE)."""
 
     action: Action
     operation_id: int
@@ -30,59 +34,54 @@ class OperationEvent:
     agent_id: int | None
     data: dict[str, Any] | str = field(compare=True)
 
-    def as_message(self) -> dict[str, Any]:
-        return {
-            "type": "operation.changed",
-            "action": self.action,
-            "operationId": str(self.operation_id),
-            "deviceId": str(self.device_id),
-            "agentId": str(self.agent_id) if self.agent_id is not None else None,
-            "data": self.data,
-        }
+
+def device_channel(device_id: int) -> str:
+    return f"/operations/{device_id}"
 
 
-def device_group(device_id: int) -> str:
-    return f"operations.device.{device_id}"
+def agent_channel(agent_id: int) -> str:
+    return f"/{agent_id}"
 
 
-def agent_group(agent_id: int) -> str:
-    return f"operations.agent.{agent_id}"
-
-
-ALL_OPERATIONS_GROUP = "operations.all"
-
-
-def _groups(event: OperationEvent) -> list[str]:
-    groups = [device_group(event.device_id), ALL_OPERATIONS_GROUP]
-    # Only new operations go to the agent channel (realtime.md); a bulk child that failed for want
-    # of an agent has none.
+def realtime_events(event: OperationEvent) -> list[RealtimeEvent]:
+    """The Bayeux messages for one change (realtime.md §5.1, §5.2)."""
+    data = event.data
+    if isinstance(data, dict):
+        data = {**data, "self": BASE_URL + data["self"]}
+    events = [
+        RealtimeEvent(
+            device_channel(event.device_id), {"realtimeAction": event.action, "data": data}
+        )
+    ]
+    # Only new operations go to the agent channel; a bulk child that failed for want of an agent
+    # has none.
     if event.action == "CREATE" and event.agent_id is not None:
-        groups.append(agent_group(event.agent_id))
-    return groups
-
-
-def _send_to_channel_layer(events: list[OperationEvent]) -> None:
-    layer = get_channel_layer()
-    if layer is None or not events:
-        return
-
-    async def send_all() -> None:
-        # One async_to_sync per batch, not per group or event: each call starts a thread and an
-        # event loop (~1 ms CPU; three of them were a third of a create's CPU, bench/operations.py).
-        for event in events:
-            message = event.as_message()
-            for group in _groups(event):
-                try:
-                    await layer.group_send(group, message)
-                except Exception:  # a realtime outage must never fail the committed change
-                    logger.exception("could not publish operation event to %s", group)
-
-    async_to_sync(send_all)()
+        events.append(RealtimeEvent(agent_channel(event.agent_id), data))
+    return events
 
 
 def deliver(events: list[OperationEvent]) -> None:
-    """The one function every committed operation change goes through."""
-    _send_to_channel_layer(events)
+    """The one function every committed operation change goes through: one store round trip."""
+    publish([message for event in events for message in realtime_events(event)])
+
+
+def _may_watch(user: Any, match: re.Match[str]) -> bool:
+    """ROLE_DEVICE_CONTROL_READ, or owner of the device (agent) in the channel: a device that does
+    not exist has no owner, so only the role may watch it."""
+    if has_any_role(user, {Role.DEVICE_CONTROL_READ}):
+        return True
+    owner = ManagedObject.objects.filter(pk=int(match[1])).values_list("owner", flat=True).first()
+    return is_owner(user, owner)
+
+
+def _may_watch_all(user: Any, match: re.Match[str]) -> bool:
+    return has_any_role(user, {Role.DEVICE_CONTROL_READ})
+
+
+def register_channels() -> None:
+    register(Family.REALTIME, r"/operations/\*", _may_watch_all)
+    register(Family.REALTIME, r"/operations/([1-9][0-9]{0,18})", _may_watch)
+    register(Family.AGENT, r"/([1-9][0-9]{0,18})", _may_watch)
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,15 @@
 An extension beyond Cumulocity (README "Beyond Cumulocity"), shaped like GenieACS's task timeout:
 200 with the operation when it reached SUCCESSFUL or FAILED in time, 202 with its current state
 otherwise. It is an async view: while it waits it holds no thread and no database connection, only a
-subscription on the channel layer. The create itself is the ordinary create view, so validation,
+server-side realtime subscription (`deviceplatform.realtime.hub.watching`). The create itself is the ordinary create view, so validation,
 permissions and realtime events are identical; plain Cumulocity clients never call this path."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import orjson
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
@@ -21,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from devicecontrol import selectors
 from devicecontrol.models import FINAL_STATUSES
-from devicecontrol.realtime import device_group
+from devicecontrol.realtime import device_channel
 from devicecontrol.serializers import operation_json, operation_url
 from deviceplatform.api.authentication import BAD_CREDENTIALS, authenticate_header_value
 from deviceplatform.api.exceptions import ApiError, error_response
@@ -29,6 +27,7 @@ from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.api.params import parse_id
 from deviceplatform.api.renderers import dumps
 from deviceplatform.api.views import base_url
+from deviceplatform.realtime.hub import Watch, watching
 
 
 def _timeout(request: HttpRequest) -> float | HttpResponse:
@@ -56,8 +55,6 @@ def _device_id(request: HttpRequest) -> int | None:
 
 @csrf_exempt
 async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
-    from devicecontrol.views import OperationCollectionView
-
     # Authentication first (auth.md §6); the create view checks roles and the body again.
     user = await sync_to_async(authenticate_header_value)(request.META.get("HTTP_AUTHORIZATION"))
     if user is None:
@@ -77,56 +74,24 @@ async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
     timeout = _timeout(request)
     if isinstance(timeout, HttpResponse):
         return timeout
-    layer = get_channel_layer()
     device_id = _device_id(request)
-    channel = group = None
-    if layer is not None and device_id is not None:
-        # Subscribe before creating, so an agent that finishes at once cannot be missed.
-        channel = await layer.new_channel()
-        group = device_group(device_id)
-        await layer.group_add(group, channel)
-    try:
-        accept = request.META.get("HTTP_ACCEPT")
-        request.META["HTTP_ACCEPT"] = accept or "application/json"
-        create = OperationCollectionView.as_view()
-
-        def run_create() -> HttpResponse:
-            response = create(request)
-            response.render()
-            # Hand the connection back (to the pool) before waiting: otherwise it stays checked
-            # out by this request's thread until the request ends. Not inside an enclosing
-            # transaction (the test client's), which closing would break.
-            if not connection.in_atomic_block:
-                connection.close()
-            return response
-
-        created = await sync_to_async(run_create)()
+    accept = request.META.get("HTTP_ACCEPT")
+    request.META["HTTP_ACCEPT"] = accept or "application/json"
+    if device_id is None:  # the create view answers the precise error
+        return await _create(request)
+    # Subscribe before creating, so an agent that finishes at once cannot be missed.
+    async with watching([device_channel(device_id)]) as watch:
+        created = await _create(request)
         if created.status_code != 201:
             return created
-        operation_id = int(orjson.loads(created.content)["id"])
-        status = orjson.loads(created.content)["status"]
-        deadline = time.monotonic() + timeout
-        while channel is not None and status not in FINAL_STATUSES:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                message = await asyncio.wait_for(layer.receive(channel), remaining)
-            except TimeoutError:
-                break
-            if message.get("operationId") != str(operation_id):
-                continue
-            if message.get("action") == "DELETE":
-                break  # deleted meanwhile (by filter, or with its device): answered 404 below
-            if isinstance(message["data"], dict):
-                status = message["data"].get("status", status)
-        try:
-            operation = await sync_to_async(selectors.operation_get)(pk=operation_id)
-        except ApiError as error:
-            return error_response(error.status_code, error.error, error.message)
-    finally:
-        if channel is not None and group is not None:
-            await layer.group_discard(group, channel)
+        body = orjson.loads(created.content)
+        operation_id = int(body["id"])
+        if body["status"] not in FINAL_STATUSES:
+            await _until_final(watch, str(operation_id), timeout)
+    try:
+        operation = await sync_to_async(selectors.operation_get)(pk=operation_id)
+    except ApiError as error:
+        return error_response(error.status_code, error.error, error.message)
     base = base_url(request)
     done = operation.status in FINAL_STATUSES
     response = HttpResponse(
@@ -136,3 +101,36 @@ async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
     )
     response["Location"] = operation_url(base, operation.pk)
     return response
+
+
+async def _create(request: HttpRequest) -> HttpResponse:
+    """The ordinary create view, in a thread."""
+    from devicecontrol.views import OperationCollectionView
+
+    create = OperationCollectionView.as_view()
+
+    def run_create() -> HttpResponse:
+        response = create(request)
+        response.render()
+        # Hand the connection back (to the pool) before waiting: otherwise it stays checked out by
+        # this request's thread until the request ends. Not inside an enclosing transaction (the
+        # test client's), which closing would break.
+        if not connection.in_atomic_block:
+            connection.close()
+        return response
+
+    return await sync_to_async(run_create)()
+
+
+async def _until_final(watch: Watch, operation_id: str, timeout: float) -> None:
+    """Wait until the operation reaches a final status, is deleted, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        for payload in await watch.next(remaining):
+            change = orjson.loads(payload)["data"]
+            data = change["data"]
+            if change["realtimeAction"] == "DELETE":
+                if data == operation_id:
+                    return  # deleted meanwhile (by filter, or with its device): answered 404
+            elif data["id"] == operation_id and data["status"] in FINAL_STATUSES:
+                return

@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP through Django, WebSocket through Channels routes (filled by the realtime issue)."""
+"""ASGI entry point: HTTP through Django, WebSocket through Channels (the realtime endpoints)."""
 
 import os
 
@@ -10,13 +10,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deviceplatform.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-websocket_urlpatterns: list = []
+from deviceplatform.realtime.routing import websocket_urlpatterns  # noqa: E402
 
+# No origin check on the upgrade: agents send no Origin, and a session is only ever authorised by
+# the handshake's credentials. An upgrade's Authorization header counts only from our own origin
+# (deviceplatform/realtime/consumers.py), so a foreign page cannot ride on remembered credentials.
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        "websocket": URLRouter(websocket_urlpatterns()),
     }
 )

@@ -41,7 +41,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "deviceplatform.api.middleware.CumulocityRequestMiddleware",
+    "deviceplatform.api.middleware.cumulocity_request_middleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -151,6 +151,19 @@ if REDIS_URL:
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Realtime (Bayeux/CometD, spec realtime.md) ---------------------------------------------------
+# Sessions, subscriptions and queues live in Redis under this key prefix (in this process without
+# REDIS_URL). Events do not travel through the channel layer: its per-channel capacity (100) and
+# expiry (60 s) would drop them silently; each session has its own bounded Redis list instead.
+REALTIME_PREFIX = env.str("REALTIME_PREFIX", default="dp:rt")
+REALTIME_QUEUE_LIMIT = env.int("REALTIME_QUEUE_LIMIT", default=1000)  # oldest dropped beyond
+REALTIME_DEFAULT_TIMEOUT_MS = env.int("REALTIME_DEFAULT_TIMEOUT_MS", default=60_000)  # connect hold
+REALTIME_MAX_TIMEOUT_MS = 7_200_000  # longest hold a client may ask for
+REALTIME_MAX_INTERVAL_MS = env.int("REALTIME_MAX_INTERVAL_MS", default=10_000)  # reconnect grace
+REALTIME_SESSIONS_PER_USER = env.int("REALTIME_SESSIONS_PER_USER", default=10)  # per family
+REALTIME_MAX_MESSAGE_BYTES = env.int("REALTIME_MAX_MESSAGE_BYTES", default=64 * 1024)  # WS frame
+REALTIME_SWEEP_SECONDS = env.float("REALTIME_SWEEP_SECONDS", default=5.0)  # expired sessions
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None

@@ -8,6 +8,7 @@ from django.urls import include, path
 from devicecontrol.serializers import devicecontrol_api_json
 from deviceplatform.api import session_views
 from deviceplatform.api.routing import c8y_path
+from deviceplatform.realtime.routing import http_urlpatterns as realtime_urlpatterns
 from inventory.serializers import identity_api_json, inventory_api_json
 
 platform_resources = {
@@ -23,6 +24,7 @@ urlpatterns = [
     c8y_path(r"tenant/loginOptions", session_views.LoginOptionsView.as_view()),
     c8y_path(r"user/currentUser", session_views.CurrentUserView.as_view()),
     c8y_path(r"user/currentUser/password", session_views.CurrentUserPasswordView.as_view()),
+    *realtime_urlpatterns(),
     path("", include("inventory.urls")),
     path("", include("bulkops.urls")),
     path("", include("devicecontrol.urls")),

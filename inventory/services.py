@@ -10,6 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
+from inventory import realtime
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 
 # Keys of a managed object body that are not fragments (spec inventory.md §1). Read-only ones are
@@ -74,10 +75,12 @@ def managed_object_create(
     owner: str,
     data: dict[str, Any],
     allow_owner: bool = False,
+    notify: bool = True,
     now: datetime | None = None,
 ) -> ManagedObject:
     """Create a managed object from a body. `owner` is the caller unless `allow_owner` (ADMIN) and
-    the body names one. `null` values are not stored (inventory.md §1)."""
+    the body names one. `null` values are not stored (inventory.md §1). `notify`: realtime `CREATE`
+    after commit (False for QUIESCENT requests)."""
     columns, fragments = _split_body(data)
     now = now or timezone.now()
     chosen_owner = columns.get("owner") if allow_owner and columns.get("owner") else owner
@@ -91,6 +94,8 @@ def managed_object_create(
     )
     managed_object.refresh_flags()
     managed_object.save(force_insert=True)
+    if notify:
+        realtime.publish_after_commit(realtime.created_events(managed_object))
     return managed_object
 
 
@@ -99,9 +104,11 @@ def managed_object_update(
     managed_object: ManagedObject,
     data: dict[str, Any],
     allow_owner: bool = False,
+    notify: bool = True,
     now: datetime | None = None,
 ) -> ManagedObject:
-    """Partial update: each key replaces its value wholesale, `null` removes it (inventory.md §6)."""
+    """Partial update: each key replaces its value wholesale, `null` removes it (inventory.md §6).
+    `notify`: realtime `UPDATE` after commit, even when nothing changed."""
     columns, fragments = _split_body(data)
     for key in ("type", "name"):
         if key in columns:
@@ -118,6 +125,8 @@ def managed_object_update(
     managed_object.refresh_flags()
     managed_object.last_updated = now or timezone.now()
     managed_object.save()
+    if notify:
+        realtime.publish_after_commit(realtime.updated_events([managed_object]))
     return managed_object
 
 
@@ -138,11 +147,15 @@ def _descendants(roots: Iterable[int], relations: Iterable[str], only_groups: bo
 
 @transaction.atomic
 def managed_object_delete(
-    *, managed_object: ManagedObject, cascade: bool = False, force_cascade: bool = False
+    *,
+    managed_object: ManagedObject,
+    cascade: bool = False,
+    force_cascade: bool = False,
+    notify: bool = True,
 ) -> list[int]:
     """Delete the object and, per inventory.md §6, its group subgroups, its cascade hierarchy or the
     whole forced hierarchy. External IDs and references go with it (database cascade). Returns the
-    deleted IDs."""
+    deleted IDs. `notify`: realtime `DELETE` for each, `UPDATE` for their surviving parents."""
     root = managed_object.pk
     if force_cascade:
         doomed = _descendants([root], [r.value for r in Relation], only_groups=False)
@@ -156,7 +169,12 @@ def managed_object_delete(
     deleted = sorted(doomed)
     for hook in BEFORE_DELETE_HOOKS:
         hook(deleted)
+    parents = realtime.surviving_parent_ids(deleted) if notify else []
     ManagedObject.objects.filter(pk__in=deleted).delete()
+    if notify:
+        realtime.publish_after_commit(
+            realtime.deleted_events(deleted) + realtime.objects_updated_events(parents)
+        )
     return deleted
 
 
@@ -165,39 +183,51 @@ def _would_cycle(parent_id: int, child_id: int) -> bool:
     return parent_id in _descendants([child_id], [Relation.DEVICE], only_groups=False)
 
 
-@transaction.atomic
 def managed_object_add_children(
     *,
     parent: ManagedObject,
     relation: Relation,
     children: list[ManagedObject],
+    notify: bool = True,
     now: datetime | None = None,
 ) -> list[ManagedObjectReference]:
     """Add each child under `parent` in `relation`. Existing edges are kept (no-op). Self-references
-    and childDevices cycles are refused with 422 and nothing is changed."""
+    and childDevices cycles are refused with 422 and nothing is changed. `notify`: realtime
+    `UPDATE` for the parent."""
     references = []
-    for child in children:
-        if child.pk == parent.pk:
-            raise ValidationFailed(f"Managed object {parent.pk} cannot be its own child")
-        if relation == Relation.DEVICE and _would_cycle(parent.pk, child.pk):
-            raise ValidationFailed(
-                f"Adding {child.pk} as a child device of {parent.pk} would create a cycle"
+    with transaction.atomic():
+        for child in children:
+            if child.pk == parent.pk:
+                raise ValidationFailed(f"Managed object {parent.pk} cannot be its own child")
+            if relation == Relation.DEVICE and _would_cycle(parent.pk, child.pk):
+                raise ValidationFailed(
+                    f"Adding {child.pk} as a child device of {parent.pk} would create a cycle"
+                )
+            reference, _ = ManagedObjectReference.objects.get_or_create(
+                parent=parent, child=child, relation=relation
             )
-        reference, _ = ManagedObjectReference.objects.get_or_create(
-            parent=parent, child=child, relation=relation
-        )
-        reference.child = child
-        references.append(reference)
-    parent.last_updated = now or timezone.now()
-    parent.save(update_fields=["last_updated"])
+            reference.child = child
+            references.append(reference)
+        parent.last_updated = now or timezone.now()
+        parent.save(update_fields=["last_updated"])
+        events = realtime.updated_events([parent]) if notify else []
+    # Registered after the savepoint is released, so it joins the batch of an enclosing
+    # transaction (a child created in the same request).
+    realtime.publish_after_commit(events)
     return references
 
 
 @transaction.atomic
 def managed_object_remove_children(
-    *, parent: ManagedObject, relation: Relation, child_ids: Iterable[int], strict: bool = False
+    *,
+    parent: ManagedObject,
+    relation: Relation,
+    child_ids: Iterable[int],
+    strict: bool = False,
+    notify: bool = True,
 ) -> int:
-    """Remove the edges parent -> child; with `strict`, a missing edge is a 404 (single unassign)."""
+    """Remove the edges parent -> child; with `strict`, a missing edge is a 404 (single unassign).
+    `notify`: realtime `UPDATE` for the parent when an edge was removed."""
     child_ids = list(child_ids)
     removed, _ = ManagedObjectReference.objects.filter(
         parent=parent, relation=relation, child_id__in=child_ids
@@ -211,6 +241,8 @@ def managed_object_remove_children(
     if removed:
         parent.last_updated = timezone.now()
         parent.save(update_fields=["last_updated"])
+        if notify:
+            realtime.publish_after_commit(realtime.updated_events([parent]))
     return removed
 
 

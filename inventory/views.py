@@ -103,7 +103,10 @@ class ManagedObjectCollectionView(InventoryView):
 
     def post(self, request: Any) -> Response:
         managed_object = services.managed_object_create(
-            owner=request.user.username, data=self.request_object(), allow_owner=self.is_admin()
+            owner=request.user.username,
+            data=self.request_object(),
+            allow_owner=self.is_admin(),
+            notify=self.notify,
         )
         # A new object has no references yet: render without querying for them.
         return self.respond(
@@ -126,7 +129,10 @@ class ManagedObjectDetailView(InventoryView):
     def put(self, request: Any, pk: str) -> Response:
         managed_object = self.get_managed_object(pk)
         managed_object = services.managed_object_update(
-            managed_object=managed_object, data=self.request_object(), allow_owner=self.is_admin()
+            managed_object=managed_object,
+            data=self.request_object(),
+            allow_owner=self.is_admin(),
+            notify=self.notify,
         )
         return self.respond(lambda: self.render_one(managed_object), MediaType.MANAGED_OBJECT)
 
@@ -138,6 +144,7 @@ class ManagedObjectDetailView(InventoryView):
             managed_object=managed_object,
             cascade=get_bool(params, "cascade"),
             force_cascade=get_bool(params, "forceCascade"),
+            notify=self.notify,
         )
         return self.no_content()
 
@@ -215,14 +222,17 @@ class ReferenceCollectionView(ReferenceView):
                     raise PermissionDenied()
                 children = [
                     services.managed_object_create(
-                        owner=user.username, data=body, allow_owner=self.is_admin()
+                        owner=user.username,
+                        data=body,
+                        allow_owner=self.is_admin(),
+                        notify=self.notify,
                     )
                 ]
                 single = True
             if not self.is_admin() and not all(is_owner(user, c.owner) for c in children):
                 raise PermissionDenied()
             services.managed_object_add_children(
-                parent=parent, relation=self.relation, children=children
+                parent=parent, relation=self.relation, children=children, notify=self.notify
             )
         if single:
             child = children[0]
@@ -247,7 +257,7 @@ class ReferenceCollectionView(ReferenceView):
         if not self.may_unassign(parent, children):
             raise PermissionDenied()
         services.managed_object_remove_children(
-            parent=parent, relation=self.relation, child_ids=child_ids
+            parent=parent, relation=self.relation, child_ids=child_ids, notify=self.notify
         )
         return self.no_content()
 
@@ -279,7 +289,11 @@ class ReferenceDetailView(ReferenceView):
         if not self.may_unassign(parent, [child]):
             raise PermissionDenied()
         services.managed_object_remove_children(
-            parent=parent, relation=self.relation, child_ids=[child.pk], strict=True
+            parent=parent,
+            relation=self.relation,
+            child_ids=[child.pk],
+            strict=True,
+            notify=self.notify,
         )
         return self.no_content()
 

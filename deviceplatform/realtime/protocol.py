@@ -1,0 +1,305 @@
+"""Bayeux 1.0 as Cumulocity speaks it (realtime.md §3-§6), independent of the transport.
+
+The long-polling view and the WebSocket consumer parse their input into a list of messages and hand
+it to `Exchange.run`, which answers every message, holds the connect and returns the JSON-encoded
+parts of the answer: replies to the other messages in order, then queued events, then the connect
+reply. Credentials are checked once, at the handshake; afterwards the `clientId` is the session."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import close_old_connections
+
+from deviceplatform.api.authentication import attach_roles, authenticate_header_value
+from deviceplatform.realtime.events import absolute
+from deviceplatform.realtime.hub import Hub, get_hub, new_client_id
+from deviceplatform.realtime.subscriptions import Family, canonical, rule_for
+
+logger = logging.getLogger(__name__)
+
+SERVER_CONNECTION_TYPES = ("websocket", "long-polling")
+AUTHN_EXT = "com.cumulocity.authn"
+
+Send = Callable[[list[bytes]], Awaitable[None]]
+
+
+def in_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Run ORM and password code off the event loop, in the default pool (not Django's single
+    thread-sensitive thread: a thousand agents handshaking must not queue behind each other).
+    Like Channels' `database_sync_to_async`, it hands the thread's connection back (to the pool)
+    around the call; Django's own function is called, which Channels' test communicator does not
+    stub out."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        close_old_connections()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the transport knows about where the messages came from."""
+
+    family: Family  # of the endpoint the messages were sent to
+    base_url: str  # scheme and host the client used, for URLs in events
+    authorization: str | None = None  # an Authorization header that may authenticate a handshake
+
+
+def _milliseconds(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return int(value)
+
+
+def _advice(message: dict[str, Any]) -> dict[str, Any]:
+    advice = message.get("advice")
+    return advice if isinstance(advice, dict) else {}
+
+
+def _may_subscribe(user_id: int, rules: Sequence[tuple[Any, Any]]) -> bool:
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        return False
+    attach_roles(user)
+    return all(rule.authorize(user, match) for rule, match in rules)
+
+
+_authorize = in_thread(_may_subscribe)
+check_credentials = in_thread(authenticate_header_value)
+
+
+def _reply(message: Any, **fields: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = {}
+    if isinstance(message, dict):
+        if isinstance(message.get("channel"), str):
+            reply["channel"] = message["channel"]
+        if "id" in message:
+            reply["id"] = message["id"]
+    reply.update(fields)
+    return reply
+
+
+def _failure(message: Any, error: str, **fields: Any) -> dict[str, Any]:
+    return _reply(message, successful=False, error=error, **fields)
+
+
+def _unknown_client(message: Any, **fields: Any) -> dict[str, Any]:
+    return _failure(
+        message, "402::Unknown client", advice={"reconnect": "handshake", "interval": 0}, **fields
+    )
+
+
+class Exchange:
+    """Answers the messages of one transport connection (a long-polling request, or every frame of
+    one WebSocket)."""
+
+    def __init__(self, context: Context, hub: Hub | None = None) -> None:
+        self.context = context
+        self.hub = hub or get_hub()
+        self.store = self.hub.store
+        self._base = b'"' + context.base_url.encode()
+        self.intervals: dict[str, int] = {}  # clientId -> advice interval, of connects seen here
+
+    def encode(self, events: Sequence[bytes]) -> list[bytes]:
+        return [absolute(event, self._base) for event in events]
+
+    async def run(
+        self, messages: Sequence[Any], *, holdable: bool, stream: Send | None = None
+    ) -> list[bytes]:
+        """The JSON-encoded answer to `messages`. `holdable`: the last connect may be held.
+        `stream` (WebSocket): receives the replies before a hold and the events during it."""
+        parts: list[bytes] = []
+        connects: list[dict[str, Any]] = []
+        for message in messages:
+            if isinstance(message, dict) and message.get("channel") == "/meta/connect":
+                connects.append(message)
+            else:
+                parts.append(orjson.dumps(await self._dispatch(message)))
+        for position, message in enumerate(connects):
+            hold = holdable and position == len(connects) - 1
+            if hold and stream is not None and parts:
+                await stream(parts)
+                parts = []
+            parts.extend(await self._connect(message, hold=hold, stream=stream))
+        return parts
+
+    async def _dispatch(self, message: Any) -> dict[str, Any]:
+        if not isinstance(message, dict) or not isinstance(message.get("channel"), str):
+            return _failure(message, "400::Invalid message")
+        channel = message["channel"]
+        if channel == "/meta/handshake":
+            return await self._handshake(message)
+        if channel == "/meta/subscribe":
+            return await self._subscribe(message, add=True)
+        if channel == "/meta/unsubscribe":
+            return await self._subscribe(message, add=False)
+        if channel == "/meta/disconnect":
+            return await self._disconnect(message)
+        if channel.startswith("/meta/"):
+            return _failure(message, "400::Unknown meta channel")
+        return _failure(message, "403::Publish denied")
+
+    # --- handshake -------------------------------------------------------------------------------
+
+    def _credentials(self, message: dict[str, Any]) -> str | None:
+        """`ext."com.cumulocity.authn".token` first, else the transport's Authorization header."""
+        ext = message.get("ext")
+        authn = ext.get(AUTHN_EXT) if isinstance(ext, dict) else None
+        token = authn.get("token") if isinstance(authn, dict) else None
+        if isinstance(token, str) and token:
+            return f"Basic {token}"
+        return self.context.authorization
+
+    async def _handshake(self, message: dict[str, Any]) -> dict[str, Any]:
+        refused = {"advice": {"reconnect": "none"}}
+        requested = message.get("supportedConnectionTypes")
+        if isinstance(requested, list):
+            types = [kind for kind in SERVER_CONNECTION_TYPES if kind in requested]
+        else:
+            types = list(SERVER_CONNECTION_TYPES)
+        if not types:
+            return _failure(message, "400::Unsupported connection types", **refused)
+        header = self._credentials(message)
+        user = await check_credentials(header) if header else None
+        if user is None:
+            return _failure(message, "403::Handshake denied", **refused)
+        advice = _advice(message)
+        timeout = _milliseconds(advice.get("timeout"))
+        if timeout is None:
+            timeout = settings.REALTIME_DEFAULT_TIMEOUT_MS
+        timeout = min(timeout, settings.REALTIME_MAX_TIMEOUT_MS)
+        interval = _milliseconds(advice.get("interval")) or 0
+        interval = min(interval, settings.REALTIME_MAX_TIMEOUT_MS)
+        client_id = new_client_id()
+        evicted = await self.store.create_session(
+            client_id,
+            {
+                "family": str(self.context.family),
+                "uid": str(user.pk),
+                "user": user.username,
+                "timeout": str(timeout),
+                "interval": str(interval),
+            },
+            ttl_ms=interval + settings.REALTIME_MAX_INTERVAL_MS,
+            limit=settings.REALTIME_SESSIONS_PER_USER,
+        )
+        if evicted:
+            logger.info("user %s: oldest session(s) %s removed (limit)", user.username, evicted)
+        return _reply(
+            message,
+            successful=True,
+            clientId=client_id,
+            version="1.0",
+            minimumVersion="1.0",
+            supportedConnectionTypes=types,
+            advice={"reconnect": "retry", "interval": interval, "timeout": timeout},
+        )
+
+    # --- subscriptions ---------------------------------------------------------------------------
+
+    async def _session(self, message: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
+        client_id = message.get("clientId")
+        if not isinstance(client_id, str) or not client_id:
+            return None
+        session = await self.store.get_session(client_id)
+        return (client_id, session) if session is not None else None
+
+    async def _subscribe(self, message: dict[str, Any], *, add: bool) -> dict[str, Any]:
+        subscription = message.get("subscription")
+        echo = {"subscription": subscription} if "subscription" in message else {}
+        found = await self._session(message)
+        if found is None:
+            return _unknown_client(message, **echo)
+        client_id, session = found
+        if isinstance(subscription, str):
+            channels = [subscription]
+        elif (
+            isinstance(subscription, list)
+            and subscription
+            and all(isinstance(c, str) for c in subscription)
+        ):
+            channels = subscription
+        else:
+            return _failure(message, "400::Invalid channel", **echo)
+        family = Family(session["family"])
+        rules = [rule_for(family, canonical(channel)) for channel in channels]
+        if add:
+            if any(rule is None for rule in rules):
+                return _failure(message, "400::Invalid channel", **echo)
+            if not await _authorize(int(session["uid"]), rules):
+                return _failure(message, "403::Subscription denied", **echo)
+        stored = [canonical(channel) for channel in channels]
+        grace = int(session["interval"]) + settings.REALTIME_MAX_INTERVAL_MS
+        if not await self.store.subscribe(client_id, stored, add=add, ttl_ms=grace):
+            return _unknown_client(message, **echo)
+        return _reply(message, successful=True, clientId=client_id, **echo)
+
+    async def _disconnect(self, message: dict[str, Any]) -> dict[str, Any]:
+        client_id = message.get("clientId")
+        if not isinstance(client_id, str) or not await self.store.remove_session(client_id):
+            return _unknown_client(message)
+        self.intervals.pop(client_id, None)
+        return _reply(message, successful=True, clientId=client_id)
+
+    # --- connect ---------------------------------------------------------------------------------
+
+    async def _connect(
+        self, message: dict[str, Any], *, hold: bool, stream: Send | None
+    ) -> list[bytes]:
+        client_id = message.get("clientId")
+        if not isinstance(client_id, str) or not client_id:
+            return [orjson.dumps(_unknown_client(message))]
+        requested = _milliseconds(_advice(message).get("timeout"))
+
+        async def send_events(events: list[bytes]) -> None:
+            assert stream is not None
+            await stream(self.encode(events))
+
+        outcome = await self.hub.connect(
+            client_id,
+            requested_ms=requested,
+            immediate=not hold,
+            stream=send_events if stream is not None else None,
+        )
+        if not outcome.known:
+            self.intervals.pop(client_id, None)
+            return [orjson.dumps(_unknown_client(message, clientId=client_id))]
+        self.intervals[client_id] = outcome.interval_ms
+        # The hold this connect got; a connect answered at once advertises the session's default,
+        # so a client that adopts the advice does not start polling without a hold.
+        timeout = outcome.hold_ms or outcome.timeout_ms
+        reply = _reply(
+            message,
+            successful=True,
+            clientId=client_id,
+            advice={"reconnect": "retry", "interval": outcome.interval_ms, "timeout": timeout},
+        )
+        return [*self.encode(outcome.events), orjson.dumps(reply)]
+
+    async def close(self) -> None:
+        """The transport is gone (WebSocket closed): its sessions expire unless a connect comes
+        within interval + maxInterval."""
+        for client_id, interval in self.intervals.items():
+            try:
+                await self.store.release(
+                    client_id, "", ttl_ms=interval + settings.REALTIME_MAX_INTERVAL_MS
+                )
+            except Exception:
+                logger.debug("could not shorten session %s", client_id, exc_info=True)
+        self.intervals.clear()
+
+
+def encode_array(parts: Sequence[bytes]) -> bytes:
+    return b"[" + b",".join(parts) + b"]"

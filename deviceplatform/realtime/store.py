@@ -1,0 +1,640 @@
+"""Where Bayeux sessions, subscriptions and event queues live (realtime.md §3, §6, §8).
+
+`RedisStore` (REDIS_URL set) is shared by every server process: a client may handshake on one
+worker and connect on another, and a restarted worker loses nothing. `MemoryStore` (the embedded
+default) keeps the same state in this process. Both have the same semantics:
+
+- a session is a record `{family, uid, user, timeout, interval, base, holder, hold, connected}` that
+  lives while connects keep arriving (each refreshes its deadline to hold + interval + maxInterval;
+  closing a WebSocket shortens it to interval + maxInterval);
+- `holder` is the hub (one per server process and event loop) that last attached the session and
+  `hold` the token of the connect it holds ('' when none);
+- subscriptions are kept per session and in a reverse index channel -> sessions, so publishing
+  resolves subscribers without scanning sessions;
+- every session has a bounded FIFO queue of event payloads (JSON bytes); publishing appends to the
+  queue of each matching session once, then wakes the hubs that hold a connect for them.
+
+In Redis every step is one Lua script, so each is atomic: a publish racing a connect either lands
+in the queue the connect drains or wakes the connect it set up. Keys (prefix P):
+`P s:<cid>` hash, `P q:<cid>` list, `P sub:<cid>` set, `P c:<channel>` set, `P u:<family>:<uid>`
+zset (sessions per user), `P exp` zset (deadlines, for the sweeper), pub/sub `P w:<hub>`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# (payload, subscription channels it goes to): one prepared event
+Prepared = tuple[bytes, Sequence[str]]
+Waker = Callable[[list[str]], None]
+
+# drain() outcomes
+GONE = -1  # the session no longer exists (disconnected, evicted or expired)
+SUPERSEDED = 0  # another connect took over the session
+HELD = 1
+
+
+@dataclass
+class Attached:
+    held: bool  # True: the connect holds the session now; False: answer at once with `events`
+    events: list[bytes]
+    hold_ms: int  # how long the connect may be held (its own advice, else the session's)
+    interval_ms: int  # the session's advice
+    timeout_ms: int  # the session's default hold
+
+
+def _session(raw: dict[Any, Any]) -> dict[str, str] | None:
+    if not raw:
+        return None
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+_LUA_COMMON = """
+local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function touch(cid, ttl)
+  redis.call('PEXPIRE', P .. 's:' .. cid, ttl)
+  redis.call('ZADD', P .. 'exp', now_ms() + ttl, cid)
+end
+local function forget(cid)
+  for _, ch in ipairs(redis.call('SMEMBERS', P .. 'sub:' .. cid)) do
+    redis.call('SREM', P .. 'c:' .. ch, cid)
+  end
+  redis.call('DEL', P .. 'q:' .. cid, P .. 'sub:' .. cid)
+  redis.call('ZREM', P .. 'exp', cid)
+end
+local function remove(cid)
+  local skey = P .. 's:' .. cid
+  local info = redis.call('HMGET', skey, 'holder', 'hold', 'family', 'uid')
+  forget(cid)
+  redis.call('DEL', skey)
+  if info[3] and info[4] then
+    redis.call('ZREM', P .. 'u:' .. info[3] .. ':' .. info[4], cid)
+  end
+  if info[1] and info[1] ~= '' and info[2] and info[2] ~= '' then
+    redis.call('PUBLISH', P .. 'w:' .. info[1], cid)
+  end
+end
+"""
+
+# ARGV: P, cid, ttl, limit, family, uid, field, value, ...
+_LUA_HANDSHAKE = """
+local cid, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local skey = P .. 's:' .. cid
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', skey, 'holder', '', 'hold', '', unpack(fields))
+touch(cid, ttl)
+local ukey = P .. 'u:' .. ARGV[5] .. ':' .. ARGV[6]
+redis.call('ZADD', ukey, redis.call('INCR', P .. 'seq'), cid)
+for _, other in ipairs(redis.call('ZRANGE', ukey, 0, -1)) do
+  if redis.call('EXISTS', P .. 's:' .. other) == 0 then redis.call('ZREM', ukey, other) end
+end
+local evicted = {}
+while redis.call('ZCARD', ukey) > limit do
+  local oldest = redis.call('ZRANGE', ukey, 0, 0)[1]
+  remove(oldest)
+  redis.call('ZREM', ukey, oldest)
+  evicted[#evicted + 1] = oldest
+end
+return evicted
+"""
+
+# ARGV: P, cid, hub, token, requested hold ('' = session default), max hold, max interval,
+# immediate (1: answer at once even with nothing queued)
+_LUA_ATTACH = """
+local cid, hub, token = ARGV[2], ARGV[3], ARGV[4]
+local skey = P .. 's:' .. cid
+local info = redis.call('HMGET', skey, 'family', 'holder', 'hold', 'connected', 'timeout', 'interval')
+if not info[1] then return false end
+local timeout, interval = tonumber(info[5]), tonumber(info[6])
+local hold = timeout
+if ARGV[5] ~= '' then hold = tonumber(ARGV[5]) end
+hold = math.min(hold, tonumber(ARGV[6]))
+touch(cid, hold + interval + tonumber(ARGV[7]))
+local immediate = ARGV[8] == '1' or hold == 0 or not info[4]
+if not info[4] then redis.call('HSET', skey, 'connected', '1') end
+local qkey = P .. 'q:' .. cid
+local events = redis.call('LRANGE', qkey, 0, -1)
+local held = 0
+if #events > 0 or immediate then
+  redis.call('DEL', qkey)
+  redis.call('HSET', skey, 'hold', '')
+else
+  redis.call('HSET', skey, 'holder', hub, 'hold', token)
+  held = 1
+end
+if info[3] and info[3] ~= '' and info[2] and info[2] ~= '' then
+  redis.call('PUBLISH', P .. 'w:' .. info[2], cid)
+end
+return {held, events, hold, interval, timeout}
+"""
+
+# ARGV: P, cid, token, release
+_LUA_DRAIN = """
+local cid, token = ARGV[2], ARGV[3]
+local skey = P .. 's:' .. cid
+local hold = redis.call('HGET', skey, 'hold')
+if not hold then return {-1, {}} end
+if hold ~= token then return {0, {}} end
+local qkey = P .. 'q:' .. cid
+local events = redis.call('LRANGE', qkey, 0, -1)
+if #events > 0 then redis.call('DEL', qkey) end
+if ARGV[4] == '1' then redis.call('HSET', skey, 'hold', '') end
+return {1, events}
+"""
+
+# ARGV: P, cid, token, ttl ('' keeps the deadline)
+_LUA_RELEASE = """
+local cid, token = ARGV[2], ARGV[3]
+local skey = P .. 's:' .. cid
+local hold = redis.call('HGET', skey, 'hold')
+if not hold then return 0 end
+if hold == token then redis.call('HSET', skey, 'hold', '') end
+if ARGV[4] ~= '' and (hold == token or hold == '') then touch(cid, tonumber(ARGV[4])) end
+return 1
+"""
+
+# ARGV: P, cid, add (1/0), least ttl, channel, ...
+_LUA_SUBSCRIBE = """
+local cid = ARGV[2]
+local left = redis.call('PTTL', P .. 's:' .. cid)
+if left == -2 then return 0 end
+if left < tonumber(ARGV[4]) then touch(cid, tonumber(ARGV[4])) end
+for i = 5, #ARGV do
+  if ARGV[3] == '1' then
+    redis.call('SADD', P .. 'sub:' .. cid, ARGV[i])
+    redis.call('SADD', P .. 'c:' .. ARGV[i], cid)
+  else
+    redis.call('SREM', P .. 'sub:' .. cid, ARGV[i])
+    redis.call('SREM', P .. 'c:' .. ARGV[i], cid)
+  end
+end
+return 1
+"""
+
+# ARGV: P, cid
+_LUA_REMOVE = """
+if redis.call('EXISTS', P .. 's:' .. ARGV[2]) == 0 then return 0 end
+remove(ARGV[2])
+return 1
+"""
+
+# ARGV: P, batch size
+_LUA_SWEEP = """
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, cid in ipairs(due) do
+  local left = redis.call('PTTL', P .. 's:' .. cid)
+  if left > 0 then
+    redis.call('ZADD', P .. 'exp', now + left, cid)
+  else
+    redis.call('DEL', P .. 's:' .. cid)
+    forget(cid)
+  end
+end
+return #due
+"""
+
+# ARGV: P, queue limit, then per event: payload, n, channel_1 .. channel_n
+_LUA_PUBLISH = """
+local limit = tonumber(ARGV[2])
+local wakes = {}
+local i = 3
+while i <= #ARGV do
+  local payload, n = ARGV[i], tonumber(ARGV[i + 1])
+  local seen = {}
+  for j = 1, n do
+    local ckey = P .. 'c:' .. ARGV[i + 1 + j]
+    for _, cid in ipairs(redis.call('SMEMBERS', ckey)) do
+      if not seen[cid] then
+        seen[cid] = true
+        local info = redis.call('HMGET', P .. 's:' .. cid, 'holder', 'hold')
+        if not info[1] then
+          redis.call('SREM', ckey, cid)
+        else
+          local qkey = P .. 'q:' .. cid
+          if redis.call('RPUSH', qkey, payload) > limit then
+            redis.call('LTRIM', qkey, -limit, -1)
+          end
+          if info[2] ~= '' then
+            wakes[info[1]] = wakes[info[1]] or {}
+            wakes[info[1]][cid] = true
+          end
+        end
+      end
+    end
+  end
+  i = i + 2 + n
+end
+for hub, cids in pairs(wakes) do
+  local list = {}
+  for cid in pairs(cids) do list[#list + 1] = cid end
+  redis.call('PUBLISH', P .. 'w:' .. hub, table.concat(list, ' '))
+end
+return 0
+"""
+
+
+class RedisStore:
+    """State in Redis. The async client serves the server's event loop; the sync client serves
+    publishers (request threads, Celery tasks, the in-process scheduler)."""
+
+    def __init__(self, url: str, prefix: str, queue_limit: int) -> None:
+        import redis
+        import redis.asyncio
+
+        self.url = url
+        self.prefix = f"{prefix}:"
+        self.queue_limit = queue_limit
+        self._sync = redis.Redis.from_url(url)
+        self._publish_sync = self._sync.register_script(_LUA_COMMON + _LUA_PUBLISH)
+        self._async_clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._redis_asyncio = redis.asyncio
+
+    # --- per event loop async client -------------------------------------------------------------
+
+    def _client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        entry = self._async_clients.get(loop)
+        if entry is None:
+            # Many sockets hold sessions at once; redis-py caps a pool at 100 by default.
+            client = self._redis_asyncio.Redis.from_url(self.url, max_connections=1000)
+            scripts = {
+                name: client.register_script(_LUA_COMMON + source)
+                for name, source in {
+                    "handshake": _LUA_HANDSHAKE,
+                    "attach": _LUA_ATTACH,
+                    "drain": _LUA_DRAIN,
+                    "release": _LUA_RELEASE,
+                    "subscribe": _LUA_SUBSCRIBE,
+                    "remove": _LUA_REMOVE,
+                    "sweep": _LUA_SWEEP,
+                    "publish": _LUA_PUBLISH,
+                }.items()
+            }
+            entry = (client, scripts)
+            for closed in [other for other in self._async_clients if other.is_closed()]:
+                del self._async_clients[closed]
+            self._async_clients[loop] = entry
+        return entry
+
+    async def _run(self, script: str, *args: Any) -> Any:
+        _, scripts = self._client()
+        return await scripts[script](args=[self.prefix, *args])
+
+    # --- sessions --------------------------------------------------------------------------------
+
+    async def create_session(
+        self, cid: str, record: dict[str, str], *, ttl_ms: int, limit: int
+    ) -> list[str]:
+        fields = list(itertools.chain.from_iterable(record.items()))
+        evicted = await self._run(
+            "handshake", cid, ttl_ms, limit, record["family"], record["uid"], *fields
+        )
+        return [c.decode() for c in evicted]
+
+    async def get_session(self, cid: str) -> dict[str, str] | None:
+        client, _ = self._client()
+        return _session(await client.hgetall(f"{self.prefix}s:{cid}"))
+
+    async def remove_session(self, cid: str) -> bool:
+        return bool(await self._run("remove", cid))
+
+    async def subscribe(
+        self, cid: str, channels: Sequence[str], *, add: bool, ttl_ms: int = 0
+    ) -> bool:
+        """Change subscriptions; the session then lives at least `ttl_ms` more (a subscribe is a
+        sign of life, and its authorization may have taken a while under load)."""
+        return bool(await self._run("subscribe", cid, "1" if add else "0", ttl_ms, *channels))
+
+    async def subscriptions(self, cid: str) -> set[str]:
+        client, _ = self._client()
+        return {c.decode() for c in await client.smembers(f"{self.prefix}sub:{cid}")}
+
+    # --- connects --------------------------------------------------------------------------------
+
+    async def attach(
+        self,
+        cid: str,
+        *,
+        hub: str,
+        token: str,
+        requested_ms: int | None,
+        max_hold_ms: int,
+        max_interval_ms: int,
+        immediate: bool,
+    ) -> Attached | None:
+        result = await self._run(
+            "attach",
+            cid,
+            hub,
+            token,
+            "" if requested_ms is None else requested_ms,
+            max_hold_ms,
+            max_interval_ms,
+            "1" if immediate else "0",
+        )
+        if result is None:
+            return None
+        held, events, hold, interval, timeout = result
+        return Attached(bool(held), list(events), int(hold), int(interval), int(timeout))
+
+    async def drain(self, cid: str, token: str, *, release: bool) -> tuple[int, list[bytes]]:
+        state, events = await self._run("drain", cid, token, "1" if release else "0")
+        return int(state), list(events)
+
+    async def release(self, cid: str, token: str, *, ttl_ms: int | None = None) -> None:
+        await self._run("release", cid, token, "" if ttl_ms is None else ttl_ms)
+
+    async def sweep(self, batch: int = 1000) -> int:
+        return int(await self._run("sweep", batch))
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    def publish(self, prepared: Sequence[Prepared]) -> None:
+        """Synchronous: append each event to its subscribers' queues and wake their holders."""
+        self._publish_sync(args=self._publish_args(prepared))
+
+    async def apublish(self, prepared: Sequence[Prepared]) -> None:
+        await self._run("publish", *self._publish_args(prepared)[1:])
+
+    def _publish_args(self, prepared: Sequence[Prepared]) -> list[Any]:
+        args: list[Any] = [self.prefix, self.queue_limit]
+        for payload, channels in prepared:
+            args.append(payload)
+            args.append(len(channels))
+            args.extend(channels)
+        return args
+
+    # --- waking ----------------------------------------------------------------------------------
+
+    async def listen(self, hub: str, wake: Waker, ready: asyncio.Event) -> None:
+        """Deliver the wake-ups for `hub` until cancelled; reconnects after a Redis outage (and
+        then wakes every holder, in case a wake-up was missed meanwhile)."""
+        client, _ = self._client()
+        channel = f"{self.prefix}w:{hub}"
+        first = True
+        while True:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                if not first:
+                    wake(["*"])
+                first = False
+                ready.set()
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        wake(message["data"].decode().split())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("realtime wake-up listener lost Redis; reconnecting", exc_info=True)
+                await asyncio.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):  # the connection may already be gone
+                    await pubsub.aclose()
+
+
+# --- in process ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _MemorySession:
+    record: dict[str, str]
+    deadline: float
+    seq: int
+    queue: deque[bytes] = field(default_factory=deque)
+    subs: set[str] = field(default_factory=set)
+
+
+class MemoryStore:
+    """The same state in this process (embedded default: one server process, no Redis). Safe to
+    publish from any thread: wake-ups are handed to each hub's event loop thread-safely."""
+
+    def __init__(self, queue_limit: int) -> None:
+        self.queue_limit = queue_limit
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _MemorySession] = {}
+        self._index: dict[str, set[str]] = {}
+        self._wakers: dict[str, tuple[asyncio.AbstractEventLoop, Waker]] = {}
+        self._seq = itertools.count()
+
+    def _live(self, cid: str) -> _MemorySession | None:
+        session = self._sessions.get(cid)
+        if session is not None and session.deadline <= time.monotonic():
+            self._forget(cid)
+            return None
+        return session
+
+    def _forget(self, cid: str) -> _MemorySession | None:
+        session = self._sessions.pop(cid, None)
+        if session is not None:
+            for channel in session.subs:
+                members = self._index.get(channel)
+                if members is not None:
+                    members.discard(cid)
+                    if not members:
+                        del self._index[channel]
+        return session
+
+    def _touch(self, session: _MemorySession, ttl_ms: int) -> None:
+        session.deadline = time.monotonic() + ttl_ms / 1000
+
+    def _wake(self, wakes: dict[str, list[str]]) -> None:
+        for hub, cids in wakes.items():
+            target = self._wakers.get(hub)
+            if target is None:
+                continue
+            loop, wake = target
+            try:
+                loop.call_soon_threadsafe(wake, cids)
+            except RuntimeError:  # that loop is closed
+                self._wakers.pop(hub, None)
+
+    def _remove(self, cid: str) -> dict[str, list[str]]:
+        session = self._forget(cid)
+        if session is None or not session.record["hold"]:
+            return {}
+        return {session.record["holder"]: [cid]}
+
+    async def create_session(
+        self, cid: str, record: dict[str, str], *, ttl_ms: int, limit: int
+    ) -> list[str]:
+        wakes: dict[str, list[str]] = {}
+        with self._lock:
+            session = _MemorySession(
+                record={"holder": "", "hold": "", **record}, deadline=0, seq=next(self._seq)
+            )
+            self._touch(session, ttl_ms)
+            self._sessions[cid] = session
+            mine = sorted(
+                (s.seq, other)
+                for other, s in list(self._sessions.items())
+                if self._live(other) is not None
+                and s.record["family"] == record["family"]
+                and s.record["uid"] == record["uid"]
+            )
+            evicted = [other for _, other in mine[: max(0, len(mine) - limit)]]
+            for other in evicted:
+                for hub, cids in self._remove(other).items():
+                    wakes.setdefault(hub, []).extend(cids)
+        self._wake(wakes)
+        return evicted
+
+    async def get_session(self, cid: str) -> dict[str, str] | None:
+        with self._lock:
+            session = self._live(cid)
+            return dict(session.record) if session is not None else None
+
+    async def remove_session(self, cid: str) -> bool:
+        with self._lock:
+            existed = self._live(cid) is not None
+            wakes = self._remove(cid) if existed else {}
+        self._wake(wakes)
+        return existed
+
+    async def subscribe(
+        self, cid: str, channels: Sequence[str], *, add: bool, ttl_ms: int = 0
+    ) -> bool:
+        with self._lock:
+            session = self._live(cid)
+            if session is None:
+                return False
+            session.deadline = max(session.deadline, time.monotonic() + ttl_ms / 1000)
+            for channel in channels:
+                if add:
+                    session.subs.add(channel)
+                    self._index.setdefault(channel, set()).add(cid)
+                else:
+                    session.subs.discard(channel)
+                    members = self._index.get(channel)
+                    if members is not None:
+                        members.discard(cid)
+                        if not members:
+                            del self._index[channel]
+            return True
+
+    async def subscriptions(self, cid: str) -> set[str]:
+        with self._lock:
+            session = self._live(cid)
+            return set(session.subs) if session is not None else set()
+
+    async def attach(
+        self,
+        cid: str,
+        *,
+        hub: str,
+        token: str,
+        requested_ms: int | None,
+        max_hold_ms: int,
+        max_interval_ms: int,
+        immediate: bool,
+    ) -> Attached | None:
+        wakes: dict[str, list[str]] = {}
+        with self._lock:
+            session = self._live(cid)
+            if session is None:
+                return None
+            record = session.record
+            timeout, interval = int(record["timeout"]), int(record["interval"])
+            hold = min(timeout if requested_ms is None else requested_ms, max_hold_ms)
+            self._touch(session, hold + interval + max_interval_ms)
+            immediate = immediate or hold == 0
+            if not record.get("connected"):
+                record["connected"] = "1"
+                immediate = True
+            if record["hold"] and record["holder"]:
+                wakes[record["holder"]] = [cid]
+            events = list(session.queue)
+            if events or immediate:
+                session.queue.clear()
+                record["hold"] = ""
+                held = False
+            else:
+                record["holder"], record["hold"] = hub, token
+                held = True
+        self._wake(wakes)
+        return Attached(held, events, hold, interval, timeout)
+
+    async def drain(self, cid: str, token: str, *, release: bool) -> tuple[int, list[bytes]]:
+        with self._lock:
+            session = self._live(cid)
+            if session is None:
+                return GONE, []
+            if session.record["hold"] != token:
+                return SUPERSEDED, []
+            events = list(session.queue)
+            session.queue.clear()
+            if release:
+                session.record["hold"] = ""
+            return HELD, events
+
+    async def release(self, cid: str, token: str, *, ttl_ms: int | None = None) -> None:
+        with self._lock:
+            session = self._live(cid)
+            if session is None:
+                return
+            hold = session.record["hold"]
+            if hold == token:
+                session.record["hold"] = ""
+            if ttl_ms is not None and hold in (token, ""):
+                self._touch(session, ttl_ms)
+
+    async def sweep(self, batch: int = 1000) -> int:
+        with self._lock:
+            now = time.monotonic()
+            due = [cid for cid, s in self._sessions.items() if s.deadline <= now][:batch]
+            for cid in due:
+                self._forget(cid)
+            return len(due)
+
+    def publish(self, prepared: Sequence[Prepared]) -> None:
+        wakes: dict[str, set[str]] = {}
+        with self._lock:
+            for payload, channels in prepared:
+                targets: set[str] = set()
+                for channel in channels:
+                    targets.update(self._index.get(channel, ()))
+                for cid in targets:
+                    session = self._live(cid)
+                    if session is None:
+                        continue
+                    session.queue.append(payload)
+                    while len(session.queue) > self.queue_limit:
+                        session.queue.popleft()
+                    if session.record["hold"]:
+                        wakes.setdefault(session.record["holder"], set()).add(cid)
+        self._wake({hub: sorted(cids) for hub, cids in wakes.items()})
+
+    async def apublish(self, prepared: Sequence[Prepared]) -> None:
+        self.publish(prepared)
+
+    async def listen(self, hub: str, wake: Waker, ready: asyncio.Event) -> None:
+        self._wakers[hub] = (asyncio.get_running_loop(), wake)
+        ready.set()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            self._wakers.pop(hub, None)
+
+
+Store = RedisStore | MemoryStore

@@ -1,0 +1,51 @@
+"""Bayeux over HTTP long-polling (realtime.md §2): an async view, so a held connect pins no thread."""
+
+from __future__ import annotations
+
+import orjson
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from deviceplatform.api.authentication import BAD_CREDENTIALS
+from deviceplatform.api.exceptions import error_response
+from deviceplatform.api.views import base_url
+from deviceplatform.realtime.protocol import Context, Exchange, check_credentials, encode_array
+from deviceplatform.realtime.subscriptions import Family
+
+CONTENT_TYPE = "application/json;charset=UTF-8"
+
+
+@csrf_exempt
+async def long_polling(request: HttpRequest, family: str, **_: str) -> HttpResponse:
+    """POST a JSON array of Bayeux messages (or one message); the answer is a JSON array."""
+    if request.method != "POST":
+        return error_response(
+            405,
+            "general/methodNotAllowed",
+            f'Method "{request.method}" not allowed.',
+            headers={"Allow": "POST"},
+        )
+    header = request.META.get("HTTP_AUTHORIZATION") or None
+    if header is not None and await check_credentials(header) is None:
+        # A present but invalid header is refused outright; the Java SDK counts these 401s.
+        return error_response(
+            401,
+            "security/Unauthorized",
+            BAD_CREDENTIALS,
+            headers={"WWW-Authenticate": 'Basic realm="Cumulocity"'},
+        )
+    try:
+        body = orjson.loads(request.body)
+    except orjson.JSONDecodeError:
+        return error_response(400, "general/badRequest", "The body is not JSON")
+    if isinstance(body, dict):
+        messages = [body]
+    elif isinstance(body, list):
+        messages = body
+    else:
+        return error_response(
+            400, "general/badRequest", "Expected a Bayeux message or an array of them"
+        )
+    exchange = Exchange(Context(Family(family), base_url(request), header))
+    parts = await exchange.run(messages, holdable=len(messages) == 1)
+    return HttpResponse(encode_array(parts), content_type=CONTENT_TYPE)
