@@ -26,6 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     # The MD5 hasher keeps user fixtures fast; production keeps Django's default.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Realtime state of each run and xdist worker apart in the shared Redis.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    settings.REALTIME_PREFIX = f"test:{RUN_ID}:{worker}:rt"
 
 
 @pytest.fixture(scope="session")

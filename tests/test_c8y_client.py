@@ -17,7 +17,7 @@ from c8y_api.model import Device, DeviceGroup, ExternalId, ManagedObject
 
 from tests.helpers import PASSWORD
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = pytest.mark.django_db(transaction=True)
 
 DEVICE_COUNT = 12  # with page_size=5 every listing spans three pages plus the empty fourth
 

@@ -24,7 +24,7 @@ from c8y_api.model import BulkOperation, Device, DeviceGroup, ManagedObject, Ope
 
 from tests.c8y_support import RequestLog
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = pytest.mark.django_db(transaction=True)
 
 BULK_MEDIA_TYPE = "application/vnd.com.nsn.cumulocity.bulkoperation+json"
 NO_AGENT_REASON = "Device is not in the childDevices hierarchy of any agent"

@@ -39,7 +39,7 @@ from deviceplatform.db import GLOBAL_ID_SEQUENCE
 from inventory import services as inventory_services
 from inventory.models import ManagedObject, ManagedObjectReference, Relation
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = pytest.mark.django_db(transaction=True)
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 60.0  # a bound for a broken run, not a timing assertion

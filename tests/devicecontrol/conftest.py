@@ -1,25 +1,29 @@
 """Device-control fixtures: an agent hierarchy built through the inventory services, the exact
-realtime events a block registers (Zulip's `capture_send_event_calls`), and listeners on the real
-Channels layer."""
+realtime events a block registers (Zulip's `capture_send_event_calls`), and subscribers on the real
+realtime store that receive the Bayeux messages clients would."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import threading
-import uuid
+import time
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pytest
-from channels.layers import get_channel_layer
 from django.db import transaction
 from rest_framework.test import APIClient
 
+from devicecontrol.models import Operation
 from devicecontrol.realtime import EventDelivery, OperationEvent
+from devicecontrol.serializers import operation_json
+from deviceplatform.realtime.events import absolute
+from deviceplatform.realtime.hub import Watch, get_hub, watching
+from deviceplatform.realtime.store import RedisStore
 from deviceplatform.roles import Role
 from inventory import services as inventory_services
 from inventory.models import ManagedObject, Relation
@@ -28,6 +32,8 @@ from tests.factories import Clients
 OWNER = "alice"  # owns the hierarchy's devices; a user of that name gets the owner rule
 OPERATIONS = "/devicecontrol/operations"
 VENDOR = "application/vnd.com.nsn.cumulocity."
+BASE_URL = "http://testserver"  # where the test client's requests (and subscribers) connect
+_BASE_MARK = b'"' + BASE_URL.encode()
 
 # API users: `alice` owns the hierarchy (no device-control role), `bob` owns nothing of it.
 USERS: dict[str, list[Role]] = {
@@ -89,6 +95,42 @@ def add_child_devices(parent: ManagedObject, *children: ManagedObject) -> None:
     )
 
 
+def relative(body: dict[str, Any]) -> dict[str, Any]:
+    """An API representation as the event carries it: `self` without scheme and host."""
+    assert body["self"].startswith(BASE_URL)
+    return {**body, "self": body["self"][len(BASE_URL) :]}
+
+
+def as_get(operation: Operation | int) -> dict[str, Any]:
+    """The operation as `GET /devicecontrol/operations/{id}` shows it to a client of BASE_URL."""
+    pk = operation if isinstance(operation, int) else operation.pk
+    return operation_json(Operation.objects.get(pk=pk), base=BASE_URL)
+
+
+# --- the Bayeux messages of realtime.md §5.1 and §5.2, as a subscriber of BASE_URL receives them
+
+Message = dict[str, Any]
+
+
+def changed(action: str, body: dict[str, Any]) -> Message:
+    return {
+        "channel": f"/operations/{body['deviceId']}",
+        "data": {"realtimeAction": action, "data": body},
+    }
+
+
+def deleted(operation: Operation) -> Message:
+    return {
+        "channel": f"/operations/{operation.device_id}",
+        "data": {"realtimeAction": "DELETE", "data": str(operation.pk)},
+    }
+
+
+def to_agent(agent: ManagedObject | int, body: dict[str, Any]) -> Message:
+    pk = agent if isinstance(agent, int) else agent.pk
+    return {"channel": f"/{pk}", "data": body}
+
+
 class Abort(Exception):
     """Raised inside a transaction to roll it back."""
 
@@ -126,7 +168,7 @@ EventCapture = Callable[..., Any]
 def capture_events(django_capture_on_commit_callbacks: Callable[..., Any]) -> EventCapture:
     """`with capture_events() as events:` collects exactly the operation events registered with
     `transaction.on_commit` in the block (other on-commit callbacks are ignored). With
-    `execute=True` the callbacks also run, so the events reach the real channel layer."""
+    `execute=True` the callbacks also run, so the events reach the real realtime store."""
 
     @contextmanager
     def capture(*, execute: bool = False) -> Iterator[list[OperationEvent]]:
@@ -138,39 +180,46 @@ def capture_events(django_capture_on_commit_callbacks: Callable[..., Any]) -> Ev
     return capture
 
 
-class GroupListener:
-    """One channel subscribed to one group on the real channel layer."""
+class Subscriber:
+    """A server-side session on the real realtime store (`watching`), subscribed to `channels`,
+    seen as a subscriber that connected to `BASE_URL`: each message is `{"channel", "data"}`
+    with the base URL marks made absolute (realtime.md §5)."""
 
-    def __init__(self, run: Callable[[Coroutine[Any, Any, Any]], Any], layer: Any, group: str):
+    def __init__(self, run: Callable[[Coroutine[Any, Any, Any]], Any], watch: Watch) -> None:
         self._run = run
-        self.layer = layer
-        self.group = group
-        self.channel = run(layer.new_channel())
-        run(layer.group_add(group, self.channel))
+        self._watch = watch
+        self._buffer: list[dict[str, Any]] = []
 
-    def receive(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The next message; the timeout only bounds a hang, it is no timing assertion."""
-        return self._run(asyncio.wait_for(self.layer.receive(self.channel), timeout))
+    def _take(self, payloads: list[bytes]) -> None:
+        self._buffer.extend(orjson.loads(absolute(p, _BASE_MARK)) for p in payloads)
 
-    def receive_many(self, count: int) -> list[dict[str, Any]]:
-        return [self.receive() for _ in range(count)]
+    def received(self) -> list[dict[str, Any]]:
+        """Everything queued for this session so far. Publishing is synchronous (the commit that
+        registered an event returns after its messages are queued), so no waiting is needed."""
+        self._take(self._run(self._watch.next(0)))
+        taken, self._buffer = self._buffer, []
+        return taken
 
-    def close(self) -> None:
-        self._run(self.layer.group_discard(self.group, self.channel))
+    def receive(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The next `count` messages, waiting for them (for publishers in other threads); the
+        timeout only bounds a hang, it is no timing assertion."""
+        deadline = time.monotonic() + timeout
+        while len(self._buffer) < count and (left := deadline - time.monotonic()) > 0:
+            self._take(self._run(self._watch.next(left)))
+        taken, self._buffer = self._buffer[:count], self._buffer[count:]
+        assert len(taken) == count, taken
+        return taken
+
+
+Subscribe = Callable[..., Subscriber]
 
 
 @pytest.fixture
-def group_listener(settings: Any) -> Iterator[Callable[[str], GroupListener]]:
-    """`group_listener(device_group(pk))` subscribes to a group on the configured channel layer
-    (channels_redis pub/sub when REDIS_URL is set). A prefix of its own keeps parallel runs sharing
-    the Redis server apart. The pub/sub layer keeps per-event-loop state, so every listener call
-    runs on one event loop in a background thread."""
-    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
-    config = layers["default"].setdefault("CONFIG", {})
-    if "hosts" in config:
-        config["prefix"] = f"dptest{uuid.uuid4().hex[:12]}"
-    settings.CHANNEL_LAYERS = layers  # channels resets its cached layers on setting_changed
-    layer = get_channel_layer()
+def subscriber() -> Iterator[Subscribe]:
+    """`subscriber("/operations/4712", "/4711")`: a session on the configured realtime store (the
+    test run's own Redis prefix when REDIS_URL is set) that receives what real clients of those
+    channels would. The store's async client and the hub are per event loop, so every call runs
+    on one loop in a background thread."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -178,20 +227,23 @@ def group_listener(settings: Any) -> Iterator[Callable[[str], GroupListener]]:
     def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
-    listeners: list[GroupListener] = []
+    stack = AsyncExitStack()
 
-    def listen(group: str) -> GroupListener:
-        listener = GroupListener(run, layer, group)
-        listeners.append(listener)
-        return listener
+    def subscribe(*channels: str) -> Subscriber:
+        return Subscriber(run, run(stack.enter_async_context(watching(list(channels)))))
+
+    async def close() -> None:
+        await stack.aclose()
+        hub = get_hub()
+        await hub.close()
+        if isinstance(hub.store, RedisStore):
+            client, _ = hub.store._client()
+            await client.aclose()
 
     try:
-        yield listen
+        yield subscribe
     finally:
-        for listener in listeners:
-            listener.close()
-        if hasattr(layer, "flush"):
-            run(layer.flush())
+        run(close())
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()

@@ -22,7 +22,7 @@ from c8y_api.model import Device, ExternalId, Operation
 
 from tests.c8y_support import RequestLog
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = pytest.mark.django_db(transaction=True)
 
 DEVICE_OPERATIONS = 12  # with page_size=5: pages of 5, 5, 2 and the empty fourth that ends paging
 OPERATION_MEDIA_TYPE = "application/vnd.com.nsn.cumulocity.operation+json"

@@ -1,6 +1,7 @@
 """Concurrent updates of one operation (devicecontrol.md §7, STYLE.md §4): `operation_update` locks
 the row, so parallel agents never lose each other's fragments, the end state is one a writer wrote,
-and every successful update sends exactly one UPDATE event. Real threads, each with its own
+and every successful update sends exactly one UPDATE event, delivered to realtime subscribers after
+its own commit. Real threads, each with its own
 PostgreSQL connection, started together by a barrier."""
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from django.db import connection, transaction
 from django.test import TestCase
 
 from devicecontrol.models import Operation, OperationStatus
-from devicecontrol.realtime import EventDelivery, OperationEvent, device_group
+from devicecontrol.realtime import EventDelivery, OperationEvent
 from devicecontrol.serializers import operation_json
 from devicecontrol.services import operation_create, operation_update, operations_delete
 from deviceplatform.api.exceptions import NotFound
 from tests.devicecontrol.conftest import (
-    GroupListener,
+    BASE_URL,
     Hierarchy,
+    Subscribe,
     add_child_devices,
+    as_get,
+    changed,
+    deleted,
     make_device,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = pytest.mark.django_db(transaction=True)
 
 THREADS = 8
 
@@ -65,21 +70,30 @@ def run_together(work: Callable[[int], Any], count: int) -> list[Any]:
     return results
 
 
+def absolute(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "self": BASE_URL + data["self"]}
+
+
+def thread_count(message: dict[str, Any]) -> int:
+    return sum(key.startswith("c8y_Thread") for key in message["data"]["data"])
+
+
 def update_capturing_events(operation_id: int, data: dict[str, Any]) -> list[OperationEvent]:
     """`operation_update` in an outer transaction, returning the events it registered; the
-    commit at the end of the block then delivers them through the real channel layer."""
+    commit at the end of the block then delivers them to the real realtime store."""
     with transaction.atomic(), TestCase.captureOnCommitCallbacks() as callbacks:
         operation_update(operation_id=operation_id, data=data)
     return [cb.event for cb in callbacks if isinstance(cb, EventDelivery)]
 
 
 def test_parallel_updates_lose_no_fragment_and_send_one_event_each(
-    committed_hierarchy: Hierarchy, group_listener: Callable[[str], GroupListener]
+    committed_hierarchy: Hierarchy, subscriber: Subscribe
 ) -> None:
     operation = operation_create(
         device=committed_hierarchy.device, data={"c8y_Initial": {"kept": True}}
     )
-    listener = group_listener(device_group(committed_hierarchy.device.pk))
+    listener = subscriber(f"/operations/{committed_hierarchy.device.pk}", "/operations/*")
+    agent = subscriber(f"/{committed_hierarchy.agent.pk}")
     statuses = ["EXECUTING", "SUCCESSFUL", "FAILED", "PENDING"]
     writes = [
         {
@@ -119,16 +133,18 @@ def test_parallel_updates_lose_no_fragment_and_send_one_event_each(
         assert f"c8y_Thread{index}" in keys
         assert result[0].data["status"] == writes[index]["status"]
 
-    # ...and each was delivered once through the channel layer after its commit.
-    def thread_count(message: dict[str, Any]) -> int:
-        return sum(key.startswith("c8y_Thread") for key in message["data"])
-
-    received = listener.receive_many(THREADS)
-    assert sorted(received, key=thread_count) == sorted(
-        (e.as_message() for e in events), key=thread_count
+    # ...and each was delivered once, to a session subscribed to the device twice over. (Not
+    # necessarily in commit order: each writer publishes after its own commit, so the next writer
+    # may commit and publish before it does.)
+    received = sorted(listener.received(), key=thread_count)
+    assert received == sorted(
+        (changed("UPDATE", absolute(e.data)) for e in events),  # type: ignore[arg-type]
+        key=thread_count,
     )
+    assert agent.received() == []
     last_writer = next(i for i, keys in enumerate(thread_keys) if len(keys) == THREADS)
     assert events[last_writer].data == operation_json(final, base="")
+    assert received[-1] == changed("UPDATE", as_get(final))  # the most fragments: the last
     assert final.status == writes[last_writer]["status"]
     if final.status == OperationStatus.FAILED:
         assert final.failure_reason == writes[last_writer]["failureReason"]
@@ -138,12 +154,13 @@ def test_parallel_updates_lose_no_fragment_and_send_one_event_each(
 
 @pytest.mark.parametrize("round_", range(3))
 def test_executing_and_successful_race_ends_in_one_of_them(
-    committed_hierarchy: Hierarchy, round_: int
+    committed_hierarchy: Hierarchy, subscriber: Subscribe, round_: int
 ) -> None:
     operation = operation_create(device=committed_hierarchy.device, data={})
     operation_update(
         operation_id=operation.pk, data={"status": "FAILED", "failureReason": "earlier try"}
     )
+    listener = subscriber("/operations/*")
     writes = [
         {"status": "EXECUTING", "c8y_Executing": {"round": round_}},
         {"status": "SUCCESSFUL", "c8y_Result": {"round": round_}},
@@ -161,6 +178,12 @@ def test_executing_and_successful_race_ends_in_one_of_them(
     last = next(e for e in events if {"c8y_Executing", "c8y_Result"} <= set(e.data))
     assert last.data == operation_json(final, base="")
     assert final.status == last.data["status"]  # type: ignore[index]
+    received = listener.received()
+    assert sorted(received, key=lambda m: m["data"]["data"]["status"]) == sorted(
+        (changed("UPDATE", absolute(e.data)) for e in events),  # type: ignore[arg-type]
+        key=lambda m: m["data"]["data"]["status"],
+    )
+    assert changed("UPDATE", as_get(final)) in received
 
 
 def delete_capturing_events(queryset: Any) -> list[OperationEvent]:
@@ -171,9 +194,10 @@ def delete_capturing_events(queryset: Any) -> list[OperationEvent]:
 
 @pytest.mark.parametrize("round_", range(3))
 def test_update_racing_a_delete_by_status_is_one_or_the_other(
-    committed_hierarchy: Hierarchy, round_: int
+    committed_hierarchy: Hierarchy, subscriber: Subscribe, round_: int
 ) -> None:
     operation = operation_create(device=committed_hierarchy.device, data={})
+    listener = subscriber(f"/operations/{committed_hierarchy.device.pk}")
     work = [
         lambda: update_capturing_events(operation.pk, {"status": "EXECUTING"}),
         lambda: delete_capturing_events(
@@ -181,15 +205,17 @@ def test_update_racing_a_delete_by_status_is_one_or_the_other(
         ),
     ]
 
-    updated, deleted = run_together(lambda i: work[i](), 2)
+    updated, removed = run_together(lambda i: work[i](), 2)
 
-    assert not isinstance(deleted, BaseException), deleted
+    assert not isinstance(removed, BaseException), removed
     remaining = Operation.objects.filter(pk=operation.pk).first()
     if isinstance(updated, NotFound):  # the delete came first
         assert remaining is None
-        assert [(e.action, e.data) for e in deleted] == [("DELETE", str(operation.pk))]
+        assert [(e.action, e.data) for e in removed] == [("DELETE", str(operation.pk))]
+        assert listener.received() == [deleted(operation)]
     else:  # the update came first, so the row no longer matches the delete's filter
         assert remaining is not None
         assert remaining.status == OperationStatus.EXECUTING
         assert [(e.action, e.data["status"]) for e in updated] == [("UPDATE", "EXECUTING")]  # type: ignore[index]
-        assert deleted == []
+        assert removed == []
+        assert listener.received() == [changed("UPDATE", as_get(remaining))]

@@ -1,49 +1,55 @@
-"""Realtime events of operation changes (devicecontrol.md §6-§8, realtime.md): the exact events each
-write registers on commit, and their delivery through the real channel layer. Nothing is registered
-for a refused request, a rolled-back transaction or `X-Cumulocity-Processing-Mode: QUIESCENT`."""
+"""Realtime events of operation changes (devicecontrol.md §6-§8, realtime.md §5): the exact events each
+write registers on commit, and the Bayeux messages subscribers of the real realtime store receive
+for them, whether the change came through REST, the admin, a beat sweep or a device deletion.
+Nothing is sent for a refused request, a rolled-back transaction or
+`X-Cumulocity-Processing-Mode: QUIESCENT`, and nothing before the transaction commits."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from django.db import transaction
+from django.test import Client
+from django.urls import reverse
 
-from devicecontrol.models import Operation
-from devicecontrol.realtime import (
-    ALL_OPERATIONS_GROUP,
-    OperationEvent,
-    agent_group,
-    device_group,
-)
+from devicecontrol import tasks
+from devicecontrol.models import Operation, OperationStatus
+from devicecontrol.realtime import OperationEvent
 from devicecontrol.serializers import operation_json
 from devicecontrol.services import operation_create, operation_update, operations_delete
+from deviceplatform.services import user_upsert
+from inventory.models import ManagedObject
 from tests.devicecontrol.conftest import (
+    BASE_URL,
     OPERATIONS,
     Abort,
     EventCapture,
-    GroupListener,
     Hierarchy,
+    Message,
+    Subscribe,
+    Subscriber,
     add_child_devices,
+    as_get,
     call,
+    changed,
+    deleted,
     make_device,
     ok_json,
     operation_path,
+    relative,
     rolled_back,
+    to_agent,
 )
 from tests.factories import Clients
+from tests.inventory.test_admin import form_data
 
 pytestmark = pytest.mark.django_db
 
-BASE = "http://testserver"
-Listen = Callable[[str], GroupListener]
-
-
-def relative(body: dict[str, Any]) -> dict[str, Any]:
-    """An API representation as the event carries it: `self` without scheme and host."""
-    assert body["self"].startswith(BASE)
-    return {**body, "self": body["self"][len(BASE) :]}
+PAST = datetime(2024, 1, 1, 12, tzinfo=UTC)
+CHANGELIST = reverse("admin:devicecontrol_operation_changelist")
 
 
 def event(action: str, operation: Operation, data: Any) -> OperationEvent:
@@ -60,23 +66,53 @@ def by_id(events: list[Any]) -> list[Any]:
     return sorted(events, key=lambda item: int(item.operation_id))
 
 
+def post(api: Clients, device: ManagedObject, **header: str) -> dict[str, Any]:
+    return ok_json(
+        call(api["admin"], "POST", OPERATIONS, {"deviceId": device.pk}, accept="*/*", **header),
+        201,
+    )
+
+
+def subscribers_of(subscriber: Subscribe, hierarchy: Hierarchy) -> dict[str, Subscriber]:
+    """The device's own channel, every device, and the agent channel."""
+    return {
+        "device": subscriber(f"/operations/{hierarchy.device.pk}"),
+        "all": subscriber("/operations/*"),
+        "agent": subscriber(f"/{hierarchy.agent.pk}"),
+    }
+
+
+def assert_silent_until_next_create(
+    api: Clients, hierarchy: Hierarchy, capture: EventCapture, listeners: dict[str, Subscriber]
+) -> None:
+    """Nothing is queued for the listeners; the next successful create reaches each of them
+    (so they were listening all along)."""
+    assert {name: s.received() for name, s in listeners.items()} == {name: [] for name in listeners}
+    with capture(execute=True):
+        created = post(api, hierarchy.device)
+    for name, listener in listeners.items():
+        expected = to_agent(hierarchy.agent, created) if name == "agent" else None
+        assert listener.received() == [expected or changed("CREATE", created)], name
+
+
 # --- CREATE --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("target", ["agent", "device", "grandchild"])
-def test_post_registers_create_and_delivers_to_device_all_and_agent_groups(
+def test_post_sends_create_to_the_device_wildcard_and_agent_channels(
     api: Clients,
     hierarchy: Hierarchy,
     capture_events: EventCapture,
-    group_listener: Listen,
+    subscriber: Subscribe,
     target: str,
 ) -> None:
     device = getattr(hierarchy, target)
-    listeners = [
-        group_listener(device_group(device.pk)),
-        group_listener(ALL_OPERATIONS_GROUP),
-        group_listener(agent_group(hierarchy.agent.pk)),
-    ]
+    own = subscriber(f"/operations/{device.pk}")
+    every = subscriber("/operations/*")
+    both = subscriber(f"/operations/{device.pk}", "/operations/*", "/operations/987654321")
+    agent = subscriber(f"/{hierarchy.agent.pk}")
+    elsewhere = hierarchy.grandchild if target != "grandchild" else hierarchy.device
+    other = subscriber(f"/operations/{elsewhere.pk}")
 
     with capture_events(execute=True) as events:
         response = call(
@@ -89,128 +125,128 @@ def test_post_registers_create_and_delivers_to_device_all_and_agent_groups(
 
     body = ok_json(response, 201)
     operation = Operation.objects.get(pk=body["id"])
-    assert events == [
-        OperationEvent(
-            action="CREATE",
-            operation_id=operation.pk,
-            device_id=device.pk,
-            agent_id=hierarchy.agent.pk,
-            data=relative(body),
-        )
-    ]
-    assert events[0].data == {
+    assert events == [event("CREATE", operation, relative(body))]
+    assert body == {
         "id": body["id"],
-        "self": f"/devicecontrol/operations/{body['id']}",
+        "self": f"{BASE_URL}/devicecontrol/operations/{body['id']}",
         "deviceId": str(device.pk),
         "status": "PENDING",
         "creationTime": body["creationTime"],
         "description": "Restart",
         "c8y_Restart": {},
     }
-    message = events[0].as_message()
-    assert message == {
-        "type": "operation.changed",
-        "action": "CREATE",
-        "operationId": body["id"],
-        "deviceId": str(device.pk),
-        "agentId": str(hierarchy.agent.pk),
-        "data": events[0].data,
-    }
-    for listener in listeners:
-        assert listener.receive() == message
+    # The full operation with an absolute `self`, once per session even when two of its
+    # subscriptions match; the agent gets the bare operation.
+    assert own.received() == [changed("CREATE", body)]
+    assert every.received() == [changed("CREATE", body)]
+    assert both.received() == [changed("CREATE", body)]
+    assert agent.received() == [to_agent(hierarchy.agent, body)]
+    assert other.received() == []
 
 
-def test_create_event_of_an_operation_under_a_nested_agent_goes_to_that_agent(
+def test_create_under_a_nested_agent_goes_to_that_agent_only(
     api: Clients,
     hierarchy: Hierarchy,
     capture_events: EventCapture,
-    group_listener: Listen,
+    subscriber: Subscribe,
 ) -> None:
     inner = make_device("Inner agent", agent=True)
     child = make_device("Inner child")
     add_child_devices(hierarchy.device, inner)
     add_child_devices(inner, child)
-    inner_listener = group_listener(agent_group(inner.pk))
+    inner_agent = subscriber(f"/{inner.pk}")
+    outer_agent = subscriber(f"/{hierarchy.agent.pk}")
 
     with capture_events(execute=True) as events:
-        body = ok_json(
-            call(api["admin"], "POST", OPERATIONS, {"deviceId": child.pk}, accept="*/*"), 201
-        )
+        body = post(api, child)
 
     assert [(e.action, e.agent_id, e.device_id) for e in events] == [("CREATE", inner.pk, child.pk)]
-    assert inner_listener.receive()["operationId"] == body["id"]
+    assert inner_agent.received() == [to_agent(inner, body)]
+    assert outer_agent.received() == []
+    with capture_events(execute=True):
+        outer = post(api, hierarchy.device)
+    assert outer_agent.received() == [to_agent(hierarchy.agent, outer)]
+    assert inner_agent.received() == []
 
 
 # --- UPDATE ----------------------------------------------------------------------------------------
 
 
-def test_every_put_registers_an_update_even_when_nothing_changes(
+def test_every_put_sends_an_update_even_when_nothing_changes(
     api: Clients,
     hierarchy: Hierarchy,
     capture_events: EventCapture,
-    group_listener: Listen,
+    subscriber: Subscribe,
 ) -> None:
     operation = operation_create(device=hierarchy.device, data={"c8y_Restart": {}})
-    device_listener = group_listener(device_group(hierarchy.device.pk))
-    all_listener = group_listener(ALL_OPERATIONS_GROUP)
-    agent_listener = group_listener(agent_group(hierarchy.agent.pk))
+    listeners = subscribers_of(subscriber, hierarchy)
+
+    def put(who: str, body: dict[str, Any]) -> dict[str, Any]:
+        path = operation_path(operation.pk)
+        return ok_json(call(api[who], "PUT", path, body, accept="application/json"))
 
     with capture_events(execute=True) as events:
-        bodies = [
-            ok_json(
-                call(
-                    api["admin"],
-                    "PUT",
-                    operation_path(operation.pk),
-                    {"status": "PENDING"},
-                    accept="application/json",
-                )
-            )
-            for _ in range(2)
-        ]
+        bodies = [put("admin", {"status": "PENDING"}) for _ in range(2)]
+        # the owner of the device
         bodies.append(
-            ok_json(
-                call(
-                    api["alice"],  # the owner of the device
-                    "PUT",
-                    operation_path(operation.pk),
-                    {"status": "FAILED", "failureReason": "no", "c8y_Restart": None},
-                    accept="application/json",
-                )
-            )
+            put("alice", {"status": "FAILED", "failureReason": "no", "c8y_Restart": None})
         )
 
     assert events == [event("UPDATE", operation, relative(body)) for body in bodies]
-    assert events[2].data["failureReason"] == "no"  # type: ignore[index]
-    assert "c8y_Restart" not in events[2].data
-    messages = [e.as_message() for e in events]
-    assert device_listener.receive_many(3) == messages
-    assert all_listener.receive_many(3) == messages
-
+    assert bodies[2]["failureReason"] == "no"
+    assert "c8y_Restart" not in bodies[2]
+    messages = [changed("UPDATE", body) for body in bodies]
+    assert listeners["device"].received() == messages
+    assert listeners["all"].received() == messages
     # Updates never go to the agent channel: the next thing the agent hears is a new operation.
-    with capture_events(execute=True) as events:
-        created = ok_json(
-            call(api["admin"], "POST", OPERATIONS, {"deviceId": hierarchy.device.pk}, accept="*/*"),
-            201,
-        )
-    assert [e.action for e in events] == ["CREATE"]
-    first = agent_listener.receive()
-    assert (first["action"], first["operationId"]) == ("CREATE", created["id"])
+    assert_silent_until_next_create(api, hierarchy, capture_events, {"agent": listeners["agent"]})
+
+
+def test_one_devices_changes_arrive_in_commit_order(
+    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture, subscriber: Subscribe
+) -> None:
+    listeners = subscribers_of(subscriber, hierarchy)
+    grandchild = subscriber(f"/operations/{hierarchy.grandchild.pk}")
+
+    with capture_events(execute=True):
+        first = post(api, hierarchy.device)
+        other = post(api, hierarchy.grandchild)
+        path = operation_path(first["id"])
+        executing = ok_json(call(api["admin"], "PUT", path, {"status": "EXECUTING"}, accept="*/*"))
+        done = ok_json(call(api["admin"], "PUT", path, {"status": "SUCCESSFUL"}, accept="*/*"))
+        assert call(api["admin"], "DELETE", f"{OPERATIONS}?status=SUCCESSFUL").status_code == 204
+
+    mine = [
+        changed("CREATE", first),
+        changed("UPDATE", executing),
+        changed("UPDATE", done),
+        {
+            "channel": f"/operations/{hierarchy.device.pk}",
+            "data": {"realtimeAction": "DELETE", "data": first["id"]},
+        },
+    ]
+    assert listeners["device"].received() == mine
+    assert grandchild.received() == [changed("CREATE", other)]
+    assert listeners["all"].received() == [*mine[:1], changed("CREATE", other), *mine[1:]]
+    assert listeners["agent"].received() == [
+        to_agent(hierarchy.agent, first),
+        to_agent(hierarchy.agent, other),
+    ]
 
 
 # --- DELETE ----------------------------------------------------------------------------------------
 
 
-def test_delete_by_filter_registers_one_delete_per_operation(
+def test_delete_by_filter_sends_one_delete_per_operation_with_the_id_string(
     api: Clients,
     hierarchy: Hierarchy,
     capture_events: EventCapture,
-    group_listener: Listen,
+    subscriber: Subscribe,
 ) -> None:
     doomed = [operation_create(device=hierarchy.device, data={}) for _ in range(3)]
     kept = operation_create(device=hierarchy.grandchild, data={})
-    listener = group_listener(device_group(hierarchy.device.pk))
-    agent_listener = group_listener(agent_group(hierarchy.agent.pk))
+    listeners = subscribers_of(subscriber, hierarchy)
+    grandchild = subscriber(f"/operations/{hierarchy.grandchild.pk}")
 
     with capture_events(execute=True) as events:
         response = call(api["admin"], "DELETE", f"{OPERATIONS}?deviceId={hierarchy.device.pk}")
@@ -218,43 +254,37 @@ def test_delete_by_filter_registers_one_delete_per_operation(
     assert response.status_code == 204
     assert list(Operation.objects.values_list("pk", flat=True)) == [kept.pk]
     assert by_id(events) == [event("DELETE", op, str(op.pk)) for op in doomed]
-    received = listener.receive_many(3)
-    assert sorted(received, key=lambda m: int(m["operationId"])) == [
-        e.as_message() for e in by_id(events)
-    ]
-    assert all(m["action"] == "DELETE" and m["data"] == m["operationId"] for m in received)
-
-    with capture_events(execute=True):
-        created = ok_json(
-            call(api["admin"], "POST", OPERATIONS, {"deviceId": hierarchy.device.pk}, accept="*/*"),
-            201,
-        )
-    assert agent_listener.receive()["operationId"] == created["id"]
+    assert listeners["device"].received() == [deleted(op) for op in doomed]  # in ID order
+    assert listeners["all"].received() == [deleted(op) for op in doomed]
+    assert grandchild.received() == []
+    assert_silent_until_next_create(api, hierarchy, capture_events, {"agent": listeners["agent"]})
 
 
-def test_delete_without_filter_registers_a_delete_for_every_operation(
-    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture
+def test_delete_without_filter_sends_a_delete_for_every_operation(
+    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture, subscriber: Subscribe
 ) -> None:
     created = [
         operation_create(device=device, data={})
         for device in (hierarchy.agent, hierarchy.device, hierarchy.grandchild)
     ]
+    every = subscriber("/operations/*")
 
-    with capture_events() as events:
+    with capture_events(execute=True) as events:
         assert call(api["admin"], "DELETE", OPERATIONS).status_code == 204
 
     assert by_id(events) == [event("DELETE", op, str(op.pk)) for op in created]
+    assert every.received() == [deleted(op) for op in created]
 
 
 def test_deleting_the_device_through_the_inventory_api_deletes_its_operations(
     api: Clients,
     hierarchy: Hierarchy,
     capture_events: EventCapture,
-    group_listener: Listen,
+    subscriber: Subscribe,
 ) -> None:
     doomed = [operation_create(device=hierarchy.device, data={}) for _ in range(2)]
     kept = operation_create(device=hierarchy.grandchild, data={})
-    listener = group_listener(device_group(hierarchy.device.pk))
+    listeners = subscribers_of(subscriber, hierarchy)
 
     with capture_events(execute=True) as events:
         response = call(api["alice"], "DELETE", f"/inventory/managedObjects/{hierarchy.device.pk}")
@@ -262,21 +292,45 @@ def test_deleting_the_device_through_the_inventory_api_deletes_its_operations(
     assert response.status_code == 204, response.content
     assert list(Operation.objects.values_list("pk", flat=True)) == [kept.pk]
     assert by_id(events) == [event("DELETE", op, str(op.pk)) for op in doomed]
-    received = listener.receive_many(2)
-    assert sorted(m["data"] for m in received) == sorted(str(op.pk) for op in doomed)
+    assert listeners["device"].received() == [deleted(op) for op in doomed]
+    assert listeners["all"].received() == [deleted(op) for op in doomed]
+    assert listeners["agent"].received() == []
 
 
-def test_refused_device_deletion_deletes_no_operation(
-    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture
+def test_cascading_device_deletion_sends_deletes_for_the_whole_hierarchy(
+    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture, subscriber: Subscribe
+) -> None:
+    doomed = [
+        operation_create(device=device, data={"c8y_Restart": {}})
+        for device in (hierarchy.device, hierarchy.grandchild, hierarchy.device)
+    ]
+    kept = operation_create(device=hierarchy.agent, data={})
+    every = subscriber("/operations/*")
+
+    with capture_events(execute=True):
+        response = call(
+            api["admin"], "DELETE", f"/inventory/managedObjects/{hierarchy.device.pk}?cascade=true"
+        )
+
+    assert response.status_code == 204, response.content
+    assert not ManagedObject.objects.filter(pk=hierarchy.grandchild.pk).exists()
+    assert list(Operation.objects.values_list("pk", flat=True)) == [kept.pk]
+    assert every.received() == [deleted(op) for op in doomed]
+
+
+def test_refused_device_deletion_deletes_and_sends_nothing(
+    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture, subscriber: Subscribe
 ) -> None:
     operation = operation_create(device=hierarchy.device, data={})
+    listeners = subscribers_of(subscriber, hierarchy)
 
-    with capture_events() as events:
+    with capture_events(execute=True) as events:
         response = call(api["bob"], "DELETE", f"/inventory/managedObjects/{hierarchy.device.pk}")
 
     assert response.status_code == 403
     assert Operation.objects.filter(pk=operation.pk).exists()
     assert events == []
+    assert_silent_until_next_create(api, hierarchy, capture_events, listeners)
 
 
 # --- nothing on failure, rollback or QUIESCENT --------------------------------------------------
@@ -306,18 +360,14 @@ def refused_requests(hierarchy: Hierarchy, operation: Operation) -> list[tuple[s
     ]
 
 
-def test_refused_requests_register_and_deliver_nothing(
+def test_refused_requests_register_and_send_nothing(
     api: Clients,
     hierarchy: Hierarchy,
     capture_events: EventCapture,
-    group_listener: Listen,
+    subscriber: Subscribe,
 ) -> None:
     operation = operation_create(device=hierarchy.device, data={})
-    listeners = [
-        group_listener(device_group(hierarchy.device.pk)),
-        group_listener(ALL_OPERATIONS_GROUP),
-        group_listener(agent_group(hierarchy.agent.pk)),
-    ]
+    listeners = subscribers_of(subscriber, hierarchy)
     before = Operation.objects.values().get(pk=operation.pk)
 
     for who, method, body, path in refused_requests(hierarchy, operation):
@@ -328,21 +378,14 @@ def test_refused_requests_register_and_deliver_nothing(
 
     assert Operation.objects.count() == 1
     assert Operation.objects.values().get(pk=operation.pk) == before
-    # The first message anyone hears is the one of the next successful change.
-    with capture_events(execute=True):
-        created = ok_json(
-            call(api["admin"], "POST", OPERATIONS, {"deviceId": hierarchy.device.pk}, accept="*/*"),
-            201,
-        )
-    for listener in listeners:
-        assert listener.receive()["operationId"] == created["id"]
+    assert_silent_until_next_create(api, hierarchy, capture_events, listeners)
 
 
-def test_rolled_back_changes_register_and_deliver_nothing(
-    hierarchy: Hierarchy, capture_events: EventCapture, group_listener: Listen
+def test_rolled_back_changes_register_and_send_nothing(
+    hierarchy: Hierarchy, capture_events: EventCapture, subscriber: Subscribe
 ) -> None:
     existing = operation_create(device=hierarchy.device, data={})
-    listener = group_listener(device_group(hierarchy.device.pk))
+    listener = subscriber(f"/operations/{hierarchy.device.pk}", f"/{hierarchy.agent.pk}")
     before = Operation.objects.values().get(pk=existing.pk)
 
     with capture_events(execute=True) as events:
@@ -357,51 +400,42 @@ def test_rolled_back_changes_register_and_deliver_nothing(
 
     assert events == []
     assert list(Operation.objects.values()) == [before]
+    assert listener.received() == []
 
     with capture_events(execute=True) as events:
         updated = operation_update(operation_id=existing.pk, data={"status": "SUCCESSFUL"})
     assert events == [event("UPDATE", updated, operation_json(updated, base=""))]
-    assert listener.receive()["data"]["status"] == "SUCCESSFUL"
+    assert listener.received() == [changed("UPDATE", as_get(existing))]
 
 
 def test_only_the_rolled_back_part_of_a_transaction_is_silent(
-    hierarchy: Hierarchy, capture_events: EventCapture
+    hierarchy: Hierarchy, capture_events: EventCapture, subscriber: Subscribe
 ) -> None:
-    with capture_events() as events, transaction.atomic():
+    listener = subscriber("/operations/*")
+
+    with capture_events(execute=True) as events, transaction.atomic():
         kept = operation_create(device=hierarchy.device, data={})
         with pytest.raises(Abort):
             rolled_back(lambda: operation_create(device=hierarchy.device, data={}))
 
     assert [(e.action, e.operation_id) for e in events] == [("CREATE", kept.pk)]
     assert list(Operation.objects.values_list("pk", flat=True)) == [kept.pk]
+    assert listener.received() == [changed("CREATE", as_get(kept))]
 
 
 @pytest.mark.parametrize("mode", ["QUIESCENT", "quiescent"])
-def test_quiescent_changes_register_nothing(
+def test_quiescent_changes_send_nothing(
     api: Clients,
     hierarchy: Hierarchy,
     capture_events: EventCapture,
-    group_listener: Listen,
+    subscriber: Subscribe,
     mode: str,
 ) -> None:
-    listeners = [
-        group_listener(device_group(hierarchy.device.pk)),
-        group_listener(agent_group(hierarchy.agent.pk)),
-    ]
+    listeners = subscribers_of(subscriber, hierarchy)
     header = {"HTTP_X_CUMULOCITY_PROCESSING_MODE": mode}
 
     with capture_events(execute=True) as events:
-        created = ok_json(
-            call(
-                api["admin"],
-                "POST",
-                OPERATIONS,
-                {"deviceId": hierarchy.device.pk},
-                accept="*/*",
-                **header,
-            ),
-            201,
-        )
+        created = post(api, hierarchy.device, **header)
         updated = ok_json(
             call(
                 api["admin"],
@@ -412,34 +446,303 @@ def test_quiescent_changes_register_nothing(
                 **header,
             )
         )
-        deleted = call(api["admin"], "DELETE", f"{OPERATIONS}?status=EXECUTING", **header)
+        removed = call(api["admin"], "DELETE", f"{OPERATIONS}?status=EXECUTING", **header)
 
     assert updated["status"] == "EXECUTING"
-    assert deleted.status_code == 204
+    assert removed.status_code == 204
     assert not Operation.objects.exists()
     assert events == []
-
-    with capture_events(execute=True):
-        sentinel = ok_json(
-            call(api["admin"], "POST", OPERATIONS, {"deviceId": hierarchy.device.pk}, accept="*/*"),
-            201,
-        )
-    for listener in listeners:
-        assert listener.receive()["operationId"] == sentinel["id"]
+    assert_silent_until_next_create(api, hierarchy, capture_events, listeners)
 
 
 @pytest.mark.parametrize("mode", ["PERSISTENT", "TRANSIENT", "CEP"])
 def test_other_processing_modes_notify(
-    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture, mode: str
+    api: Clients,
+    hierarchy: Hierarchy,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+    mode: str,
 ) -> None:
-    with capture_events() as events:
-        response = call(
-            api["admin"],
-            "POST",
-            OPERATIONS,
-            {"deviceId": hierarchy.device.pk},
-            HTTP_X_CUMULOCITY_PROCESSING_MODE=mode,
+    listener = subscriber(f"/operations/{hierarchy.device.pk}")
+
+    with capture_events(execute=True) as events:
+        created = post(api, hierarchy.device, HTTP_X_CUMULOCITY_PROCESSING_MODE=mode)
+
+    assert [e.action for e in events] == ["CREATE"]
+    assert listener.received() == [changed("CREATE", created)]
+
+
+# --- the admin -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def admin_client(client: Client) -> Client:
+    client.force_login(user_upsert(username="root-admin", password="x", is_superuser=True))
+    return client
+
+
+def admin_change_url(operation: Operation) -> str:
+    return reverse("admin:devicecontrol_operation_change", args=[operation.pk])
+
+
+def test_admin_status_edit_sends_an_update(
+    admin_client: Client,
+    hierarchy: Hierarchy,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+) -> None:
+    operation = operation_create(device=hierarchy.device, data={"c8y_Restart": {}})
+    listeners = subscribers_of(subscriber, hierarchy)
+    data = form_data(admin_client, admin_change_url(operation))
+    data.update(status="FAILED", failure_reason="Device unreachable")
+
+    with capture_events(execute=True) as events:
+        response = admin_client.post(admin_change_url(operation), data)
+
+    assert response.status_code == 302
+    body = as_get(operation)
+    assert (body["status"], body["failureReason"]) == ("FAILED", "Device unreachable")
+    assert events == [event("UPDATE", operation, relative(body))]
+    assert listeners["device"].received() == [changed("UPDATE", body)]
+    assert listeners["all"].received() == [changed("UPDATE", body)]
+    assert listeners["agent"].received() == []
+
+
+def test_admin_form_refused_or_unchanged_sends_nothing(
+    api: Clients,
+    admin_client: Client,
+    hierarchy: Hierarchy,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+) -> None:
+    operation = operation_create(device=hierarchy.device, data={"c8y_Restart": {}})
+    listeners = subscribers_of(subscriber, hierarchy)
+    unchanged = form_data(admin_client, admin_change_url(operation))
+    refused = {**unchanged, "status": "SUCCESSFUL", "failure_reason": "not with SUCCESSFUL"}
+
+    with capture_events(execute=True) as events:
+        assert admin_client.post(admin_change_url(operation), unchanged).status_code == 302
+        assert admin_client.post(admin_change_url(operation), refused).status_code == 200
+
+    assert events == []
+    assert Operation.objects.get(pk=operation.pk).status == OperationStatus.PENDING
+    assert_silent_until_next_create(api, hierarchy, capture_events, listeners)
+
+
+def test_admin_cancel_action_sends_an_update_per_open_operation(
+    admin_client: Client,
+    hierarchy: Hierarchy,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+) -> None:
+    pending = operation_create(device=hierarchy.device, data={"c8y_Restart": {}})
+    executing = operation_create(device=hierarchy.grandchild, data={"c8y_Command": {"text": "ls"}})
+    operation_update(operation_id=executing.pk, data={"status": "EXECUTING"})
+    done = operation_create(device=hierarchy.device, data={"c8y_Restart": {}})
+    operation_update(operation_id=done.pk, data={"status": "SUCCESSFUL"})
+    every = subscriber("/operations/*")
+    agent = subscriber(f"/{hierarchy.agent.pk}")
+
+    with capture_events(execute=True) as events:
+        response = admin_client.post(
+            CHANGELIST,
+            {"action": "mark_failed", "_selected_action": [pending.pk, executing.pk, done.pk]},
         )
 
-    assert response.status_code == 201
-    assert [e.action for e in events] == ["CREATE"]
+    assert response.status_code == 302
+    bodies = [as_get(pending), as_get(executing)]
+    assert [(b["status"], b["failureReason"]) for b in bodies] == [
+        ("FAILED", "Cancelled by an operator (root-admin)")
+    ] * 2
+    assert events == [
+        event("UPDATE", pending, relative(bodies[0])),
+        event("UPDATE", executing, relative(bodies[1])),
+    ]
+    assert every.received() == [changed("UPDATE", body) for body in bodies]
+    assert agent.received() == []
+
+
+def test_admin_retry_and_delete_send_create_and_delete(
+    admin_client: Client,
+    hierarchy: Hierarchy,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+) -> None:
+    broken = operation_create(device=hierarchy.device, data={"c8y_Firmware": {"version": "2"}})
+    operation_update(operation_id=broken.pk, data={"status": "FAILED", "failureReason": "x"})
+    listeners = subscribers_of(subscriber, hierarchy)
+
+    with capture_events(execute=True):
+        response = admin_client.post(
+            CHANGELIST, {"action": "retry_failed", "_selected_action": [broken.pk]}
+        )
+    assert response.status_code == 302
+    retry = Operation.objects.get(retry_of=broken)
+    body = as_get(retry)
+    assert (body["status"], body["retryOf"]) == ("PENDING", str(broken.pk))
+    assert listeners["device"].received() == [changed("CREATE", body)]
+    assert listeners["agent"].received() == [to_agent(hierarchy.agent, body)]
+
+    with capture_events(execute=True):
+        response = admin_client.post(
+            CHANGELIST,
+            {"action": "delete_selected", "_selected_action": [broken.pk, retry.pk], "post": "yes"},
+        )
+    assert response.status_code == 302
+    assert not Operation.objects.exists()
+    assert listeners["device"].received() == [deleted(broken), deleted(retry)]
+    assert listeners["all"].received() == [
+        changed("CREATE", body),
+        deleted(broken),
+        deleted(retry),
+    ]
+    assert listeners["agent"].received() == []
+
+
+# --- beat sweeps -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def timeouts(settings: Any) -> Any:
+    settings.OPERATION_PENDING_TIMEOUT = 3600
+    settings.OPERATION_EXECUTION_TIMEOUT = 600
+    settings.OPERATION_RETENTION_DAYS = 30
+    return settings
+
+
+def test_beat_expiry_and_timeout_send_updates(
+    hierarchy: Hierarchy,
+    timeouts: Any,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+) -> None:
+    stale = operation_create(device=hierarchy.device, data={"c8y_Restart": {}}, now=PAST)
+    fresh = operation_create(device=hierarchy.device, data={"c8y_Restart": {}})
+    stuck = operation_create(device=hierarchy.grandchild, data={"c8y_Command": {}}, now=PAST)
+    operation_update(operation_id=stuck.pk, data={"status": "EXECUTING"}, now=PAST)
+    every = subscriber("/operations/*")
+    agent = subscriber(f"/{hierarchy.agent.pk}")
+
+    with capture_events(execute=True) as expiry:
+        assert tasks.expire_pending_operations() == 1
+    with capture_events(execute=True) as timeout:
+        assert tasks.time_out_executing_operations() == 1
+
+    expired, timed_out = as_get(stale), as_get(stuck)
+    assert expired["status"] == timed_out["status"] == "FAILED"
+    assert "expired" in expired["failureReason"]
+    assert "timed out" in timed_out["failureReason"]
+    assert expiry == [event("UPDATE", stale, relative(expired))]
+    assert timeout == [event("UPDATE", stuck, relative(timed_out))]
+    assert every.received() == [changed("UPDATE", expired), changed("UPDATE", timed_out)]
+    assert agent.received() == []
+    assert as_get(fresh)["status"] == "PENDING"
+
+    with capture_events(execute=True) as again:  # nothing left to sweep: nothing to say
+        assert tasks.expire_pending_operations() == 0
+        assert tasks.time_out_executing_operations() == 0
+    assert again == []
+    assert every.received() == []
+
+
+def test_beat_purge_sends_deletes(
+    hierarchy: Hierarchy,
+    timeouts: Any,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+) -> None:
+    old = operation_create(device=hierarchy.device, data={}, now=PAST)
+    operation_update(operation_id=old.pk, data={"status": "SUCCESSFUL"}, now=PAST)
+    recent = operation_create(device=hierarchy.device, data={})
+    operation_update(operation_id=recent.pk, data={"status": "SUCCESSFUL"})
+    listener = subscriber(f"/operations/{hierarchy.device.pk}")
+
+    with capture_events(execute=True):
+        assert tasks.purge_old_operations() == 1
+
+    assert list(Operation.objects.values_list("pk", flat=True)) == [recent.pk]
+    assert listener.received() == [deleted(old)]
+
+
+# --- only after the commit, with real transactions ----------------------------------------------
+
+
+def _rest_put(api: Clients, hierarchy: Hierarchy) -> Callable[[], list[Message]]:
+    operation = operation_create(device=hierarchy.device, data={})
+
+    def change() -> list[Message]:
+        path = operation_path(operation.pk)
+        body = ok_json(call(api["admin"], "PUT", path, {"status": "EXECUTING"}, accept="*/*"))
+        return [changed("UPDATE", body)]
+
+    return change
+
+
+def _rest_post(api: Clients, hierarchy: Hierarchy) -> Callable[[], list[Message]]:
+    def change() -> list[Message]:
+        body = post(api, hierarchy.grandchild)
+        return [changed("CREATE", body), to_agent(hierarchy.agent, body)]
+
+    return change
+
+
+def _admin_cancel(api: Clients, hierarchy: Hierarchy) -> Callable[[], list[Message]]:
+    operation = operation_create(device=hierarchy.device, data={})
+    client = Client()
+    client.force_login(user_upsert(username="root-admin", password="x", is_superuser=True))
+
+    def change() -> list[Message]:
+        selected = {"action": "mark_failed", "_selected_action": [operation.pk]}
+        assert client.post(CHANGELIST, selected).status_code == 302
+        return [changed("UPDATE", as_get(operation))]
+
+    return change
+
+
+def _beat_expiry(api: Clients, hierarchy: Hierarchy) -> Callable[[], list[Message]]:
+    operation = operation_create(device=hierarchy.device, data={"pendingTimeout": 60}, now=PAST)
+
+    def change() -> list[Message]:
+        assert tasks.expire_pending_operations() == 1
+        return [changed("UPDATE", as_get(operation))]
+
+    return change
+
+
+def _device_deletion(api: Clients, hierarchy: Hierarchy) -> Callable[[], list[Message]]:
+    operation = operation_create(device=hierarchy.grandchild, data={})
+
+    def change() -> list[Message]:
+        path = f"/inventory/managedObjects/{hierarchy.grandchild.pk}"
+        assert call(api["alice"], "DELETE", path).status_code == 204
+        return [deleted(operation)]
+
+    return change
+
+
+CHANGES = {
+    "rest-post": _rest_post,
+    "rest-put": _rest_put,
+    "admin-cancel": _admin_cancel,
+    "beat-expiry": _beat_expiry,
+    "device-deletion": _device_deletion,
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kind", CHANGES)
+def test_events_are_sent_only_when_the_enclosing_transaction_commits(
+    api: Clients, hierarchy: Hierarchy, subscriber: Subscribe, kind: str
+) -> None:
+    api.prepare("admin", "alice")  # the users, made now: not in the transaction rolled back below
+    change = CHANGES[kind](api, hierarchy)
+    listener = subscriber("/operations/*", f"/{hierarchy.agent.pk}")
+
+    with pytest.raises(Abort):
+        rolled_back(change)
+    assert listener.received() == []  # rolled back: never sent
+
+    with transaction.atomic():
+        expected = change()
+        assert listener.received() == []  # done, not yet committed
+    assert listener.received() == expected

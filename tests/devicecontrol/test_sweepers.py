@@ -542,7 +542,7 @@ def time_out_due(device: ManagedObject, settings: Any) -> tuple[list[Operation],
     return operations, lambda: services.operations_time_out(now=at(600), batch_size=1)
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("prepare", [expire_due, time_out_due], ids=["expire", "time_out"])
 def test_sweeper_skips_a_row_locked_by_another_transaction(
     device: ManagedObject,

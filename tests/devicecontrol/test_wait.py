@@ -324,7 +324,7 @@ def put(live_server: Any, auth: tuple[str, str], pk: int, body: dict[str, Any]) 
     )
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     "final",
     [
@@ -364,7 +364,7 @@ def connections_in_use() -> int:
     return stats["pool_size"] - stats["pool_available"]
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_waiting_request_holds_no_database_connection(
     live_server: Any,
     live_admin: tuple[str, str],
@@ -392,7 +392,7 @@ def test_waiting_request_holds_no_database_connection(
     assert response.json()["status"] == "SUCCESSFUL"
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_operation_deleted_while_waiting_answers_404(
     live_server: Any,
     live_admin: tuple[str, str],
