@@ -311,6 +311,27 @@ def gunicorn_command(workers: int, port: int) -> list[str]:
     ]
 
 
+def uvicorn_command(workers: int, port: int) -> list[str]:
+    """uvicorn (ASGI: HTTP and WebSocket) with `workers` processes on 127.0.0.1:`port`."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "deviceplatform.asgi:application",
+        "--workers",
+        str(workers),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "off",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
 # --- CPU accounting from /proc --------------------------------------------------------------------
 
 
@@ -396,6 +417,47 @@ def server_split(before: CpuSample, after: CpuSample, seconds: float) -> list[fl
         ((value - before.server.get(pid, 0.0)) / seconds for pid, value in after.server.items()),
         reverse=True,
     )
+
+
+def session_pids(session: int) -> list[int]:
+    """The processes of one session (a `Process` and everything it started)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = _read(f"/proc/{entry.name}/stat")
+            if int(raw[raw.rfind(")") + 2 :].split()[3]) == session:
+                pids.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+    return pids
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    """A kB figure from /proc/<pid>/status (VmRSS: resident now, VmHWM: peak resident); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def redis_cpu_seconds() -> float:
+    """CPU seconds so far of every redis-server process on the machine."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if _read(f"/proc/{entry.name}/comm").startswith("redis-server"):
+                total += process_cpu_seconds(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def wait_for_idle(limit: float, threshold: float, windows: int = 3) -> tuple[bool, float, float]:
