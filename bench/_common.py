@@ -111,6 +111,27 @@ def run_main(main: Callable[[list[str]], int]) -> None:
         sys.exit(130)
 
 
+# --- Redis ----------------------------------------------------------------------------------------
+
+
+def checked_redis_url(url: str) -> str:
+    """The URL, if it is Redis on loopback with a DB index other than 0 (the bench flushes it)."""
+    parts = urlsplit(url)
+    if (parts.hostname or "") not in LOOPBACK_HOSTS:
+        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
+    if parts.path.strip("/") in ("", "0"):
+        raise SystemExit("--redis-url needs a dedicated DB index other than 0 (it is flushed)")
+    return url
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
 # --- database -------------------------------------------------------------------------------------
 
 
@@ -199,6 +220,25 @@ def setup_django(env: dict[str, str]) -> None:
     import django
 
     django.setup()
+
+
+def create_device_users(names: Iterable[str], password: str) -> list[Any]:
+    """Users in the built-in group `devices` (as agents' own credentials are), created in bulk with
+    one password hashed once. Needs setup_django() first."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+    from django.contrib.auth.models import Group
+
+    user_model = get_user_model()
+    hashed = make_password(password)
+    users = user_model.objects.bulk_create(
+        [user_model(username=name, password=hashed) for name in names]
+    )
+    devices_group = Group.objects.get(name="devices")
+    user_model.groups.through.objects.bulk_create(
+        [user_model.groups.through(user_id=user.pk, group_id=devices_group.pk) for user in users]
+    )
+    return users
 
 
 def basic_auth(login: str = BENCH_USER, password: str = BENCH_PASSWORD) -> str:

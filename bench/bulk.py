@@ -35,20 +35,20 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import psycopg
 from _common import (
-    LOOPBACK_HOSTS,
     Process,
     Report,
     basic_auth,
     bench_env,
     checked_database_url,
+    checked_redis_url,
     command_line,
     cpu_sample,
     database_name,
+    flush_redis,
     load_average_line,
     machine_line,
     migrate_and_create_user,
@@ -98,26 +98,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if max(args.ramp_devices, args.profile_devices) > args.devices:
         parser.error("--ramp-devices and --profile-devices must not exceed --devices")
     return args
-
-
-# --- Redis set-up (the database checks are in bench/_common.py) ------------------------------------
-
-
-def checked_redis_url(url: str) -> str:
-    parts = urlsplit(url)
-    if (parts.hostname or "") not in LOOPBACK_HOSTS:
-        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
-    if parts.path.strip("/") in ("", "0"):
-        raise SystemExit("--redis-url needs a dedicated DB index other than 0 (it is flushed)")
-    return url
-
-
-def flush_redis(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
 
 
 # --- seeding ------------------------------------------------------------------------------------

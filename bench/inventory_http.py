@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from _common import (
     run_main,
     time_statement,
     usable_cores,
+    uvicorn_command,
     wait_for_idle,
 )
 from psycopg.types.json import Jsonb
@@ -160,23 +160,7 @@ def wait_until_idle(limit: float, out: Report) -> None:
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
     if args.server == "gunicorn":
         return gunicorn_command(args.workers, port)
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "deviceplatform.asgi:application",
-        "--workers",
-        str(args.workers),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--lifespan",
-        "off",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
+    return uvicorn_command(args.workers, port)
 
 
 # --- load -----------------------------------------------------------------------------------------

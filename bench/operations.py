@@ -58,6 +58,7 @@ from _common import (
     command_line,
     cores_used,
     cpu_sample,
+    create_device_users,
     database_name,
     free_port,
     gunicorn_command,
@@ -150,20 +151,11 @@ def seed_inventory(args: argparse.Namespace) -> Fleet:
     """Agents with `com_cumulocity_model_Agent`, each with child devices (childDevices edges) and one
     c8y_Serial external ID per device. Each agent's objects are owned by its own device user (group
     `devices`, without ROLE_DEVICE_CONTROL_READ), as the agent's own credentials would create them."""
-    from django.contrib.auth import get_user_model
-    from django.contrib.auth.hashers import make_password
-    from django.contrib.auth.models import Group
 
     from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 
-    user_model = get_user_model()
-    password = make_password(AGENT_USER_PASSWORD)  # hashed once, valid for every user
-    users = user_model.objects.bulk_create(
-        [user_model(username=f"agent-user-{a:03d}", password=password) for a in range(args.agents)]
-    )
-    devices_group = Group.objects.get(name="devices")
-    user_model.groups.through.objects.bulk_create(
-        [user_model.groups.through(user_id=user.pk, group_id=devices_group.pk) for user in users]
+    users = create_device_users(
+        [f"agent-user-{a:03d}" for a in range(args.agents)], AGENT_USER_PASSWORD
     )
     agents = ManagedObject.objects.bulk_create(
         [

@@ -37,14 +37,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from _common import (
     BENCH_PASSWORD,
     BENCH_USER,
-    LOOPBACK_HOSTS,
     TENANT,
     Call,
     Load,
@@ -52,9 +50,12 @@ from _common import (
     Server,
     bench_env,
     checked_database_url,
+    checked_redis_url,
     command_line,
     cpu_sample,
+    create_device_users,
     database_name,
+    flush_redis,
     free_port,
     gunicorn_command,
     load_average_line,
@@ -132,23 +133,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def checked_redis_url(url: str) -> str:
-    parts = urlsplit(url)
-    if (parts.hostname or "") not in LOOPBACK_HOSTS:
-        raise SystemExit(f"the benchmark only talks to loopback; {parts.hostname!r} is not")
-    if parts.path.strip("/") in ("", "0"):
-        raise SystemExit("--redis-url needs a dedicated DB index other than 0 (it is flushed)")
-    return url
-
-
-def flush_redis(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-
-
 def redis_used_memory(url: str) -> int:
     import redis
 
@@ -178,22 +162,11 @@ def seed(args: argparse.Namespace) -> Fleet:
     """One agent with every device as a child device (the agent rule of devicecontrol.md), each
     device owned by one of --users device users (group `devices`, no ROLE_DEVICE_CONTROL_READ:
     their subscriptions are allowed as the device's owner)."""
-    from django.contrib.auth import get_user_model
-    from django.contrib.auth.hashers import make_password
-    from django.contrib.auth.models import Group
     from django.db import connections
 
     from inventory.models import ManagedObject, ManagedObjectReference, Relation
 
-    user_model = get_user_model()
-    password = make_password(FLEET_PASSWORD)  # hashed once, valid for every user
-    users = user_model.objects.bulk_create(
-        [user_model(username=f"fleet-{u:03d}", password=password) for u in range(args.users)]
-    )
-    devices_group = Group.objects.get(name="devices")
-    user_model.groups.through.objects.bulk_create(
-        [user_model.groups.through(user_id=user.pk, group_id=devices_group.pk) for user in users]
-    )
+    users = create_device_users([f"fleet-{u:03d}" for u in range(args.users)], FLEET_PASSWORD)
     agent = ManagedObject.objects.create(
         type="c8y_BenchAgent",
         name="bench-agent",

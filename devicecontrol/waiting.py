@@ -22,7 +22,12 @@ from devicecontrol.models import FINAL_STATUSES
 from devicecontrol.realtime import device_channel
 from devicecontrol.serializers import operation_json, operation_url
 from deviceplatform.api.authentication import BAD_CREDENTIALS, authenticate_header_value
-from deviceplatform.api.exceptions import ApiError, error_response
+from deviceplatform.api.exceptions import (
+    ApiError,
+    error_response,
+    method_not_allowed_response,
+    unauthorized_response,
+)
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.api.params import parse_id
 from deviceplatform.api.renderers import dumps
@@ -58,19 +63,9 @@ async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
     # Authentication first (auth.md §6); the create view checks roles and the body again.
     user = await sync_to_async(authenticate_header_value)(request.META.get("HTTP_AUTHORIZATION"))
     if user is None:
-        return error_response(
-            401,
-            "security/Unauthorized",
-            BAD_CREDENTIALS,
-            headers={"WWW-Authenticate": 'Basic realm="Cumulocity"'},
-        )
+        return unauthorized_response(BAD_CREDENTIALS)
     if request.method != "POST":
-        return error_response(
-            405,
-            "general/methodNotAllowed",
-            f'Method "{request.method}" not allowed.',
-            headers={"Allow": "POST"},
-        )
+        return method_not_allowed_response(request.method, "POST")
     timeout = _timeout(request)
     if isinstance(timeout, HttpResponse):
         return timeout

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
+import orjson
 import pytest
 from django.conf import settings
 from rest_framework.test import APIClient
@@ -118,3 +123,98 @@ def c8y(live_server: Any) -> Iterator[Any]:
     )
     yield api
     api.session.close()
+
+
+# --- realtime: server-side sessions seen as subscribers --------------------------------------------
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+TEST_SERVER = "http://testserver"  # the host of the test client's requests
+
+
+class Subscriber:
+    """A server-side session on the real realtime store (`watching`), subscribed to `channels`,
+    seen as a subscriber that connected to the test client's host: each message is `{"channel", "data"}`
+    with the base URL marks made absolute (realtime.md §5)."""
+
+    def __init__(self, run: Run, watch: Any) -> None:
+        self._run = run
+        self._watch = watch
+        self._buffer: list[dict[str, Any]] = []
+
+    def _take(self, payloads: list[bytes]) -> None:
+        from deviceplatform.realtime.events import absolute
+
+        self._buffer.extend(
+            orjson.loads(absolute(p, b'"' + TEST_SERVER.encode())) for p in payloads
+        )
+
+    def received(self) -> list[dict[str, Any]]:
+        """Everything queued for this session so far. Publishing is synchronous (the commit that
+        registered an event returns after its messages are queued), so no waiting is needed."""
+        self._take(self._run(self._watch.next(0)))
+        taken, self._buffer = self._buffer, []
+        return taken
+
+    def receive(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The next `count` messages, waiting for them (for publishers in other threads); the
+        timeout only bounds a hang, it is no timing assertion."""
+        deadline = time.monotonic() + timeout
+        while len(self._buffer) < count and (left := deadline - time.monotonic()) > 0:
+            self._take(self._run(self._watch.next(left)))
+        taken, self._buffer = self._buffer[:count], self._buffer[count:]
+        assert len(taken) == count, taken
+        return taken
+
+
+Subscribe = Callable[..., Subscriber]
+
+
+@pytest.fixture
+def realtime_loop() -> Iterator[Run]:
+    """`realtime_loop(coroutine)` runs it on one event loop in a background thread and returns its
+    result: the realtime store's async client and the hub belong to a loop, so synchronous tests
+    (the REST client, on-commit publishing) talk to them through this."""
+    from deviceplatform.realtime.hub import get_hub
+    from deviceplatform.realtime.store import RedisStore
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=60)
+
+    async def close() -> None:
+        hub = get_hub()
+        await hub.close()
+        if isinstance(hub.store, RedisStore):
+            client, _ = hub.store._client()
+            await client.aclose()
+
+    try:
+        yield run
+    finally:
+        run(close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+@pytest.fixture
+def subscriber(realtime_loop: Run) -> Iterator[Subscribe]:
+    """`subscriber("/operations/4712", "/4711")`: a session on the configured realtime store (the
+    test run's own Redis prefix when REDIS_URL is set) that receives what real clients of those
+    channels would."""
+    from deviceplatform.realtime.hub import watching
+
+    stack = AsyncExitStack()
+
+    def subscribe(*channels: str) -> Subscriber:
+        return Subscriber(
+            realtime_loop, realtime_loop(stack.enter_async_context(watching(list(channels))))
+        )
+
+    try:
+        yield subscribe
+    finally:
+        realtime_loop(stack.aclose())

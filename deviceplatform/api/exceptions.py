@@ -82,6 +82,9 @@ def error_body(status: int, error: str, message: str) -> dict[str, str]:
     return {"error": error, "message": message, "info": INFO_URL}
 
 
+BASIC_CHALLENGE = 'Basic realm="Cumulocity"'
+
+
 def error_response(status: int, error: str, message: str, headers: dict[str, str] | None = None):
     """A plain Django response in the error shape: for middleware and Django's own error handlers."""
     response = HttpResponse(
@@ -90,6 +93,23 @@ def error_response(status: int, error: str, message: str, headers: dict[str, str
     for key, value in (headers or {}).items():
         response[key] = value
     return response
+
+
+def unauthorized_response(message: str) -> HttpResponse:
+    """401 with the Basic challenge, for async views outside DRF."""
+    return error_response(
+        401, "security/Unauthorized", message, headers={"WWW-Authenticate": BASIC_CHALLENGE}
+    )
+
+
+def method_not_allowed_response(method: str | None, allowed: str) -> HttpResponse:
+    """405 with `Allow`, for async views outside DRF."""
+    return error_response(
+        405,
+        "general/methodNotAllowed",
+        f'Method "{method}" not allowed.',
+        headers={"Allow": allowed},
+    )
 
 
 # DRF's own exceptions mapped onto Cumulocity names.
@@ -136,7 +156,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             status = 422
         if isinstance(exc, drf.NotAuthenticated | drf.AuthenticationFailed):
             status = 401
-            headers["WWW-Authenticate"] = 'Basic realm="Cumulocity"'
+            headers["WWW-Authenticate"] = BASIC_CHALLENGE
         if isinstance(exc, drf.MethodNotAllowed):
             view = context.get("view")
             if view is not None:

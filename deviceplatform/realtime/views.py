@@ -7,7 +7,11 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from deviceplatform.api.authentication import BAD_CREDENTIALS
-from deviceplatform.api.exceptions import error_response
+from deviceplatform.api.exceptions import (
+    error_response,
+    method_not_allowed_response,
+    unauthorized_response,
+)
 from deviceplatform.api.views import base_url
 from deviceplatform.realtime.protocol import Context, Exchange, check_credentials, encode_array
 from deviceplatform.realtime.subscriptions import Family
@@ -19,21 +23,11 @@ CONTENT_TYPE = "application/json;charset=UTF-8"
 async def long_polling(request: HttpRequest, family: str, **_: str) -> HttpResponse:
     """POST a JSON array of Bayeux messages (or one message); the answer is a JSON array."""
     if request.method != "POST":
-        return error_response(
-            405,
-            "general/methodNotAllowed",
-            f'Method "{request.method}" not allowed.',
-            headers={"Allow": "POST"},
-        )
+        return method_not_allowed_response(request.method, "POST")
     header = request.META.get("HTTP_AUTHORIZATION") or None
     if header is not None and await check_credentials(header) is None:
         # A present but invalid header is refused outright; the Java SDK counts these 401s.
-        return error_response(
-            401,
-            "security/Unauthorized",
-            BAD_CREDENTIALS,
-            headers={"WWW-Authenticate": 'Basic realm="Cumulocity"'},
-        )
+        return unauthorized_response(BAD_CREDENTIALS)
     try:
         body = orjson.loads(request.body)
     except orjson.JSONDecodeError:

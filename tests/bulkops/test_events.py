@@ -27,10 +27,10 @@ from tests.bulkops.conftest import (
     make_group,
     reload,
 )
+from tests.conftest import Subscribe
 from tests.devicecontrol.conftest import (
     Abort,
     Message,
-    Subscribe,
     as_get,
     call,
     changed,
@@ -38,12 +38,9 @@ from tests.devicecontrol.conftest import (
     rolled_back,
     to_agent,
 )
-from tests.devicecontrol.conftest import subscriber as subscriber_fixture
 from tests.factories import Clients
 
 pytestmark = pytest.mark.django_db
-
-subscriber = subscriber_fixture  # the realtime subscriber fixture of the device-control tests
 
 Capture = Callable[..., Any]
 

@@ -4,16 +4,12 @@ realtime store that receive the Bayeux messages clients would."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-import time
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import pytest
 from django.db import transaction
 from rest_framework.test import APIClient
@@ -21,9 +17,6 @@ from rest_framework.test import APIClient
 from devicecontrol.models import Operation
 from devicecontrol.realtime import EventDelivery, OperationEvent
 from devicecontrol.serializers import operation_json
-from deviceplatform.realtime.events import absolute
-from deviceplatform.realtime.hub import Watch, get_hub, watching
-from deviceplatform.realtime.store import RedisStore
 from deviceplatform.roles import Role
 from inventory import services as inventory_services
 from inventory.models import ManagedObject, Relation
@@ -33,7 +26,6 @@ OWNER = "alice"  # owns the hierarchy's devices; a user of that name gets the ow
 OPERATIONS = "/devicecontrol/operations"
 VENDOR = "application/vnd.com.nsn.cumulocity."
 BASE_URL = "http://testserver"  # where the test client's requests (and subscribers) connect
-_BASE_MARK = b'"' + BASE_URL.encode()
 
 # API users: `alice` owns the hierarchy (no device-control role), `bob` owns nothing of it.
 USERS: dict[str, list[Role]] = {
@@ -178,75 +170,6 @@ def capture_events(django_capture_on_commit_callbacks: Callable[..., Any]) -> Ev
         events.extend(cb.event for cb in callbacks if isinstance(cb, EventDelivery))
 
     return capture
-
-
-class Subscriber:
-    """A server-side session on the real realtime store (`watching`), subscribed to `channels`,
-    seen as a subscriber that connected to `BASE_URL`: each message is `{"channel", "data"}`
-    with the base URL marks made absolute (realtime.md §5)."""
-
-    def __init__(self, run: Callable[[Coroutine[Any, Any, Any]], Any], watch: Watch) -> None:
-        self._run = run
-        self._watch = watch
-        self._buffer: list[dict[str, Any]] = []
-
-    def _take(self, payloads: list[bytes]) -> None:
-        self._buffer.extend(orjson.loads(absolute(p, _BASE_MARK)) for p in payloads)
-
-    def received(self) -> list[dict[str, Any]]:
-        """Everything queued for this session so far. Publishing is synchronous (the commit that
-        registered an event returns after its messages are queued), so no waiting is needed."""
-        self._take(self._run(self._watch.next(0)))
-        taken, self._buffer = self._buffer, []
-        return taken
-
-    def receive(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """The next `count` messages, waiting for them (for publishers in other threads); the
-        timeout only bounds a hang, it is no timing assertion."""
-        deadline = time.monotonic() + timeout
-        while len(self._buffer) < count and (left := deadline - time.monotonic()) > 0:
-            self._take(self._run(self._watch.next(left)))
-        taken, self._buffer = self._buffer[:count], self._buffer[count:]
-        assert len(taken) == count, taken
-        return taken
-
-
-Subscribe = Callable[..., Subscriber]
-
-
-@pytest.fixture
-def subscriber() -> Iterator[Subscribe]:
-    """`subscriber("/operations/4712", "/4711")`: a session on the configured realtime store (the
-    test run's own Redis prefix when REDIS_URL is set) that receives what real clients of those
-    channels would. The store's async client and the hub are per event loop, so every call runs
-    on one loop in a background thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
-    stack = AsyncExitStack()
-
-    def subscribe(*channels: str) -> Subscriber:
-        return Subscriber(run, run(stack.enter_async_context(watching(list(channels)))))
-
-    async def close() -> None:
-        await stack.aclose()
-        hub = get_hub()
-        await hub.close()
-        if isinstance(hub.store, RedisStore):
-            client, _ = hub.store._client()
-            await client.aclose()
-
-    try:
-        yield subscribe
-    finally:
-        run(close())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
 
 
 # An agent and its one child device, both owned by `owner` (who holds no role): the owner rule.

@@ -19,10 +19,10 @@ from devicecontrol.realtime import EventDelivery, OperationEvent
 from devicecontrol.serializers import operation_json
 from devicecontrol.services import operation_create, operation_update, operations_delete
 from deviceplatform.api.exceptions import NotFound
+from tests.conftest import Subscribe
 from tests.devicecontrol.conftest import (
     BASE_URL,
     Hierarchy,
-    Subscribe,
     add_child_devices,
     as_get,
     changed,

@@ -22,6 +22,7 @@ from devicecontrol.serializers import operation_json
 from devicecontrol.services import operation_create, operation_update, operations_delete
 from deviceplatform.services import user_upsert
 from inventory.models import ManagedObject
+from tests.conftest import Subscribe, Subscriber
 from tests.devicecontrol.conftest import (
     BASE_URL,
     OPERATIONS,
@@ -29,8 +30,6 @@ from tests.devicecontrol.conftest import (
     EventCapture,
     Hierarchy,
     Message,
-    Subscribe,
-    Subscriber,
     add_child_devices,
     as_get,
     call,

@@ -6,12 +6,9 @@ asked through the Bayeux protocol layer."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import threading
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import AsyncExitStack
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -19,15 +16,13 @@ import pytest
 from django.db import transaction
 from rest_framework.test import APIClient
 
-from deviceplatform.realtime.events import absolute
-from deviceplatform.realtime.hub import Watch, get_hub, watching
 from deviceplatform.realtime.protocol import Context, Exchange
-from deviceplatform.realtime.store import RedisStore
 from deviceplatform.realtime.subscriptions import Family
 from deviceplatform.roles import Role
 from inventory import services
 from inventory.models import ManagedObject, Relation
 from inventory.realtime import EventBatch
+from tests.conftest import Run, Subscribe
 from tests.helpers import PASSWORD
 
 pytestmark = pytest.mark.django_db(transaction=True)  # on commit
@@ -37,65 +32,7 @@ MOS = "/inventory/managedObjects"
 MO_TYPE = "application/vnd.com.nsn.cumulocity.managedobject+json"
 QUIESCENT = {"HTTP_X_CUMULOCITY_PROCESSING_MODE": "QUIESCENT"}
 
-Run = Callable[[Coroutine[Any, Any, Any]], Any]
 Message = dict[str, Any]
-
-
-# --- a background event loop for the realtime store, and subscribers on it ----------------------
-
-
-@pytest.fixture
-def run() -> Iterator[Run]:
-    """Runs coroutines on one event loop in a background thread (the store's async client and the
-    hub belong to a loop), so the tests themselves stay synchronous like the REST client."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=30)
-
-    async def close() -> None:
-        hub = get_hub()
-        await hub.close()
-        if isinstance(hub.store, RedisStore):
-            client, _ = hub.store._client()
-            await client.aclose()
-
-    try:
-        yield run
-    finally:
-        run(close())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-
-
-class Subscriber:
-    """A server-side session subscribed to some channels, seen from `BASE`."""
-
-    def __init__(self, run: Run, watch: Watch) -> None:
-        self._run = run
-        self._watch = watch
-
-    def received(self) -> list[Message]:
-        """Everything queued so far. Publishing is synchronous (a request returns after its
-        committed events are queued), so there is nothing to wait for."""
-        payloads = self._run(self._watch.next(0))
-        return [orjson.loads(absolute(p, b'"' + BASE.encode())) for p in payloads]
-
-
-@pytest.fixture
-def subscribe(run: Run) -> Iterator[Callable[..., Subscriber]]:
-    stack = AsyncExitStack()
-
-    def subscribe(*channels: str) -> Subscriber:
-        return Subscriber(run, run(stack.enter_async_context(watching(list(channels)))))
-
-    try:
-        yield subscribe
-    finally:
-        run(stack.aclose())
 
 
 # --- users and requests -------------------------------------------------------------------------
@@ -138,9 +75,9 @@ def event(action: str, pk: int, data: Any) -> Message:
 
 
 def test_create_sends_the_new_object_as_get_returns_it(
-    api: APIClient, subscribe: Callable[..., Subscriber]
+    api: APIClient, subscriber: Subscribe
 ) -> None:
-    every = subscribe("/managedobjects/*")
+    every = subscriber("/managedobjects/*")
 
     body = ok(call(api, "POST", MOS, {"name": "Pump", "c8y_IsDevice": {}, "x": [1]}), 201)
 
@@ -150,12 +87,12 @@ def test_create_sends_the_new_object_as_get_returns_it(
 
 
 def test_put_sends_the_whole_object_with_its_references_once_and_only_to_its_channels(
-    api: APIClient, subscribe: Callable[..., Subscriber]
+    api: APIClient, subscriber: Subscribe
 ) -> None:
     parent, child = create("Parent", c8y_IsDevice={}), create("Child")
     services.managed_object_add_children(parent=parent, relation=Relation.DEVICE, children=[child])
-    own = subscribe(f"/managedobjects/{parent.pk}", "/managedobjects/*")  # one copy each
-    other = subscribe(f"/managedobjects/{child.pk}")
+    own = subscriber(f"/managedobjects/{parent.pk}", "/managedobjects/*")  # one copy each
+    other = subscriber(f"/managedobjects/{child.pk}")
 
     ok(call(api, "PUT", f"{MOS}/{parent.pk}", {"name": "Renamed", "c8y_IsDevice": None}))
     after_rename = get(api, parent.pk)
@@ -177,7 +114,7 @@ def test_put_sends_the_whole_object_with_its_references_once_and_only_to_its_cha
 
 
 def test_delete_sends_delete_for_each_deleted_object_and_update_for_its_surviving_parent(
-    api: APIClient, subscribe: Callable[..., Subscriber]
+    api: APIClient, subscriber: Subscribe
 ) -> None:
     group = create("Group", c8y_IsDeviceGroup={})
     device, sub1, sub2 = create("Device"), create("Sub 1"), create("Sub 2")
@@ -185,7 +122,7 @@ def test_delete_sends_delete_for_each_deleted_object_and_update_for_its_survivin
     services.managed_object_add_children(
         parent=device, relation=Relation.DEVICE, children=[sub1, sub2]
     )
-    every = subscribe("/managedobjects/*")
+    every = subscriber("/managedobjects/*")
 
     ok(call(api, "DELETE", f"{MOS}/{device.pk}?cascade=true"), 204)
 
@@ -199,12 +136,10 @@ def test_delete_sends_delete_for_each_deleted_object_and_update_for_its_survivin
     ]
 
 
-def test_reference_changes_update_the_parent(
-    api: APIClient, subscribe: Callable[..., Subscriber]
-) -> None:
+def test_reference_changes_update_the_parent(api: APIClient, subscriber: Subscribe) -> None:
     parent, child = create("Parent"), create("Child")
     stranger = create("Stranger")
-    every = subscribe("/managedobjects/*")
+    every = subscriber("/managedobjects/*")
     children = f"{MOS}/{parent.pk}/childDevices"
     assets = f"{MOS}/{parent.pk}/childAssets"
 
@@ -231,11 +166,9 @@ def test_reference_changes_update_the_parent(
     ]
 
 
-def test_quiescent_requests_send_nothing(
-    api: APIClient, subscribe: Callable[..., Subscriber]
-) -> None:
+def test_quiescent_requests_send_nothing(api: APIClient, subscriber: Subscribe) -> None:
     parent, child = create("Parent"), create("Child")
-    every = subscribe("/managedobjects/*")
+    every = subscriber("/managedobjects/*")
     children = f"{MOS}/{parent.pk}/childDevices"
 
     created = ok(call(api, "POST", MOS, {"name": "Quiet"}, **QUIESCENT), 201)
@@ -250,11 +183,9 @@ def test_quiescent_requests_send_nothing(
     assert every.received() == [event("UPDATE", parent.pk, get(api, parent.pk))]
 
 
-def test_a_refused_change_sends_nothing(
-    api: APIClient, subscribe: Callable[..., Subscriber]
-) -> None:
+def test_a_refused_change_sends_nothing(api: APIClient, subscriber: Subscribe) -> None:
     parent, child = create("Parent"), create("Child")
-    every = subscribe("/managedobjects/*")
+    every = subscriber("/managedobjects/*")
     refs = [{"managedObject": {"id": str(pk)}} for pk in (child.pk, parent.pk)]
 
     # The child is linked first, then the self-reference is refused: all of it rolls back.
@@ -266,13 +197,13 @@ def test_a_refused_change_sends_nothing(
 
 
 def test_the_subscriber_sees_urls_with_the_host_it_connected_to(
-    api: APIClient, run: Run, make_user: Callable[..., Any]
+    api: APIClient, realtime_loop: Run, make_user: Callable[..., Any]
 ) -> None:
     make_user("reader", roles=[Role.INVENTORY_READ])
     parent, child = create("Parent"), create("Child")
     services.managed_object_add_children(parent=parent, relation=Relation.DEVICE, children=[child])
     host = "https://other.example:8443"
-    bayeux = Bayeux(run, Family.REALTIME, host)
+    bayeux = Bayeux(realtime_loop, Family.REALTIME, host)
     client_id = bayeux.handshake("reader")
     assert bayeux.subscribe(client_id, f"/managedobjects/{parent.pk}")["successful"] is True
     bayeux.connect(client_id)  # the first connect, answered at once
@@ -425,13 +356,13 @@ def outcomes(bayeux: Bayeux, username: str, channels: list[str]) -> dict[str, st
     return result
 
 
-def test_subscription_rights(run: Run, make_user: Callable[..., Any]) -> None:
+def test_subscription_rights(realtime_loop: Run, make_user: Callable[..., Any]) -> None:
     make_user("reader", roles=[Role.INVENTORY_READ])
     make_user("alice", roles=[Role.INVENTORY_CREATE])
     make_user("admin_dc", roles=[Role.DEVICE_CONTROL_READ, Role.INVENTORY_CREATE])
     alices, bobs = create("Alice's", owner="Alice"), create("Bob's", owner="bob")
     missing = bobs.pk + 1000
-    bayeux = Bayeux(run, Family.REALTIME)
+    bayeux = Bayeux(realtime_loop, Family.REALTIME)
     denied = "403::Subscription denied"
     invalid = "400::Invalid channel"
 
@@ -494,7 +425,7 @@ def test_subscription_rights(run: Run, make_user: Callable[..., Any]) -> None:
         invalid,
     )
     # Managed object channels exist on the realtime family only.
-    agent = Bayeux(run, Family.AGENT)
+    agent = Bayeux(realtime_loop, Family.AGENT)
     assert outcomes(agent, "reader", [f"/managedobjects/{bobs.pk}", "/managedobjects/*"]) == {
         f"/managedobjects/{bobs.pk}": invalid,
         "/managedobjects/*": invalid,

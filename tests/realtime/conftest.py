@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from django.conf import settings
 from django.db import connection
 
 from tests.helpers import PASSWORD, basic
+from tests.realtime.bayeux import World, build_world
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 30.0  # bounds a broken start, asserts nothing about speed
@@ -364,3 +365,9 @@ class Socket:
 async def next_message(client: Any) -> dict[str, Any]:
     """The next event an aiocometd client received (bounded wait)."""
     return await asyncio.wait_for(client.receive(), WAIT)
+
+
+@pytest.fixture
+def world(make_user: Callable[..., Any]) -> World:
+    """The users of tests/realtime/bayeux.py and three agents that are their own devices."""
+    return build_world(make_user)

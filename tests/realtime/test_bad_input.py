@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from tests.realtime.bayeux import (
     LpBayeux,
     World,
     WsBayeux,
-    build_world,
     create_operation,
     event_ids,
     handshake_message,
@@ -29,11 +27,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.asyncio,
 ]
-
-
-@pytest.fixture
-def world(make_user: Callable[..., Any]) -> World:
-    return build_world(make_user)
 
 
 class Bystander:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,7 +24,6 @@ from tests.realtime.bayeux import (
     World,
     WsBayeux,
     authn,
-    build_world,
     create_operation,
     event_channels,
     event_ids,
@@ -38,11 +36,6 @@ pytestmark = [
 ]
 
 NOWHERE = 987654321  # no managed object has this ID
-
-
-@pytest.fixture
-def world(make_user: Callable[..., Any]) -> World:
-    return build_world(make_user)
 
 
 # --- replies: id, channel, clientId, handshake fields ---------------------------------------------

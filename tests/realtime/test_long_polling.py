@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from tests.realtime.bayeux import (
     REALTIME,
     LpBayeux,
     World,
-    build_world,
     create_operation,
     event_ids,
     handshake_message,
@@ -28,11 +26,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.asyncio,
 ]
-
-
-@pytest.fixture
-def world(make_user: Callable[..., Any]) -> World:
-    return build_world(make_user)
 
 
 async def test_message_type_suffixes_and_trailing_slash_are_the_same_endpoint(
