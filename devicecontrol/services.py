@@ -414,7 +414,7 @@ def operations_purge(*, now: datetime, batch_size: int = 1000) -> int:
         total += operations_delete(queryset=expired.filter(pk__in=ids))
 
 
-def operations_delete_for_devices(device_ids: list[int]) -> None:
+def operations_delete_for_devices(device_ids: list[int], *, notify: bool = True) -> None:
     """Inventory deletion hook: a deleted device takes its operations along, each with a realtime
-    DELETE event (inventory.md §6)."""
-    operations_delete(queryset=Operation.objects.filter(device_id__in=device_ids))
+    DELETE event unless the deletion is QUIESCENT (inventory.md §6, realtime.md §5.4)."""
+    operations_delete(queryset=Operation.objects.filter(device_id__in=device_ids), notify=notify)

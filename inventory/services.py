@@ -37,7 +37,7 @@ INVENTORY_NOT_FOUND = "inventory/Not Found"
 # Called inside the deleting transaction with the IDs about to go, before they go. Apps that hang
 # data on managed objects register here (devicecontrol deletes the operations with their realtime
 # DELETE events), so inventory never imports them (STYLE.md §1: imports flow towards inventory).
-BEFORE_DELETE_HOOKS: list[Callable[[list[int]], None]] = []
+BEFORE_DELETE_HOOKS: list[Callable[..., None]] = []  # hook(ids, notify=...)
 
 
 def managed_object_not_found(pk: object) -> NotFound:
@@ -168,7 +168,7 @@ def managed_object_delete(
     doomed.add(root)
     deleted = sorted(doomed)
     for hook in BEFORE_DELETE_HOOKS:
-        hook(deleted)
+        hook(deleted, notify=notify)
     parents = realtime.surviving_parent_ids(deleted) if notify else []
     ManagedObject.objects.filter(pk__in=deleted).delete()
     if notify:

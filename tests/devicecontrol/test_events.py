@@ -296,6 +296,33 @@ def test_deleting_the_device_through_the_inventory_api_deletes_its_operations(
     assert listeners["agent"].received() == []
 
 
+def test_quiescent_device_deletion_deletes_its_operations_silently(
+    api: Clients,
+    hierarchy: Hierarchy,
+    capture_events: EventCapture,
+    subscriber: Subscribe,
+) -> None:
+    doomed = operation_create(device=hierarchy.grandchild, data={})
+    kept = operation_create(device=hierarchy.device, data={})
+    listeners = subscribers_of(subscriber, hierarchy)
+    grandchild = subscriber(f"/operations/{hierarchy.grandchild.pk}")
+
+    with capture_events(execute=True) as events:
+        response = call(
+            api["alice"],
+            "DELETE",
+            f"/inventory/managedObjects/{hierarchy.grandchild.pk}",
+            HTTP_X_CUMULOCITY_PROCESSING_MODE="QUIESCENT",
+        )
+
+    assert response.status_code == 204, response.content
+    assert not Operation.objects.filter(pk=doomed.pk).exists()
+    assert Operation.objects.filter(pk=kept.pk).exists()
+    assert events == []
+    assert grandchild.received() == []
+    assert_silent_until_next_create(api, hierarchy, capture_events, listeners)
+
+
 def test_cascading_device_deletion_sends_deletes_for_the_whole_hierarchy(
     api: Clients, hierarchy: Hierarchy, capture_events: EventCapture, subscriber: Subscribe
 ) -> None:
