@@ -21,7 +21,14 @@ from functools import cache
 from django.conf import settings
 from django.core.signals import setting_changed
 
-from deviceplatform.realtime.store import GONE, SUPERSEDED, MemoryStore, RedisStore, Store
+from deviceplatform.realtime.store import (
+    ENDED,
+    GONE,
+    SUPERSEDED,
+    MemoryStore,
+    RedisStore,
+    Store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ class ConnectOutcome:
     hold_ms: int = 0
     interval_ms: int = 0
     timeout_ms: int = 0
+    ended: bool = False  # disconnected or evicted during the hold (answer reconnect: none)
 
 
 class Hub:
@@ -123,9 +131,14 @@ class Hub:
             if attached is None:
                 return ConnectOutcome(known=False, events=[])
 
-            def outcome(events: list[bytes], known: bool = True) -> ConnectOutcome:
+            def outcome(events: list[bytes], state: int = 1) -> ConnectOutcome:
                 return ConnectOutcome(
-                    known, events, attached.hold_ms, attached.interval_ms, attached.timeout_ms
+                    state != GONE,
+                    events,
+                    attached.hold_ms,
+                    attached.interval_ms,
+                    attached.timeout_ms,
+                    ended=state == ENDED,
                 )
 
             if not attached.held:
@@ -145,9 +158,9 @@ class Hub:
                 # Keep the hold while draining: a wake-up may find nothing (a newer connect's
                 # attach or a listener reconnect wakes us too), and the hold must stay wakeable.
                 state, events = await self.store.drain(cid, holder.token, release=False)
-                if state == GONE:
+                if state in (GONE, ENDED):
                     released = True
-                    return outcome([], known=False)
+                    return outcome([], state)
                 if state == SUPERSEDED:
                     released = True
                     return outcome([])
@@ -157,7 +170,7 @@ class Hub:
                     await stream(events)
             state, events = await self.store.drain(cid, holder.token, release=True)
             released = True
-            return outcome(events, known=state != GONE)
+            return outcome(events, state)
         finally:
             if self._holders.get(cid) is holder:
                 del self._holders[cid]

@@ -276,6 +276,14 @@ class Exchange:
         if not outcome.known:
             self.intervals.pop(client_id, None)
             return [orjson.dumps(_unknown_client(message, clientId=client_id))]
+        if outcome.ended:
+            # Disconnected (or evicted) while held: CometD answers the held connect and tells the
+            # client to stop, rather than to handshake again.
+            self.intervals.pop(client_id, None)
+            reply = _reply(
+                message, successful=True, clientId=client_id, advice={"reconnect": "none"}
+            )
+            return [*self.encode(outcome.events), orjson.dumps(reply)]
         self.intervals[client_id] = outcome.interval_ms
         # The hold this connect got; a connect answered at once advertises the session's default,
         # so a client that adopts the advice does not start polling without a hold.

@@ -17,7 +17,9 @@ default) keeps the same state in this process. Both have the same semantics:
 In Redis every step is one Lua script, so each is atomic: a publish racing a connect either lands
 in the queue the connect drains or wakes the connect it set up. Keys (prefix P):
 `P s:<cid>` hash, `P q:<cid>` list, `P sub:<cid>` set, `P c:<channel>` set, `P u:<family>:<uid>`
-zset (sessions per user), `P exp` zset (deadlines, for the sweeper), pub/sub `P w:<hub>`."""
+zset (sessions per user), `P exp` zset (deadlines, for the sweeper), pub/sub `P w:<hub>`, and
+`P x:<cid>` (a minute): the hold token a session had when it was disconnected or evicted, so that
+connect learns it ended (and answers `reconnect: none`, as CometD does) rather than was lost."""
 
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ Prepared = tuple[bytes, Sequence[str]]
 Waker = Callable[[list[str]], None]
 
 # drain() outcomes
-GONE = -1  # the session no longer exists (disconnected, evicted or expired)
+GONE = -1  # the session no longer exists (expired, or the store lost it)
+ENDED = -2  # the session was disconnected or evicted while this connect held it
 SUPERSEDED = 0  # another connect took over the session
 HELD = 1
 
@@ -90,6 +93,7 @@ local function remove(cid)
     redis.call('ZREM', P .. 'u:' .. info[3] .. ':' .. info[4], cid)
   end
   if info[1] and info[1] ~= '' and info[2] and info[2] ~= '' then
+    redis.call('SET', P .. 'x:' .. cid, info[2], 'PX', 60000)
     redis.call('PUBLISH', P .. 'w:' .. info[1], cid)
   end
 end
@@ -153,7 +157,10 @@ _LUA_DRAIN = """
 local cid, token = ARGV[2], ARGV[3]
 local skey = P .. 's:' .. cid
 local hold = redis.call('HGET', skey, 'hold')
-if not hold then return {-1, {}} end
+if not hold then
+  if redis.call('GET', P .. 'x:' .. cid) == token then return {-2, {}} end
+  return {-1, {}}
+end
 if hold ~= token then return {0, {}} end
 local qkey = P .. 'q:' .. cid
 local events = redis.call('LRANGE', qkey, 0, -1)
@@ -437,6 +444,7 @@ class MemoryStore:
         self._index: dict[str, set[str]] = {}
         self._wakers: dict[str, tuple[asyncio.AbstractEventLoop, Waker]] = {}
         self._seq = itertools.count()
+        self._ended: dict[str, tuple[str, float]] = {}  # cid -> (hold token, until)
 
     def _live(self, cid: str) -> _MemorySession | None:
         session = self._sessions.get(cid)
@@ -474,6 +482,7 @@ class MemoryStore:
         session = self._forget(cid)
         if session is None or not session.record["hold"]:
             return {}
+        self._ended[cid] = (session.record["hold"], time.monotonic() + 60)
         return {session.record["holder"]: [cid]}
 
     async def create_session(
@@ -579,7 +588,8 @@ class MemoryStore:
         with self._lock:
             session = self._live(cid)
             if session is None:
-                return GONE, []
+                ended = self._ended.get(cid)
+                return (ENDED if ended is not None and ended[0] == token else GONE), []
             if session.record["hold"] != token:
                 return SUPERSEDED, []
             events = list(session.queue)
@@ -605,6 +615,8 @@ class MemoryStore:
             due = [cid for cid, s in self._sessions.items() if s.deadline <= now][:batch]
             for cid in due:
                 self._forget(cid)
+            for cid in [cid for cid, (_, until) in self._ended.items() if until <= now]:
+                del self._ended[cid]
             return len(due)
 
     def publish(self, prepared: Sequence[Prepared]) -> None:

@@ -21,6 +21,7 @@ from django.conf import settings
 
 from deviceplatform.realtime.hub import Hub, new_client_id
 from deviceplatform.realtime.store import (
+    ENDED,
     GONE,
     HELD,
     SUPERSEDED,
@@ -518,13 +519,28 @@ async def test_drain_after_another_attach_is_superseded(store: Store) -> None:
     assert await store.drain(cid, "t2", release=True) == (HELD, payloads("/operations/5", [1]))
 
 
-async def test_drain_after_remove_is_gone(store: Store) -> None:
+async def test_drain_after_remove_says_the_session_ended_to_its_holder_only(store: Store) -> None:
     cid = await new_session(store, "/operations/5")
     await held(store, cid, hold="t1")
     store.publish([event("/operations/5", 1)])
     assert await store.remove_session(cid)
-    assert await store.drain(cid, "t1", release=True) == (GONE, [])
-    assert await store.drain(cid, "t1", release=False) == (GONE, [])
+    assert await store.drain(cid, "t1", release=True) == (ENDED, [])  # queued events go with it
+    assert await store.drain(cid, "t1", release=False) == (ENDED, [])
+    assert await store.drain(cid, "t0", release=True) == (GONE, [])  # not the hold it ended
+
+
+async def test_drain_of_an_expired_or_never_held_session_is_gone(store: Store) -> None:
+    idle = await new_session(store)
+    await connected(store, idle)
+    assert await store.remove_session(idle)  # removed while nobody held it
+    assert await store.drain(idle, "", release=True) == (GONE, [])
+    assert await store.drain(new_client_id(), "t1", release=True) == (GONE, [])  # never existed
+    expiring = await new_session(store, ttl_ms=50)
+    await held(store, expiring, hold="t1")  # the hold refreshes it to hold + interval + max
+    await store.release(expiring, "t1", ttl_ms=1)
+    await asyncio.sleep(0.05)
+    await store.sweep()
+    assert await store.drain(expiring, "t1", release=True) == (GONE, [])
 
 
 async def test_release_clears_only_the_matching_hold(store: Store) -> None:
@@ -689,7 +705,7 @@ async def test_removing_or_evicting_a_held_session_wakes_its_holder(
     assert await store.remove_session(idle)  # nobody holds it: no wake-up
     assert await store.remove_session(removed)
     assert await wakes.next() == [removed]
-    assert await store.drain(removed, "t1", release=True) == (GONE, [])
+    assert await store.drain(removed, "t1", release=True) == (ENDED, [])
 
     evicted = await new_session(store, uid="u9")
     await held(store, evicted, hold="t2")
@@ -697,7 +713,7 @@ async def test_removing_or_evicting_a_held_session_wakes_its_holder(
         evicted
     ]
     assert await wakes.next() == [evicted]
-    assert await store.drain(evicted, "t2", release=True) == (GONE, [])
+    assert await store.drain(evicted, "t2", release=True) == (ENDED, [])
 
 
 async def test_a_newer_attach_wakes_the_previous_holder(
@@ -816,7 +832,7 @@ async def test_connect_of_an_unknown_session(store: Store, hub: Hub) -> None:
     assert outcome.events == []
 
 
-async def test_held_connect_of_a_removed_session_is_unknown(store: Store, hub: Hub) -> None:
+async def test_held_connect_of_a_removed_session_ends(store: Store, hub: Hub) -> None:
     cid = await new_session(store, "/operations/5", timeout=5000)
     await hub.connect(cid, requested_ms=None, immediate=False)
     task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
@@ -827,8 +843,12 @@ async def test_held_connect_of_a_removed_session_is_unknown(store: Store, hub: H
     outcome = await asyncio.wait_for(task, 5)
 
     assert time.monotonic() - started < PROMPT
-    assert not outcome.known
+    assert outcome.known
+    assert outcome.ended
     assert outcome.events == []
+    later = await hub.connect(cid, requested_ms=None, immediate=False)
+    assert not later.known  # a connect after the end: unknown client
+    assert not later.ended
 
 
 async def test_cancelled_held_connect_releases_its_hold(store: Store, hub: Hub) -> None:
