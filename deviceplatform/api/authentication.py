@@ -10,6 +10,8 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.conf import settings
@@ -56,6 +58,7 @@ class VerifiedPasswordCache:
         self._entries: OrderedDict[tuple[int, str], str] = OrderedDict()
         self._lock = threading.Lock()
         self._max_entries = max_entries
+        self._flights: dict[tuple[int, str, str], list[Any]] = {}  # key -> [lock, users]
 
     def _digest(self, password: str) -> str:
         return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -67,6 +70,24 @@ class VerifiedPasswordCache:
             if digest is not None:
                 self._entries.move_to_end(key)
         return digest is not None and hmac.compare_digest(digest, self._digest(password))
+
+    @contextmanager
+    def single_flight(self, user_id: int, stored_hash: str, password: str) -> Iterator[None]:
+        """One check at a time per (user, stored hash, password) in this process: a fleet of an
+        agent's clients connecting at once pays the hash once, not once per thread. Different
+        passwords (a wrong one among them) never wait for each other."""
+        key = (user_id, stored_hash, self._digest(password))
+        with self._lock:
+            flight = self._flights.setdefault(key, [threading.Lock(), 0])
+            flight[1] += 1
+        try:
+            with flight[0]:
+                yield
+        finally:
+            with self._lock:
+                flight[1] -= 1
+                if flight[1] == 0:
+                    del self._flights[key]
 
     def remember(self, user_id: int, stored_hash: str, password: str) -> None:
         with self._lock:
@@ -134,9 +155,13 @@ def authenticate_credentials(username: str, password: str) -> Any:
         return None
     if password_cache.is_verified(user.pk, user.password, password):
         return attach_roles(user)
-    if not user.check_password(password):  # may upgrade the hash, which changes user.password
-        return None
-    password_cache.remember(user.pk, user.password, password)
+    with password_cache.single_flight(user.pk, user.password, password):
+        # A concurrent request with the same credentials may have verified them meanwhile.
+        if password_cache.is_verified(user.pk, user.password, password):
+            return attach_roles(user)
+        if not user.check_password(password):  # may upgrade the hash (changes user.password)
+            return None
+        password_cache.remember(user.pk, user.password, password)
     return attach_roles(user)
 
 

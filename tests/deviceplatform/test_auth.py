@@ -6,12 +6,16 @@ issues that add those endpoints."""
 from __future__ import annotations
 
 import base64
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.db import connection
 from rest_framework.test import APIClient
 
+from deviceplatform.api.authentication import authenticate_credentials
 from deviceplatform.models import User
 from deviceplatform.roles import Role
 from inventory.models import ExternalId, ManagedObject
@@ -135,6 +139,44 @@ def test_a_wrong_password_is_never_served_from_the_cache(make_user: Callable[...
 
     assert_unauthorized(header_client(basic("cached2", PASSWORD + "x")).get("/platform"))
     assert_unauthorized(header_client(basic("cached2", PASSWORD[:-1])).get("/platform"))
+
+
+@pytest.mark.django_db(transaction=True)  # the threads read the user over their own connections
+def test_concurrent_checks_of_the_same_credentials_hash_once(
+    make_user: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight requests with one user's right password and two with wrong ones arrive at once (an
+    agent's fleet connecting): the right password is hashed once, each wrong one on its own."""
+    make_user("stampede")
+    checked: list[str] = []
+    original = User.check_password
+
+    def slow_check(user: User, raw_password: str) -> bool:
+        checked.append(raw_password)
+        time.sleep(0.2)  # long enough for every thread to arrive while the first one checks
+        return original(user, raw_password)
+
+    monkeypatch.setattr(User, "check_password", slow_check)
+    passwords = [PASSWORD] * 8 + ["wrong-1", "wrong-2"]
+    barrier = threading.Barrier(len(passwords))
+    results: dict[int, Any] = {}
+
+    def authenticate(index: int, password: str) -> None:
+        barrier.wait()
+        try:
+            user = authenticate_credentials("stampede", password)
+            results[index] = user.username if user is not None else None
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=authenticate, args=(i, p)) for i, p in enumerate(passwords)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [results[i] for i in range(len(passwords))] == ["stampede"] * 8 + [None, None]
+    assert sorted(checked) == sorted([PASSWORD, "wrong-1", "wrong-2"])
 
 
 # --- Roles and groups (auth.md §3) ----------------------------------------------------------------
