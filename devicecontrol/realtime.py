@@ -105,6 +105,17 @@ class EventBatchDelivery:
         deliver(list(self.events))
 
 
+def registered_events(callbacks: list[Any]) -> list[OperationEvent]:
+    """The operation events among captured on-commit callbacks, in order (for tests)."""
+    events: list[OperationEvent] = []
+    for callback in callbacks:
+        if isinstance(callback, EventDelivery):
+            events.append(callback.event)
+        elif isinstance(callback, EventBatchDelivery):
+            events.extend(callback.events)
+    return events
+
+
 def publish_operation_event(event: OperationEvent) -> None:
     """Register `event` to be delivered after the current transaction commits."""
     transaction.on_commit(EventDelivery(event))

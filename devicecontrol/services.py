@@ -234,7 +234,8 @@ def _apply_status(operation: Operation, status: OperationStatus, now: datetime) 
 
 
 def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> int:
-    """Delete the matching operations; one DELETE event per operation after commit (§8)."""
+    """Delete the matching operations; one DELETE event per operation after commit (§8), all
+    handed to the store at once."""
     with transaction.atomic():
         # Locked, so a concurrent PUT either finishes first (and may make a row no longer match)
         # or waits and then finds the row gone. In ID order: concurrent deletes lock alike (no
@@ -250,8 +251,8 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
         _status_changed((bulk_id, status, None) for _, _, _, bulk_id, status in rows)
         doomed = [(pk, device_id, agent_id) for pk, device_id, agent_id, _, _ in rows]
         if notify:
-            for pk, device_id, agent_id in doomed:
-                publish_operation_event(
+            publish_operation_events(
+                [
                     OperationEvent(
                         action="DELETE",
                         operation_id=pk,
@@ -259,7 +260,9 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
                         agent_id=agent_id,
                         data=str(pk),
                     )
-                )
+                    for pk, device_id, agent_id in doomed
+                ]
+            )
     return len(doomed)
 
 
@@ -347,8 +350,7 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
                 operation.status = OperationStatus.FAILED
                 operation.status_changed_at = now
             Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
-            for operation in batch:
-                publish_operation_event(_event("UPDATE", operation))
+            publish_operation_events([_event("UPDATE", operation) for operation in batch])
         total += len(batch)
 
 

@@ -15,7 +15,7 @@ from django.db import transaction
 from rest_framework.test import APIClient
 
 from devicecontrol.models import Operation
-from devicecontrol.realtime import EventDelivery, OperationEvent
+from devicecontrol.realtime import OperationEvent, registered_events
 from devicecontrol.serializers import operation_json
 from deviceplatform.roles import Role
 from inventory import services as inventory_services
@@ -167,7 +167,7 @@ def capture_events(django_capture_on_commit_callbacks: Callable[..., Any]) -> Ev
         events: list[OperationEvent] = []
         with django_capture_on_commit_callbacks(execute=execute) as callbacks:
             yield events
-        events.extend(cb.event for cb in callbacks if isinstance(cb, EventDelivery))
+        events.extend(registered_events(callbacks))
 
     return capture
 

@@ -13,7 +13,7 @@ from django.test import Client
 from django.urls import reverse
 
 from devicecontrol.models import Operation, OperationStatus
-from devicecontrol.realtime import EventDelivery, OperationEvent
+from devicecontrol.realtime import OperationEvent, registered_events
 from devicecontrol.services import operation_create, operation_update
 from deviceplatform.models import User
 from deviceplatform.services import user_upsert
@@ -41,7 +41,7 @@ def listed(response: Any) -> list[int]:
 
 
 def events(callbacks: list[Callable[[], Any]]) -> list[OperationEvent]:
-    return [cb.event for cb in callbacks if isinstance(cb, EventDelivery)]
+    return registered_events(callbacks)
 
 
 def shown_messages(response: Any) -> list[str]:

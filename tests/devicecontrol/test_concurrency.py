@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from django.test import TestCase
 
 from devicecontrol.models import Operation, OperationStatus
-from devicecontrol.realtime import EventDelivery, OperationEvent
+from devicecontrol.realtime import OperationEvent, registered_events
 from devicecontrol.serializers import operation_json
 from devicecontrol.services import operation_create, operation_update, operations_delete
 from deviceplatform.api.exceptions import NotFound
@@ -83,7 +83,7 @@ def update_capturing_events(operation_id: int, data: dict[str, Any]) -> list[Ope
     commit at the end of the block then delivers them to the real realtime store."""
     with transaction.atomic(), TestCase.captureOnCommitCallbacks() as callbacks:
         operation_update(operation_id=operation_id, data=data)
-    return [cb.event for cb in callbacks if isinstance(cb, EventDelivery)]
+    return registered_events(callbacks)
 
 
 def test_parallel_updates_lose_no_fragment_and_send_one_event_each(
@@ -189,7 +189,7 @@ def test_executing_and_successful_race_ends_in_one_of_them(
 def delete_capturing_events(queryset: Any) -> list[OperationEvent]:
     with transaction.atomic(), TestCase.captureOnCommitCallbacks() as callbacks:
         operations_delete(queryset=queryset)
-    return [cb.event for cb in callbacks if isinstance(cb, EventDelivery)]
+    return registered_events(callbacks)
 
 
 @pytest.mark.parametrize("round_", range(3))

@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from devicecontrol import services
 from devicecontrol.models import Operation, OperationStatus
-from devicecontrol.realtime import EventDelivery, OperationEvent
+from devicecontrol.realtime import OperationEvent, registered_events
 from devicecontrol.serializers import operation_json
 from deviceplatform.roles import Role
 from inventory.models import ManagedObject
@@ -120,7 +120,7 @@ def test_retry_creates_a_linked_pending_copy(
     original = Operation.objects.get(pk=failed.pk)
     assert original.status == OperationStatus.FAILED
     assert original.failure_reason == "command not found"
-    events = [cb.event for cb in callbacks if isinstance(cb, EventDelivery)]
+    events = registered_events(callbacks)
     assert events == [created_event(retry)]
 
 
@@ -246,7 +246,7 @@ def test_quiescent_retry_emits_no_event(
 
     assert response.status_code == 201
     assert Operation.objects.filter(retry_of=failed).count() == 1
-    assert [cb for cb in callbacks if isinstance(cb, EventDelivery)] == []
+    assert registered_events(callbacks) == []
 
 
 def test_get_single_and_list_show_retry_of(api: Clients, failed: Operation) -> None:

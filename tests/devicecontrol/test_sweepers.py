@@ -12,7 +12,7 @@ from django.db import connections, transaction
 
 from devicecontrol import services
 from devicecontrol.models import Operation, OperationStatus
-from devicecontrol.realtime import EventDelivery, OperationEvent
+from devicecontrol.realtime import OperationEvent, registered_events
 from devicecontrol.serializers import operation_json
 from inventory.models import ManagedObject, Relation
 from inventory.services import managed_object_add_children, managed_object_create
@@ -79,7 +79,7 @@ def events(
     def run(action: Callable[[], Any]) -> tuple[Any, list[OperationEvent]]:
         with django_capture_on_commit_callbacks() as callbacks:
             result = action()
-        return result, [cb.event for cb in callbacks if isinstance(cb, EventDelivery)]
+        return result, registered_events(callbacks)
 
     return run
 

@@ -87,13 +87,13 @@ def test_wait_registers_the_same_create_event_as_a_plain_post(
     device: ManagedObject,
     django_capture_on_commit_callbacks: Callable[..., Any],
 ) -> None:
-    from devicecontrol.realtime import EventDelivery
+    from devicecontrol.realtime import registered_events
 
     with django_capture_on_commit_callbacks() as callbacks:
         response = post(api["admin"], f"{WAIT}?timeout=0", {"deviceId": device.pk, "x": {}})
 
     assert response.status_code == 202
-    events = [cb.event for cb in callbacks if isinstance(cb, EventDelivery)]
+    events = registered_events(callbacks)
     assert [(event.action, event.operation_id) for event in events] == [
         ("CREATE", Operation.objects.get().pk)
     ]
@@ -206,7 +206,7 @@ def test_quiescent_wait_creates_without_an_event(
     device: ManagedObject,
     django_capture_on_commit_callbacks: Callable[..., Any],
 ) -> None:
-    from devicecontrol.realtime import EventDelivery
+    from devicecontrol.realtime import registered_events
 
     with django_capture_on_commit_callbacks() as callbacks:
         response = post(
@@ -217,7 +217,7 @@ def test_quiescent_wait_creates_without_an_event(
         )
 
     assert response.status_code == 202
-    assert [cb for cb in callbacks if isinstance(cb, EventDelivery)] == []
+    assert registered_events(callbacks) == []
 
 
 @pytest.mark.django_db
