@@ -8,6 +8,7 @@ batch back; two workers never hold the same bulk operation; and a unique constra
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
@@ -30,6 +31,8 @@ from deviceplatform.api.params import parse_id
 from inventory.models import ManagedObject
 from inventory.query import parse_query
 from inventory.selectors import has_parent_q
+
+logger = logging.getLogger(__name__)
 
 NO_AGENT_REASON = "Device is not in the childDevices hierarchy of any agent"
 INVALID = "devicecontrol/Invalid Data"
@@ -309,7 +312,8 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
 def bulk_operations_advance(*, now: datetime | None = None, batch_size: int = 500) -> int:
     """Create every child operation due at `now`, `batch_size` per transaction. Returns the number
     of targets processed. Safe to run in several workers at once (SKIP LOCKED)."""
-    total = 0
+    processed: Counter[int] = Counter()  # targets processed per bulk operation in this run
+    latest: dict[int, BulkOperation] = {}
     while True:
         moment = now or timezone.now()
         with transaction.atomic():
@@ -320,8 +324,22 @@ def bulk_operations_advance(*, now: datetime | None = None, batch_size: int = 50
                 .first()
             )
             if bulk is None:
-                return total
-            total += _advance_one(bulk, moment, batch_size)
+                break
+            processed[bulk.pk] += _advance_one(bulk, moment, batch_size)
+            latest[bulk.pk] = bulk
+    total = processed.total()
+    # One line per run that did something; an idle tick (every BULK_RAMP_INTERVAL) logs nothing.
+    if latest:
+        logger.info(
+            "Bulk ramp: %d target(s) processed: %s",
+            total,
+            "; ".join(
+                f"bulk operation {pk} +{processed[pk]}, {bulk.next_index} of "
+                f"{bulk.target_count} ({bulk.status})"
+                for pk, bulk in sorted(latest.items())
+            ),
+        )
+    return total
 
 
 # --- progress ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django, WebSocket through Channels (the realtime endpoints)."""
+"""ASGI entry point: HTTP through Django (static files first), WebSocket through Channels (the
+realtime endpoints)."""
 
 import os
 
@@ -12,13 +13,14 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from deviceplatform.realtime.routing import websocket_urlpatterns  # noqa: E402
+from deviceplatform.staticfiles import static_asgi  # noqa: E402
 
 # No origin check on the upgrade: agents send no Origin, and a session is only ever authorised by
 # the handshake's credentials. An upgrade's Authorization header counts only from our own origin
 # (deviceplatform/realtime/consumers.py), so a foreign page cannot ride on remembered credentials.
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": static_asgi(django_asgi_app),
         "websocket": URLRouter(websocket_urlpatterns()),
     }
 )

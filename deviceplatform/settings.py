@@ -3,6 +3,9 @@
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from deviceplatform.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -41,6 +44,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "deviceplatform.logs.access_log_middleware",
     "deviceplatform.api.middleware.cumulocity_request_middleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -109,8 +113,15 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# Static files (the admin's CSS and JS): `manage.py collectstatic` (bin/run runs it) copies them to
+# STATIC_ROOT with content-hashed names; ServeStatic serves them in front of Django under both
+# servers (asgi.py, wsgi.py), hashed names with a cache lifetime of a year.
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "servestatic.storage.CompressedManifestStaticFilesStorage"},
+}
 
 # Largest accepted request body; larger ones get 413 in the Cumulocity error shape.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("MAX_REQUEST_BODY_BYTES", default=1024 * 1024)
@@ -212,12 +223,10 @@ OPERATION_SMS_BACKEND = env.str(
 OPERATION_MAX_WAIT_SECONDS = env.int("OPERATION_MAX_WAIT_SECONDS", default=120)
 
 # --- Logging ---------------------------------------------------------------------------------------
-LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"django.request": {"level": "ERROR"}},
-}
+# Every process (server, gunicorn, uvicorn, Celery worker and beat) logs to stderr through this one
+# configuration (deviceplatform/logs.py): LOG_LEVEL for all of them, LOG_FORMAT plain or json.
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain").lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, not {LOG_FORMAT!r}")
+LOGGING = logging_config(level=LOG_LEVEL, fmt=LOG_FORMAT)

@@ -3,12 +3,13 @@
 This and asgi.py are the only modules of the project package that name the apps (STYLE.md §1)."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from devicecontrol.serializers import devicecontrol_api_json
 from deviceplatform.api import session_views
 from deviceplatform.api.routing import c8y_path
 from deviceplatform.realtime.routing import http_urlpatterns as realtime_urlpatterns
+from deviceplatform.staticfiles import static_not_found
 from inventory.serializers import identity_api_json, inventory_api_json
 
 platform_resources = {
@@ -19,6 +20,9 @@ platform_resources = {
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    # Existing static files never get here (deviceplatform/staticfiles.py); a missing one is a
+    # plain 404, not an API error.
+    re_path(r"^static/(?P<path>.*)$", static_not_found),
     c8y_path(r"platform", session_views.PlatformView.as_view(resources=platform_resources)),
     c8y_path(r"tenant/currentTenant", session_views.CurrentTenantView.as_view()),
     c8y_path(r"tenant/loginOptions", session_views.LoginOptionsView.as_view()),

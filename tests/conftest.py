@@ -218,3 +218,16 @@ def subscriber(realtime_loop: Run) -> Iterator[Subscribe]:
         yield subscribe
     finally:
         realtime_loop(stack.aclose())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def collected_static_files(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Static files collected as `bin/run` collects them (hashed names, manifest), into this
+    session's own STATIC_ROOT: admin pages resolve `{% static %}` through the manifest as in
+    production, and servers the tests start (which inherit the environment) serve the same files."""
+    from django.core.management import call_command
+
+    root = str(tmp_path_factory.mktemp("static"))
+    settings.STATIC_ROOT = root
+    os.environ["STATIC_ROOT"] = root
+    call_command("collectstatic", interactive=False, verbosity=0)

@@ -1,0 +1,154 @@
+"""Logging: the `LOGGING` dict (plain or JSON lines), one access-log line per request, and the
+request id and user on every line logged while a request runs."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar
+from inspect import iscoroutinefunction
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase
+from django.utils.decorators import sync_and_async_middleware
+
+access_logger = logging.getLogger("deviceplatform.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A request id from a proxy (nginx's $request_id) or a client is kept when it is short and plain;
+# anything else is replaced, so a log line never carries attacker-chosen control characters.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+# Celery logs a line for every task it receives and runs and beat one for every task it sends:
+# with the ramp every 0.5 s that is thousands of lines an hour of an idle platform. Our tasks log
+# what they did instead, so these stay quiet unless LOG_LEVEL is DEBUG.
+PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "celery.beat")
+
+
+_request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds `request_id` to every record logged while a request is handled (in its thread or task:
+    Django copies the context into `sync_to_async` threads)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id_var.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
+
+
+def logging_config(*, level: str, fmt: str) -> dict[str, Any]:
+    """The LOGGING setting: everything to stderr through the root logger, `fmt` "plain" (one
+    human-readable line) or "json" (one JSON object per line, with every extra field)."""
+    level = level.upper()
+    quiet_level = "DEBUG" if level == "DEBUG" else "WARNING"
+    formatters: dict[str, Any] = {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_context": {"()": "deviceplatform.logs.RequestContextFilter"}},
+        "formatters": {"main": formatters[fmt]},
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": "main",
+                "filters": ["request_context"],
+            }
+        },
+        "root": {"handlers": ["console"], "level": level},
+        "loggers": {
+            # The access log has every request with its status; Django's own 4xx lines repeat it.
+            "django.request": {"level": "ERROR"},
+            **{name: {"level": quiet_level} for name in PER_TASK_LOGGERS},
+            # gunicorn (production layout) logs through these; configured here, they lose
+            # gunicorn's own handlers and format and propagate to ours.
+            "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
+            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
+            # uvicorn's access lines carry no duration and would double ours.
+            "uvicorn.access": {"level": "WARNING"},
+        },
+    }
+
+
+def _request_id(request: HttpRequest) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _username(request: HttpRequest) -> str | None:
+    # DRF puts the user it authenticated on the Django request, the admin's session middleware a
+    # lazy one; an anonymous user has an empty username.
+    user = getattr(request, "user", None)
+    return getattr(user, "username", None) or None
+
+
+def _log(request: HttpRequest, response: HttpResponseBase, started: float, rid: str) -> None:
+    duration_ms = round((time.perf_counter() - started) * 1000, 1)
+    user = _username(request)
+    path = request.get_full_path()
+    access_logger.info(
+        "%s %s %s %.1fms user=%s",
+        request.method,
+        path,
+        response.status_code,
+        duration_ms,
+        user or "-",
+        extra={
+            "method": request.method,
+            "path": path,
+            "status": response.status_code,
+            "duration_ms": duration_ms,
+            "user": user,
+            "client": request.META.get("REMOTE_ADDR"),
+            "request_id": rid,
+        },
+    )
+
+
+@sync_and_async_middleware
+def access_log_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    """One INFO line per request on `deviceplatform.access`: method, path, status, duration and
+    user (plus client and request id as JSON fields). The request id comes from `X-Request-ID`
+    (nginx sets it) or is made here, and is returned in the same header.
+
+    Async-capable like the rest of the chain, so a held long-poll pins no thread. Static files
+    are served before Django (deviceplatform/asgi.py, wsgi.py) and are not logged here."""
+    if iscoroutinefunction(get_response):
+
+        async def middleware_async(request: HttpRequest) -> HttpResponseBase:
+            started, rid = time.perf_counter(), _request_id(request)
+            token = _request_id_var.set(rid)
+            try:
+                response = await get_response(request)
+                response[REQUEST_ID_HEADER] = rid
+                _log(request, response, started, rid)
+                return response
+            finally:
+                _request_id_var.reset(token)
+
+        return middleware_async
+
+    def middleware(request: HttpRequest) -> HttpResponseBase:
+        started, rid = time.perf_counter(), _request_id(request)
+        token = _request_id_var.set(rid)
+        try:
+            response = get_response(request)
+            response[REQUEST_ID_HEADER] = rid
+            _log(request, response, started, rid)
+            return response
+        finally:
+            _request_id_var.reset(token)
+
+    return middleware
