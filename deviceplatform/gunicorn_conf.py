@@ -1,0 +1,13 @@
+"""gunicorn settings of the production layout's REST server (Procfile `rest`).
+
+Used as `gunicorn -c python:deviceplatform.gunicorn_conf deviceplatform.wsgi`. The worker count
+comes from `--workers` or gunicorn's own `WEB_CONCURRENCY`."""
+
+from deviceplatform.settings import LOGGING
+
+# gunicorn's own lines (start, worker boot and exit) go through the platform's logging, so
+# LOG_LEVEL and LOG_FORMAT govern them too; each request is logged by deviceplatform.logs.
+logconfig_dict = LOGGING
+accesslog = None
+# REST requests are short (the wait endpoint and long-polls go to uvicorn): a stop need not wait.
+graceful_timeout = 5
