@@ -11,8 +11,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import DurationField, ExpressionWrapper, F, QuerySet
+from django.db import NotSupportedError, transaction
+from django.db.models import DurationField, F, Func, QuerySet
 from django.utils import timezone
 
 from devicecontrol.delivery import deliver_by_sms, is_sms
@@ -366,6 +366,28 @@ def operations_expire(*, now: datetime, batch_size: int = 500) -> int:
     )
 
 
+class Seconds(Func):
+    """A whole number of seconds (an integer expression) as a duration, to add to a date-time.
+
+    PostgreSQL: `n * interval '1 second'`. SQLite keeps durations as integer microseconds, which
+    Django's date-time arithmetic there (`django_format_dtdelta`) adds; `n * interval` has no
+    meaning there (Django refuses it: "Invalid arguments for operator *")."""
+
+    arity = 1
+    output_field = DurationField()
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        sql, params = compiler.compile(self.get_source_expressions()[0])
+        return f"({sql} * %s)", (*params, timedelta(seconds=1))
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        sql, params = compiler.compile(self.get_source_expressions()[0])
+        return f"({sql} * 1000000)", params
+
+    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        raise NotSupportedError(f"Seconds() has no SQL for {connection.vendor}")
+
+
 def operations_time_out(*, now: datetime, batch_size: int = 500) -> int:
     """EXECUTING operations over their execution timeout become FAILED with a 'timed out' reason.
 
@@ -384,9 +406,7 @@ def operations_time_out(*, now: datetime, batch_size: int = 500) -> int:
             batch_size=batch_size,
         )
     # Per-row timeouts compared in SQL, so the claim re-checks the deadline on the locked rows.
-    deadline = F("executing_since") + ExpressionWrapper(
-        F("execution_timeout") * timedelta(seconds=1), output_field=DurationField()
-    )
+    deadline = F("executing_since") + Seconds(F("execution_timeout"))
     total += _fail_due(
         queryset=executing.filter(execution_timeout__isnull=False)
         .alias(deadline=deadline)
