@@ -25,7 +25,7 @@ from django.db.models.lookups import Lookup
 
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import InvalidQuery, ValidationFailed
-from deviceplatform.api.params import parse_id
+from deviceplatform.api.params import MAX_ID, parse_id
 from inventory.models import Relation
 from inventory.selectors import has_parent_q, text_search_q
 
@@ -49,7 +49,6 @@ STANDARD_PROPERTIES = frozenset(
     }
 )
 TEXT_PSEUDO_PROPERTY = "text"
-MAX_ID = 2**63 - 1  # bigint
 
 OPERATORS = ("eq", "ne", "gt", "ge", "lt", "le")
 _RANGE_LOOKUPS = {"gt": "gt", "ge": "gte", "lt": "lt", "le": "lte"}

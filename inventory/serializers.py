@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from deviceplatform.api.dates import format_datetime
 from deviceplatform.api.exceptions import ValidationFailed
-from deviceplatform.api.params import get_bool, parse_id
+from deviceplatform.api.params import MAX_ID, get_bool, parse_id
 from inventory.models import ExternalId, ManagedObject, Relation
 
 CHILD_KEYS = tuple(relation.children_segment for relation in Relation)
@@ -178,8 +178,9 @@ def references_list_ids(body: dict[str, Any]) -> list[int]:
 
 
 def ids_param(value: str) -> list[int]:
-    """`ids=1,2,3` (blank items ignored)."""
-    return [parse_id(part, field="ids") for part in value.split(",") if part.strip()]
+    """`ids=1,2,3` (blank items ignored; an ID beyond MAX_ID names no object and is dropped)."""
+    ids = [parse_id(part, field="ids") for part in value.split(",") if part.strip()]
+    return [object_id for object_id in ids if object_id <= MAX_ID]
 
 
 def unique(ids: Iterable[int]) -> list[int]:

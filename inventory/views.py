@@ -10,7 +10,7 @@ from rest_framework.response import Response
 
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.pagination import paginated
-from deviceplatform.api.params import get_bool
+from deviceplatform.api.params import MAX_ID, get_bool
 from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
@@ -263,7 +263,8 @@ class ReferenceCollectionView(ReferenceView):
 
     def _existing_children(self, ids: list[int]) -> list[ManagedObject]:
         ids = unique(ids)
-        found = {mo.pk: mo for mo in ManagedObject.objects.filter(pk__in=ids)}
+        existing = [child_id for child_id in ids if child_id <= MAX_ID]
+        found = {mo.pk: mo for mo in ManagedObject.objects.filter(pk__in=existing)}
         for child_id in ids:
             if child_id not in found:
                 raise services.managed_object_not_found(child_id)

@@ -9,7 +9,7 @@ from django import forms
 
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import InvalidQuery
-from deviceplatform.api.params import get_bool, parse_id
+from deviceplatform.api.params import MAX_ID, get_bool, parse_id
 
 
 class _StrictBooleanField(forms.Field):
@@ -61,3 +61,10 @@ class CumulocityFilterSet(django_filters.FilterSet):
             )
             raise InvalidQuery(problems)
         return super().qs
+
+    def filter_queryset(self, queryset: Any) -> Any:
+        # Filters are ANDed: an ID beyond the bigint range (MAX_ID) matches nothing at all.
+        for name, value in self.form.cleaned_data.items():
+            if isinstance(self.filters[name], IdFilter) and value is not None and value > MAX_ID:
+                return queryset.none()
+        return super().filter_queryset(queryset)

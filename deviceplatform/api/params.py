@@ -8,6 +8,12 @@ from datetime import datetime
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import InvalidQuery
 
+# IDs are bigints. A larger number is still a well-formed ID that names nothing, so it finds no
+# row; keep it out of the SQL: PostgreSQL compares it as numeric, but SQLite's driver cannot even
+# bind it (OverflowError). Django's own integer lookups (`pk=`, `pk__lt=`) already short-circuit;
+# foreign keys and `__in` lists do not.
+MAX_ID = 2**63 - 1
+
 
 def get_bool(params: Mapping[str, str], name: str, default: bool = False) -> bool:
     value = params.get(name)

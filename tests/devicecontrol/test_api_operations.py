@@ -1022,7 +1022,7 @@ def test_put_without_status_is_422(
     assert events == []
 
 
-@pytest.mark.parametrize("pk", ["987654321", "abc"])
+@pytest.mark.parametrize("pk", ["987654321", "99999999999999999999", "abc"])
 def test_put_unknown_id_is_404(api: Clients, pk: str, capture_events: EventCapture) -> None:
     with capture_events() as events:
         response = call(api["admin"], "PUT", operation_path(pk), {"status": "EXECUTING"})
@@ -1079,13 +1079,22 @@ def test_delete_by_agent_and_device(
     assert list(Operation.objects.values_list("pk", flat=True)) == [filter_world["d"].pk]
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=SUCCESSFUL",
+        "deviceId=99999999999999999999",  # beyond the bigint range: names no device
+        "agentId=99999999999999999999",
+        "bulkOperationId=99999999999999999999",
+    ],
+)
 def test_delete_when_nothing_matches_is_204(
-    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture
+    api: Clients, hierarchy: Hierarchy, capture_events: EventCapture, query: str
 ) -> None:
     kept = create(hierarchy.device)
 
     with capture_events() as events:
-        response = call(api["admin"], "DELETE", f"{OPERATIONS}?status=SUCCESSFUL")
+        response = call(api["admin"], "DELETE", f"{OPERATIONS}?{query}")
 
     assert response.status_code == 204
     assert list(Operation.objects.values_list("pk", flat=True)) == [kept.pk]

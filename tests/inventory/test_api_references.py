@@ -432,6 +432,25 @@ def test_child_missing_is_404_and_writes_nothing(
     assert parent.last_updated == OLD
 
 
+@segments
+@pytest.mark.parametrize("many", [False, True], ids=["managedObject", "references"])
+def test_child_id_beyond_bigint_is_404_and_writes_nothing(
+    api: Clients, row_counts: Callable[[], dict[str, int]], segment: str, many: bool
+) -> None:
+    """Well-formed but beyond the bigint range: names no object, like any missing one (and never
+    reaches the database, where SQLite could not even bind it)."""
+    parent, ok = AgentFactory(), DeviceFactory()
+    huge = "99999999999999999999"
+    body = {"references": [by_id(ok.pk), by_id(huge)]} if many else by_id(huge)
+    api.prepare("admin")
+    before = row_counts()
+
+    response = call(api["admin"], "POST", f"{mo_path(parent.pk)}/{segment}", body)
+
+    assert huge in assert_error(response, 404, "inventory/Not Found")["message"]
+    assert row_counts() == before
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status"),
     [
