@@ -17,8 +17,10 @@ app.autodiscover_tasks()
 def use_django_logging(**kwargs: Any) -> None:
     """The worker and beat log through Django's LOGGING (LOG_LEVEL, LOG_FORMAT) like every other
     process, instead of Celery's own handler and `--loglevel`."""
+    import logging
     from logging.config import dictConfig
 
     from django.conf import settings
 
     dictConfig(settings.LOGGING)
+    logging.captureWarnings(True)  # as Django does: warnings become log records too

@@ -14,6 +14,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.decorators import sync_and_async_middleware
+from django.utils.functional import SimpleLazyObject, empty
 
 access_logger = logging.getLogger("deviceplatform.access")
 
@@ -51,8 +52,9 @@ def logging_config(*, level: str, fmt: str) -> dict[str, Any]:
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
-            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
-            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "fmt": "%(levelname)s %(name)s %(message)s",
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",  # ISO 8601 in UTC, with microseconds
         },
     }
     return {
@@ -88,9 +90,12 @@ def _request_id(request: HttpRequest) -> str:
 
 
 def _username(request: HttpRequest) -> str | None:
-    # DRF puts the user it authenticated on the Django request, the admin's session middleware a
-    # lazy one; an anonymous user has an empty username.
+    """Who made the request, as far as the request already knows: DRF puts the user it
+    authenticated on the Django request; the session middleware's lazy user counts only once the
+    view has looked at it (loading it here would cost a query, and cannot run in async code)."""
     user = getattr(request, "user", None)
+    if isinstance(user, SimpleLazyObject) and user._wrapped is empty:
+        return None
     return getattr(user, "username", None) or None
 
 
