@@ -99,7 +99,11 @@ def _username(request: HttpRequest) -> str | None:
     return getattr(user, "username", None) or None
 
 
-def _log(request: HttpRequest, response: HttpResponseBase, started: float, rid: str) -> None:
+def _finish(
+    request: HttpRequest, response: HttpResponseBase, started: float, rid: str
+) -> HttpResponseBase:
+    """Hand the request id back and log the request."""
+    response[REQUEST_ID_HEADER] = rid
     duration_ms = round((time.perf_counter() - started) * 1000, 1)
     user = _username(request)
     path = request.get_full_path()
@@ -120,6 +124,7 @@ def _log(request: HttpRequest, response: HttpResponseBase, started: float, rid: 
             "request_id": rid,
         },
     )
+    return response
 
 
 @sync_and_async_middleware
@@ -136,10 +141,7 @@ def access_log_middleware(get_response: Callable[..., Any]) -> Callable[..., Any
             started, rid = time.perf_counter(), _request_id(request)
             token = _request_id_var.set(rid)
             try:
-                response = await get_response(request)
-                response[REQUEST_ID_HEADER] = rid
-                _log(request, response, started, rid)
-                return response
+                return _finish(request, await get_response(request), started, rid)
             finally:
                 _request_id_var.reset(token)
 
@@ -149,10 +151,7 @@ def access_log_middleware(get_response: Callable[..., Any]) -> Callable[..., Any
         started, rid = time.perf_counter(), _request_id(request)
         token = _request_id_var.set(rid)
         try:
-            response = get_response(request)
-            response[REQUEST_ID_HEADER] = rid
-            _log(request, response, started, rid)
-            return response
+            return _finish(request, get_response(request), started, rid)
         finally:
             _request_id_var.reset(token)
 

@@ -117,7 +117,7 @@ USE_TZ = True
 # STATIC_ROOT with content-hashed names; ServeStatic serves them in front of Django under both
 # servers (asgi.py, wsgi.py), hashed names with a cache lifetime of a year.
 STATIC_URL = "static/"
-STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "servestatic.storage.CompressedManifestStaticFilesStorage"},
