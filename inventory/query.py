@@ -11,17 +11,10 @@ from functools import reduce
 from operator import or_
 from typing import Any
 
-from django.db.models import BooleanField, F, Func, OrderBy, Q
-from django.db.models.fields.json import (
-    KeyTransform,
-    KeyTransformExact,
-    KeyTransformGt,
-    KeyTransformGte,
-    KeyTransformLt,
-    KeyTransformLte,
-    KeyTransformRegex,
-)
-from django.db.models.lookups import Lookup
+from django.db import NotSupportedError
+from django.db.models import BooleanField, CharField, F, Func, Lookup, OrderBy, Q
+from django.db.models.fields.json import KeyTransform, compile_json_path
+from django.db.models.lookups import Regex
 
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import InvalidQuery, ValidationFailed
@@ -53,6 +46,7 @@ TEXT_PSEUDO_PROPERTY = "text"
 OPERATORS = ("eq", "ne", "gt", "ge", "lt", "le")
 _RANGE_LOOKUPS = {"gt": "gt", "ge": "gte", "lt": "lt", "le": "lte"}
 _JSONPATH_OPERATORS = {"eq": "==", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_SQL_OPERATORS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _FUNCTIONS = ("has", "hasany", "bygroupid")
 
 # A bare word ends at whitespace, `+` (the c8y-api clause separator), parentheses, commas, quotes
@@ -240,30 +234,59 @@ def wildcard_regex(pattern: str) -> str:
     return "^" + ".*".join(_regex_escape(part) for part in pattern.split("*")) + "$"
 
 
+def wildcard_glob(pattern: str) -> str:
+    """`Dev*` as an SQLite GLOB pattern: `*` stays, `?` and `[` are made literal. GLOB is
+    case-sensitive, compares code points and its `*` crosses newlines, like the PostgreSQL regex
+    (SQLite's REGEXP is Python's `re.search`, where `.` stops at a newline and `$` matches before
+    a final one)."""
+    return pattern.replace("[", "[[]").replace("?", "[?]")
+
+
+@CharField.register_lookup
+class Wildcard(Lookup):
+    """`name__wildcard='Dev*'`: the whole value matches the pattern, `*` matching any run of
+    characters. A lookup (not an expression) so that `ne` (`~Q(...)`) keeps Django's NULL
+    handling: an object without a name is not 'Dev*'."""
+
+    lookup_name = "wildcard"
+
+    def as_sql(self, compiler: Any, connection: Any) -> Any:
+        # PostgreSQL: exactly the `__regex` lookup.
+        return compiler.compile(Regex(self.lhs, wildcard_regex(self.rhs)))
+
+    def as_sqlite(self, compiler: Any, connection: Any) -> Any:
+        lhs_sql, lhs_params = self.process_lhs(compiler, connection)
+        return f"{lhs_sql} GLOB %s", (*lhs_params, wildcard_glob(self.rhs))
+
+
 class FragmentCondition(Func):
     """A comparison on a path into `fragments`, true if any value the path reaches matches.
 
-    On PostgreSQL this is `fragments @? '<jsonpath>'`. Lax-mode jsonpath unwraps arrays at every
-    step, which gives §5's "any element" rule both for array values (`tags eq 'x'`) and for paths
-    through arrays of objects (`customers.id eq '123'`); values of another JSON type never match.
-    The `@?` operator (unlike `jsonb_path_exists()`) can use the GIN index on `fragments`, so the
-    value is written into the jsonpath as an escaped literal and the whole jsonpath travels as one
-    query parameter. Other databases get Django's key transforms: scalar values only."""
+    On PostgreSQL this is `fragments @? '<jsonpath>'`. Lax-mode jsonpath unwraps arrays: a member
+    step on an array takes the member of each object element (`customers.id eq '123'`), and the
+    filter unwraps the value it reaches and then each element of that (so `tags eq 'x'` matches
+    `["x"]` and `[["x"]]`, not `[[["x"]]]`). Values of another JSON type never match; strings
+    compare by code point. The `@?` operator (unlike `jsonb_path_exists()`) can use the GIN index
+    on `fragments`, so the value is written into the jsonpath as an escaped literal and the whole
+    jsonpath travels as one query parameter.
+
+    On SQLite the same walk is an EXISTS over `json_each`, one per step (see `as_sqlite`)."""
 
     def __init__(
         self, path: tuple[str, ...], operator: str, value: str | int | Decimal | bool
     ) -> None:
         super().__init__(F("fragments"), output_field=BooleanField())
         self.path = path
-        self.operator = operator  # a key of _JSONPATH_OPERATORS, or "like_regex" (value = regex)
+        self.operator = operator  # a key of _JSONPATH_OPERATORS, or "wildcard" (value = pattern)
         self.value = value
 
     def jsonpath(self) -> str:
         target = "$" + "".join("." + _jsonpath_string(key) for key in self.path)
-        if self.operator == "like_regex":
+        if self.operator == "wildcard":
             # flag "s": `*` must also match across newlines, as it does on columns.
             assert isinstance(self.value, str)
-            condition = f'@ like_regex {_jsonpath_string(self.value)} flag "s"'
+            regex = wildcard_regex(self.value)
+            condition = f'@ like_regex {_jsonpath_string(regex)} flag "s"'
         else:
             condition = f"@ {_JSONPATH_OPERATORS[self.operator]} {_jsonpath_literal(self.value)}"
         return f"{target} ? ({condition})"
@@ -272,25 +295,117 @@ class FragmentCondition(Func):
         column_sql, params = compiler.compile(self.get_source_expressions()[0])
         return f"({column_sql} @? %s::jsonpath)", (*params, self.jsonpath())
 
-    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
-        return compiler.compile(self._key_lookup(self.get_source_expressions()[0]))
+    def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        """Lax jsonpath in SQLite's JSON functions. With unwrap(x) = `x` when it is an array,
+        else `[x]`, `json_each(unwrap(x))` lists the items lax mode takes from `x`. For `a.b`:
 
-    def _key_lookup(self, column: Any) -> Lookup:
-        target = column
-        for key in self.path:
-            target = KeyTransform(key, target)
-        if self.operator == "like_regex":
-            return KeyTransformRegex(target, self.value)
-        lookup_class = {
-            "eq": KeyTransformExact,
-            "gt": KeyTransformGt,
-            "ge": KeyTransformGte,
-            "lt": KeyTransformLt,
-            "le": KeyTransformLte,
-        }[self.operator]
-        # The JSON encoder behind key lookups has no Decimal.
-        value = float(self.value) if isinstance(self.value, Decimal) else self.value
-        return lookup_class(target, value)
+            EXISTS (SELECT 1 FROM
+              json_each(unwrap(fragments -> '$."a"')) AS qj_0,     -- member b of the objects
+              json_each(unwrap(qj_0.value -> '$."b"')) AS qj_1,     -- the filter's items
+              json_each(CASE WHEN qj_1.type = 'array' THEN qj_1.value
+                        ELSE json_array(qj_1.value) END) AS qj_operand  -- the operand's
+            WHERE qj_0.type = 'object' AND <the operand's JSON type and value compare>)
+
+        Keys go into paths as Django writes them (`json.dumps`), which is how Django stored them:
+        SQLite compares a path label with the stored, escaped text of a key."""
+        column_sql, params = compiler.compile(self.get_source_expressions()[0])
+        sources: list[str] = []
+        conditions: list[str] = []
+        values: list[Any] = []
+        item, item_params = column_sql, list(params)
+        alias = ""
+        for depth, key in enumerate(self.path):
+            if alias:
+                conditions.append(f"{alias}.type = 'object'")  # a member step reads objects
+            step = f"{item} -> %s"
+            step_params = [*item_params, "$." + json.dumps(key)]
+            alias = f"qj_{depth}"
+            sources.append(
+                f"json_each(CASE json_type({step}) WHEN 'array' THEN {step} "
+                f"ELSE json_array(json({step})) END) AS {alias}"
+            )
+            values.extend(step_params * 3)
+            item, item_params = f"{alias}.value", []
+        # `alias` lists the filter's unwrapped values: unwrap an array once more, as the comparison
+        # does with its operand. json_array() of any other value keeps its SQL value (atom); its
+        # JSON type is taken from the value itself (true/false would have become 1/0).
+        sources.append(
+            f"json_each(CASE WHEN {alias}.type = 'array' THEN {alias}.value "
+            f"ELSE json_array({alias}.value) END) AS qj_operand"
+        )
+        value_type = (
+            f"(CASE WHEN {alias}.type = 'array' THEN qj_operand.type ELSE {alias}.type END)"
+        )
+        condition, condition_params = self._sqlite_comparison(value_type, "qj_operand.atom")
+        conditions.append(condition)
+        values.extend(condition_params)
+        # Only our own SQL is formatted in; keys and values are parameters.
+        sql = f"EXISTS (SELECT 1 FROM {', '.join(sources)} WHERE {' AND '.join(conditions)})"  # noqa: S608
+        return sql, tuple(values)
+
+    def _sqlite_comparison(self, value_type: str, atom: str) -> tuple[str, list[Any]]:
+        value = self.value
+        if self.operator == "wildcard":
+            assert isinstance(value, str)
+            return f"{value_type} = 'text' AND {atom} GLOB %s", [wildcard_glob(value)]
+        operator = _SQL_OPERATORS[self.operator]
+        if isinstance(value, bool):  # jsonpath orders false < true
+            return (
+                f"{value_type} IN ('true', 'false') AND ({value_type} = 'true') {operator} %s",
+                [int(value)],
+            )
+        if isinstance(value, str):
+            return f"{value_type} = 'text' AND {atom} {operator} %s", [value]
+        # SQLite binds 64-bit integers; beyond them (and for decimals) a float compares the same.
+        in_range = isinstance(value, int) and -MAX_ID <= value <= MAX_ID
+        number: int | float = value if in_range else float(value)
+        return f"{value_type} IN ('integer', 'real') AND {atom} {operator} %s", [number]
+
+    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        raise NotSupportedError(f"fragment conditions have no SQL for {connection.vendor}")
+
+
+class FragmentOrderBy(OrderBy):
+    """Order by the value at a fragment path, objects without it last in both directions.
+
+    PostgreSQL orders jsonb values by type first (null < strings < numbers < booleans < arrays
+    < objects), then by value. SQLite's JSON_EXTRACT gives plain SQL values, which order
+    numbers before strings and booleans as 0/1 among the numbers, so there the type's rank comes
+    first. Two arrays or two objects compare by their JSON text on SQLite (by size, then
+    content, on PostgreSQL)."""
+
+    _RANKS = (
+        ("null", 0),
+        ("text", 1),
+        ("integer", 2),
+        ("real", 2),
+        ("false", 3),
+        ("true", 3),
+        ("array", 4),
+        ("object", 5),
+    )
+
+    def __init__(self, keys: list[str], *, descending: bool) -> None:
+        expression: Any = F("fragments")
+        for key in keys:
+            expression = KeyTransform(key, expression)
+        super().__init__(expression, descending=descending, nulls_last=True)
+        self.keys = keys
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        column = self.expression
+        while isinstance(column, KeyTransform):
+            column = column.lhs
+        column_sql, params = compiler.compile(column)
+        path = compile_json_path(self.keys)  # as KeyTransform writes it
+        ranks = " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in self._RANKS)
+        direction = "DESC" if self.descending else "ASC"
+        nulls = "NULLS FIRST" if self.nulls_first else "NULLS LAST"  # reversed querysets
+        sql = (
+            f"CASE json_type({column_sql}, %s) {ranks} END {direction} {nulls}, "
+            f"json_extract({column_sql}, %s) {direction}"
+        )
+        return sql, (*params, path, *params, path)
 
 
 # --- Parser ---------------------------------------------------------------------------------
@@ -480,7 +595,7 @@ def _comparison_q(path: str, operator: str, literal: _Literal) -> Q:
         raise InvalidQuery(f"{path!r} cannot be queried")
     if operator == "eq" and literal.has_wildcard:
         assert isinstance(literal.value, str)
-        return Q(FragmentCondition(keys, "like_regex", wildcard_regex(literal.value)))
+        return Q(FragmentCondition(keys, "wildcard", literal.value))
     return Q(FragmentCondition(keys, operator, literal.value))
 
 
@@ -498,7 +613,7 @@ def _string_column_q(column: str, operator: str, literal: _Literal) -> Q:
     # Columns compare the value as written: `name eq 123` means the name "123".
     if operator == "eq":
         if literal.has_wildcard:
-            return Q(**{column + "__regex": wildcard_regex(literal.text)})
+            return Q(**{column + "__wildcard": literal.text})
         return Q(**{column: literal.text})
     return Q(**{column + "__" + _RANGE_LOOKUPS[operator]: literal.text})
 
@@ -520,15 +635,10 @@ def _order_item(path: str, descending: bool) -> Any:
     if head in DATE_COLUMNS and keys[1:] in ([], ["date"]):
         column = DATE_COLUMNS[head]
         return "-" + column if descending else column
-    if path in STRING_COLUMNS:
-        expression: Any = F(STRING_COLUMNS[path])
-    elif head in STANDARD_PROPERTIES or path == TEXT_PSEUDO_PROPERTY:
-        raise InvalidQuery(f"cannot order by {path!r}")
-    else:
-        # Ordered as jsonb values: on PostgreSQL strings < numbers < booleans < arrays < objects.
-        expression = F("fragments")
-        for key in keys:
-            expression = KeyTransform(key, expression)
     # Objects without the property sort last either way, on every database (a descending list
     # that opens with unnamed objects helps nobody).
-    return OrderBy(expression, descending=descending, nulls_last=True)
+    if path in STRING_COLUMNS:
+        return OrderBy(F(STRING_COLUMNS[path]), descending=descending, nulls_last=True)
+    if head in STANDARD_PROPERTIES or path == TEXT_PSEUDO_PROPERTY:
+        raise InvalidQuery(f"cannot order by {path!r}")
+    return FragmentOrderBy(keys, descending=descending)

@@ -1,4 +1,5 @@
-"""The inventory query language (spec inventory.md §5) evaluated against real PostgreSQL."""
+"""The inventory query language (spec inventory.md §5) evaluated against the real database: the
+same answers on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
@@ -384,6 +385,111 @@ def test_orderby_fragment_path_uses_json_values(world: World) -> None:
         w.obrien,
         w.bare,
     ]
+
+
+@pytest.mark.django_db
+def test_orderby_fragment_path_orders_types_like_jsonb(world: World) -> None:
+    """Strings before numbers, whatever the database (jsonb's order); missing values last."""
+    w = world
+    # "5" (O'Brien) < "high" (group) < 5 < 7 < 10, then the objects without a level
+    assert ids("$orderby=level") == [w.obrien, w.group, w.dev1, w.dev3, w.dev2, w.subgroup, w.bare]
+    assert ids("$orderby=level desc") == [
+        w.dev2,
+        w.dev3,
+        w.dev1,
+        w.group,
+        w.obrien,
+        w.subgroup,
+        w.bare,
+    ]
+
+
+# --- The corners of lax jsonpath, the same on every database -----------------------------------
+
+
+@dataclass
+class Corners:
+    two: int
+    three: int
+    nested: int
+    listed: int
+    lines: int
+
+
+@pytest.fixture
+def corners(db: None) -> Corners:
+    def create(**data: object) -> int:
+        return managed_object_create(owner="admin", data=data).pk
+
+    return Corners(
+        two=create(
+            name="two",
+            deep=[["x"]],
+            flag=True,
+            nothing=None,
+            num=5.0,
+            odd="a?b[c]",
+            multi="line\nbreak",
+            **{"é": "ü", "a\\b": 1},
+        ),
+        three=create(name="three", deep=[[["x"]]], flag=False, num=5, odd="axb"),
+        nested=create(name="nested", deep=[[{"k": "x"}]], num=12345678901234567890),
+        listed=create(name="listed", deep=[{"k": ["x"]}], num="5"),
+        lines=create(name="end\n", multi="line\n"),
+    )
+
+
+@pytest.mark.django_db
+def test_arrays_unwrap_twice_at_the_end_and_once_per_member_step(corners: Corners) -> None:
+    c = corners
+    assert ids("deep eq x") == [c.two]  # [["x"]] yes, [[["x"]]] no
+    assert ids("deep eq 'x*'") == [c.two]
+    assert ids("deep.k eq x") == [c.listed]  # not through [[{...}]]
+
+
+@pytest.mark.django_db
+def test_booleans_order_false_before_true_and_null_matches_nothing(corners: Corners) -> None:
+    c = corners
+    assert ids("flag gt false") == [c.two]
+    assert ids("flag lt true") == [c.three]
+    assert ids("flag ge false") == [c.two, c.three]
+    assert ids("nothing eq 'null'") == []
+    assert ids("nothing le 'z'") == []
+    assert c.two in ids("nothing ne 'x'")
+
+
+@pytest.mark.django_db
+def test_numbers_compare_as_numbers_whatever_their_form(corners: Corners) -> None:
+    c = corners
+    assert ids("num eq 5") == [c.two, c.three]  # 5.0 and 5, not the string "5"
+    assert ids("num eq 5.0") == [c.two, c.three]
+    assert ids("num gt 99999999999999999999") == []  # beyond 64 bits
+    assert ids("num gt 9999999999999999999") == [c.nested]
+    assert ids("num lt -99999999999999999999") == []
+
+
+@pytest.mark.django_db
+def test_keys_beyond_ascii_and_with_backslashes(corners: Corners) -> None:
+    c = corners
+    assert ids("é eq 'ü'") == [c.two]
+    assert ids("é eq ü*") == [c.two]
+    assert ids("a\\b eq 1") == [c.two]
+
+
+@pytest.mark.django_db
+def test_wildcards_span_newlines_and_match_the_whole_value(corners: Corners) -> None:
+    c = corners
+    assert ids("multi eq 'line*break'") == [c.two]
+    assert ids("multi eq 'line*'") == [c.two, c.lines]
+    assert ids("multi eq '*e'") == []  # "line\n" ends with a newline, not with "e"
+    assert ids("name eq 'end*'") == [c.lines]
+    assert ids("name eq 'e*d'") == []
+    assert ids("name ne 'e*d'") == [c.two, c.three, c.nested, c.listed, c.lines]
+    # GLOB's and regexes' own special characters are literal
+    assert ids("odd eq 'a?b*'") == [c.two]
+    assert ids("odd eq 'a[?]*'") == []
+    assert ids("odd eq '*[c]'") == [c.two]
+    assert ids("name eq '[t]*'") == []
 
 
 # --- Shapes real clients send --------------------------------------------------------------------
