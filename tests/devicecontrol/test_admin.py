@@ -176,7 +176,9 @@ def test_changelist_filters_by_status_agent_fragment_and_date(
 def test_search_by_ids_device_name_and_exact_fragment_name(
     admin_client: Client, agent: ManagedObject, device: ManagedObject, operation: Operation
 ) -> None:
-    other_device = new_device("Valve 3", new_agent("Other gateway"))
+    # No digits in the name: the device-name search would find an ID among them (SQLite's IDs
+    # restart with every test, so they are small).
+    other_device = new_device("Valve C", new_agent("Other gateway"))
     configuration = operation_create(device=other_device, data={"c8y_Configuration": {}})
 
     def search(term: str) -> list[int]:
