@@ -1,9 +1,12 @@
-"""Shared fixtures: users with roles, Basic-auth API clients, row counts. Real PostgreSQL throughout."""
+"""Shared fixtures: users with roles, Basic-auth API clients, row counts. Real databases throughout:
+PostgreSQL, or the embedded default SQLite in a file (bin/test runs the suite on both)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -20,14 +23,16 @@ from deviceplatform.roles import Role
 from tests.helpers import PASSWORD, basic
 
 RUN_ID = uuid.uuid4().hex[:10]
+ENGINES = ("django.db.backends.postgresql", "django.db.backends.sqlite3")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Tests only ever run against the real services (DEVELOPERS.md); bin/test sets these.
     engine = settings.DATABASES["default"]["ENGINE"]
-    if engine != "django.db.backends.postgresql":
+    if engine not in ENGINES:
         raise pytest.UsageError(
-            "The test suite runs against PostgreSQL: run it with bin/test, or set DATABASE_URL"
+            "The test suite runs against PostgreSQL or SQLite: run it with bin/test, or set "
+            "DATABASE_URL"
         )
     # The MD5 hasher keeps user fixtures fast; production keeps Django's default.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -37,11 +42,36 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings() -> None:
-    """Each run (and each xdist worker) gets its own database, so parallel runs never collide."""
+def django_db_modify_db_settings() -> Iterator[None]:
+    """Each run (and each xdist worker) gets its own database, so parallel runs never collide.
+
+    SQLite's is a file in a temporary directory, never `:memory:`: the server and worker processes
+    some tests start must open the same database. The directory goes when the session ends (after
+    Django has dropped the database), with any `-wal`/`-shm` files a killed process left."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    settings.DATABASES["default"].setdefault("TEST", {})
-    settings.DATABASES["default"]["TEST"]["NAME"] = f"test_dp_{RUN_ID}_{worker}"
+    name = f"test_dp_{RUN_ID}_{worker}"
+    database = settings.DATABASES["default"]
+    database.setdefault("TEST", {})
+    if database["ENGINE"] != "django.db.backends.sqlite3":
+        database["TEST"]["NAME"] = name
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix=f"{name}_")
+    database["TEST"]["NAME"] = os.path.join(directory, f"{name}.sqlite3")
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_roles_cache() -> None:
+    """Each test starts without cached roles. The cache is keyed by user ID, and on SQLite a
+    rolled-back test gives its IDs back (sqlite_sequence is rolled back too): the next test's
+    first user would otherwise inherit the roles of the previous test's for a few seconds."""
+    from deviceplatform.api.authentication import roles_cache
+
+    roles_cache.clear()
 
 
 @pytest.fixture

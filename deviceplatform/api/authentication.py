@@ -133,6 +133,10 @@ class RolesCache:
         with self._lock:
             self._entries.pop(user_id, None)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
 
 roles_cache = RolesCache()
 
