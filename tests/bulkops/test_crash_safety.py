@@ -1,7 +1,8 @@
 """Exactly once through crashes and overlap (issue 4, bulkoperations.md §4): real Celery workers on
-the real Redis broker run the ramp against this run's PostgreSQL test database; one is killed with
-SIGKILL in the middle of the ramp, two run it at once, and two threads race in-process. Every device
-ends with exactly one child operation, and a killed worker never leaves a partial batch behind.
+the real Redis broker run the ramp against this run's test database (PostgreSQL or SQLite); one is
+killed with SIGKILL in the middle of a batch, two run it at once, and two threads race in-process.
+Every device ends with exactly one child operation, and a killed worker never leaves a partial
+batch behind.
 
 Each test consumes its own uniquely named queue, so parallel runs (and xdist workers) sharing the
 Redis server never take each other's tasks. Waits are bounded polls of the database; they bound a
@@ -18,11 +19,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 import redis
@@ -38,6 +38,7 @@ from devicecontrol.models import Operation, OperationStatus
 from deviceplatform.db import GLOBAL_ID_SEQUENCE
 from inventory import services as inventory_services
 from inventory.models import ManagedObject, ManagedObjectReference, Relation
+from tests.helpers import database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,8 +46,46 @@ REPO = Path(__file__).resolve().parents[2]
 WAIT = 60.0  # a bound for a broken run, not a timing assertion
 FLEET = 3000  # large enough that the ramp spans many transactions in a real worker
 BATCH = 20
-TASK = advance_bulk_operations.name
-SUCCEEDED = re.compile(rf"Task {re.escape(TASK)}\[[^\]]+\] succeeded in [0-9.e-]+s: (\d+)")
+# The ramp's own line at the end of every run that processed targets (Celery's per-task lines are
+# quiet below LOG_LEVEL=DEBUG).
+FINISHED_RUN = re.compile(r"Bulk ramp: (\d+) target\(s\) processed")
+
+# A worker started with STOP_AFTER_CHILD_INSERTS=N stops itself (SIGSTOP) right after the INSERT
+# of the children of its N-th batch, before that batch commits: the test then SIGKILLs it in the
+# middle of a batch for certain, on any database. Everything else is the plain `celery` command.
+BOOT = """
+import os
+import signal
+import sys
+
+from django.db.backends.signals import connection_created
+
+stop_after = int(os.environ.get("STOP_AFTER_CHILD_INSERTS", "0"))
+inserts = 0
+
+
+def stop_mid_batch(execute, sql, params, many, context):
+    global inserts
+    result = execute(sql, params, many, context)
+    if sql.startswith('INSERT INTO "devicecontrol_operation"'):
+        inserts += 1
+        if inserts == stop_after:
+            os.kill(os.getpid(), signal.SIGSTOP)
+    return result
+
+
+def install(sender, connection, **kwargs):
+    if stop_after and stop_mid_batch not in connection.execute_wrappers:
+        connection.execute_wrappers.append(stop_mid_batch)
+
+
+connection_created.connect(install)
+
+from celery.__main__ import main
+
+sys.argv[0] = "celery"
+sys.exit(main())
+"""
 
 
 # --- the fleet -----------------------------------------------------------------------------------
@@ -129,25 +168,7 @@ def assert_exactly_one_child_per_device(bulk: BulkOperation, fleet: Fleet) -> No
     )
 
 
-def wait_until(condition: Callable[[], bool], what: str, *, every: float = 0.01) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
-
-
 # --- real workers ----------------------------------------------------------------------------
-
-
-def database_url() -> str:
-    """The URL of this test's database (settings point at it while a test runs)."""
-    db = settings.DATABASES["default"]
-    credentials = quote(db["USER"] or "", safe="")
-    if db.get("PASSWORD"):
-        credentials += ":" + quote(db["PASSWORD"], safe="")
-    host = db["HOST"] or "127.0.0.1"
-    port = f":{db['PORT']}" if db.get("PORT") else ""
-    return f"postgres://{credentials}@{host}{port}/{quote(db['NAME'], safe='')}"
 
 
 @dataclass
@@ -167,8 +188,19 @@ class Worker:
             time.sleep(0.05)
 
     def results(self) -> list[int]:
-        """What each finished run of the ramp task returned (targets processed), from the log."""
-        return [int(value) for value in SUCCEEDED.findall(self.log())]
+        """The targets each finished run of the ramp processed, from the log."""
+        return [int(value) for value in FINISHED_RUN.findall(self.log())]
+
+    def wait_stopped(self) -> None:
+        """Until the process has stopped itself (STOP_AFTER_CHILD_INSERTS)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            pid, status = os.waitpid(self.process.pid, os.WNOHANG | os.WUNTRACED)
+            if pid and os.WIFSTOPPED(status):
+                return
+            assert not pid, f"the worker ended instead of stopping\n{self.log()}"
+            assert time.monotonic() < deadline, f"the worker never stopped\n{self.log()}"
+            time.sleep(0.01)
 
 
 class Workers:
@@ -187,15 +219,16 @@ class Workers:
         )
         self.env = env
 
-    def start(self) -> Worker:
+    def start(self, *, stop_after_child_inserts: int = 0) -> Worker:
         name = f"w{len(self.started) + 1}"
         log_path = self.tmp_path / f"{self.queue}-{name}.log"
+        env = dict(self.env, STOP_AFTER_CHILD_INSERTS=str(stop_after_child_inserts))
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "celery",
+                    "-c",
+                    BOOT,
                     "-A",
                     "deviceplatform",
                     "worker",
@@ -216,7 +249,7 @@ class Workers:
                     "INFO",
                 ],
                 cwd=REPO,
-                env=self.env,
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -265,36 +298,6 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         pool.stop_all()
 
 
-# What the ramp sends after a batch's INSERT and before its COMMIT.
-IN_BATCH = ('INSERT INTO "devicecontrol_operation"%', 'UPDATE "bulkops_bulkoperation"%')
-
-
-def freeze_mid_batch(process: subprocess.Popen[bytes]) -> None:
-    """SIGSTOP the worker at a moment its connection is idle in a batch transaction that has
-    inserted children; retry (SIGCONT) when the stop landed elsewhere. A stopped client cannot
-    commit, so the SIGKILL that follows certainly kills an open batch."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        assert time.monotonic() < deadline, "never caught the worker inside a batch"
-        os.kill(process.pid, signal.SIGSTOP)
-        settle = time.monotonic() + 0.5
-        while True:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT state, query LIKE %s OR query LIKE %s FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    " AND state IN ('active', 'idle in transaction')",
-                    IN_BATCH,
-                )
-                rows = cursor.fetchall()
-            if all(state != "active" for state, _ in rows) or time.monotonic() > settle:
-                break
-        if rows == [("idle in transaction", True)]:
-            return
-        os.kill(process.pid, signal.SIGCONT)
-        time.sleep(0.003)
-
-
 def tick_until_completed(workers: Workers, bulk: BulkOperation, *, every: float = 0.25) -> None:
     """Send the task like beat does, every `every` seconds, until the bulk operation completes."""
     deadline = time.monotonic() + WAIT
@@ -318,26 +321,28 @@ def test_worker_killed_mid_ramp_leaves_no_partial_batch_and_a_restart_finishes_e
 ) -> None:
     fleet = build_fleet(FLEET)
     bulk = create_bulk(fleet)
-    first = workers.start()
+    # Well into the ramp, the worker stops itself in the middle of a batch (its children
+    # inserted, not committed), and is SIGKILLed there: no chance to commit or clean up.
+    batches = FLEET // 5 // BATCH
+    first = workers.start(stop_after_child_inserts=batches)
     workers.send()
-
-    # Once the ramp is well under way, freeze the worker in the middle of a batch (its children
-    # inserted, not committed) and SIGKILL it: no chance to commit or clean up.
-    wait_until(lambda: children(bulk).count() >= FLEET // 5, "the first children")
-    freeze_mid_batch(first.process)
+    first.wait_stopped()
     os.kill(first.process.pid, signal.SIGKILL)
     first.process.wait(timeout=30)
 
-    # The killed batch had drawn IDs for its children; none of them exists.
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT last_value FROM pg_sequences WHERE sequencename = %s", [GLOBAL_ID_SEQUENCE]
-        )
-        (last_id,) = cursor.fetchone()
-    assert last_id > children(bulk).aggregate(Max("id"))["id__max"]
+    if connection.vendor == "postgresql":
+        # Sequences are not transactional: the killed batch drew IDs that no row has.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT last_value FROM pg_sequences WHERE sequencename = %s",
+                [GLOBAL_ID_SEQUENCE],
+            )
+            (last_id,) = cursor.fetchone()
+        assert last_id > children(bulk).aggregate(Max("id"))["id__max"]
     bulk.refresh_from_db()
     created = children(bulk).count()
-    assert 0 < created < FLEET, "the ramp must be cut off midway for this test to mean anything"
+    # The batches before the killed one, and nothing of it.
+    assert created == (batches - 1) * BATCH
     assert bulk.status == BulkStatus.IN_PROGRESS
     # Whole batches only: the children are exactly the processed targets.
     assert created == bulk.next_index - bulk.dropped

@@ -1,5 +1,5 @@
 """Real server processes for the realtime end-to-end tests: `uvicorn` running
-`deviceplatform.asgi:application` against this run's PostgreSQL test database and the shared Redis,
+`deviceplatform.asgi:application` against this run's test database (PostgreSQL or SQLite) and the shared Redis,
 under this run's `REALTIME_PREFIX`, so several processes (and the test itself) share the sessions,
 queues and wake-ups. Tests using them need `@pytest.mark.django_db(transaction=True)`: the servers
 only see committed rows.
@@ -24,15 +24,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import pytest
 import redis
 from django.conf import settings
-from django.db import connection
 
-from tests.helpers import PASSWORD, basic
+from tests.helpers import PASSWORD, basic, database_url
 from tests.realtime.bayeux import World, build_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,17 +52,6 @@ uvicorn.run(
     log_level="warning",
 )
 """
-
-
-def database_url() -> str:
-    """The URL of this run's test database (the connection points at it after `django_db_setup`)."""
-    db = connection.settings_dict
-    credentials = quote(db["USER"] or "", safe="")
-    if db.get("PASSWORD"):
-        credentials += ":" + quote(db["PASSWORD"], safe="")
-    host = db["HOST"] or "127.0.0.1"
-    port = f":{db['PORT']}" if db.get("PORT") else ""
-    return f"postgres://{credentials}@{host}{port}/{quote(db['NAME'], safe='')}"
 
 
 def free_port() -> int:
