@@ -542,6 +542,8 @@ def time_out_due(device: ManagedObject, settings: Any) -> tuple[list[Operation],
     return operations, lambda: services.operations_time_out(now=at(600), batch_size=1)
 
 
+# SQLite has no row locks: a writer locks the whole database, and the sweep waits for it.
+@pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("prepare", [expire_due, time_out_due], ids=["expire", "time_out"])
 def test_sweeper_skips_a_row_locked_by_another_transaction(

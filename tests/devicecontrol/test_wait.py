@@ -364,6 +364,8 @@ def connections_in_use() -> int:
     return stats["pool_size"] - stats["pool_available"]
 
 
+# The connection pool is PostgreSQL's (settings.py); SQLite connections are per thread, unpooled.
+@pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True)
 def test_waiting_request_holds_no_database_connection(
     live_server: Any,

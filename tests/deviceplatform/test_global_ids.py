@@ -16,6 +16,7 @@ GLOBAL_TABLES = ("inventory_managedobject", "devicecontrol_operation", "bulkops_
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.postgresql
 @pytest.mark.django_db
 def test_postgresql_tables_share_one_sequence() -> None:
     with connection.cursor() as cursor:

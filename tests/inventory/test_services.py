@@ -588,8 +588,8 @@ def test_external_id_delete_keeps_the_object() -> None:
 
 
 # --- external_id_create under a real race ---------------------------------------------------------
-# The test transaction hides its rows from other connections, so the race runs on committed rows in
-# threads with their own connections, and removes them again at the end.
+# The race runs on committed rows in threads with their own connections, and removes them again at
+# the end: a test transaction would hide its rows from them (and on SQLite hold the one write lock).
 
 
 def in_thread(function: Callable[[], Any]) -> threading.Thread:
@@ -617,14 +617,21 @@ def run_in_thread(function: Callable[[], Any]) -> Any:
     return value
 
 
-def hold_insert_until_someone_waits(managed_object_id: int, inserted: threading.Event) -> int:
-    """Insert the pair, then commit only once another backend is blocked on it: the other create
-    has then passed its existence check and is inside its INSERT."""
+def hold_insert_until_someone_waits(
+    managed_object_id: int, inserted: threading.Event, other_writing: threading.Event
+) -> int:
+    """Insert the pair, then commit only once the other create has passed its existence check and
+    waits to write: on PostgreSQL it is blocked inside its INSERT on our row; SQLite has one writer
+    at a time, so it waits to open its write transaction (`other_writing`, set as it does)."""
     with transaction.atomic():
         row = ExternalId.objects.create(
             type="c8y_Serial", external_id="raced", managed_object_id=managed_object_id
         )
         inserted.set()
+        if connection.vendor == "sqlite":
+            if other_writing.wait(timeout=10):
+                return row.pk
+            raise AssertionError("the concurrent create never started to write")
         deadline = time.monotonic() + 10
         with connection.cursor() as cursor:
             while time.monotonic() < deadline:
@@ -637,6 +644,19 @@ def hold_insert_until_someone_waits(managed_object_id: int, inserted: threading.
     raise AssertionError("the concurrent create never waited for the first insert")
 
 
+def signal_write_transaction(started: threading.Event) -> Callable[..., Any]:
+    """A Django execute wrapper that sets `started` when its connection opens a write transaction
+    (SQLite's `BEGIN IMMEDIATE`); the statement itself runs unchanged."""
+
+    def wrapper(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+        if sql.startswith("BEGIN"):
+            started.set()
+        return execute(sql, *args)
+
+    return wrapper
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("same_object", [True, False], ids=["same-object", "other-object"])
 def test_external_id_create_race(same_object: bool) -> None:
     """Two creates of one pair at once: the loser gets the winner's row (same object) or a 409."""
@@ -647,15 +667,20 @@ def test_external_id_create_race(same_object: bool) -> None:
         )
     )
     try:
-        inserted = threading.Event()
+        inserted, loser_writing = threading.Event(), threading.Event()
         winner_object = target if same_object else elsewhere
-        holder = in_thread(lambda: hold_insert_until_someone_waits(winner_object.pk, inserted))
-        assert inserted.wait(timeout=10)
-        loser = in_thread(
-            lambda: services.external_id_create(
-                managed_object=target, type="c8y_Serial", external_id="raced"
-            )
+        holder = in_thread(
+            lambda: hold_insert_until_someone_waits(winner_object.pk, inserted, loser_writing)
         )
+        assert inserted.wait(timeout=10)
+
+        def lose() -> Any:
+            with connection.execute_wrapper(signal_write_transaction(loser_writing)):
+                return services.external_id_create(
+                    managed_object=target, type="c8y_Serial", external_id="raced"
+                )
+
+        loser = in_thread(lose)
         holder.join(timeout=30)
         loser.join(timeout=30)
 
