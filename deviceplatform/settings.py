@@ -18,8 +18,8 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"])
 # Cumulocity: one tenant per deployment (spec auth.md §1).
 C8Y_TENANT_ID = env.str("C8Y_TENANT_ID", default="t100")
 
-# Seconds a process reuses a user's effective roles (0: look them up on every request). Grants made
-# with `manage.py createuser` apply at once; grants edited in the admin within this many seconds.
+# Seconds a process reuses a user's effective roles (0: look them up on every request): a change of
+# roles or groups (createuser, the admin) reaches the other running processes within this time.
 AUTH_ROLES_CACHE_SECONDS = env.float("AUTH_ROLES_CACHE_SECONDS", default=5.0)
 
 # The first superuser `manage.py ensureadmin` (bin/run) creates; no password: a random one, kept in
