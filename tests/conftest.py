@@ -58,6 +58,10 @@ def django_db_modify_db_settings() -> Iterator[None]:
         return
     directory = tempfile.mkdtemp(prefix=f"{name}_")
     database["TEST"]["NAME"] = os.path.join(directory, f"{name}.sqlite3")
+    # A throwaway database needs no fsync: commits (and the flush after every transactional
+    # test) stop waiting for the disk, about a fifth of the run. Only crash durability changes.
+    options = database.setdefault("OPTIONS", {})
+    options["init_command"] = options.get("init_command", "") + " PRAGMA synchronous=OFF;"
     try:
         yield
     finally:
