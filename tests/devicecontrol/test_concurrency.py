@@ -2,7 +2,8 @@
 the row, so parallel agents never lose each other's fragments, the end state is one a writer wrote,
 and every successful update sends exactly one UPDATE event, delivered to realtime subscribers after
 its own commit. Real threads, each with its own
-PostgreSQL connection, started together by a barrier."""
+database connection, started together by a barrier (SQLite serializes their writes; the end states
+must be the same)."""
 
 from __future__ import annotations
 

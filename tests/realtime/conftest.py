@@ -1,8 +1,8 @@
 """Real server processes for the realtime end-to-end tests: `uvicorn` running
-`deviceplatform.asgi:application` against this run's test database (PostgreSQL or SQLite) and the shared Redis,
-under this run's `REALTIME_PREFIX`, so several processes (and the test itself) share the sessions,
-queues and wake-ups. Tests using them need `@pytest.mark.django_db(transaction=True)`: the servers
-only see committed rows.
+`deviceplatform.asgi:application` against this run's test database (PostgreSQL or SQLite) and the
+shared Redis, under this run's `REALTIME_PREFIX`, so several processes (and the test itself) share
+the sessions, queues and wake-ups. Tests using them need `@pytest.mark.django_db(transaction=True)`:
+the servers only see committed rows.
 
 The processes start once per session (two of them, concurrently) and stop before the test database
 is dropped. A test that kills a server starts a spare one of its own with `start_servers`."""
