@@ -30,7 +30,8 @@ from bulkops.services import bulk_operation_cancel, bulk_operation_update
 from devicecontrol.models import OperationStatus
 from deviceplatform.api.dates import format_datetime
 from deviceplatform.api.exceptions import ApiError
-from inventory.admin import MAX_OBJECT_ID, adopt, rehearse
+from deviceplatform.api.params import MAX_ID
+from inventory.admin import adopt, rehearse
 from inventory.models import ManagedObject
 
 # `?refresh=<seconds>` on the changelist reloads it periodically (opt-in: a reload clears the
@@ -350,7 +351,7 @@ class BulkOperationAdmin(admin.ModelAdmin):
             return queryset, False
         matches = Q()
         for term in terms:
-            if not term.isdigit() or int(term) > MAX_OBJECT_ID:
+            if not term.isdigit() or int(term) > MAX_ID:
                 return queryset.none(), False
             number = int(term)
             matches |= Q(pk=number) | Q(group_id=number) | Q(failed_parent_id=number)

@@ -24,7 +24,8 @@ from django.utils.html import format_html, format_html_join
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.services import operation_retry, operation_update, operations_delete
 from deviceplatform.api.exceptions import ApiError
-from inventory.admin import MAX_OBJECT_ID, adopt, rehearse
+from deviceplatform.api.params import MAX_ID
+from inventory.admin import adopt, rehearse
 from inventory.models import ManagedObject
 
 CANCELLED_REASON = "Cancelled by an operator ({username})"
@@ -48,7 +49,7 @@ def _operation_link(pk: int) -> str:
 
 def _as_id(value: str | None) -> int | None:
     value = (value or "").strip()
-    if value.isdigit() and int(value) <= MAX_OBJECT_ID:
+    if value.isdigit() and int(value) <= MAX_ID:
         return int(value)
     return None
 

@@ -22,6 +22,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from deviceplatform.api.exceptions import ApiError
+from deviceplatform.api.params import MAX_ID
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 from inventory.services import (
     COLUMN_KEYS,
@@ -35,8 +36,6 @@ from inventory.services import (
     managed_object_remove_children,
     managed_object_update,
 )
-
-MAX_OBJECT_ID = 2**63 - 1  # bigint: a longer digit string in the search box is no ID
 
 
 class _Rehearsal(Exception):
@@ -415,7 +414,7 @@ class ManagedObjectAdmin(admin.ModelAdmin):
                 )
             )
         )
-        if term.isdigit() and int(term) <= MAX_OBJECT_ID:
+        if term.isdigit() and int(term) <= MAX_ID:
             extra |= Q(pk=int(term))
         return found | queryset.filter(extra), may_have_duplicates
 
@@ -516,7 +515,7 @@ class ExternalIdAdmin(admin.ModelAdmin):
         self, request: HttpRequest, queryset: QuerySet[ExternalId], search_term: str
     ) -> tuple[QuerySet[ExternalId], bool]:
         term = search_term.strip()
-        if term.isdigit() and int(term) > MAX_OBJECT_ID:
+        if term.isdigit() and int(term) > MAX_ID:
             # Django would compare the too-large number with a bigint column and fail.
             return queryset.filter(Q(type__icontains=term) | Q(external_id__icontains=term)), False
         return super().get_search_results(request, queryset, search_term)
