@@ -1,7 +1,15 @@
-"""The one JSON parser: plain and vendor JSON bodies; invalid JSON is a 400 (spec README §2)."""
+"""The one JSON parser: plain and vendor JSON bodies; invalid JSON is a 400 (spec README §2).
+
+A body is also checked, once, for what could be stored but not written back: every JSON document a
+client sends may end up in a jsonb column and in every later read of it (a list page, a parent's
+`childDevices`, an agent's poll, a realtime event), so a value the renderer cannot write would
+turn one accepted request into a 500 for everyone who reads it afterwards (`check_json_document`)."""
 
 from __future__ import annotations
 
+import math
+import re
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -10,6 +18,22 @@ from rest_framework.exceptions import ParseError
 from rest_framework.parsers import BaseParser
 
 from deviceplatform.api.exceptions import PayloadTooLarge, ValidationFailed
+
+# Objects and arrays nest at most this deep in a body, the body's own object being level 1. The
+# renderer (orjson) writes 254 levels; responses and realtime messages wrap a stored document in a
+# few more (a page, a reference, an event); SQLite's JSON functions read 1,000 and Python's json
+# module (Django's JSONField) about 1,000.
+MAX_JSON_DEPTH = 100
+# The numbers orjson writes. PostgreSQL's jsonb keeps a number as a decimal, and reads a float
+# such as 1e20 back as the integer 100000000000000000000, which no 64-bit type holds: a body number
+# outside this range (an integer or not) is refused rather than stored.
+MIN_JSON_NUMBER = -(2**63)
+MAX_JSON_NUMBER = 2**64 - 1
+
+# Cheap tests on the raw bytes that spare the walk for nearly every body: a number outside the
+# range needs 19 digits in a row or an exponent; a NUL can only arrive escaped; nesting deeper
+# than the limit needs more opening brackets than the limit.
+_LONG_NUMBER = re.compile(rb"[0-9]{19}|[0-9][eE]")
 
 
 class CumulocityJSONParser(BaseParser):
@@ -31,25 +55,82 @@ class CumulocityJSONParser(BaseParser):
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ParseError(f"Could not parse the request body as JSON: {exc}") from exc
-        # PostgreSQL can store no NUL character (jsonb and text refuse it: a 500 otherwise). JSON
-        # can only carry one escaped, so the cheap byte test spares the walk for every other body.
-        if b"\\u0000" in raw and _contains_nul(data):
-            raise ValidationFailed(
-                "Invalid data: strings may not contain the NUL character \\u0000"
-            )
+        if (
+            b"\\u0000" in raw
+            or raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH
+            or _LONG_NUMBER.search(raw)
+        ):
+            check_json_document(data)
         return data
 
 
-def _contains_nul(data: Any) -> bool:
-    pending = [data]  # iterative: orjson allows deeper nesting than Python's recursion limit
+def json_document_problem(data: Any) -> str | None:
+    """Why `data` (a parsed JSON document) cannot be stored, or None. Checks every string and key
+    for NUL (PostgreSQL's jsonb and text refuse it), the nesting depth (MAX_JSON_DEPTH) and the
+    range of every number (MIN_JSON_NUMBER .. MAX_JSON_NUMBER, finite)."""
+    # Iterative: a document may be nested deeper than Python's recursion limit. A path is kept as
+    # a linked (parent, step) pair and only spelled out for the message.
+    pending: list[tuple[Any, int, Any]] = [(data, 1, None)]
     while pending:
-        value = pending.pop()
+        value, depth, path = pending.pop()
         if isinstance(value, str):
             if "\x00" in value:
-                return True
+                return f"{_spell(path)}: strings may not contain the NUL character \\u0000"
         elif isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
+            if depth > MAX_JSON_DEPTH:
+                return _too_deep(path)
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{_spell(path)}: names may not contain the NUL character \\u0000"
+                pending.append((item, depth + 1, (path, key)))
         elif isinstance(value, list):
-            pending.extend(value)
-    return False
+            if depth > MAX_JSON_DEPTH:
+                return _too_deep(path)
+            pending.extend((item, depth + 1, (path, index)) for index, item in enumerate(value))
+        elif (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and not _storable_number(value)
+        ):
+            return (
+                f"{_spell(path)}: the number {value} is outside the range this server "
+                f"stores ({MIN_JSON_NUMBER} to {MAX_JSON_NUMBER})"
+            )
+    return None
+
+
+def _storable_number(value: int | float) -> bool:
+    if isinstance(value, int):
+        return MIN_JSON_NUMBER <= value <= MAX_JSON_NUMBER
+    if not math.isfinite(value):
+        return False
+    if abs(value) < 2**62:
+        return True
+    # What is stored is the decimal the float is written as (Django's json.dumps writes repr), not
+    # the float's exact value: -9.223372036854776e+18 is below -2**63 although the float is -2**63.
+    return MIN_JSON_NUMBER <= Decimal(repr(value)) <= MAX_JSON_NUMBER
+
+
+def check_json_document(data: Any) -> None:
+    """422 (ValidationFailed) with the reason when `data` cannot be stored; see json_document_problem."""
+    problem = json_document_problem(data)
+    if problem is not None:
+        raise ValidationFailed(f"Invalid data: {problem}")
+
+
+def _too_deep(path: Any) -> str:
+    return f"{_spell(path)}: objects and arrays may nest at most {MAX_JSON_DEPTH} levels deep"
+
+
+def _spell(path: Any) -> str:
+    """`c8y_A.b[2]` for the linked path; `the body` for the document itself."""
+    steps: list[Any] = []
+    while path is not None:
+        path, step = path
+        steps.append(step)
+    text = ""
+    for step in reversed(steps):
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
+    if len(text) > 200:
+        text = text[:100] + "..." + text[-100:]
+    return text or "the body"

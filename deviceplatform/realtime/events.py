@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from deviceplatform.api.renderers import dumps
 from deviceplatform.realtime.hub import get_store
 from deviceplatform.realtime.subscriptions import subscriptions_matching
 
@@ -35,7 +34,7 @@ def publish(events: Sequence[RealtimeEvent]) -> None:
         return
     prepared = [
         (
-            orjson.dumps({"channel": event.channel, "data": event.data}),
+            dumps({"channel": event.channel, "data": event.data}),
             subscriptions_matching(event.channel),
         )
         for event in events
