@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -207,11 +208,18 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     return bulk
 
 
-def _lock_running(bulk_operation_id: int, verb: str) -> BulkOperation:
-    """The bulk operation, row-locked; 404 if unknown, 422 unless ACTIVE or IN_PROGRESS."""
+def _lock_running(
+    bulk_operation_id: int,
+    verb: str,
+    precondition: Callable[[BulkOperation], None] | None = None,
+) -> BulkOperation:
+    """The bulk operation, row-locked; 404 if unknown, then `precondition` (`If-Match`), then
+    422 unless ACTIVE or IN_PROGRESS."""
     bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
     if bulk is None:
         raise bulk_operation_not_found(bulk_operation_id)
+    if precondition is not None:
+        precondition(bulk)
     if bulk.status not in RUNNING_STATUSES:
         raise ValidationFailed(
             f"Only ACTIVE or IN_PROGRESS bulk operations can be {verb}; {bulk.pk} is {bulk.status}",
@@ -221,7 +229,11 @@ def _lock_running(bulk_operation_id: int, verb: str) -> BulkOperation:
 
 
 def bulk_operation_update(
-    *, bulk_operation_id: int, data: dict[str, Any], now: datetime | None = None
+    *,
+    bulk_operation_id: int,
+    data: dict[str, Any],
+    now: datetime | None = None,
+    precondition: Callable[[BulkOperation], None] | None = None,
 ) -> BulkOperation:
     """PUT (bulkoperations.md §9): validate the keys present; on ACTIVE or IN_PROGRESS apply them
     and reschedule what is left from a new effective start, keeping the ID; otherwise 422."""
@@ -231,7 +243,7 @@ def bulk_operation_update(
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
     now = now or timezone.now()
     with transaction.atomic():
-        bulk = _lock_running(bulk_operation_id, "changed")
+        bulk = _lock_running(bulk_operation_id, "changed", precondition)
         if start is not None:
             bulk.start_date = start
         if ramp is not None:
@@ -253,10 +265,15 @@ def bulk_operation_update(
     return bulk
 
 
-def bulk_operation_cancel(*, bulk_operation_id: int, now: datetime | None = None) -> BulkOperation:
+def bulk_operation_cancel(
+    *,
+    bulk_operation_id: int,
+    now: datetime | None = None,
+    precondition: Callable[[BulkOperation], None] | None = None,
+) -> BulkOperation:
     """DELETE (bulkoperations.md §10): no further children; existing ones keep their status."""
     with transaction.atomic():
-        bulk = _lock_running(bulk_operation_id, "cancelled")
+        bulk = _lock_running(bulk_operation_id, "cancelled", precondition)
         bulk.status = BulkStatus.DELETED
         bulk.next_due_at = None
         bulk.last_updated = now or timezone.now()

@@ -53,6 +53,7 @@ class BulkOperationCollectionView(BulkOperationView):
         return self.respond(
             lambda: bulk_operation_json(bulk, base=self.base),
             MediaType.BULK_OPERATION,
+            etag=True,
             status=201,
             location=bulk_operation_url(self.base, bulk.pk),
         )
@@ -65,15 +66,25 @@ class BulkOperationDetailView(BulkOperationView):
 
     def get(self, request: Any, pk: str) -> Response:
         bulk = self.get_bulk_operation(pk)
-        return self.respond(bulk_operation_json(bulk, base=self.base), MediaType.BULK_OPERATION)
+        return self.respond(
+            bulk_operation_json(bulk, base=self.base), MediaType.BULK_OPERATION, etag=True
+        )
 
     def put(self, request: Any, pk: str) -> Response:
         bulk = self.get_bulk_operation(pk)
-        bulk = services.bulk_operation_update(bulk_operation_id=bulk.pk, data=self.request_object())
-        return self.respond(
-            lambda: bulk_operation_json(bulk, base=self.base), MediaType.BULK_OPERATION
+        bulk = services.bulk_operation_update(
+            bulk_operation_id=bulk.pk,
+            data=self.request_object(),
+            precondition=self.if_match(self.render),
         )
+        return self.respond(lambda: self.render(bulk), MediaType.BULK_OPERATION, etag=True)
 
     def delete(self, request: Any, pk: str) -> Response:
-        services.bulk_operation_cancel(bulk_operation_id=self.get_bulk_operation(pk).pk)
+        services.bulk_operation_cancel(
+            bulk_operation_id=self.get_bulk_operation(pk).pk,
+            precondition=self.if_match(self.render),
+        )
         return self.no_content()
+
+    def render(self, bulk: BulkOperation) -> dict[str, Any]:
+        return bulk_operation_json(bulk, base=self.base)

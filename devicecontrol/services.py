@@ -120,6 +120,7 @@ def _pending_deadline(fragments: dict[str, Any], now: datetime) -> datetime | No
     return now + timedelta(seconds=seconds) if seconds else None
 
 
+@transaction.atomic
 def operation_create(
     *,
     device: ManagedObject,
@@ -166,15 +167,18 @@ def operation_create(
     return operation
 
 
+@transaction.atomic
 def operation_update(
     *,
     operation_id: int,
     data: dict[str, Any],
     notify: bool = True,
     now: datetime | None = None,
+    precondition: Callable[[Operation], None] | None = None,
 ) -> Operation:
     """Apply a PUT body (devicecontrol.md §7) under a row lock: `status` required, `failureReason`
-    only with FAILED and dropped when leaving FAILED, fragments replaced per key (`null` removes)."""
+    only with FAILED and dropped when leaving FAILED, fragments replaced per key (`null` removes).
+    `precondition` (the request's `If-Match`) is checked against the locked row."""
     if "status" not in data:
         raise MissingFields(["status"])
     status = _status(data["status"])
@@ -189,32 +193,33 @@ def operation_update(
             raise ValidationFailed("failureReason must be a string")
     fragments = _fragments(data)
     now = now or timezone.now()
-    with transaction.atomic():
-        operation = Operation.objects.select_for_update().filter(pk=operation_id).first()
-        if operation is None:
-            raise operation_not_found(operation_id)
-        _status_changed([(operation.bulk_operation_id, operation.status, status)])
-        _apply_status(operation, status, now)
-        if status == OperationStatus.FAILED:
-            if reason is not None:
-                operation.failure_reason = reason
+    operation = Operation.objects.select_for_update().filter(pk=operation_id).first()
+    if operation is None:
+        raise operation_not_found(operation_id)
+    if precondition is not None:
+        precondition(operation)
+    _status_changed([(operation.bulk_operation_id, operation.status, status)])
+    _apply_status(operation, status, now)
+    if status == OperationStatus.FAILED:
+        if reason is not None:
+            operation.failure_reason = reason
+    else:
+        operation.failure_reason = None
+    merged = dict(operation.fragments)
+    for key, value in fragments.items():
+        if value is None:
+            merged.pop(key, None)
         else:
-            operation.failure_reason = None
-        merged = dict(operation.fragments)
-        for key, value in fragments.items():
-            if value is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = value
-        operation.fragments = merged
-        if "executionTimeout" in fragments:
-            operation.execution_timeout = fragments["executionTimeout"]
-        if "pendingTimeout" in fragments and operation.status == OperationStatus.PENDING:
-            # Counted from when the operation (last) became PENDING, not from its creation.
-            operation.expires_at = _pending_deadline(merged, operation.status_changed_at)
-        operation.save()
-        if notify:
-            publish_operation_event(_event("UPDATE", operation))
+            merged[key] = value
+    operation.fragments = merged
+    if "executionTimeout" in fragments:
+        operation.execution_timeout = fragments["executionTimeout"]
+    if "pendingTimeout" in fragments and operation.status == OperationStatus.PENDING:
+        # Counted from when the operation (last) became PENDING, not from its creation.
+        operation.expires_at = _pending_deadline(merged, operation.status_changed_at)
+    operation.save()
+    if notify:
+        publish_operation_event(_event("UPDATE", operation))
     return operation
 
 
@@ -266,6 +271,7 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
     return len(doomed)
 
 
+@transaction.atomic
 def operations_create_many(
     *,
     devices: list[ManagedObject],
@@ -312,6 +318,7 @@ def operations_create_many(
     return operations
 
 
+@transaction.atomic
 def operation_retry(
     *, operation: Operation, notify: bool = True, now: datetime | None = None
 ) -> Operation:
@@ -337,7 +344,8 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
     with an UPDATE event. Idempotent: a row that changed status meanwhile no longer matches."""
     total = 0
     while True:
-        with transaction.atomic():
+        # Durable: each batch commits (and releases its locks) before the next is claimed.
+        with transaction.atomic(durable=True):
             batch = list(queryset.select_for_update(skip_locked=True).order_by("pk")[:batch_size])
             if not batch:
                 return total

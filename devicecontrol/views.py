@@ -94,6 +94,7 @@ class OperationCollectionView(DeviceControlView):
         return self.respond(
             lambda: operation_json(operation, base=self.base),
             MediaType.OPERATION,
+            etag=True,
             status=201,
             location=operation_url(self.base, operation.pk),
         )
@@ -117,14 +118,21 @@ class OperationDetailView(DeviceControlView):
 
     def get(self, request: Any, pk: str) -> Response:
         operation = self.get_operation(pk)
-        return self.respond(operation_json(operation, base=self.base), MediaType.OPERATION)
+        return self.respond(
+            operation_json(operation, base=self.base), MediaType.OPERATION, etag=True
+        )
 
     def put(self, request: Any, pk: str) -> Response:
         operation = self.get_operation(pk)
         operation = services.operation_update(
-            operation_id=operation.pk, data=self.request_object(), notify=self.notify
+            operation_id=operation.pk,
+            data=self.request_object(),
+            notify=self.notify,
+            precondition=self.if_match(lambda row: operation_json(row, base=self.base)),
         )
-        return self.respond(lambda: operation_json(operation, base=self.base), MediaType.OPERATION)
+        return self.respond(
+            lambda: operation_json(operation, base=self.base), MediaType.OPERATION, etag=True
+        )
 
 
 class OperationRetryView(DeviceControlView):
@@ -140,6 +148,7 @@ class OperationRetryView(DeviceControlView):
         return self.respond(
             lambda: operation_json(retry, base=self.base),
             MediaType.OPERATION,
+            etag=True,
             status=201,
             location=operation_url(self.base, retry.pk),
         )

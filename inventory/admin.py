@@ -23,6 +23,7 @@ from django.utils.html import format_html, format_html_join
 
 from deviceplatform.api.exceptions import ApiError
 from deviceplatform.api.params import MAX_ID
+from deviceplatform.api.parsers import json_document_problem
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 from inventory.services import (
     COLUMN_KEYS,
@@ -66,16 +67,6 @@ def adopt(target: models.Model, source: models.Model) -> None:
     target._state.db = source._state.db
 
 
-def _contains_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_contains_nul(key) or _contains_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_contains_nul(item) for item in value)
-    return False
-
-
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -96,7 +87,7 @@ class FragmentsField(forms.JSONField):
     default_error_messages = {
         "invalid": "Enter valid JSON: %(reason)s.",
         "not_object": "Fragments must be a JSON object ({ ... }), not %(kind)s.",
-        "nul": "Fragments may not contain the NUL character (\\u0000).",
+        "unstorable": "Fragments cannot be stored: %(reason)s.",
     }
 
     def __init__(self, **kwargs: Any) -> None:
@@ -130,9 +121,11 @@ class FragmentsField(forms.JSONField):
                     code="invalid",
                     params={"reason": f"{exc.msg} (line {exc.lineno}, column {exc.colno})"},
                 ) from None
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # deeper than Python's json reads
                 raise ValidationError(
-                    self.error_messages["invalid"], code="invalid", params={"reason": str(exc)}
+                    self.error_messages["invalid"],
+                    code="invalid",
+                    params={"reason": str(exc) or "nested too deeply"},
                 ) from None
         if not isinstance(value, dict):
             raise ValidationError(
@@ -140,8 +133,12 @@ class FragmentsField(forms.JSONField):
                 code="not_object",
                 params={"kind": JSON_KINDS.get(type(value), "null")},
             )
-        if _contains_nul(value):  # jsonb cannot store \u0000
-            raise ValidationError(self.error_messages["nul"], code="nul")
+        # The API's own rule (NUL, nesting depth, number range), so no path stores what it refuses.
+        problem = json_document_problem(value)
+        if problem is not None:
+            raise ValidationError(
+                self.error_messages["unstorable"], code="unstorable", params={"reason": problem}
+            )
         return value
 
     def bound_data(self, data: Any, initial: Any) -> Any:
@@ -437,7 +434,7 @@ class ManagedObjectAdmin(admin.ModelAdmin):
             # null so that the edited document is what gets stored.
             for key in current.fragments.keys() - form.cleaned_data["fragments"].keys():
                 data[key] = None
-            saved = managed_object_update(managed_object=current, data=data, allow_owner=True)
+            saved = managed_object_update(managed_object_id=current.pk, data=data, allow_owner=True)
         adopt(obj, saved)
 
     def save_formset(

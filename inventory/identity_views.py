@@ -61,6 +61,7 @@ class ExternalIdCollectionView(IdentityView):
         return self.respond(
             lambda: external_id_json(external_id, base=self.base),
             MediaType.EXTERNAL_ID,
+            etag=True,
             status=201,
             location=external_id_url(self.base, external_id.type, external_id.external_id),
         )
@@ -82,8 +83,13 @@ class ExternalIdDetailView(IdentityView):
 
     def get(self, request: Any, type: str, external_id: str) -> Response:
         found = self.get_external_id(type, external_id)
-        return self.respond(external_id_json(found, base=self.base), MediaType.EXTERNAL_ID)
+        return self.respond(
+            external_id_json(found, base=self.base), MediaType.EXTERNAL_ID, etag=True
+        )
 
     def delete(self, request: Any, type: str, external_id: str) -> Response:
-        services.external_id_delete(external_id=self.get_external_id(type, external_id))
+        services.external_id_delete(
+            external_id=self.get_external_id(type, external_id),
+            precondition=self.if_match(lambda row: external_id_json(row, base=self.base)),
+        )
         return self.no_content()

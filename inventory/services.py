@@ -10,6 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
+from deviceplatform.api.lengths import check_length
 from inventory import realtime
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 
@@ -51,6 +52,7 @@ def _check_string(data: dict[str, Any], key: str) -> None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
         raise ValidationFailed(f"Invalid value for {key}: a string is expected")
+    check_length(value, ManagedObject, key)
 
 
 def _split_body(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -70,6 +72,7 @@ def _split_body(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return columns, fragments
 
 
+@transaction.atomic
 def managed_object_create(
     *,
     owner: str,
@@ -99,17 +102,34 @@ def managed_object_create(
     return managed_object
 
 
+def managed_object_lock(managed_object_id: int) -> ManagedObject:
+    """The managed object, re-read under a row lock held until the transaction ends; 404 if gone.
+
+    Every read-modify-write of a managed object goes through here, so two writers never merge
+    into copies read before the other's commit (a lost update)."""
+    managed_object = ManagedObject.objects.select_for_update().filter(pk=managed_object_id).first()
+    if managed_object is None:
+        raise managed_object_not_found(managed_object_id)
+    return managed_object
+
+
+@transaction.atomic
 def managed_object_update(
     *,
-    managed_object: ManagedObject,
+    managed_object_id: int,
     data: dict[str, Any],
     allow_owner: bool = False,
     notify: bool = True,
     now: datetime | None = None,
+    precondition: Callable[[ManagedObject], None] | None = None,
 ) -> ManagedObject:
     """Partial update: each key replaces its value wholesale, `null` removes it (inventory.md §6).
-    `notify`: realtime `UPDATE` after commit, even when nothing changed."""
+    The row is locked and re-read first, and `precondition` (the request's `If-Match`) checked
+    against it. `notify`: realtime `UPDATE` after commit, even when nothing changed."""
     columns, fragments = _split_body(data)
+    managed_object = managed_object_lock(managed_object_id)
+    if precondition is not None:
+        precondition(managed_object)
     for key in ("type", "name"):
         if key in columns:
             setattr(managed_object, key, columns[key])
@@ -152,10 +172,15 @@ def managed_object_delete(
     cascade: bool = False,
     force_cascade: bool = False,
     notify: bool = True,
+    precondition: Callable[[ManagedObject], None] | None = None,
 ) -> list[int]:
     """Delete the object and, per inventory.md §6, its group subgroups, its cascade hierarchy or the
     whole forced hierarchy. External IDs and references go with it (database cascade). Returns the
-    deleted IDs. `notify`: realtime `DELETE` for each, `UPDATE` for their surviving parents."""
+    deleted IDs. `precondition` (`If-Match`) is checked on the locked row. `notify`: realtime
+    `DELETE` for each, `UPDATE` for their surviving parents."""
+    managed_object = managed_object_lock(managed_object.pk)
+    if precondition is not None:
+        precondition(managed_object)
     root = managed_object.pk
     if force_cascade:
         doomed = _descendants([root], [r.value for r in Relation], only_groups=False)
@@ -183,6 +208,20 @@ def _would_cycle(parent_id: int, child_id: int) -> bool:
     return parent_id in _descendants([child_id], [Relation.DEVICE], only_groups=False)
 
 
+# Any two childDevices additions can close a cycle together (A -> B and B -> A, or longer rings
+# through existing edges), whichever parents they touch: the check and the insert of every device
+# edge are serialised by one transaction-scoped advisory lock. SQLite needs none: its transactions
+# take the database write lock when they begin (settings: transaction_mode IMMEDIATE).
+DEVICE_EDGE_LOCK = 0x6465766963656564  # "devicee" + "d"
+
+
+def _serialise_device_edges() -> None:
+    connection = transaction.get_connection()
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [DEVICE_EDGE_LOCK])
+
+
 def managed_object_add_children(
     *,
     parent: ManagedObject,
@@ -191,12 +230,23 @@ def managed_object_add_children(
     notify: bool = True,
     now: datetime | None = None,
 ) -> list[ManagedObjectReference]:
-    """Add each child under `parent` in `relation`. Existing edges are kept (no-op). Self-references
-    and childDevices cycles are refused with 422 and nothing is changed. `notify`: realtime
-    `UPDATE` for the parent."""
-    references = []
+    """Add each child under `parent` in `relation`, atomically. Existing edges are kept (no-op).
+    Self-references and childDevices cycles are refused with 422 and nothing is changed. The
+    parent is locked and re-read (its `lastUpdated` moves, and its UPDATE event shows it as
+    committed). `notify`: realtime `UPDATE` for the parent."""
     with transaction.atomic():
+        if relation == Relation.DEVICE and children:
+            _serialise_device_edges()
+        parent = managed_object_lock(parent.pk)
+        present = set(
+            ManagedObject.objects.filter(pk__in=[child.pk for child in children]).values_list(
+                "pk", flat=True
+            )
+        )
+        references = []
         for child in children:
+            if child.pk not in present:  # deleted since the caller read it
+                raise managed_object_not_found(child.pk)
             if child.pk == parent.pk:
                 raise ValidationFailed(f"Managed object {parent.pk} cannot be its own child")
             if relation == Relation.DEVICE and _would_cycle(parent.pk, child.pk):
@@ -212,9 +262,26 @@ def managed_object_add_children(
         parent.save(update_fields=["last_updated"])
         events = realtime.updated_events([parent]) if notify else []
     # Registered after the savepoint is released, so it joins the batch of an enclosing
-    # transaction (a child created in the same request).
+    # transaction (a child created in the same request: one batch, one store round trip).
     realtime.publish_after_commit(events)
     return references
+
+
+@transaction.atomic
+def managed_object_create_child(
+    *,
+    parent: ManagedObject,
+    relation: Relation,
+    owner: str,
+    data: dict[str, Any],
+    allow_owner: bool = False,
+    notify: bool = True,
+) -> ManagedObject:
+    """Create a managed object from `data` and add it under `parent` (inventory.md §7.2), in one
+    transaction: no orphan is left behind when the addition fails."""
+    child = managed_object_create(owner=owner, data=data, allow_owner=allow_owner, notify=notify)
+    managed_object_add_children(parent=parent, relation=relation, children=[child], notify=notify)
+    return child
 
 
 @transaction.atomic
@@ -229,6 +296,7 @@ def managed_object_remove_children(
     """Remove the edges parent -> child; with `strict`, a missing edge is a 404 (single unassign).
     `notify`: realtime `UPDATE` for the parent when an edge was removed."""
     child_ids = list(child_ids)
+    parent = managed_object_lock(parent.pk)
     removed, _ = ManagedObjectReference.objects.filter(
         parent=parent, relation=relation, child_id__in=child_ids
     ).delete()
@@ -246,6 +314,7 @@ def managed_object_remove_children(
     return removed
 
 
+@transaction.atomic
 def external_id_create(
     *, managed_object: ManagedObject, type: str, external_id: str
 ) -> tuple[ExternalId, bool]:
@@ -260,6 +329,8 @@ def external_id_create(
         raise MissingFields(missing)
     if "/" in type:
         raise ValidationFailed("An external ID type may not contain '/'")
+    check_length(type, ExternalId, "type")
+    check_length(external_id, ExternalId, "external_id", name="externalId")
     existing = ExternalId.objects.filter(type=type, external_id=external_id).first()
     if existing is None:
         try:
@@ -283,5 +354,19 @@ def external_id_create(
     return existing, False
 
 
-def external_id_delete(*, external_id: ExternalId) -> None:
-    external_id.delete()
+@transaction.atomic
+def external_id_delete(
+    *, external_id: ExternalId, precondition: Callable[[ExternalId], None] | None = None
+) -> None:
+    """Unbind the external ID; `precondition` (`If-Match`) is checked on the locked row (404 when
+    another request unbound it first)."""
+    locked = ExternalId.objects.select_for_update().filter(pk=external_id.pk).first()
+    if locked is None:
+        raise NotFound(
+            f"External id not found; external id = ID [type={external_id.type}, "
+            f"value={external_id.external_id}]",
+            error="identity/Not Found",
+        )
+    if precondition is not None:
+        precondition(locked)
+    locked.delete()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
@@ -124,17 +123,22 @@ class ManagedObjectDetailView(InventoryView):
     def get(self, request: Any, pk: str) -> Response:
         managed_object = self.get_managed_object(pk)
         options = RenderOptions.from_params(request.GET)
-        return self.respond(self.render_one(managed_object, options), MediaType.MANAGED_OBJECT)
+        return self.respond(
+            self.render_one(managed_object, options), MediaType.MANAGED_OBJECT, etag=True
+        )
 
     def put(self, request: Any, pk: str) -> Response:
         managed_object = self.get_managed_object(pk)
         managed_object = services.managed_object_update(
-            managed_object=managed_object,
+            managed_object_id=managed_object.pk,
             data=self.request_object(),
             allow_owner=self.is_admin(),
             notify=self.notify,
+            precondition=self.if_match(self.render_one),
         )
-        return self.respond(lambda: self.render_one(managed_object), MediaType.MANAGED_OBJECT)
+        return self.respond(
+            lambda: self.render_one(managed_object), MediaType.MANAGED_OBJECT, etag=True
+        )
 
     def delete(self, request: Any, pk: str) -> Response:
         managed_object = self.get_managed_object(pk)
@@ -145,6 +149,7 @@ class ManagedObjectDetailView(InventoryView):
             cascade=get_bool(params, "cascade"),
             force_cascade=get_bool(params, "forceCascade"),
             notify=self.notify,
+            precondition=self.if_match(self.render_one),
         )
         return self.no_content()
 
@@ -210,30 +215,30 @@ class ReferenceCollectionView(ReferenceView):
         collection_url = (
             f"{managed_object_url(self.base, parent.pk)}/{self.relation.children_segment}"
         )
-        with transaction.atomic():
-            if "references" in body:
-                children = self._existing_children(references_list_ids(body))
-                single = False
-            elif "managedObject" in body:
-                children = self._existing_children([reference_target_id(body)])
-                single = True
-            else:  # any other object: create a new managed object and add it (inventory.md §7.2)
-                if not has_any_role(user, CREATE):
-                    raise PermissionDenied()
-                children = [
-                    services.managed_object_create(
-                        owner=user.username,
-                        data=body,
-                        allow_owner=self.is_admin(),
-                        notify=self.notify,
-                    )
-                ]
-                single = True
+        if "references" in body or "managedObject" in body:
+            single = "references" not in body
+            children = self._existing_children(
+                [reference_target_id(body)] if single else references_list_ids(body)
+            )
             if not self.is_admin() and not all(is_owner(user, c.owner) for c in children):
                 raise PermissionDenied()
             services.managed_object_add_children(
                 parent=parent, relation=self.relation, children=children, notify=self.notify
             )
+        else:  # any other object: create a new managed object and add it (inventory.md §7.2)
+            if not has_any_role(user, CREATE):
+                raise PermissionDenied()
+            single = True
+            children = [
+                services.managed_object_create_child(
+                    parent=parent,
+                    relation=self.relation,
+                    owner=user.username,
+                    data=body,
+                    allow_owner=self.is_admin(),
+                    notify=self.notify,
+                )
+            ]
         if single:
             child = children[0]
             return self.respond(
@@ -282,6 +287,7 @@ class ReferenceDetailView(ReferenceView):
                 managed_object_url(self.base, parent.pk), self.relation.children_segment, child_json
             ),
             MediaType.MANAGED_OBJECT_REFERENCE,
+            etag=True,
         )
 
     def delete(self, request: Any, pk: str, relation: str, child_pk: str) -> Response:

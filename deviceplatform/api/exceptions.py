@@ -72,6 +72,14 @@ class InvalidQuery(ValidationFailed):
         super().__init__(f"Invalid data! A query could not be understood: {message}")
 
 
+class PreconditionFailed(ApiError):
+    """412: `If-Match` named a version of the resource that is no longer the current one."""
+
+    status_code = 412
+    error = "general/preconditionFailed"
+    default_message = "The resource changed since the version named in If-Match"
+
+
 class PayloadTooLarge(ApiError):
     status_code = 413
     error = "general/requestEntityTooLarge"
@@ -102,6 +110,16 @@ def unauthorized_response(message: str) -> HttpResponse:
     )
 
 
+def throttled_response(exc: drf.Throttled) -> HttpResponse:
+    """429 with `Retry-After` (too many failed authentications), for async views outside DRF."""
+    return error_response(
+        429,
+        "security/tooManyRequests",
+        str(exc.detail),
+        headers={"Retry-After": str(int(exc.wait or 1))},
+    )
+
+
 def method_not_allowed_response(method: str | None, allowed: str) -> HttpResponse:
     """405 with `Allow`, for async views outside DRF."""
     return error_response(
@@ -123,6 +141,7 @@ _DRF_ERRORS: list[tuple[type[Exception], str, str | None]] = [
     (drf.ParseError, "general/badRequest", None),
     (drf.NotAcceptable, "general/notAcceptable", None),
     (drf.ValidationError, "undefined/validationError", None),
+    (drf.Throttled, "security/tooManyRequests", None),
 ]
 
 
@@ -157,6 +176,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         if isinstance(exc, drf.NotAuthenticated | drf.AuthenticationFailed):
             status = 401
             headers["WWW-Authenticate"] = BASIC_CHALLENGE
+        if isinstance(exc, drf.Throttled) and exc.wait:
+            headers["Retry-After"] = str(int(exc.wait))
         if isinstance(exc, drf.MethodNotAllowed):
             view = context.get("view")
             if view is not None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from deviceplatform.api.etags import Precondition, etag_of, precondition
 from deviceplatform.api.exceptions import ValidationFailed
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.roles import Role
+
+T = TypeVar("T")
 
 
 def base_url(request: Any) -> str:
@@ -38,22 +42,34 @@ class CumulocityView(GenericAPIView):
         *,
         status: int = 200,
         location: str | None = None,
+        etag: bool = False,
     ) -> Response:
-        """Render `data` (a dict, or a callable producing it) with the resource's media type.
+        """Render `data` (a dict, or a callable producing it) with the resource's media type;
+        `etag`: a single object, whose answer carries its entity tag (`deviceplatform.api.etags`).
 
         The empty-body rule (spec README §2): a POST or PUT without any Accept header gets no body."""
         request: Request = self.request
         accept = request.META.get("HTTP_ACCEPT")
-        headers = {"Location": location} if location else None
-        if request.method in ("POST", "PUT") and accept is None:
+        headers = {"Location": location} if location else {}
+        empty = request.method in ("POST", "PUT") and accept is None
+        if empty and not etag:
             return Response(None, status=status, headers=headers, content_type=None)
         body = data() if callable(data) else data
+        if etag:
+            headers["ETag"] = etag_of(body)
+        if empty:
+            return Response(None, status=status, headers=headers, content_type=None)
         return Response(
             body,
             status=status,
             headers=headers,
             content_type=response_content_type(accept, media_type),
         )
+
+    def if_match(self, render: Callable[[T], Any]) -> Precondition[T] | None:
+        """The request's `If-Match` as a check for the service to run under its row lock;
+        `render(row)` renders the row as this view's GET does by default."""
+        return precondition(self.request.META.get("HTTP_IF_MATCH"), render)
 
     def no_content(self) -> Response:
         return Response(None, status=204)

@@ -513,7 +513,9 @@ def test_list_items_carry_device_name_only_when_the_device_has_one(
     single = ok_json(api["admin"].get(operation_path(named.pk)))
     assert "deviceName" not in single
 
-    inventory_services.managed_object_update(managed_object=hierarchy.device, data={"name": "New"})
+    inventory_services.managed_object_update(
+        managed_object_id=hierarchy.device.pk, data={"name": "New"}
+    )
     assert listed(api["admin"])["operations"][0]["deviceName"] == "New"
 
 

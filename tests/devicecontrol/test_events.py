@@ -750,9 +750,25 @@ CHANGES = {
     "rest-post": _rest_post,
     "rest-put": _rest_put,
     "admin-cancel": _admin_cancel,
-    "beat-expiry": _beat_expiry,
     "device-deletion": _device_deletion,
 }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sweep_batch_is_its_own_transaction_and_sends_after_its_commit(
+    api: Clients, hierarchy: Hierarchy, subscriber: Subscribe
+) -> None:
+    """The sweepers commit each batch durably (its locks go with it): a caller cannot wrap them
+    in a transaction of its own, and the events leave once the batch committed."""
+    change = _beat_expiry(api, hierarchy)
+    listener = subscriber("/operations/*", f"/{hierarchy.agent.pk}")
+
+    with pytest.raises(RuntimeError, match="durable"), transaction.atomic():
+        tasks.expire_pending_operations()
+    assert listener.received() == []
+
+    expected = change()
+    assert listener.receive(len(expected)) == expected
 
 
 @pytest.mark.django_db(transaction=True)

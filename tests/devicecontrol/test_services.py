@@ -176,7 +176,7 @@ def test_a_cycle_below_an_agent_still_finds_it() -> None:
 
 def test_unmarking_the_agent_leaves_its_children_without_agent(hierarchy: Hierarchy) -> None:
     inventory_services.managed_object_update(
-        managed_object=hierarchy.agent, data={"com_cumulocity_model_Agent": None}
+        managed_object_id=hierarchy.agent.pk, data={"com_cumulocity_model_Agent": None}
     )
 
     assert device_agent_id(device=hierarchy.device) is None

@@ -171,13 +171,13 @@ def test_update_flags_follow_fragments() -> None:
     mo = ManagedObjectFactory()
 
     services.managed_object_update(
-        managed_object=mo, data={"c8y_IsDevice": {}, "com_cumulocity_model_Agent": {}}
+        managed_object_id=mo.pk, data={"c8y_IsDevice": {}, "com_cumulocity_model_Agent": {}}
     )
     mo.refresh_from_db()
     assert (mo.is_device, mo.is_agent, mo.is_group) == (True, True, False)
 
     services.managed_object_update(
-        managed_object=mo,
+        managed_object_id=mo.pk,
         data={"com_cumulocity_model_Agent": None, "c8y_IsDevice": None, "c8y_IsDeviceGroup": {}},
     )
     mo.refresh_from_db()
@@ -199,7 +199,7 @@ def test_update_replaces_fragments_wholesale_and_null_removes() -> None:
     )
 
     services.managed_object_update(
-        managed_object=mo,
+        managed_object_id=mo.pk,
         data={"c8y_Hardware": {"model": "B"}, "c8y_X": None, "c8y_New": "v", "c8y_Absent": None},
     )
 
@@ -211,7 +211,7 @@ def test_update_replaces_fragments_wholesale_and_null_removes() -> None:
 def test_update_null_name_and_type_remove_them() -> None:
     mo = ManagedObjectFactory(name="Dev", type="c8y_Linux")
 
-    services.managed_object_update(managed_object=mo, data={"name": None, "type": None})
+    services.managed_object_update(managed_object_id=mo.pk, data={"name": None, "type": None})
 
     mo.refresh_from_db()
     assert (mo.name, mo.type) == (None, None)
@@ -221,7 +221,7 @@ def test_update_sets_last_updated_and_keeps_creation_time() -> None:
     mo = services.managed_object_create(owner="alice", data={}, now=T0)
     later = T0 + timedelta(minutes=5)
 
-    services.managed_object_update(managed_object=mo, data={"name": "x"}, now=later)
+    services.managed_object_update(managed_object_id=mo.pk, data={"name": "x"}, now=later)
 
     mo.refresh_from_db()
     assert mo.creation_time == T0
@@ -233,7 +233,7 @@ def test_update_ignores_read_only_keys() -> None:
     pk = mo.pk
 
     services.managed_object_update(
-        managed_object=mo,
+        managed_object_id=mo.pk,
         data={
             "id": "1",
             "self": "x",
@@ -259,7 +259,7 @@ def test_update_owner_only_honoured_when_allowed(allow_owner: bool, expected: st
     mo = ManagedObjectFactory(owner="alice")
 
     services.managed_object_update(
-        managed_object=mo, data={"owner": "bob"}, allow_owner=allow_owner
+        managed_object_id=mo.pk, data={"owner": "bob"}, allow_owner=allow_owner
     )
 
     mo.refresh_from_db()
@@ -271,7 +271,7 @@ def test_update_invalid_body_changes_nothing(body: dict[str, Any]) -> None:
     mo = services.managed_object_create(owner="alice", data={"name": "a", "c8y_A": 1}, now=T0)
 
     with pytest.raises(ValidationFailed):
-        services.managed_object_update(managed_object=mo, data=body)
+        services.managed_object_update(managed_object_id=mo.pk, data=body)
 
     mo.refresh_from_db()
     assert (mo.name, mo.fragments, mo.last_updated) == ("a", {"c8y_A": 1}, T0)
