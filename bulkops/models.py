@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from deviceplatform.db import DocumentField
+
 
 class BulkStatus(models.TextChoices):
     ACTIVE = "ACTIVE"
@@ -31,8 +33,8 @@ class BulkOperation(models.Model):
     failed_parent_id = models.BigIntegerField(null=True, blank=True)
     start_date = models.DateTimeField()
     creation_ramp = models.FloatField()
-    operation_prototype = models.JSONField(default=dict)
-    fragments = models.JSONField(default=dict, blank=True)
+    operation_prototype = DocumentField(default=dict)
+    fragments = DocumentField(default=dict, blank=True)
     status = models.CharField(max_length=12, choices=BulkStatus.choices, default=BulkStatus.ACTIVE)
     creation_time = models.DateTimeField(default=timezone.now)
     last_updated = models.DateTimeField(default=timezone.now)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from deviceplatform.db import DocumentField
+
 
 class OperationStatus(models.TextChoices):
     PENDING = "PENDING"
@@ -39,7 +41,7 @@ class Operation(models.Model):
     creation_time = models.DateTimeField(default=timezone.now)
     status_changed_at = models.DateTimeField(default=timezone.now)
     failure_reason = models.TextField(null=True, blank=True)
-    fragments = models.JSONField(default=dict, blank=True)
+    fragments = DocumentField(default=dict, blank=True)
     bulk_operation_id = models.BigIntegerField(null=True, blank=True)
     # Extensions beyond Cumulocity: a PENDING operation fails when `expires_at` passes; an
     # EXECUTING one fails `execution_timeout` seconds after it started executing.

@@ -1,10 +1,12 @@
-"""Database helpers shared by the apps' migrations: the one global ID sequence (spec README §3)."""
+"""Database helpers shared by the apps: the one global ID sequence (spec README §3) for their
+migrations, and the JSON field their fragments are stored in."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.db import migrations
+import orjson
+from django.db import migrations, models
 
 GLOBAL_ID_SEQUENCE = "global_id_seq"
 
@@ -75,3 +77,24 @@ def use_global_id_sequence(table: str) -> RunSQLForVendor:
             ],
         },
     )
+
+
+class DocumentField(models.JSONField):
+    """A JSONField whose stored documents always read back.
+
+    Django reads a stored document with Python's json module, which gives up at about 1,000 levels
+    of nesting (RecursionError) and at integers of more than 4,300 digits (ValueError): a 500 on
+    every read of the row. The API never stores either today (deviceplatform.api.parsers), but
+    rows written before it checked, or around it, read back through orjson instead (1,024 levels;
+    integers of any size become floats). Migrations see a plain JSONField: same column, same
+    deconstruction, no migration."""
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        try:
+            return super().from_db_value(value, expression, connection)
+        except (RecursionError, ValueError):
+            return orjson.loads(value)
+
+    def deconstruct(self) -> Any:
+        name, _, args, kwargs = super().deconstruct()
+        return name, "django.db.models.JSONField", args, kwargs

@@ -9,6 +9,7 @@ from django.db import transaction
 
 from deviceplatform.api.authentication import roles_cache
 from deviceplatform.api.exceptions import ValidationFailed
+from deviceplatform.api.lengths import check_length
 from deviceplatform.models import User
 from deviceplatform.roles import ROLE_APP_LABEL, Role
 
@@ -38,6 +39,7 @@ def user_upsert(
     given, and roles and groups set to exactly those given. Idempotent."""
     if not username or "/" in username or ":" in username:
         raise ValidationFailed("A username must be non-empty and contain neither '/' nor ':'")
+    check_length(username, User, "username")
     permissions = role_permissions(roles)
     group_names = set(groups)
     group_objects = list(Group.objects.filter(name__in=group_names))

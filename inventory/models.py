@@ -6,6 +6,8 @@ from django.db import models
 from django.db.models.functions import Upper
 from django.utils import timezone
 
+from deviceplatform.db import DocumentField
+
 
 class ManagedObject(models.Model):
     """A Cumulocity managed object: a few standard properties plus free-form fragments.
@@ -20,7 +22,7 @@ class ManagedObject(models.Model):
     owner = models.CharField(max_length=150, db_index=True)
     creation_time = models.DateTimeField(default=timezone.now)
     last_updated = models.DateTimeField(default=timezone.now)
-    fragments = models.JSONField(default=dict, blank=True)
+    fragments = DocumentField(default=dict, blank=True)
     is_device = models.BooleanField(default=False, db_index=True)
     is_agent = models.BooleanField(default=False, db_index=True)
     is_group = models.BooleanField(default=False, db_index=True)

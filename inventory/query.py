@@ -7,19 +7,27 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
-from functools import reduce
-from operator import or_
 from typing import Any
 
 from django.db import NotSupportedError
-from django.db.models import BooleanField, CharField, F, Func, Lookup, OrderBy, Q
+from django.db.models import (
+    BooleanField,
+    CharField,
+    Exists,
+    F,
+    Func,
+    Lookup,
+    OrderBy,
+    OuterRef,
+    Q,
+)
 from django.db.models.fields.json import KeyTransform, compile_json_path
 from django.db.models.lookups import Regex
 
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import InvalidQuery, ValidationFailed
 from deviceplatform.api.params import MAX_ID, parse_id
-from inventory.models import Relation
+from inventory.models import ManagedObjectReference, Relation
 from inventory.selectors import has_parent_q, text_search_q
 
 # Properties that are columns, not fragments. `has()` on any of these, or on the read-only
@@ -59,6 +67,17 @@ _PATH = re.compile(r"[^.*=<>!]+(?:\.[^.*=<>!]+)*")
 # Characters with a meaning in PostgreSQL AREs and Python regexes; everything else is literal.
 _REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}")
 
+# Bounds on a query's size, checked before (and while) it is parsed so that a hostile query fails
+# fast with a 422 instead of exhausting the parser's recursion, the SQL compiler or the database:
+# every legitimate query is far below them (docs/api/query-language.md, "Limits").
+MAX_QUERY_LENGTH = 10_000  # characters, after URL decoding
+MAX_NESTING = 32  # parentheses and `not` around a condition, together
+MAX_CONDITIONS = 100  # comparisons and function calls in $filter=
+MAX_ARGUMENTS = 1_000  # arguments of one function call (group IDs, fragment names)
+MAX_PATH_SEGMENTS = 32  # dot-separated names in one property path (SQLite joins one table each)
+MAX_ORDER_PROPERTIES = 10  # properties in $orderby=
+MAX_WILDCARDS = 10  # `*` in one value compared with eq/ne
+
 
 @dataclass(frozen=True)
 class ParsedQuery:
@@ -71,6 +90,10 @@ class ParsedQuery:
 
 def parse_query(text: str) -> ParsedQuery:
     """Parse the value of the `query` / `q` parameter (already URL-decoded). Raises InvalidQuery."""
+    if len(text) > MAX_QUERY_LENGTH:
+        raise InvalidQuery(
+            f"the query is {len(text)} characters long; at most {MAX_QUERY_LENGTH} are allowed"
+        )
     if "\x00" in text:
         # PostgreSQL text cannot hold NUL; refuse it here rather than fail in the driver.
         raise InvalidQuery("the query contains a NUL character")
@@ -417,6 +440,8 @@ class _Parser:
     def __init__(self, tokens: list[_Token]) -> None:
         self.tokens = tokens
         self.index = 0
+        self.nesting = 0  # parentheses and `not` open around the current term
+        self.conditions = 0
 
     def peek(self) -> _Token:
         return self.tokens[self.index]
@@ -472,16 +497,30 @@ class _Parser:
 
     def term(self) -> Q:
         token = self.peek()
-        if token.is_word("not"):
+        if token.is_word("not") or token.kind is _Kind.LPAREN:
+            # Bounded before descending: the recursion never goes deeper than MAX_NESTING.
+            if self.nesting >= MAX_NESTING:
+                raise InvalidQuery(
+                    f"{token.describe()} nests deeper than {MAX_NESTING} levels of "
+                    "parentheses and 'not'"
+                )
+            self.nesting += 1
             self.advance()
-            return ~self.term()
-        if token.kind is _Kind.LPAREN:
-            self.advance()
-            condition = self.expression()
-            self.expect(_Kind.RPAREN, f"to close the '(' at position {token.position}")
+            if token.kind is _Kind.LPAREN:
+                condition = self.expression()
+                self.expect(_Kind.RPAREN, f"to close the '(' at position {token.position}")
+            else:
+                condition = ~self.term()
+            self.nesting -= 1
             return condition
         if token.kind is not _Kind.WORD or token.is_word("and", "or"):
             raise InvalidQuery(f"expected a condition, got {token.describe()}")
+        self.conditions += 1
+        if self.conditions > MAX_CONDITIONS:
+            raise InvalidQuery(
+                f"{token.describe()} is condition {self.conditions}; "
+                f"at most {MAX_CONDITIONS} are allowed"
+            )
         self.advance()
         if self.peek().kind is _Kind.LPAREN:
             return self.function(token)
@@ -497,18 +536,31 @@ class _Parser:
         self.advance()  # "("
         arguments = [self.argument(function)]
         while self.peek().kind is _Kind.COMMA:
+            if len(arguments) >= MAX_ARGUMENTS:
+                raise InvalidQuery(
+                    f"{function}() at position {name.position} has more than {MAX_ARGUMENTS} "
+                    "arguments"
+                )
             self.advance()
             arguments.append(self.argument(function))
         self.expect(_Kind.RPAREN, f"to close {function}()")
         if function == "bygroupid":
             # Direct childAssets only (§5, unverified): a membership test per group, ORed.
             group_ids = [parse_id(argument.text, field="bygroupid()") for argument in arguments]
-            conditions = [
-                has_parent_q(Relation.ASSET, group_id)
-                for group_id in group_ids
-                if group_id <= MAX_ID  # a larger one names no group; keep it out of the SQL
-            ]
-            return reduce(or_, conditions) if conditions else Q(pk__in=[])
+            # A larger one names no group; keep it out of the SQL.
+            known = list(dict.fromkeys(group_id for group_id in group_ids if group_id <= MAX_ID))
+            if not known:
+                return Q(pk__in=[])
+            if len(known) == 1:
+                return has_parent_q(Relation.ASSET, known[0])
+            # One membership test for all the groups (one EXISTS per group took seconds at 3,000).
+            return Q(
+                Exists(
+                    ManagedObjectReference.objects.filter(
+                        parent_id__in=known, relation=Relation.ASSET, child=OuterRef("pk")
+                    )
+                )
+            )
         names = [self.fragment_name(argument, function) for argument in arguments]
         if function == "has":
             if len(names) != 1:
@@ -543,6 +595,12 @@ class _Parser:
                 f"got {operator_token.describe()}"
             )
         literal = _literal(self.advance())
+        if operator in ("eq", "ne") and literal.text.count("*") > MAX_WILDCARDS:
+            # Each `*` is a `.*` in a regex (PostgreSQL) or a backtracking GLOB star (SQLite).
+            raise InvalidQuery(
+                f"the value at position {literal.position} has {literal.text.count('*')} "
+                f"wildcards; at most {MAX_WILDCARDS} are allowed"
+            )
         return _comparison_q(path, operator, literal)
 
     # order := path [asc|desc] { "," path [asc|desc] }
@@ -550,6 +608,8 @@ class _Parser:
         items: list[Any] = []
         by_id = False
         while True:
+            if len(items) >= MAX_ORDER_PROPERTIES:
+                raise InvalidQuery(f"$orderby= takes at most {MAX_ORDER_PROPERTIES} properties")
             token = self.expect(_Kind.WORD, "(a property to order by)")
             descending = False
             if self.peek().is_word("asc", "desc"):
@@ -567,6 +627,12 @@ class _Parser:
 
 
 def _path(token: _Token) -> str:
+    # Counted before the pattern is matched, which would otherwise scan a very long path first.
+    if token.text.count(".") >= MAX_PATH_SEGMENTS:
+        raise InvalidQuery(
+            f"the property path at position {token.position} has more than "
+            f"{MAX_PATH_SEGMENTS} segments"
+        )
     if not _PATH.fullmatch(token.text):
         raise InvalidQuery(f"invalid property name {token.text!r} at position {token.position}")
     return token.text

@@ -22,7 +22,8 @@ def format_datetime(value: datetime) -> str:
 
 def parse_datetime(value: str, *, field: str = "date") -> datetime:
     """Any ISO 8601 date-time; no offset means UTC; a plain date means its midnight UTC; a `+` that
-    arrived as a space in a query string is read as `+`. Anything else is a 422."""
+    arrived as a space in a query string is read as `+`. Anything else, and an instant outside
+    years 1-9999 once in UTC, is a 422."""
     match = _DATETIME.match(value.strip()) if isinstance(value, str) else None
     if match is None:
         raise ValidationFailed(f"Invalid value for {field}: {value!r} is not an ISO 8601 date-time")
@@ -41,6 +42,15 @@ def parse_datetime(value: str, *, field: str = "date") -> datetime:
             sign = "-" if tz[0] == "-" else "+"
             digits = tz[1:].replace(":", "")
             offset = f"{sign}{digits[:2]}:{digits[2:4] or '00'}"
-        return datetime.fromisoformat(f"{day.isoformat()}T{clock}{offset}")
+        parsed = datetime.fromisoformat(f"{day.isoformat()}T{clock}{offset}")
     except ValueError as exc:
         raise ValidationFailed(f"Invalid value for {field}: {value!r} ({exc})") from exc
+    try:
+        # Stored and written in UTC: an instant outside years 1-9999 there (0001-01-01T00:00+01:00
+        # is in year 0) has no Python datetime, so a stored one could never be read back.
+        parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValidationFailed(
+            f"Invalid value for {field}: {value!r} is outside the years 1 to 9999 in UTC"
+        ) from None
+    return parsed

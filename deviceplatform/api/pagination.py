@@ -10,10 +10,12 @@ from urllib.parse import urlencode
 
 from django.db.models import QuerySet
 
+from deviceplatform.api.exceptions import InvalidQuery
 from deviceplatform.api.params import get_bool, get_int
 
 DEFAULT_PAGE_SIZE = 5
 MAX_PAGE_SIZE = 2000
+MAX_ROW_NUMBER = 2**63 - 1  # the last row a page may reach (OFFSET + LIMIT, a bigint)
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,18 @@ class PageRequest:
 
     @classmethod
     def from_params(cls, params: Any) -> PageRequest:
+        page_size = min(get_int(params, "pageSize", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
+        current_page = get_int(params, "currentPage", 1)
+        # The database takes OFFSET and LIMIT as 64-bit integers (PostgreSQL: an error, SQLite's
+        # driver: an OverflowError); a page that ends beyond them is a 422, not a 500.
+        if current_page * page_size > MAX_ROW_NUMBER:
+            raise InvalidQuery(
+                f"currentPage must be at most {MAX_ROW_NUMBER // page_size} "
+                f"with pageSize {page_size}, not {current_page}"
+            )
         return cls(
-            page_size=min(get_int(params, "pageSize", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE),
-            current_page=get_int(params, "currentPage", 1),
+            page_size=page_size,
+            current_page=current_page,
             with_total_pages=get_bool(params, "withTotalPages"),
             with_total_elements=get_bool(params, "withTotalElements"),
         )
