@@ -13,6 +13,8 @@ import hashlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import orjson
+
 from deviceplatform.api.exceptions import PreconditionFailed
 from deviceplatform.api.renderers import dumps
 
@@ -20,8 +22,13 @@ T = TypeVar("T")
 
 
 def etag_of(body: Any) -> str:
-    """The strong entity tag of a rendered JSON body."""
-    return '"' + hashlib.blake2b(dumps(body), digest_size=16).hexdigest() + '"'
+    """The strong entity tag of a rendered JSON body. Keys are sorted first: PostgreSQL's jsonb
+    gives fragments back in its own key order, not in the order a PUT merged them."""
+    try:
+        canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:  # a stored value beyond orjson's limits (renderers.py)
+        canonical = dumps(body)
+    return '"' + hashlib.blake2b(canonical, digest_size=16).hexdigest() + '"'
 
 
 def parse_if_match(header: str | None) -> list[str] | None:
@@ -46,10 +53,11 @@ class Precondition(Generic[T]):
     def __call__(self, row: T) -> None:
         if "*" in self.tags:
             return
-        if etag_of(self.render(row)) not in self.tags:
+        current = etag_of(self.render(row))
+        if current not in self.tags:
             raise PreconditionFailed(
                 "The resource changed since the version named in If-Match "
-                f"(current ETag {etag_of(self.render(row))}): read it again and retry"
+                f"(current ETag {current}): read it again and retry"
             )
 
 
