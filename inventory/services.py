@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
 from deviceplatform.api.lengths import check_length
+from deviceplatform.realtime.events import publish_on_commit
 from inventory import realtime
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 
@@ -98,7 +99,7 @@ def managed_object_create(
     managed_object.refresh_flags()
     managed_object.save(force_insert=True)
     if notify:
-        realtime.publish_after_commit(realtime.created_events(managed_object))
+        publish_on_commit(realtime.created_events(managed_object))
     return managed_object
 
 
@@ -146,7 +147,7 @@ def managed_object_update(
     managed_object.last_updated = now or timezone.now()
     managed_object.save()
     if notify:
-        realtime.publish_after_commit(realtime.updated_events([managed_object]))
+        publish_on_commit(realtime.updated_events([managed_object]))
     return managed_object
 
 
@@ -197,7 +198,7 @@ def managed_object_delete(
     parents = realtime.surviving_parent_ids(deleted) if notify else []
     ManagedObject.objects.filter(pk__in=deleted).delete()
     if notify:
-        realtime.publish_after_commit(
+        publish_on_commit(
             realtime.deleted_events(deleted) + realtime.objects_updated_events(parents)
         )
     return deleted
@@ -237,15 +238,21 @@ def managed_object_add_children(
     with transaction.atomic():
         if relation == Relation.DEVICE and children:
             _serialise_device_edges()
-        parent = managed_object_lock(parent.pk)
-        present = set(
-            ManagedObject.objects.filter(pk__in=[child.pk for child in children]).values_list(
-                "pk", flat=True
-            )
-        )
+        # The parent and the children locked in one statement, in ID order (no deadlock between
+        # two requests that add each other's objects): a child deleted meanwhile is a 404 here,
+        # not a foreign-key error at the INSERT.
+        locked = {
+            mo.pk: mo
+            for mo in ManagedObject.objects.select_for_update(no_key=True)
+            .filter(pk__in=[parent.pk, *(child.pk for child in children)])
+            .order_by("pk")
+        }
+        if parent.pk not in locked:
+            raise managed_object_not_found(parent.pk)
+        parent = locked[parent.pk]
         references = []
         for child in children:
-            if child.pk not in present:  # deleted since the caller read it
+            if child.pk not in locked:  # deleted since the caller read it
                 raise managed_object_not_found(child.pk)
             if child.pk == parent.pk:
                 raise ValidationFailed(f"Managed object {parent.pk} cannot be its own child")
@@ -263,7 +270,7 @@ def managed_object_add_children(
         events = realtime.updated_events([parent]) if notify else []
     # Registered after the savepoint is released, so it joins the batch of an enclosing
     # transaction (a child created in the same request: one batch, one store round trip).
-    realtime.publish_after_commit(events)
+    publish_on_commit(events)
     return references
 
 
@@ -310,7 +317,7 @@ def managed_object_remove_children(
         parent.last_updated = timezone.now()
         parent.save(update_fields=["last_updated"])
         if notify:
-            realtime.publish_after_commit(realtime.updated_events([parent]))
+            publish_on_commit(realtime.updated_events([parent]))
     return removed
 
 

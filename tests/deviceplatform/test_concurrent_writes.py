@@ -318,3 +318,45 @@ def test_clients_that_retry_on_412_all_get_their_change_in(api: Api) -> None:
 
     together(increment)
     assert ManagedObject.objects.get(pk=target.pk).fragments["c8y_Counter"] == {"value": CLIENTS}
+
+
+def test_adding_a_child_while_it_is_deleted_is_201_or_404_never_500(api: Api) -> None:
+    for _ in range(6):
+        parent, child = device("Parent"), device("Child")
+        child_path = f"/inventory/managedObjects/{child.pk}"
+        responses = together(
+            lambda i, child=child, parent=parent, child_path=child_path: (
+                api("DELETE", child_path)
+                if i == 0
+                else api(
+                    "POST",
+                    f"/inventory/managedObjects/{parent.pk}/childDevices",
+                    json={"managedObject": {"id": str(child.pk)}},
+                )
+            ),
+            count=2,
+        )
+        delete, add = statuses(responses)
+        assert delete == 204
+        assert add in (201, 404)
+        assert not ManagedObjectReference.objects.filter(child_id=child.pk).exists()
+
+
+def test_two_groups_adding_each_other_as_assets_at_once_do_not_deadlock(api: Api) -> None:
+    for _ in range(6):
+        a, b = (
+            inventory_services.managed_object_create(
+                owner="admin", data={"name": name, "c8y_IsDeviceGroup": {}}
+            )
+            for name in ("A", "B")
+        )
+        pairs = [(a, b), (b, a)]
+        responses = together(
+            lambda i, pairs=pairs: api(
+                "POST",
+                f"/inventory/managedObjects/{pairs[i][0].pk}/childAssets",
+                json={"managedObject": {"id": str(pairs[i][1].pk)}},
+            ),
+            count=2,
+        )
+        assert statuses(responses) == [201, 201]
