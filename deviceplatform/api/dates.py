@@ -17,7 +17,11 @@ _DATETIME = re.compile(
 def format_datetime(value: datetime) -> str:
     """`2024-05-14T10:18:33.477Z`: UTC, milliseconds, `Z`."""
     value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # Not strftime: its %Y writes the year 1 as "1" on Linux, not "0001".
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+        f"{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_datetime(value: str, *, field: str = "date") -> datetime:
