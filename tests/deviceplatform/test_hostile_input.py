@@ -596,3 +596,40 @@ def test_an_over_long_username_is_refused_by_the_service_and_createuser(
 
     assert row_counts() == counts
     assert user_upsert(username="u" * 150, password="pw").username == "u" * 150
+
+
+# --- the admin stores nothing the API refuses -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"c8y_P": 1e20}', "outside the range"),
+        ('{"c8y_P": 100000000000000000000}', "outside the range"),
+        ('{"c8y_P": -1e19}', "outside the range"),
+        ('{"c8y_P": 1e400}', "outside the range"),  # Python's json reads it as infinity
+        ('{"c8y_P": ' + nested(150) + "}", "levels deep"),
+        ('{"c8y_P": ' + nested(1_100) + "}", "Enter valid JSON"),  # past Python's json recursion
+    ],
+    ids=["1e20", "10**20", "-1e19", "1e400", "150 levels", "1,100 levels"],
+)
+def test_the_admin_fragments_field_refuses_what_the_api_refuses(
+    client: Any, row_counts: Callable[[], dict[str, int]], text: str, reason: str
+) -> None:
+    from tests.inventory.test_admin import change_url, form_data
+
+    client.force_login(user_upsert(username="root", password="x", is_superuser=True))
+    device = inventory_services.managed_object_create(
+        owner="admin", data={"name": "Device", "c8y_IsDevice": {}}
+    )
+    data = form_data(client, change_url(device))
+    data["fragments"] = text
+    counts = row_counts()
+
+    response = client.post(change_url(device), data)
+
+    assert response.status_code == 200
+    errors = " ".join(response.context["adminform"].form.errors["fragments"])
+    assert reason in errors
+    assert row_counts() == counts
+    assert ManagedObject.objects.get(pk=device.pk).fragments == {"c8y_IsDevice": {}}
