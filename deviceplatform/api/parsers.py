@@ -8,7 +8,6 @@ turn one accepted request into a 500 for everyone who reads it afterwards (`chec
 from __future__ import annotations
 
 import math
-import re
 from decimal import Decimal
 from typing import Any
 
@@ -30,10 +29,12 @@ MAX_JSON_DEPTH = 100
 MIN_JSON_NUMBER = -(2**63)
 MAX_JSON_NUMBER = 2**64 - 1
 
-# Cheap tests on the raw bytes that spare the walk for nearly every body: a number outside the
-# range needs 19 digits in a row or an exponent; a NUL can only arrive escaped; nesting deeper
-# than the limit needs more opening brackets than the limit.
-_LONG_NUMBER = re.compile(rb"[0-9]{19}|[0-9][eE]")
+# Cheap tests on the raw bytes spare the walk for nearly every body (a few microseconds; a regex
+# took 10): a NUL can only arrive escaped; nesting deeper than the limit needs more opening
+# brackets than the limit; a number outside the range needs 19 digits in a row or an exponent.
+# They run on a copy in which every digit reads 0, `E` reads `e` and `[` reads `{`.
+_FOLD = bytes.maketrans(b"123456789E[", b"000000000e{")
+_NINETEEN_DIGITS = b"0" * 19
 
 
 class CumulocityJSONParser(BaseParser):
@@ -55,10 +56,12 @@ class CumulocityJSONParser(BaseParser):
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ParseError(f"Could not parse the request body as JSON: {exc}") from exc
+        folded = raw.translate(_FOLD)
         if (
-            b"\\u0000" in raw
-            or raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH
-            or _LONG_NUMBER.search(raw)
+            b"\\u0000" in folded
+            or folded.count(b"{") > MAX_JSON_DEPTH
+            or _NINETEEN_DIGITS in folded
+            or b"0e" in folded
         ):
             check_json_document(data)
         return data
@@ -68,8 +71,10 @@ def json_document_problem(data: Any) -> str | None:
     """Why `data` (a parsed JSON document) cannot be stored, or None. Checks every string and key
     for NUL (PostgreSQL's jsonb and text refuse it), the nesting depth (MAX_JSON_DEPTH) and the
     range of every number (MIN_JSON_NUMBER .. MAX_JSON_NUMBER, finite)."""
-    # Iterative: a document may be nested deeper than Python's recursion limit. A path is kept as
-    # a linked (parent, step) pair and only spelled out for the message.
+    if not _unstorable(data):
+        return None
+    # Walked again, now keeping the path to name the place: only for a refused document. A path
+    # is a linked (parent, step) pair, spelled out for the message.
     pending: list[tuple[Any, int, Any]] = [(data, 1, None)]
     while pending:
         value, depth, path = pending.pop()
@@ -97,6 +102,34 @@ def json_document_problem(data: Any) -> str | None:
                 f"stores ({MIN_JSON_NUMBER} to {MAX_JSON_NUMBER})"
             )
     return None
+
+
+def _unstorable(data: Any) -> bool:
+    """The walk of json_document_problem without paths, about twice as fast (a 576 kB body of
+    60,000 values: 32 ms). Iterative: a document may nest deeper than Python's recursion limit.
+    Exact types: parsed JSON holds no subclasses, and a bool is no number here."""
+    pending: list[tuple[Any, int]] = [(data, 1)]
+    push, pop = pending.append, pending.pop
+    while pending:
+        value, depth = pop()
+        kind = type(value)
+        if kind is str:
+            if "\x00" in value:
+                return True
+        elif kind is dict:
+            if depth > MAX_JSON_DEPTH:
+                return True
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return True
+                push((item, depth + 1))
+        elif kind is list:
+            if depth > MAX_JSON_DEPTH:
+                return True
+            pending.extend([(item, depth + 1) for item in value])
+        elif (kind is int or kind is float) and not _storable_number(value):
+            return True
+    return False
 
 
 def _storable_number(value: int | float) -> bool:
