@@ -1,21 +1,21 @@
-"""Operation change events: built by the services, published after commit through one function.
+"""Operation change events: built by the services, published after commit with every app's events.
 
-`deliver` turns each `OperationEvent` into the Bayeux messages of realtime.md §5: on the realtime
-family `/operations/{deviceId}` with `{realtimeAction, data}`, and for creations also the bare
-operation on the agent family's `/{agentId}`. A rolled-back change sends nothing, because events
-are only ever registered with `transaction.on_commit`. `register_channels` declares who may
-subscribe to these channels (auth.md §7)."""
+The services register `OperationEvent`s with `publish_on_commit` (deviceplatform/realtime/events.py):
+nothing goes out for a rolled-back change, and a device's events go out in the order of the
+transactions that changed it. Each turns into the Bayeux messages of realtime.md §5: on the
+realtime family `/operations/{deviceId}` with `{realtimeAction, data}`, and for creations also the
+bare operation on the agent family's `/{agentId}`, both kept in the device's order.
+`register_channels` declares who may subscribe to these channels (auth.md §7)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from django.db import transaction
-
 from deviceplatform.api.permissions import has_any_role, is_owner
-from deviceplatform.realtime.events import BASE_URL, RealtimeEvent, publish
+from deviceplatform.realtime.events import BASE_URL, RealtimeEvent, registered
 from deviceplatform.realtime.subscriptions import Family, register
 from deviceplatform.roles import Role
 from inventory.models import ManagedObject
@@ -34,6 +34,14 @@ class OperationEvent:
     agent_id: int | None
     data: dict[str, Any] | str = field(compare=True)
 
+    @property
+    def key(self) -> int:
+        """Events about one device keep the order of its transactions."""
+        return self.device_id
+
+    def messages(self) -> list[RealtimeEvent]:
+        return realtime_events(self)
+
 
 def device_channel(device_id: int) -> str:
     return f"/operations/{device_id}"
@@ -50,19 +58,16 @@ def realtime_events(event: OperationEvent) -> list[RealtimeEvent]:
         data = {**data, "self": BASE_URL + data["self"]}
     events = [
         RealtimeEvent(
-            device_channel(event.device_id), {"realtimeAction": event.action, "data": data}
+            device_channel(event.device_id),
+            {"realtimeAction": event.action, "data": data},
+            key=event.device_id,
         )
     ]
     # Only new operations go to the agent channel; a bulk child that failed for want of an agent
     # has none.
     if event.action == "CREATE" and event.agent_id is not None:
-        events.append(RealtimeEvent(agent_channel(event.agent_id), data))
+        events.append(RealtimeEvent(agent_channel(event.agent_id), data, key=event.device_id))
     return events
-
-
-def deliver(events: list[OperationEvent]) -> None:
-    """The one function every committed operation change goes through: one store round trip."""
-    publish([message for event in events for message in realtime_events(event)])
 
 
 def _may_watch(user: Any, match: re.Match[str]) -> bool:
@@ -84,44 +89,6 @@ def register_channels() -> None:
     register(Family.AGENT, r"/([1-9][0-9]{0,18})", _may_watch)
 
 
-@dataclass(frozen=True)
-class EventDelivery:
-    """The on-commit callback; it keeps its event visible so tests can assert the exact events
-    (`django_capture_on_commit_callbacks`, as Zulip's `capture_send_event_calls` does)."""
-
-    event: OperationEvent
-
-    def __call__(self) -> None:
-        deliver([self.event])
-
-
-@dataclass(frozen=True)
-class EventBatchDelivery:
-    """One on-commit callback for many events (a bulk ramp batch): one hand-off for all of them."""
-
-    events: tuple[OperationEvent, ...]
-
-    def __call__(self) -> None:
-        deliver(list(self.events))
-
-
-def registered_events(callbacks: list[Any]) -> list[OperationEvent]:
+def registered_events(callbacks: Sequence[Any]) -> list[OperationEvent]:
     """The operation events among captured on-commit callbacks, in order (for tests)."""
-    events: list[OperationEvent] = []
-    for callback in callbacks:
-        if isinstance(callback, EventDelivery):
-            events.append(callback.event)
-        elif isinstance(callback, EventBatchDelivery):
-            events.extend(callback.events)
-    return events
-
-
-def publish_operation_event(event: OperationEvent) -> None:
-    """Register `event` to be delivered after the current transaction commits."""
-    transaction.on_commit(EventDelivery(event))
-
-
-def publish_operation_events(events: list[OperationEvent]) -> None:
-    """Register a batch of events to be delivered, in order, after the transaction commits."""
-    if events:
-        transaction.on_commit(EventBatchDelivery(tuple(events)))
+    return [event for event in registered(callbacks) if isinstance(event, OperationEvent)]

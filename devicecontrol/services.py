@@ -17,13 +17,10 @@ from django.utils import timezone
 
 from devicecontrol.delivery import deliver_by_sms, is_sms
 from devicecontrol.models import FINAL_STATUSES, Operation, OperationStatus
-from devicecontrol.realtime import (
-    OperationEvent,
-    publish_operation_event,
-    publish_operation_events,
-)
+from devicecontrol.realtime import OperationEvent
 from devicecontrol.serializers import EXTENSION_KEYS, READ_ONLY_KEYS, operation_json
 from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
+from deviceplatform.realtime.events import publish_on_commit
 from inventory.models import ManagedObject
 from inventory.selectors import device_agent_id, devices_agent_ids
 
@@ -36,7 +33,8 @@ TIMED_OUT_REASON = "Operation timed out: it was EXECUTING for more than {seconds
 @dataclass(frozen=True)
 class StatusChange:
     """One operation of a bulk operation entering (`old` None), leaving (`new` None) or changing
-    status. Bulk operations keep their progress counters from these (bulkops registers a hook)."""
+    status. Bulk operations keep their progress counters from these (bulkops registers a hook).
+    Only a device's latest attempt counts: a superseded one (retried) sends none."""
 
     bulk_operation_id: int
     old: str | None
@@ -46,6 +44,11 @@ class StatusChange:
 # Called inside the changing transaction, so counters commit (or roll back) with the change. Apps
 # above devicecontrol register here; devicecontrol never imports them (STYLE.md §1).
 STATUS_CHANGE_HOOKS: list[Callable[[list[StatusChange]], None]] = []
+
+
+def _counted(operation: Operation) -> int | None:
+    """The bulk operation whose progress counts `operation`: none once a retry superseded it."""
+    return None if operation.superseded else operation.bulk_operation_id
 
 
 def _status_changed(changes: Iterable[tuple[int | None, str | None, str | None]]) -> None:
@@ -160,7 +163,7 @@ def operation_create(
     operation.save(force_insert=True)
     _status_changed([(bulk_operation_id, None, operation.status)])
     if notify:
-        publish_operation_event(_event("CREATE", operation))
+        publish_on_commit([_event("CREATE", operation)])
     if sms:
         payload = operation_json(operation, base="")
         transaction.on_commit(lambda: deliver_by_sms(payload))
@@ -198,7 +201,7 @@ def operation_update(
         raise operation_not_found(operation_id)
     if precondition is not None:
         precondition(operation)
-    _status_changed([(operation.bulk_operation_id, operation.status, status)])
+    _status_changed([(_counted(operation), operation.status, status)])
     _apply_status(operation, status, now)
     if status == OperationStatus.FAILED:
         if reason is not None:
@@ -219,7 +222,7 @@ def operation_update(
         operation.expires_at = _pending_deadline(merged, operation.status_changed_at)
     operation.save()
     if notify:
-        publish_operation_event(_event("UPDATE", operation))
+        publish_on_commit([_event("UPDATE", operation)])
     return operation
 
 
@@ -238,6 +241,31 @@ def _apply_status(operation: Operation, status: OperationStatus, now: datetime) 
     operation.status = status
 
 
+def _restore_latest_attempts(pairs: set[tuple[int, int]]) -> None:
+    """The latest attempts of these (bulk operation, device) pairs were just deleted: the attempt
+    before each (the highest remaining ID), if any, is the latest again and counts again."""
+    if not pairs:
+        return
+    candidates = (
+        Operation.objects.select_for_update()
+        .filter(
+            bulk_operation_id__in={bulk_id for bulk_id, _ in pairs},
+            device_id__in={device_id for _, device_id in pairs},
+            superseded=True,
+        )
+        .order_by("pk")
+        .values_list("pk", "bulk_operation_id", "device_id", "status")
+    )
+    latest = {
+        (bulk_id, device_id): (pk, status)
+        for pk, bulk_id, device_id, status in candidates
+        if (bulk_id, device_id) in pairs
+    }
+    if latest:
+        Operation.objects.filter(pk__in=[pk for pk, _ in latest.values()]).update(superseded=False)
+        _status_changed((bulk_id, None, status) for (bulk_id, _), (_, status) in latest.items())
+
+
 def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> int:
     """Delete the matching operations; one DELETE event per operation after commit (§8), all
     handed to the store at once."""
@@ -248,15 +276,25 @@ def operations_delete(*, queryset: QuerySet[Operation], notify: bool = True) -> 
         rows = list(
             queryset.select_for_update()
             .order_by("pk")
-            .values_list("pk", "device_id", "agent_id", "bulk_operation_id", "status")
+            .values_list("pk", "device_id", "agent_id", "bulk_operation_id", "status", "superseded")
         )
         if not rows:
             return 0
         Operation.objects.filter(pk__in=[row[0] for row in rows]).delete()
-        _status_changed((bulk_id, status, None) for _, _, _, bulk_id, status in rows)
-        doomed = [(pk, device_id, agent_id) for pk, device_id, agent_id, _, _ in rows]
+        _status_changed(
+            (None if superseded else bulk_id, status, None)
+            for _, _, _, bulk_id, status, superseded in rows
+        )
+        _restore_latest_attempts(
+            {
+                (bulk_id, device_id)
+                for _, device_id, _, bulk_id, _, superseded in rows
+                if bulk_id is not None and not superseded
+            }
+        )
+        doomed = [(pk, device_id, agent_id) for pk, device_id, agent_id, *_ in rows]
         if notify:
-            publish_operation_events(
+            publish_on_commit(
                 [
                     OperationEvent(
                         action="DELETE",
@@ -310,7 +348,7 @@ def operations_create_many(
         )
     Operation.objects.bulk_create(operations)
     _status_changed((bulk_operation_id, None, op.status) for op in operations)
-    publish_operation_events([_event("CREATE", op) for op in operations])
+    publish_on_commit([_event("CREATE", op) for op in operations])
     for operation in operations:
         if operation.fragments.get("deliveryType") == "SMS" and operation.agent_id is not None:
             payload = operation_json(operation, base="")
@@ -322,13 +360,32 @@ def operations_create_many(
 def operation_retry(
     *, operation: Operation, notify: bool = True, now: datetime | None = None
 ) -> Operation:
-    """Re-issue a FAILED operation as a new PENDING one with the same fragments, linked to it."""
+    """Re-issue a FAILED operation as a new PENDING one with the same fragments, linked to it.
+
+    The operation is locked and re-read, so two concurrent retries cannot both pass. The retry of
+    a bulk child supersedes it: the retry is now the device's attempt in that bulk operation, the
+    only one its progress counts (the original leaves the counters, the retry enters them) and
+    the only one that can be retried again (422 for a superseded one)."""
+    locked = Operation.objects.select_for_update().filter(pk=operation.pk).first()
+    if locked is None:
+        raise operation_not_found(operation.pk)
+    operation = locked
     if operation.status != OperationStatus.FAILED:
         raise ValidationFailed(
             f"Only FAILED operations can be retried; operation {operation.pk} is {operation.status}",
             error="devicecontrol/Invalid Data",
         )
+    if operation.superseded:
+        raise ValidationFailed(
+            f"Operation {operation.pk} was already retried; only the latest attempt of device "
+            f"{operation.device_id} in bulk operation {operation.bulk_operation_id} can be retried",
+            error="devicecontrol/Invalid Data",
+        )
     device = ManagedObject.objects.get(pk=operation.device_id)
+    if operation.bulk_operation_id is not None:
+        Operation.objects.filter(pk=operation.pk).update(superseded=True)
+        _status_changed([(operation.bulk_operation_id, operation.status, None)])
+        operation.superseded = True
     return operation_create(
         device=device,
         data=dict(operation.fragments),
@@ -349,16 +406,14 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
             batch = list(queryset.select_for_update(skip_locked=True).order_by("pk")[:batch_size])
             if not batch:
                 return total
-            _status_changed(
-                (op.bulk_operation_id, op.status, OperationStatus.FAILED) for op in batch
-            )
+            _status_changed((_counted(op), op.status, OperationStatus.FAILED) for op in batch)
             for operation in batch:
                 # The reason reads the timestamps of the state being left: compute it first.
                 operation.failure_reason = reason(operation)
                 operation.status = OperationStatus.FAILED
                 operation.status_changed_at = now
             Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
-            publish_operation_events([_event("UPDATE", operation) for operation in batch])
+            publish_on_commit([_event("UPDATE", operation) for operation in batch])
         total += len(batch)
 
 

@@ -32,3 +32,16 @@ class CumulocityRole(models.Model):
         managed = False
         default_permissions = ()
         permissions = [(role.value, description) for role, description in ROLE_DESCRIPTIONS.items()]
+
+
+class EventSequence(models.Model):
+    """How many committed transactions sent realtime events about one managed object (device),
+    so subscribers get them in commit order (deviceplatform/realtime/events.py). A transaction
+    takes its number just before COMMIT, under this row's lock: a second one on the same object
+    waits for the first to commit and gets the next number. `taken_ms` is when the last number
+    was taken, `after_ms` how long after the one before it (None for the first)."""
+
+    object_id = models.BigIntegerField(primary_key=True)
+    seq = models.BigIntegerField()
+    taken_ms = models.BigIntegerField()
+    after_ms = models.BigIntegerField(null=True)

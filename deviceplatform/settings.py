@@ -22,6 +22,15 @@ C8Y_TENANT_ID = env.str("C8Y_TENANT_ID", default="t100")
 # roles or groups (createuser, the admin) reaches the other running processes within this time.
 AUTH_ROLES_CACHE_SECONDS = env.float("AUTH_ROLES_CACHE_SECONDS", default=5.0)
 
+# Failed authentications (deviceplatform/api/auth_throttle.py): once a username or a client address
+# has this many failed password checks within the window, further attempts are refused with 429
+# (Bayeux: a failed handshake with advice) without checking, until the window ends. 0: no limit.
+# The counters live in Redis under AUTH_FAILURE_PREFIX when REDIS_URL is set, else in the process.
+AUTH_FAILURES_PER_USER = env.int("AUTH_FAILURES_PER_USER", default=10)
+AUTH_FAILURES_PER_ADDRESS = env.int("AUTH_FAILURES_PER_ADDRESS", default=30)
+AUTH_FAILURE_WINDOW_SECONDS = env.float("AUTH_FAILURE_WINDOW_SECONDS", default=60.0)
+AUTH_FAILURE_PREFIX = env.str("AUTH_FAILURE_PREFIX", default="dp:authfail")
+
 # The first superuser `manage.py ensureadmin` (bin/run) creates; no password: a random one, kept in
 # the git-ignored file .admin-password.
 ADMIN_USERNAME = env.str("ADMIN_USERNAME", default="admin")
@@ -102,6 +111,12 @@ else:
             "timeout": 20,
         }
     )
+# Django's backends plus one step before every COMMIT: the transaction's realtime event order
+# (deviceplatform/backends, deviceplatform/realtime/events.py).
+DATABASES["default"]["ENGINE"] = {
+    "django.db.backends.postgresql": "deviceplatform.backends.postgresql",
+    "django.db.backends.sqlite3": "deviceplatform.backends.sqlite3",
+}.get(DATABASES["default"]["ENGINE"], DATABASES["default"]["ENGINE"])
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "deviceplatform.User"
@@ -130,6 +145,13 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("MAX_REQUEST_BODY_BYTES", default=1024 * 1
 USE_X_FORWARDED_HOST = env.bool("USE_X_FORWARDED_HOST", default=False)
 if env.bool("USE_X_FORWARDED_PROTO", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Behind a proxy every request comes from the proxy's address: the client's is the last one of
+# X-Forwarded-For (the one the proxy appended), used for the failed-login limit per address.
+USE_X_FORWARDED_FOR = env.bool("USE_X_FORWARDED_FOR", default=False)
+
+# Seconds between two reads of a request body before the ASGI server answers 408 (a client that
+# declared more than it sends must not hold the connection); behind nginx, client_body_timeout.
+REQUEST_BODY_TIMEOUT_SECONDS = env.float("REQUEST_BODY_TIMEOUT_SECONDS", default=30.0)
 
 # --- REST framework --------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -175,6 +197,9 @@ REALTIME_MAX_INTERVAL_MS = env.int("REALTIME_MAX_INTERVAL_MS", default=10_000)  
 REALTIME_SESSIONS_PER_USER = env.int("REALTIME_SESSIONS_PER_USER", default=10)  # per family
 REALTIME_MAX_MESSAGE_BYTES = env.int("REALTIME_MAX_MESSAGE_BYTES", default=64 * 1024)  # WS frame
 REALTIME_SWEEP_SECONDS = env.float("REALTIME_SWEEP_SECONDS", default=5.0)  # expired sessions
+# An event whose predecessor for the same device has not arrived is held back this long at most
+# (its publisher may have died after the commit); 0 delivers every event as it arrives.
+REALTIME_ORDER_TIMEOUT_MS = env.int("REALTIME_ORDER_TIMEOUT_MS", default=3000)
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None

@@ -4,7 +4,7 @@ Channel `/managedobjects/{id}` on the realtime family, envelope `{"realtimeActio
 operations: `CREATE` and `UPDATE` carry the object as `GET /inventory/managedObjects/{id}` renders
 it (URLs written against `BASE_URL`, so every subscriber sees its own host), `DELETE` the ID string.
 
-Which changes send what (the services call `publish_after_commit` unless the request was QUIESCENT):
+Which changes send what (the services call `publish_on_commit` unless the request was QUIESCENT):
 
 * create: `CREATE` for the new object;
 * update (PUT): `UPDATE` for the object, even when nothing changed;
@@ -17,22 +17,19 @@ A child's own default JSON shows no parents, so reference changes send nothing f
 renamed object does not send `UPDATE` for its parents, although their child references show its
 name (kept simple).
 
-Events of one transaction go out in one batch (one on-commit callback, one store round trip):
-`publish_after_commit` appends to the batch registered last in the transaction when that batch
-cannot be discarded by a savepoint rollback the new events would survive, or vice versa. Tests that
-capture on-commit callbacks should therefore capture the whole transaction."""
+Events go out through `deviceplatform.realtime.events.publish_on_commit`, with every app's: one
+batch per transaction, each object's events in the order of the transactions that changed it (the
+object is each event's `key`). Tests that capture on-commit callbacks should capture the whole
+transaction."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from django.db import transaction
-
 from deviceplatform.api.permissions import has_any_role, is_owner
-from deviceplatform.realtime.events import BASE_URL, RealtimeEvent, publish
+from deviceplatform.realtime.events import BASE_URL, RealtimeEvent
 from deviceplatform.realtime.subscriptions import Family, register
 from deviceplatform.roles import Role
 from inventory.models import ManagedObject, ManagedObjectReference
@@ -46,7 +43,7 @@ def object_channel(pk: int) -> str:
 
 
 def object_event(action: Action, pk: int, data: dict[str, Any] | str) -> RealtimeEvent:
-    return RealtimeEvent(object_channel(pk), {"realtimeAction": action, "data": data})
+    return RealtimeEvent(object_channel(pk), {"realtimeAction": action, "data": data}, key=pk)
 
 
 # --- event payloads --------------------------------------------------------------------------------
@@ -96,38 +93,6 @@ def objects_updated_events(ids: list[int]) -> list[RealtimeEvent]:
     if not ids:
         return []
     return updated_events(ManagedObject.objects.filter(pk__in=ids).order_by("pk"))
-
-
-# --- after commit ----------------------------------------------------------------------------------
-
-
-@dataclass
-class EventBatch:
-    """The on-commit callback of one transaction's managed object events (visible to tests)."""
-
-    events: list[RealtimeEvent] = field(default_factory=list)
-
-    def __call__(self) -> None:
-        publish(self.events)
-
-
-def publish_after_commit(events: list[RealtimeEvent]) -> None:
-    """Publish `events` once the current transaction commits (at once outside a transaction).
-
-    Django drops an on-commit callback when a savepoint that was active at its registration rolls
-    back. Events join the last registered callback only if it is ours and every savepoint active
-    now was active at its registration: then no rollback can drop the new events without the batch
-    or the batch without the new events' changes, and order is kept."""
-    if not events:
-        return
-    connection = transaction.get_connection()
-    if connection.in_atomic_block and connection.run_on_commit:
-        savepoints, callback, _robust = connection.run_on_commit[-1]
-        active = set(connection.savepoint_ids) - {None}  # atomic(savepoint=False) levels: None
-        if isinstance(callback, EventBatch) and active <= savepoints:
-            callback.events.extend(events)
-            return
-    transaction.on_commit(EventBatch(list(events)))
 
 
 # --- subscriptions (auth.md §7) ------------------------------------------------------------------

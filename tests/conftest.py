@@ -23,7 +23,7 @@ from deviceplatform.roles import Role
 from tests.helpers import PASSWORD, basic
 
 RUN_ID = uuid.uuid4().hex[:10]
-ENGINES = ("django.db.backends.postgresql", "django.db.backends.sqlite3")
+ENGINES = ("deviceplatform.backends.postgresql", "deviceplatform.backends.sqlite3")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,6 +39,17 @@ def pytest_configure(config: pytest.Config) -> None:
     # Realtime state of each run and xdist worker apart in the shared Redis.
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     settings.REALTIME_PREFIX = f"test:{RUN_ID}:{worker}:rt"
+    # The suite's many users and wrong-password tests must not trip the failed-login limiter: it
+    # is off here and in the servers tests start (they inherit the environment); the tests of the
+    # limiter turn it on themselves.
+    limits = {
+        "AUTH_FAILURES_PER_USER": "0",
+        "AUTH_FAILURES_PER_ADDRESS": "0",
+        "AUTH_FAILURE_PREFIX": f"test:{RUN_ID}:{worker}:authfail",
+    }
+    os.environ.update(limits)
+    settings.AUTH_FAILURES_PER_USER = settings.AUTH_FAILURES_PER_ADDRESS = 0
+    settings.AUTH_FAILURE_PREFIX = limits["AUTH_FAILURE_PREFIX"]
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +63,7 @@ def django_db_modify_db_settings() -> Iterator[None]:
     name = f"test_dp_{RUN_ID}_{worker}"
     database = settings.DATABASES["default"]
     database.setdefault("TEST", {})
-    if database["ENGINE"] != "django.db.backends.sqlite3":
+    if database["ENGINE"] != "deviceplatform.backends.sqlite3":
         database["TEST"]["NAME"] = name
         yield
         return

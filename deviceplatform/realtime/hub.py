@@ -2,7 +2,8 @@
 
 One `Hub` per event loop (a uvicorn worker has one). It owns a random ID that sessions record as
 their `holder` while one of its connects holds them, one wake-up listener (a Redis pub/sub
-subscription, or the in-process store's callback) and a sweeper for expired sessions. Holding a
+subscription, or the in-process store's callback), a sweeper for expired sessions and a task that
+delivers the events held back for commit order once their time is up (store.py). Holding a
 connect is `Hub.connect`: it attaches the session, answers at once when events are queued or the
 connect is not to be held, and otherwise waits for a wake-up, a newer connect or the hold time."""
 
@@ -42,15 +43,20 @@ def new_client_id() -> str:
 
 
 @cache
-def _store(redis_url: str, prefix: str, queue_limit: int) -> Store:
+def _store(redis_url: str, prefix: str, queue_limit: int, order_timeout_ms: int) -> Store:
     if redis_url:
-        return RedisStore(redis_url, prefix, queue_limit)
-    return MemoryStore(queue_limit)
+        return RedisStore(redis_url, prefix, queue_limit, order_timeout_ms=order_timeout_ms)
+    return MemoryStore(queue_limit, order_timeout_ms=order_timeout_ms)
 
 
 def get_store() -> Store:
     """The store the settings name: Redis when REDIS_URL is set, else this process's memory."""
-    return _store(settings.REDIS_URL, settings.REALTIME_PREFIX, settings.REALTIME_QUEUE_LIMIT)
+    return _store(
+        settings.REDIS_URL,
+        settings.REALTIME_PREFIX,
+        settings.REALTIME_QUEUE_LIMIT,
+        settings.REALTIME_ORDER_TIMEOUT_MS,
+    )
 
 
 @dataclass(eq=False)
@@ -79,6 +85,7 @@ class Hub:
         self._tasks = [
             asyncio.create_task(store.listen(self.id, self._wake, self._ready)),
             asyncio.create_task(self._sweep_forever()),
+            asyncio.create_task(self._release_held_forever()),
         ]
 
     def _wake(self, cids: list[str]) -> None:
@@ -97,6 +104,22 @@ class Hub:
                     pass
             except Exception:
                 logger.warning("realtime session sweep failed", exc_info=True)
+
+    async def _release_held_forever(self) -> None:
+        """Deliver the batches held back for a predecessor that never came once their time is up,
+        even when no later publish does it (a quarter of the timeout late at most)."""
+        failing = False
+        while True:
+            await asyncio.sleep(max(0.01, self.store.order_timeout_ms / 4000))
+            if self.store.order_timeout_ms <= 0:
+                continue
+            try:
+                await self.store.release_held()
+                failing = False
+            except Exception:
+                if not failing:  # once per outage: the wake-up listener reports it too
+                    logger.warning("realtime: releasing held-back events failed", exc_info=True)
+                failing = True
 
     async def connect(
         self,
@@ -202,7 +225,12 @@ def get_hub() -> Hub:
 
 
 def _reset(setting: str, **_: object) -> None:
-    if setting in {"REDIS_URL", "REALTIME_PREFIX", "REALTIME_QUEUE_LIMIT"}:
+    if setting in {
+        "REDIS_URL",
+        "REALTIME_PREFIX",
+        "REALTIME_QUEUE_LIMIT",
+        "REALTIME_ORDER_TIMEOUT_MS",
+    }:
         _store.cache_clear()
 
 

@@ -19,7 +19,21 @@ in the queue the connect drains or wakes the connect it set up. Keys (prefix P):
 `P s:<cid>` hash, `P q:<cid>` list, `P sub:<cid>` set, `P c:<channel>` set, `P u:<family>:<uid>`
 zset (sessions per user), `P exp` zset (deadlines, for the sweeper), pub/sub `P w:<hub>`, and
 `P x:<cid>` (a minute): the hold token a session had when it was disconnected or evicted, so that
-connect learns it ended (and answers `reconnect: none`, as CometD does) rather than was lost."""
+connect learns it ended (and answers `reconnect: none`, as CometD does) rather than was lost.
+
+**Commit order.** A published batch may carry an `order`: (key, seq, after_ms) per managed object it
+is about, the number its transaction took just before COMMIT (`events.take_order`) and how long after
+the object's previous number. The store remembers per key the last number it delivered (for
+`20 × order timeout`, refreshed on delivery) and delivers a batch only when, for each of its keys,
+no held batch has a lower number and the previous number was delivered, unless that one was taken
+long ago (`after_ms` of `10 × order timeout` or more, or none: it is delivered or given up by now;
+this also covers a store that lost its memory, e.g. a restarted process). Otherwise the batch is
+held back; delivering a batch releases those waiting for it, and a batch held for the order timeout
+(`order_timeout_ms`) is delivered anyway, after the held batches before it for its keys: its
+predecessor's publisher may have died after committing. Overdue batches are released by every
+publish and by each hub every quarter of the timeout. Keys: `P o:<key>` (last number), `P hb`
+hash (held id -> msgpack of order and events), `P hd` zset (held id -> deadline ms), `P hk:<key>`
+zset (held id -> its number for the key), `P hseq` (held ids)."""
 
 from __future__ import annotations
 
@@ -38,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 # (payload, subscription channels it goes to): one prepared event
 Prepared = tuple[bytes, Sequence[str]]
+# (key, seq, after_ms): a batch is the `seq`-th transaction with events about managed object `key`,
+# numbered `after_ms` after the one before (None: the first)
+Order = tuple[int, int, int | None]
 Waker = Callable[[list[str]], None]
 
 # drain() outcomes
@@ -221,59 +238,211 @@ end
 return #due
 """
 
-# ARGV: P, queue limit, then per event: payload, n, channel_1 .. channel_n
-_LUA_PUBLISH = """
-local limit = tonumber(ARGV[2])
+# Held-back batches (see the module docstring). ARGV: P, queue limit, order ttl, now ('' = Redis
+# time), then the script's own arguments.
+_LUA_ORDER = """
+local limit, order_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = ARGV[4] ~= '' and tonumber(ARGV[4]) or now_ms()
 local wakes = {}
-local i = 3
-while i <= #ARGV do
-  local payload, n = ARGV[i], tonumber(ARGV[i + 1])
-  local seen = {}
-  for j = 1, n do
-    local ckey = P .. 'c:' .. ARGV[i + 1 + j]
-    for _, cid in ipairs(redis.call('SMEMBERS', ckey)) do
-      if not seen[cid] then
-        seen[cid] = true
-        local info = redis.call('HMGET', P .. 's:' .. cid, 'holder', 'hold')
-        if not info[1] then
-          redis.call('SREM', ckey, cid)
-        else
-          local qkey = P .. 'q:' .. cid
-          if redis.call('RPUSH', qkey, payload) > limit then
-            redis.call('LTRIM', qkey, -limit, -1)
-          end
-          if info[2] ~= '' then
-            wakes[info[1]] = wakes[info[1]] or {}
-            wakes[info[1]][cid] = true
+local touched = {}  -- keys whose last number moved: batches held for them may be due
+
+local function enqueue(events)  -- flat: payload, n, channel_1 .. channel_n, ...
+  local i = 1
+  while i <= #events do
+    local payload, n = events[i], tonumber(events[i + 1])
+    local seen = {}
+    for j = 1, n do
+      local ckey = P .. 'c:' .. events[i + 1 + j]
+      for _, cid in ipairs(redis.call('SMEMBERS', ckey)) do
+        if not seen[cid] then
+          seen[cid] = true
+          local info = redis.call('HMGET', P .. 's:' .. cid, 'holder', 'hold')
+          if not info[1] then
+            redis.call('SREM', ckey, cid)
+          else
+            local qkey = P .. 'q:' .. cid
+            if redis.call('RPUSH', qkey, payload) > limit then
+              redis.call('LTRIM', qkey, -limit, -1)
+            end
+            if info[2] ~= '' then
+              wakes[info[1]] = wakes[info[1]] or {}
+              wakes[info[1]][cid] = true
+            end
           end
         end
       end
     end
+    i = i + 2 + n
   end
-  i = i + 2 + n
 end
-for hub, cids in pairs(wakes) do
-  local list = {}
-  for cid in pairs(cids) do list[#list + 1] = cid end
-  redis.call('PUBLISH', P .. 'w:' .. hub, table.concat(list, ' '))
+
+-- order: flat key, seq, follows (1: wait for seq - 1), ...
+local function ready(order)
+  for i = 1, #order, 3 do
+    local key, seq = order[i], tonumber(order[i + 1])
+    local first = redis.call('ZRANGE', P .. 'hk:' .. key, 0, 0, 'WITHSCORES')
+    if first[2] and tonumber(first[2]) < seq then return false end
+    if order[i + 2] == '1' then
+      local last = redis.call('GET', P .. 'o:' .. key)
+      if not last or tonumber(last) < seq - 1 then return false end
+    end
+  end
+  return true
 end
+
+local function deliver(order, events)
+  enqueue(events)
+  for i = 1, #order, 3 do
+    local okey, seq = P .. 'o:' .. order[i], tonumber(order[i + 1])
+    local last = tonumber(redis.call('GET', okey) or '0')
+    redis.call('SET', okey, math.max(last, seq), 'PX', order_ttl)
+    touched[#touched + 1] = order[i]
+  end
+end
+
+local function hold(order, events, deadline)
+  local id = redis.call('INCR', P .. 'hseq')
+  redis.call('HSET', P .. 'hb', id, cmsgpack.pack({order, events}))
+  redis.call('ZADD', P .. 'hd', deadline, id)
+  for i = 1, #order, 3 do
+    redis.call('ZADD', P .. 'hk:' .. order[i], order[i + 1], id)
+  end
+end
+
+local function held(id)  -- {order, events}, or nil
+  local raw = redis.call('HGET', P .. 'hb', id)
+  if raw then return cmsgpack.unpack(raw) end
+  return nil
+end
+
+local function unhold(id, order)
+  redis.call('HDEL', P .. 'hb', id)
+  redis.call('ZREM', P .. 'hd', id)
+  for i = 1, #order, 3 do
+    redis.call('ZREM', P .. 'hk:' .. order[i], id)
+  end
+end
+
+-- Deliver the held batches that are ready now, following the keys whose number moved.
+local function release_ready()
+  local i = 1
+  while i <= #touched do
+    local key = touched[i]
+    local first = redis.call('ZRANGE', P .. 'hk:' .. key, 0, 0)
+    local batch = first[1] and held(first[1])
+    if first[1] and not batch then
+      redis.call('ZREM', P .. 'hk:' .. key, first[1])
+    elseif batch and ready(batch[1]) then
+      unhold(first[1], batch[1])
+      deliver(batch[1], batch[2])
+    else
+      i = i + 1
+    end
+  end
+end
+
+-- Deliver held batch `id` now, after the held batches before it for its keys.
+local function force(id)
+  local stack, onstack = {id}, {[id] = true}
+  while #stack > 0 do
+    local top = stack[#stack]
+    local batch = held(top)
+    if not batch then
+      stack[#stack] = nil
+    else
+      local order, before = batch[1], nil
+      for i = 1, #order, 3 do
+        local ids = redis.call(
+          'ZRANGEBYSCORE', P .. 'hk:' .. order[i], '-inf', '(' .. order[i + 1], 'LIMIT', 0, 1)
+        if ids[1] and not onstack[ids[1]] then
+          before = ids[1]
+          break
+        end
+      end
+      if before then
+        stack[#stack + 1] = before
+        onstack[before] = true
+      else
+        stack[#stack] = nil
+        unhold(top, order)
+        deliver(order, batch[2])
+      end
+    end
+  end
+end
+
+local function release_overdue()
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'hd', '-inf', now)) do
+    force(id)
+  end
+  release_ready()
+end
+
+local function wake_hubs()
+  for hub, cids in pairs(wakes) do
+    local list = {}
+    for cid in pairs(cids) do list[#list + 1] = cid end
+    redis.call('PUBLISH', P .. 'w:' .. hub, table.concat(list, ' '))
+  end
+end
+"""
+
+# ARGV: P, queue limit, order ttl, now, hold ms, m, m x (key, seq, follows), then per event:
+# payload, n, channel_1 .. channel_n
+_LUA_PUBLISH = """
+release_overdue()
+local m = tonumber(ARGV[6])
+local order, events = {}, {}
+for i = 7, 6 + 3 * m do order[#order + 1] = ARGV[i] end
+for i = 7 + 3 * m, #ARGV do events[#events + 1] = ARGV[i] end
+if ready(order) then
+  deliver(order, events)
+  release_ready()
+else
+  hold(order, events, now + tonumber(ARGV[5]))
+end
+wake_hubs()
+return 0
+"""
+
+# ARGV: P, queue limit, order ttl, now
+_LUA_RELEASE_HELD = """
+release_overdue()
+wake_hubs()
 return 0
 """
 
 
+def _follows(after_ms: int | None, order_timeout_ms: int) -> bool:
+    """Whether a batch waits for its predecessor: one numbered less than ten order timeouts
+    before it may still be on its way (one numbered earlier is delivered or given up by now)."""
+    return after_ms is not None and after_ms < 10 * order_timeout_ms
+
+
 class RedisStore:
     """State in Redis. The async client serves the server's event loop; the sync client serves
-    publishers (request threads, Celery tasks, the in-process scheduler)."""
+    publishers (request threads, Celery tasks, the in-process scheduler). `clock` (seconds) times
+    the hold-back of out-of-order batches, for tests; by default Redis's own clock does."""
 
-    def __init__(self, url: str, prefix: str, queue_limit: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        queue_limit: int,
+        *,
+        order_timeout_ms: int = 3000,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         import redis
         import redis.asyncio
 
         self.url = url
         self.prefix = f"{prefix}:"
         self.queue_limit = queue_limit
+        self.order_timeout_ms = order_timeout_ms
+        self.clock = clock
         self._sync = redis.Redis.from_url(url)
-        self._publish_sync = self._sync.register_script(_LUA_COMMON + _LUA_PUBLISH)
+        self._publish_sync = self._sync.register_script(_LUA_COMMON + _LUA_ORDER + _LUA_PUBLISH)
         self._async_clients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._redis_asyncio = redis.asyncio
 
@@ -295,7 +464,8 @@ class RedisStore:
                     "subscribe": _LUA_SUBSCRIBE,
                     "remove": _LUA_REMOVE,
                     "sweep": _LUA_SWEEP,
-                    "publish": _LUA_PUBLISH,
+                    "publish": _LUA_ORDER + _LUA_PUBLISH,
+                    "release_held": _LUA_ORDER + _LUA_RELEASE_HELD,
                 }.items()
             }
             entry = (client, scripts)
@@ -377,15 +547,30 @@ class RedisStore:
 
     # --- publishing ------------------------------------------------------------------------------
 
-    def publish(self, prepared: Sequence[Prepared]) -> None:
-        """Synchronous: append each event to its subscribers' queues and wake their holders."""
-        self._publish_sync(args=self._publish_args(prepared))
+    def publish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
+        """Synchronous: append each event to its subscribers' queues and wake their holders, or
+        hold the batch back until the batches before it in `order` arrived."""
+        self._publish_sync(args=self._publish_args(prepared, order))
 
-    async def apublish(self, prepared: Sequence[Prepared]) -> None:
-        await self._run("publish", *self._publish_args(prepared)[1:])
+    async def apublish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
+        await self._run("publish", *self._publish_args(prepared, order)[1:])
 
-    def _publish_args(self, prepared: Sequence[Prepared]) -> list[Any]:
-        args: list[Any] = [self.prefix, self.queue_limit]
+    async def release_held(self) -> None:
+        """Deliver the held-back batches whose time is up."""
+        await self._run("release_held", *self._order_args()[1:])
+
+    def _order_args(self) -> list[Any]:
+        now = "" if self.clock is None else int(self.clock() * 1000)
+        return [self.prefix, self.queue_limit, max(1, 20 * self.order_timeout_ms), now]
+
+    def _publish_args(self, prepared: Sequence[Prepared], order: Sequence[Order]) -> list[Any]:
+        args = self._order_args()
+        if self.order_timeout_ms <= 0:
+            order = ()
+        args.append(self.order_timeout_ms)
+        args.append(len(order))
+        for key, seq, after_ms in order:
+            args.extend((key, seq, 1 if _follows(after_ms, self.order_timeout_ms) else 0))
         for payload, channels in prepared:
             args.append(payload)
             args.append(len(channels))
@@ -433,12 +618,34 @@ class _MemorySession:
     subs: set[str] = field(default_factory=set)
 
 
+@dataclass
+class _Held:
+    """A batch held back until the batches before it arrive (or its deadline passes)."""
+
+    order: list[tuple[int, int, bool]]  # (key, seq, follows: waits for seq - 1)
+    prepared: Sequence[Prepared]
+    deadline: float
+
+
 class MemoryStore:
     """The same state in this process (embedded default: one server process, no Redis). Safe to
-    publish from any thread: wake-ups are handed to each hub's event loop thread-safely."""
+    publish from any thread: wake-ups are handed to each hub's event loop thread-safely. `clock`
+    (seconds) times sessions and the hold-back of out-of-order batches."""
 
-    def __init__(self, queue_limit: int) -> None:
+    def __init__(
+        self,
+        queue_limit: int,
+        *,
+        order_timeout_ms: int = 3000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.queue_limit = queue_limit
+        self.order_timeout_ms = order_timeout_ms
+        self.clock = clock
+        self._last: dict[int, tuple[int, float]] = {}  # key -> (last delivered seq, kept until)
+        self._held: dict[int, _Held] = {}
+        self._held_by_key: dict[int, dict[int, int]] = {}  # key -> {held id: its seq}
+        self._held_ids = itertools.count()
         self._lock = threading.Lock()
         self._sessions: dict[str, _MemorySession] = {}
         self._index: dict[str, set[str]] = {}
@@ -448,7 +655,7 @@ class MemoryStore:
 
     def _live(self, cid: str) -> _MemorySession | None:
         session = self._sessions.get(cid)
-        if session is not None and session.deadline <= time.monotonic():
+        if session is not None and session.deadline <= self.clock():
             self._forget(cid)
             return None
         return session
@@ -465,7 +672,7 @@ class MemoryStore:
         return session
 
     def _touch(self, session: _MemorySession, ttl_ms: int) -> None:
-        session.deadline = time.monotonic() + ttl_ms / 1000
+        session.deadline = self.clock() + ttl_ms / 1000
 
     def _wake(self, wakes: dict[str, list[str]]) -> None:
         for hub, cids in wakes.items():
@@ -482,7 +689,7 @@ class MemoryStore:
         session = self._forget(cid)
         if session is None or not session.record["hold"]:
             return {}
-        self._ended[cid] = (session.record["hold"], time.monotonic() + 60)
+        self._ended[cid] = (session.record["hold"], self.clock() + 60)
         return {session.record["holder"]: [cid]}
 
     async def create_session(
@@ -528,7 +735,7 @@ class MemoryStore:
             session = self._live(cid)
             if session is None:
                 return False
-            session.deadline = max(session.deadline, time.monotonic() + ttl_ms / 1000)
+            session.deadline = max(session.deadline, self.clock() + ttl_ms / 1000)
             for channel in channels:
                 if add:
                     session.subs.add(channel)
@@ -611,34 +818,151 @@ class MemoryStore:
 
     async def sweep(self, batch: int = 1000) -> int:
         with self._lock:
-            now = time.monotonic()
+            now = self.clock()
             due = [cid for cid, s in self._sessions.items() if s.deadline <= now][:batch]
             for cid in due:
                 self._forget(cid)
             for cid in [cid for cid, (_, until) in self._ended.items() if until <= now]:
                 del self._ended[cid]
+            for key in [key for key, (_, until) in self._last.items() if until <= now]:
+                del self._last[key]
             return len(due)
 
-    def publish(self, prepared: Sequence[Prepared]) -> None:
+    def publish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
         wakes: dict[str, set[str]] = {}
         with self._lock:
-            for payload, channels in prepared:
-                targets: set[str] = set()
-                for channel in channels:
-                    targets.update(self._index.get(channel, ()))
-                for cid in targets:
-                    session = self._live(cid)
-                    if session is None:
-                        continue
-                    session.queue.append(payload)
-                    while len(session.queue) > self.queue_limit:
-                        session.queue.popleft()
-                    if session.record["hold"]:
-                        wakes.setdefault(session.record["holder"], set()).add(cid)
+            now = self.clock()
+            touched: list[int] = []
+            self._release_overdue(now, wakes, touched)
+            flags = [
+                (key, seq, _follows(after_ms, self.order_timeout_ms))
+                for key, seq, after_ms in (order if self.order_timeout_ms > 0 else ())
+            ]
+            if self._ready(flags, now):
+                self._deliver(prepared, flags, now, wakes, touched)
+                self._release_ready(now, wakes, touched)
+            else:
+                hid = next(self._held_ids)
+                self._held[hid] = _Held(flags, prepared, now + self.order_timeout_ms / 1000)
+                for key, seq, _ in flags:
+                    self._held_by_key.setdefault(key, {})[hid] = seq
         self._wake({hub: sorted(cids) for hub, cids in wakes.items()})
 
-    async def apublish(self, prepared: Sequence[Prepared]) -> None:
-        self.publish(prepared)
+    async def apublish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
+        self.publish(prepared, order)
+
+    async def release_held(self) -> None:
+        """Deliver the held-back batches whose time is up."""
+        wakes: dict[str, set[str]] = {}
+        with self._lock:
+            self._release_overdue(self.clock(), wakes, [])
+        self._wake({hub: sorted(cids) for hub, cids in wakes.items()})
+
+    # --- commit order (the module docstring; the same steps as _LUA_ORDER) ----------------------
+
+    def _enqueue(self, prepared: Sequence[Prepared], wakes: dict[str, set[str]]) -> None:
+        for payload, channels in prepared:
+            targets: set[str] = set()
+            for channel in channels:
+                targets.update(self._index.get(channel, ()))
+            for cid in targets:
+                session = self._live(cid)
+                if session is None:
+                    continue
+                session.queue.append(payload)
+                while len(session.queue) > self.queue_limit:
+                    session.queue.popleft()
+                if session.record["hold"]:
+                    wakes.setdefault(session.record["holder"], set()).add(cid)
+
+    def _first_held(self, key: int) -> tuple[int, int] | None:
+        """(held id, seq) of the lowest-numbered batch held for `key`."""
+        held = self._held_by_key.get(key)
+        if not held:
+            return None
+        hid = min(held, key=lambda h: (held[h], h))
+        return hid, held[hid]
+
+    def _ready(self, flags: list[tuple[int, int, bool]], now: float) -> bool:
+        for key, seq, follows in flags:
+            first = self._first_held(key)
+            if first is not None and first[1] < seq:
+                return False
+            if follows:
+                last = self._last.get(key)
+                if last is None or last[1] <= now or last[0] < seq - 1:
+                    return False
+        return True
+
+    def _deliver(
+        self,
+        prepared: Sequence[Prepared],
+        flags: list[tuple[int, int, bool]],
+        now: float,
+        wakes: dict[str, set[str]],
+        touched: list[int],
+    ) -> None:
+        self._enqueue(prepared, wakes)
+        until = now + 20 * self.order_timeout_ms / 1000
+        for key, seq, _ in flags:
+            last = self._last.get(key)
+            kept = last[0] if last is not None and last[1] > now else seq
+            self._last[key] = (max(kept, seq), until)
+            touched.append(key)
+
+    def _unhold(self, hid: int) -> _Held:
+        batch = self._held.pop(hid)
+        for key, _, _ in batch.order:
+            held = self._held_by_key[key]
+            del held[hid]
+            if not held:
+                del self._held_by_key[key]
+        return batch
+
+    def _release_ready(self, now: float, wakes: dict[str, set[str]], touched: list[int]) -> None:
+        """Deliver the held batches that are ready now, following the keys whose number moved."""
+        i = 0
+        while i < len(touched):
+            first = self._first_held(touched[i])
+            if first is not None and self._ready(self._held[first[0]].order, now):
+                batch = self._unhold(first[0])
+                self._deliver(batch.prepared, batch.order, now, wakes, touched)
+            else:
+                i += 1
+
+    def _force(self, hid: int, now: float, wakes: dict[str, set[str]], touched: list[int]) -> None:
+        """Deliver held batch `hid` now, after the held batches before it for its keys."""
+        stack, on_stack = [hid], {hid}
+        while stack:
+            top = self._held.get(stack[-1])
+            if top is None:
+                stack.pop()
+                continue
+            before = next(
+                (
+                    first[0]
+                    for key, seq, _ in top.order
+                    if (first := self._first_held(key)) is not None
+                    and first[1] < seq
+                    and first[0] not in on_stack
+                ),
+                None,
+            )
+            if before is not None:
+                stack.append(before)
+                on_stack.add(before)
+            else:
+                batch = self._unhold(stack.pop())
+                self._deliver(batch.prepared, batch.order, now, wakes, touched)
+
+    def _release_overdue(self, now: float, wakes: dict[str, set[str]], touched: list[int]) -> None:
+        if not self._held:
+            return
+        for _, hid in sorted(
+            (b.deadline, hid) for hid, b in self._held.items() if b.deadline <= now
+        ):
+            self._force(hid, now, wakes, touched)
+        self._release_ready(now, wakes, touched)
 
     async def listen(self, hub: str, wake: Waker, ready: asyncio.Event) -> None:
         self._wakers[hub] = (asyncio.get_running_loop(), wake)

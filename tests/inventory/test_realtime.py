@@ -16,12 +16,12 @@ import pytest
 from django.db import transaction
 from rest_framework.test import APIClient
 
+from deviceplatform.realtime.events import EventBatch
 from deviceplatform.realtime.protocol import Context, Exchange
 from deviceplatform.realtime.subscriptions import Family
 from deviceplatform.roles import Role
 from inventory import services
 from inventory.models import ManagedObject, Relation
-from inventory.realtime import EventBatch
 from tests.conftest import Run, Subscribe
 from tests.helpers import PASSWORD
 
@@ -228,7 +228,7 @@ def test_the_subscriber_sees_urls_with_the_host_it_connected_to(
 
 def batches(callbacks: list[Any]) -> list[list[Message]]:
     return [
-        [{"channel": e.channel, "data": e.data} for e in cb.events]
+        [{"channel": m.channel, "data": m.data} for e in cb.events for m in e.messages()]
         for cb in callbacks
         if isinstance(cb, EventBatch)
     ]

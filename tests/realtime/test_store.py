@@ -2,7 +2,8 @@
 
 Every test runs against both stores, `RedisStore` on the real Redis (keys under this run's
 `REALTIME_PREFIX` plus a per-test suffix) and `MemoryStore`, so the two are held to the same
-semantics. `Peek` reads each store's raw state (Redis keys; the memory store's dicts) without the
+semantics, the hold-back of batches that arrive out of commit order included (on a clock the test
+moves). `Peek` reads each store's raw state (Redis keys; the memory store's dicts) without the
 side effects of the store's own reads, which prune expired sessions lazily."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -39,6 +41,8 @@ QUEUE_LIMIT = 5
 MAX_HOLD_MS = 50_000
 MAX_INTERVAL_MS = 10_000
 PROMPT = 1.0  # seconds: "at once", far below any hold time used here
+ORDER_TIMEOUT_MS = 3000  # hold-back of out-of-order batches (on the test's clock)
+RECENT = 5  # ms between two numbers of one object: the predecessor may still be on its way
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -91,14 +95,15 @@ class Peek:
             self.raw.close()
 
 
-@pytest_asyncio.fixture(params=["redis", "memory"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(QUEUE_LIMIT)
+@asynccontextmanager
+async def new_store(kind: str, **options: Any) -> AsyncIterator[Store]:
+    """A `MemoryStore`, or a `RedisStore` under a prefix of its own, removed afterwards."""
+    if kind == "memory":
+        yield MemoryStore(QUEUE_LIMIT, **options)
         return
     assert settings.REDIS_URL, "the realtime store tests need the real Redis: set REDIS_URL"
     prefix = f"{settings.REALTIME_PREFIX}:store:{uuid.uuid4().hex[:12]}"
-    redis_store = RedisStore(settings.REDIS_URL, prefix, QUEUE_LIMIT)
+    redis_store = RedisStore(settings.REDIS_URL, prefix, QUEUE_LIMIT, **options)
     try:
         yield redis_store
     finally:
@@ -108,6 +113,37 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         if keys:
             redis_store._sync.delete(*keys)
         redis_store._sync.close()
+
+
+@pytest_asyncio.fixture(params=["redis", "memory"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    async with new_store(request.param) as the_store:
+        yield the_store
+
+
+class Clock:
+    """A clock the test moves (seconds), for the hold-back of out-of-order batches."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest_asyncio.fixture(params=["redis", "memory"])
+async def ordered(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator[Store]:
+    """A store whose hold-back time is `clock`'s (ORDER_TIMEOUT_MS)."""
+    async with new_store(request.param, order_timeout_ms=ORDER_TIMEOUT_MS, clock=clock) as store:
+        yield store
 
 
 @pytest.fixture
@@ -871,3 +907,187 @@ async def test_cancelled_held_connect_releases_its_hold(store: Store, hub: Hub) 
     outcome = await asyncio.wait_for(later, 5)
     assert outcome.known
     assert outcome.events == payloads("/operations/5", [1])
+
+
+# --- commit order (events.take_order numbers each transaction per managed object) ------------------
+
+
+def about(key: int, n: int) -> Prepared:
+    """Event `n` of object `key`, on its channel `/operations/<key>`."""
+    return event(f"/operations/{key}", n)
+
+
+def publish(store: Store, key: int, seq: int, after_ms: int | None = RECENT) -> None:
+    """Publish the `seq`-th transaction of `key` (its event `seq`), numbered `after_ms` after the
+    one before it."""
+    store.publish([about(key, seq)], [(key, seq, after_ms)])
+
+
+def got(*events: tuple[int, int]) -> list[bytes]:
+    return [about(key, n)[0] for key, n in events]
+
+
+async def test_batches_arriving_in_order_are_delivered_at_once(ordered: Store) -> None:
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 1, None)
+    publish(ordered, 5, 2)
+    publish(ordered, 6, 1, None)
+    publish(ordered, 5, 3)
+    assert await events_of(ordered, cid) == got((5, 1), (5, 2), (6, 1), (5, 3))
+
+
+async def test_a_batch_waits_for_the_one_before_it(ordered: Store) -> None:
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 1, None)
+    assert await events_of(ordered, cid) == got((5, 1))
+
+    publish(ordered, 5, 3)  # the second transaction has not published yet
+    publish(ordered, 5, 4)  # waits behind the third
+    publish(ordered, 6, 1, None)  # another object is not held up
+    assert await events_of(ordered, cid) == got((6, 1))
+
+    publish(ordered, 5, 2)
+    assert await events_of(ordered, cid) == got((5, 2), (5, 3), (5, 4))
+    publish(ordered, 5, 5)
+    assert await events_of(ordered, cid) == got((5, 5))
+
+
+async def test_batches_arriving_backwards_are_delivered_forwards(ordered: Store) -> None:
+    cid = await new_session(ordered, "/operations/*")
+    for seq in (4, 3, 2):
+        publish(ordered, 5, seq)
+    assert await events_of(ordered, cid) == []
+    publish(ordered, 5, 1, None)
+    assert await events_of(ordered, cid) == got((5, 1), (5, 2), (5, 3), (5, 4))
+
+
+async def test_a_predecessor_numbered_long_ago_is_not_waited_for(ordered: Store) -> None:
+    """A store without memory of the object (a first event, a restarted process, a key unused for
+    a while) waits only when the number before was taken recently: it may still be on its way."""
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 7, 10 * ORDER_TIMEOUT_MS)
+    publish(ordered, 6, 7, None)
+    assert await events_of(ordered, cid) == got((5, 7), (6, 7))
+    publish(ordered, 7, 7, 10 * ORDER_TIMEOUT_MS - 1)
+    assert await events_of(ordered, cid) == []
+
+
+async def test_a_batch_about_several_objects_waits_for_each(ordered: Store) -> None:
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 1, None)
+    publish(ordered, 6, 1, None)
+    both = [about(5, 30), about(6, 20)]
+    ordered.publish(both, [(5, 3, RECENT), (6, 2, RECENT)])
+    publish(ordered, 6, 3)  # behind the held batch on object 6
+    assert await events_of(ordered, cid) == got((5, 1), (6, 1))
+
+    publish(ordered, 5, 2)
+    assert await events_of(ordered, cid) == got((5, 2), (5, 30), (6, 20), (6, 3))
+
+
+async def test_unordered_batches_are_never_held(ordered: Store) -> None:
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 2)  # held
+    ordered.publish([about(5, 99)])
+    assert await events_of(ordered, cid) == got((5, 99))
+
+
+async def test_a_gap_is_delivered_after_the_timeout(ordered: Store, clock: Clock) -> None:
+    """The publisher of the second transaction died after its commit: the third waits for it
+    ORDER_TIMEOUT_MS, then goes out; the second, should it come after all, goes out at once."""
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 1, None)
+    publish(ordered, 5, 3)
+    assert await events_of(ordered, cid) == got((5, 1))
+
+    clock.advance(ORDER_TIMEOUT_MS / 1000 - 0.01)
+    await ordered.release_held()
+    assert await events_of(ordered, cid) == []
+    clock.advance(0.02)
+    await ordered.release_held()
+    assert await events_of(ordered, cid) == got((5, 3))
+
+    publish(ordered, 5, 4)
+    publish(ordered, 5, 2)  # late
+    assert await events_of(ordered, cid) == got((5, 4), (5, 2))
+
+
+async def test_a_publish_after_the_timeout_releases_the_overdue_first(
+    ordered: Store, clock: Clock
+) -> None:
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 1, None)
+    publish(ordered, 5, 3)
+    clock.advance(ORDER_TIMEOUT_MS / 1000)
+    publish(ordered, 6, 1, None)
+    assert await events_of(ordered, cid) == got((5, 1), (5, 3), (6, 1))
+
+
+async def test_an_overdue_batch_goes_out_after_the_held_ones_before_it(
+    ordered: Store, clock: Clock
+) -> None:
+    cid = await new_session(ordered, "/operations/*")
+    publish(ordered, 5, 1, None)
+    publish(ordered, 5, 4)  # waits for 3
+    clock.advance(1)
+    publish(ordered, 5, 3)  # waits for 2, which never comes; not overdue yet
+    clock.advance(ORDER_TIMEOUT_MS / 1000 - 1)
+    await ordered.release_held()  # the fourth is overdue: the third goes out before it
+    assert await events_of(ordered, cid) == got((5, 1), (5, 3), (5, 4))
+    clock.advance(ORDER_TIMEOUT_MS / 1000)
+    await ordered.release_held()
+    assert await events_of(ordered, cid) == []
+
+
+async def test_released_batches_wake_the_holding_hub(ordered: Store, clock: Clock) -> None:
+    wakes = Wakes("hub-a")
+    ready = asyncio.Event()
+    listener = asyncio.create_task(ordered.listen("hub-a", wakes.queue.put_nowait, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        cid = await new_session(ordered, "/operations/5")
+        await held(ordered, cid, hold="t1")
+
+        publish(ordered, 5, 2)
+        clock.advance(ORDER_TIMEOUT_MS / 1000)
+        await ordered.release_held()
+        assert await wakes.next() == [cid]
+        assert await ordered.drain(cid, "t1", release=False) == (HELD, got((5, 2)))
+
+        publish(ordered, 5, 4)
+        publish(ordered, 5, 3)  # releases the fourth with it: one wake-up
+        assert await wakes.next() == [cid]
+        assert await ordered.drain(cid, "t1", release=True) == (HELD, got((5, 3), (5, 4)))
+        assert wakes.queue.empty()
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+
+
+async def test_the_hub_delivers_overdue_batches_without_another_publish(clock: Clock) -> None:
+    """No publish follows the held batch: the hub's own task releases it once the clock passed its
+    deadline (it looks every quarter of the timeout, here 50 ms of real time)."""
+    for kind in ("redis", "memory"):
+        async with new_store(kind, order_timeout_ms=200, clock=clock) as store:
+            hub = Hub(store)
+            try:
+                cid = await new_session(store, "/operations/5", timeout=5000)
+                await hub.connect(cid, requested_ms=None, immediate=False)
+                task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
+                await wait_held(store, cid, hub.id)
+                publish(store, 5, 2)
+                assert not task.done()
+                clock.advance(0.2)
+                outcome = await asyncio.wait_for(task, 5)
+                assert outcome.events == got((5, 2))
+            finally:
+                await hub.close()
+
+
+async def test_zero_timeout_delivers_everything_as_it_arrives(clock: Clock) -> None:
+    for kind in ("redis", "memory"):
+        async with new_store(kind, order_timeout_ms=0, clock=clock) as store:
+            cid = await new_session(store, "/operations/*")
+            publish(store, 5, 3)
+            publish(store, 5, 2)
+            assert await events_of(store, cid) == got((5, 3), (5, 2))

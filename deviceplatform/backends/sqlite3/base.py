@@ -1,0 +1,11 @@
+"""Django's SQLite backend; the realtime event order is taken just before COMMIT."""
+
+from django.db.backends.sqlite3 import base
+
+from deviceplatform.realtime.events import take_order
+
+
+class DatabaseWrapper(base.DatabaseWrapper):
+    def commit(self) -> None:
+        take_order(self)
+        super().commit()
