@@ -12,17 +12,25 @@ and groups with multi-row INSERTs, then runs a real Celery worker (`--pool solo`
       --intervals; after COMPLETED, the deviation of each child's creationTime from its scheduled
       time (effective_start + k * ramp): max, p50, p99;
   (c) profile: cProfile of one in-process `bulk_operations_advance()` over a --profile-devices
-      group (same database, same Redis channel layer as the worker), top functions.
+      group (same database, same Redis channel layer as the worker), top functions;
+  (d) status updates: the children of one bulk operation over --status-devices devices, PUT to
+      EXECUTING and then SUCCESSFUL by --status-concurrency concurrent agents (real HTTP against
+      gunicorn with --status-workers sync workers, worker and beat running as in production);
+      updates per second beside a ceiling measured in the same run: the same PUTs on as many
+      operations that belong to no bulk operation. Ends with a check that the bulk operation's
+      progress is exact (every child SUCCESSFUL).
 
 Ceiling (shared/PERFORMANCE.md: report ratios): 500-row multi-row INSERTs into a scratch copy of
 the operations table (same columns, indexes and id default), one transaction per batch.
 
 Usage (see bench/README.md):  .venv/bin/python bench/bulk.py [--devices 20000] [--intervals 1.0]
+                              .venv/bin/python bench/bulk.py --parts d --devices 4000
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import io
 import math
@@ -39,8 +47,13 @@ from typing import Any
 import orjson
 import psycopg
 from _common import (
+    TABLE_HEADER,
+    Call,
+    Load,
+    PhaseResult,
     Process,
     Report,
+    Server,
     basic_auth,
     bench_env,
     checked_database_url,
@@ -49,6 +62,8 @@ from _common import (
     cpu_sample,
     database_name,
     flush_redis,
+    free_port,
+    gunicorn_command,
     load_average_line,
     machine_line,
     migrate_and_create_user,
@@ -81,6 +96,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="(b) BULK_RAMP_INTERVAL values (beat), comma-separated",
     )
     parser.add_argument("--profile-devices", type=int, default=10_000, help="(c); 0: skip")
+    parser.add_argument("--status-devices", type=int, default=3000, help="(d) children")
+    parser.add_argument("--status-concurrency", type=int, default=16, help="(d) agents")
+    parser.add_argument("--status-workers", type=int, default=4, help="(d) gunicorn workers")
+    parser.add_argument(
+        "--parts", default="a,b,c,d", help="which measurements to run, comma-separated"
+    )
     parser.add_argument("--ceiling-rows", type=int, default=20_000)
     parser.add_argument("--timeout", type=float, default=300.0, help="per bulk operation, seconds")
     parser.add_argument(
@@ -95,8 +116,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.interval_list = [float(x) for x in args.intervals.split(",") if x.strip()]
-    if max(args.ramp_devices, args.profile_devices) > args.devices:
-        parser.error("--ramp-devices and --profile-devices must not exceed --devices")
+    args.part_set = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if args.part_set - {"a", "b", "c", "d"}:
+        parser.error("--parts takes a, b, c and/or d")
+    if "c" not in args.part_set:
+        args.profile_devices = 0
+    if "b" not in args.part_set:
+        args.ramp_devices = 0
+    if "d" not in args.part_set:
+        args.status_devices = 0
+    if max(args.ramp_devices, args.profile_devices, args.status_devices) > args.devices:
+        parser.error(
+            "--ramp-devices, --profile-devices and --status-devices must not exceed --devices"
+        )
     return args
 
 
@@ -109,8 +141,9 @@ MO_COLUMNS = (
 
 
 def seed(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Agents, devices (device i under agent i % agents, 'device' edges), and three static groups
-    ('asset' edges): all devices, the first --ramp-devices, the first --profile-devices."""
+    """Agents, devices (device i under agent i % agents, 'device' edges), and four static groups
+    ('asset' edges): all devices, the first --ramp-devices, the first --profile-devices, the
+    first --status-devices (an empty size: no group)."""
     groups: dict[str, int] = {}
     with psycopg.connect(url) as conn:
         agent_fragments = orjson.dumps({"com_cumulocity_model_Agent": {}, "c8y_IsDevice": {}})
@@ -138,11 +171,13 @@ def seed(url: str, args: argparse.Namespace) -> dict[str, Any]:
             ).fetchall()
         ]
         devices.sort()
-        for name, size in (
+        sizes = (
             ("all", args.devices),
             ("ramp", args.ramp_devices),
             ("profile", args.profile_devices),
-        ):
+            ("status", args.status_devices),
+        )
+        for name, size in sizes:
             if size <= 0:
                 continue
             groups[name] = conn.execute(
@@ -160,11 +195,7 @@ def seed(url: str, args: argparse.Namespace) -> dict[str, Any]:
             buffer = io.StringIO()
             for i, device in enumerate(devices):
                 buffer.write(f"{agents[i % len(agents)]}\t{device}\tdevice\n")
-                for name, size in (
-                    ("all", args.devices),
-                    ("ramp", args.ramp_devices),
-                    ("profile", args.profile_devices),
-                ):
+                for name, size in sizes:
                     if i < size:
                         buffer.write(f"{groups[name]}\t{device}\tasset\n")
             copy.write(buffer.getvalue())
@@ -309,7 +340,9 @@ def run_bulk(
     timeout: float,
 ) -> dict[str, Any]:
     """Start worker + beat, POST a bulk operation, wait for COMPLETED, stop both; figures."""
-    run_env = {**env, "BULK_RAMP_INTERVAL": str(interval)}
+    # The worker's "ready" line is INFO; beat's "Sending due task" is quiet below DEBUG
+    # (deviceplatform/logs.py PER_TASK_LOGGERS).
+    run_env = {**env, "BULK_RAMP_INTERVAL": str(interval), "LOG_LEVEL": "INFO"}
     schedule = log_dir / f"beat-{label}.schedule"
     worker = Process(
         [sys.executable, "-m", "celery", "-A", "deviceplatform", "worker", "--pool", "solo",
@@ -324,7 +357,7 @@ def run_bulk(
         beat = Process(
             [sys.executable, "-m", "celery", "-A", "deviceplatform", "beat", "--loglevel",
              "info", "--schedule", str(schedule)],
-            run_env,
+            {**run_env, "LOG_LEVEL": "DEBUG"},
             log_dir / f"beat-{label}.log",
             name=f"beat-{label}",
         )  # fmt: skip
@@ -381,6 +414,153 @@ def profile_advance(client: Any, group_id: int, top: int = 22) -> tuple[int, flo
     return created, elapsed, text.getvalue()
 
 
+def ramp_processes(label: str, env: dict[str, str], log_dir: Path) -> tuple[Process, Process]:
+    """A Celery worker (--pool solo) and beat with the default BULK_RAMP_INTERVAL, both ready
+    (the worker's "ready" line is INFO; beat's "Sending due task" is quiet below DEBUG)."""
+    worker = Process(
+        [sys.executable, "-m", "celery", "-A", "deviceplatform", "worker", "--pool", "solo",
+         "--loglevel", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        {**env, "LOG_LEVEL": "INFO"}, log_dir / f"worker-{label}.log", name=f"worker-{label}",
+    )  # fmt: skip
+    beat = Process(
+        [sys.executable, "-m", "celery", "-A", "deviceplatform", "beat", "--loglevel", "info",
+         "--schedule", str(log_dir / f"beat-{label}.schedule")],
+        {**env, "LOG_LEVEL": "DEBUG"}, log_dir / f"beat-{label}.log", name=f"beat-{label}",
+    )  # fmt: skip
+    wait_ready(worker)
+    wait_ready(beat, marker="Sending due task")
+    return worker, beat
+
+
+def copy_without_bulk(url: str, bulk_id: int) -> list[int]:
+    """Copies of the bulk operation's children that belong to no bulk operation (every column
+    but the ID, the bulk operation and the retry link): the ceiling's operations."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        columns = [
+            row[0]
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name ="
+                " 'devicecontrol_operation' AND column_name NOT IN"
+                " ('id', 'bulk_operation_id', 'retry_of_id') ORDER BY ordinal_position"
+            ).fetchall()
+        ]
+        names = ", ".join(columns)
+        return sorted(
+            row[0]
+            for row in conn.execute(
+                f"INSERT INTO devicecontrol_operation ({names}) SELECT {names}"  # noqa: S608
+                " FROM devicecontrol_operation WHERE bulk_operation_id = %s ORDER BY id"
+                " RETURNING id",
+                (bulk_id,),
+            ).fetchall()
+        )
+
+
+def status_updates(
+    args: argparse.Namespace,
+    *,
+    url: str,
+    database: str,
+    client: Any,
+    group_id: int,
+    env: dict[str, str],
+    log_dir: Path,
+    out: Report,
+) -> int:
+    """(d): PUT status updates on the children of one bulk operation and, as the ceiling, on as
+    many operations outside any bulk operation, in ABBA order (ceiling, bulk, bulk, ceiling) so
+    that a drift of the machine's speed hits both alike. Returns the number of failed checks."""
+    from bulkops.services import bulk_operations_advance
+
+    bulk_id, _ = post_bulk(client, group_id, 0)
+    bulk_operations_advance()
+    with psycopg.connect(url, autocommit=True) as conn:
+        children_ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM devicecontrol_operation WHERE bulk_operation_id = %s ORDER BY id",
+                (bulk_id,),
+            ).fetchall()
+        ]
+    loose_ids = copy_without_bulk(url, bulk_id)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+    out(
+        f"bulk operation {bulk_id}: {len(children_ids):,} PENDING children; ceiling: "
+        f"{len(loose_ids):,} copies of them in no bulk operation"
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = gunicorn_command(args.status_workers, port)
+    out(f"server: {shlex.join(command)}")
+    run_env = {**env, "BULK_RAMP_INTERVAL": "0.5"}
+    worker, beat = ramp_processes("d", run_env, log_dir)
+    server = Server(command, run_env, log_dir / "server-d.log")
+    failures = 0
+    try:
+        server.wait_ready(f"{base}/tenant/loginOptions")
+
+        def puts(ids: list[int], status: str) -> list[Call]:
+            body = orjson.dumps({"status": status})
+            return [Call("PUT", f"/devicecontrol/operations/{pk}", body) for pk in ids]
+
+        def has(status: str) -> Any:
+            def check(payload: bytes) -> str | None:
+                found = orjson.loads(payload).get("status")
+                return None if found == status else f"status {found}"
+
+            return check
+
+        async def drive() -> list[PhaseResult]:
+            results = []
+            async with Load(base, args.status_concurrency, server.pid, database) as http:
+                await http.warm_up(f"/devicecontrol/bulkoperations/{bulk_id}", median_factor=3)
+                for name, ids, status in (
+                    ("ceiling EXEC", loose_ids, "EXECUTING"),
+                    ("bulk EXEC", children_ids, "EXECUTING"),
+                    ("bulk SUCCESS", children_ids, "SUCCESSFUL"),
+                    ("ceiling SUCCESS", loose_ids, "SUCCESSFUL"),
+                ):
+                    results.append(
+                        await http.run(
+                            name, puts(ids, status), args.timeout, has(status), error_body=200
+                        )
+                    )
+                gets = [Call("GET", f"/devicecontrol/bulkoperations/{bulk_id}")] * 1000
+                results.append(await http.run("GET bulk", gets, args.timeout))
+            return results
+
+        results = asyncio.run(drive())
+    finally:
+        server.stop()
+        beat.stop()
+        worker.stop()
+    out(TABLE_HEADER)
+    for result in results:
+        out(result.row())
+        if result.errors:
+            failures += 1
+            out(f"  errors: {dict(result.error_kinds.most_common(3))}")
+    ceiling_rate = (results[0].done + results[3].done) / (results[0].elapsed + results[3].elapsed)
+    bulk_rate = (results[1].done + results[2].done) / (results[1].elapsed + results[2].elapsed)
+    out(
+        f"status updates/s on children of one bulk operation: {bulk_rate:,.1f}; ceiling (the same "
+        f"PUTs outside any bulk operation): {ceiling_rate:,.1f}; ratio {bulk_rate / ceiling_rate:.2f}x"
+    )
+    response = client.get(
+        f"/devicecontrol/bulkoperations/{bulk_id}", HTTP_ACCEPT="application/json"
+    )
+    body = orjson.loads(response.content)
+    size = len(children_ids)
+    expected = {"pending": 0, "failed": 0, "executing": 0, "successful": size, "all": size}
+    exact = body.get("progress") == expected and body.get("generalStatus") == "SUCCESSFUL"
+    out(
+        f"progress right after the last PUT: {body.get('progress')}, generalStatus "
+        f"{body.get('generalStatus')}: {'exact' if exact else 'WRONG, expected ' + str(expected)}"
+    )
+    return failures + (0 if exact else 1)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     url, admin_url = checked_database_url(args.database_url)
@@ -418,65 +598,67 @@ def main(argv: list[str]) -> int:
     warm = client.get("/devicecontrol/bulkoperations")  # the password hash, once
     if warm.status_code != 200:
         raise SystemExit(f"warm-up GET failed: {warm.status_code} {warm.content[:200]!r}")
-    ceiling_rate = ceiling(url, args.ceiling_rows, fleet["devices"], fleet["agents"])
-    out(
-        f"ceiling: 500-row multi-row INSERTs into a copy of devicecontrol_operation (same indexes), "
-        f"one transaction each: {ceiling_rate:,.0f} rows/s"
-    )
+    if "a" in args.part_set:
+        ceiling_rate = ceiling(url, args.ceiling_rows, fleet["devices"], fleet["agents"])
+        out(
+            "ceiling: 500-row multi-row INSERTs into a copy of devicecontrol_operation (same "
+            f"indexes), one transaction each: {ceiling_rate:,.0f} rows/s"
+        )
     out(f"setup: {time.perf_counter() - started:.1f} s")
     log_dir = Path(tempfile.mkdtemp(prefix="dp-bench-bulk-"))
     out(f"process logs: {log_dir}")
     failures = 0
 
     # --- (a) throughput ----------------------------------------------------------------------
-    out()
-    out(f"=== (a) creationRamp 0 over {args.devices:,} devices, beat every 1.0 s ===")
-    a = run_bulk(
-        "a", url=url, database=database, client=client, group_id=fleet["groups"]["all"], ramp=0,
-        interval=1.0, env=env, log_dir=log_dir, timeout=args.timeout,
-    )  # fmt: skip
-    out(f"worker: {shlex.join(a['worker_cmd'])}")
-    out(f"beat:   {shlex.join(a['beat_cmd'])}   (BULK_RAMP_INTERVAL=1.0)")
-    made = len(a["rows"])
-    if made != args.devices:
-        failures += 1
-        out(f"MISMATCH: {made:,} children for {args.devices:,} targets")
-    created_times = sorted(row[1] for row in a["rows"])
-    span = (created_times[-1] - created_times[0]).total_seconds() if created_times else math.nan
-    rate_wall = made / a["wall"]
-    rate_span = made / span if span else math.nan
-    out(
-        f"POST /devicecontrol/bulkoperations (snapshot of {args.devices:,} targets): {a['post'] * 1000:.0f} ms"
-    )
-    out(f"children created: {made:,} (exactly one per device: {made == args.devices})")
-    out(
-        f"POST answered -> COMPLETED: {a['wall']:.2f} s = {rate_wall:,.0f} children/s "
-        f"({rate_wall * 60:,.0f}/min; includes waiting up to 1 s for the first beat tick)"
-    )
-    out(
-        f"first -> last child creationTime: {span:.2f} s = {rate_span:,.0f} children/s "
-        f"({rate_span * 60:,.0f}/min)"
-    )
-    out(
-        f"vs AWS IoT Jobs 1,000/min: {rate_wall * 60 / AWS_IOT_JOBS_PER_MINUTE:.0f}x (wall), "
-        f"{rate_span * 60 / AWS_IOT_JOBS_PER_MINUTE:.0f}x (creation span); aim 100x = "
-        f"{AIM_PER_MINUTE / 60:,.0f}/s"
-    )
-    out(
-        f"ratio to the multi-row INSERT ceiling: {rate_span:,.0f} / {ceiling_rate:,.0f} = "
-        f"{rate_span / ceiling_rate:.2f}x"
-    )
-    out(
-        f"worker RSS: idle {a['rss_idle_kb'] / 1024:.0f} MiB, peak (VmHWM) {a['hwm_kb'] / 1024:.0f} MiB "
-        f"(+{(a['hwm_kb'] - a['hwm_idle_kb']) / 1024:.0f} MiB over its idle peak)"
-    )
-    out(
-        f"cores busy while ramping: worker {a['worker_cores']:.2f}, postgres {a['pg_cores']:.2f}, "
-        f"redis {a['redis_cores']:.2f}, other {a['other_cores']:.2f} (of {usable})"
-    )
+    if "a" in args.part_set:
+        out()
+        out(f"=== (a) creationRamp 0 over {args.devices:,} devices, beat every 1.0 s ===")
+        a = run_bulk(
+            "a", url=url, database=database, client=client, group_id=fleet["groups"]["all"], ramp=0,
+            interval=1.0, env=env, log_dir=log_dir, timeout=args.timeout,
+        )  # fmt: skip
+        out(f"worker: {shlex.join(a['worker_cmd'])}")
+        out(f"beat:   {shlex.join(a['beat_cmd'])}   (BULK_RAMP_INTERVAL=1.0)")
+        made = len(a["rows"])
+        if made != args.devices:
+            failures += 1
+            out(f"MISMATCH: {made:,} children for {args.devices:,} targets")
+        created_times = sorted(row[1] for row in a["rows"])
+        span = (created_times[-1] - created_times[0]).total_seconds() if created_times else math.nan
+        rate_wall = made / a["wall"]
+        rate_span = made / span if span else math.nan
+        out(
+            f"POST /devicecontrol/bulkoperations (snapshot of {args.devices:,} targets): {a['post'] * 1000:.0f} ms"
+        )
+        out(f"children created: {made:,} (exactly one per device: {made == args.devices})")
+        out(
+            f"POST answered -> COMPLETED: {a['wall']:.2f} s = {rate_wall:,.0f} children/s "
+            f"({rate_wall * 60:,.0f}/min; includes waiting up to 1 s for the first beat tick)"
+        )
+        out(
+            f"first -> last child creationTime: {span:.2f} s = {rate_span:,.0f} children/s "
+            f"({rate_span * 60:,.0f}/min)"
+        )
+        out(
+            f"vs AWS IoT Jobs 1,000/min: {rate_wall * 60 / AWS_IOT_JOBS_PER_MINUTE:.0f}x (wall), "
+            f"{rate_span * 60 / AWS_IOT_JOBS_PER_MINUTE:.0f}x (creation span); aim 100x = "
+            f"{AIM_PER_MINUTE / 60:,.0f}/s"
+        )
+        out(
+            f"ratio to the multi-row INSERT ceiling: {rate_span:,.0f} / {ceiling_rate:,.0f} = "
+            f"{rate_span / ceiling_rate:.2f}x"
+        )
+        out(
+            f"worker RSS: idle {a['rss_idle_kb'] / 1024:.0f} MiB, peak (VmHWM) {a['hwm_kb'] / 1024:.0f} MiB "
+            f"(+{(a['hwm_kb'] - a['hwm_idle_kb']) / 1024:.0f} MiB over its idle peak)"
+        )
+        out(
+            f"cores busy while ramping: worker {a['worker_cores']:.2f}, postgres {a['pg_cores']:.2f}, "
+            f"redis {a['redis_cores']:.2f}, other {a['other_cores']:.2f} (of {usable})"
+        )
 
     # --- (b) pace ------------------------------------------------------------------------------
-    for interval in args.interval_list:
+    for interval in args.interval_list if "b" in args.part_set else []:
         out()
         out(
             f"=== (b) creationRamp {args.ramp} s over {args.ramp_devices:,} devices, beat every "
@@ -521,6 +703,19 @@ def main(argv: list[str]) -> int:
         for line in text.splitlines():
             if line.strip():
                 out(line.rstrip())
+
+    # --- (d) status updates ----------------------------------------------------------------------
+    if args.status_devices:
+        out()
+        out(
+            f"=== (d) status updates: {args.status_devices:,} children of one bulk operation, "
+            f"{args.status_concurrency} concurrent agents, gunicorn {args.status_workers} sync "
+            "workers, worker and beat running ==="
+        )
+        failures += status_updates(
+            args, url=url, database=database, client=client, group_id=fleet["groups"]["status"],
+            env=env, log_dir=log_dir, out=out,
+        )  # fmt: skip
 
     flush_redis(redis_url)
     out()

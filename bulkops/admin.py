@@ -1,9 +1,10 @@
 """Operator UI for bulk operations: progress at a glance, the prototype, drill-down to the child
 operations by status, and reschedule/cancel through `bulkops.services`.
 
-Every number shown comes from the bulk operation's own row (the progress counters are columns kept
-in step with the children), so the changelist costs the same for 10 or 100,000 children and is
-correct on every page load. Writes go through the services, as the REST API's do: the change form
+Every number shown comes from the bulk operation's own row plus the progress deltas not folded
+into it yet (`bulkops.selectors`, in the same query as the rows), so the changelist costs the same
+for 10 or 100,000 children and is exact on every page load. A ramp that keeps failing on a bulk
+operation shows its reason in the "ramp error" column and on the change form. Writes go through the services, as the REST API's do: the change form
 rehearses `bulk_operation_update` in a savepoint that is always rolled back, so a refusal (a
 negative ramp, a bulk operation that completed meanwhile) is a form error and nothing is written.
 Bulk operations are created by the API only, so the admin offers no "add"; the API's DELETE is a
@@ -25,7 +26,13 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from bulkops.models import RUNNING_STATUSES, BulkOperation
-from bulkops.serializers import GENERAL_STATUSES, general_status, general_status_q
+from bulkops.selectors import bulk_operation_progress, bulk_operations_with_progress
+from bulkops.serializers import (
+    GENERAL_STATUSES,
+    general_status,
+    general_status_q,
+    progress_json,
+)
 from bulkops.services import bulk_operation_cancel, bulk_operation_update
 from devicecontrol.models import OperationStatus
 from deviceplatform.api.dates import format_datetime
@@ -57,15 +64,7 @@ CHILD_STATUSES = (
 
 def progress(bulk: BulkOperation) -> dict[str, int]:
     """The counters as the API reports them (bulkoperations.md §5), plus what is not created yet."""
-    created = bulk.pending + bulk.executing + bulk.successful + bulk.failed
-    return {
-        "successful": bulk.successful,
-        "failed": bulk.failed,
-        "executing": bulk.executing,
-        "pending": bulk.pending,
-        "not yet created": bulk.remaining,
-        "all": created + bulk.remaining,
-    }
+    return {**progress_json(bulk, bulk_operation_progress(bulk)), "not yet created": bulk.remaining}
 
 
 def progress_bar(bulk: BulkOperation) -> str:
@@ -164,6 +163,25 @@ class GeneralStatusFilter(admin.SimpleListFilter):
         return queryset.filter(general_status_q(value))
 
 
+class RampErrorFilter(admin.SimpleListFilter):
+    """Bulk operations whose ramp failed on its last attempt (`c8y_RampError`)."""
+
+    title = "ramp error"
+    parameter_name = "ramp_error"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", "failing"), ("no", "none")]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[BulkOperation]
+    ) -> QuerySet[BulkOperation]:
+        if self.value() == "yes":
+            return queryset.filter(ramp_error_count__gt=0)
+        if self.value() == "no":
+            return queryset.filter(ramp_error_count=0)
+        return queryset
+
+
 # --- change form -----------------------------------------------------------------------------
 
 
@@ -219,9 +237,10 @@ class BulkOperationAdmin(admin.ModelAdmin):
         "status",
         "general_status_display",
         "progress_display",
+        "ramp_error_display",
     ]
     list_display_links = ["id"]
-    list_filter = ["status", GeneralStatusFilter]
+    list_filter = ["status", GeneralStatusFilter, RampErrorFilter]
     # Searched by get_search_results (IDs only); listed here so the search box shows.
     search_fields = ["id", "group_id", "failed_parent_id"]
     search_help_text = "Bulk operation ID, group ID or failed-parent bulk operation ID."
@@ -241,6 +260,7 @@ class BulkOperationAdmin(admin.ModelAdmin):
         "last_updated",
         "effective_start",
         "next_due_at",
+        "ramp_error_display",
     ]
     fieldsets = [
         (
@@ -254,7 +274,14 @@ class BulkOperationAdmin(admin.ModelAdmin):
         ),
         (
             "Schedule",
-            {"fields": ["start_date", "creation_ramp", ("effective_start", "next_due_at")]},
+            {
+                "fields": [
+                    "start_date",
+                    "creation_ramp",
+                    ("effective_start", "next_due_at"),
+                    "ramp_error_display",
+                ]
+            },
         ),
         ("Progress", {"fields": ["progress_display", "counters", "child_links"]}),
         ("Operation prototype", {"fields": ["prototype_json", "fragments_json"]}),
@@ -263,8 +290,10 @@ class BulkOperationAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[BulkOperation]:
         # The group's name in the same query as the rows (no query per row).
+        # The group's name and the exact progress in the same query as the rows.
         names = ManagedObject.objects.filter(pk=OuterRef("group_id")).values("name")[:1]
-        return super().get_queryset(request).annotate(group_name=Subquery(names))
+        queryset = bulk_operations_with_progress(super().get_queryset(request))
+        return queryset.annotate(group_name=Subquery(names))
 
     def get_readonly_fields(self, request: HttpRequest, obj: BulkOperation | None = None) -> Any:
         if obj is not None and obj.status not in RUNNING_STATUSES:
@@ -309,6 +338,21 @@ class BulkOperationAdmin(admin.ModelAdmin):
     def general_status_display(self, obj: BulkOperation) -> str:
         return general_status(obj)
 
+    @admin.display(description="ramp error", ordering="ramp_error_count")
+    def ramp_error_display(self, obj: BulkOperation) -> str:
+        if not obj.ramp_error_count:
+            return "-"
+        when = format_datetime(obj.ramp_error_at) if obj.ramp_error_at else "?"
+        return format_html(
+            '<span class="bulk-ramp-error" style="color: #c62828;" title="{}">{} '
+            "(failed {} time(s) in a row, last at {}; retried at {})</span>",
+            obj.ramp_error,
+            obj.ramp_error,
+            obj.ramp_error_count,
+            when,
+            format_datetime(obj.next_due_at) if obj.next_due_at else "-",
+        )
+
     @admin.display(description="progress")
     def progress_display(self, obj: BulkOperation) -> str:
         return progress_bar(obj)
@@ -325,12 +369,14 @@ class BulkOperationAdmin(admin.ModelAdmin):
 
     @admin.display(description="child operations by status")
     def child_links(self, obj: BulkOperation) -> str:
+        # The counts are target devices by their latest attempt; the linked lists show every
+        # attempt (retries included).
+        counts = bulk_operation_progress(obj)
         links = [
-            (children_url(obj.pk, status), status, getattr(obj, status.lower()))
+            (children_url(obj.pk, status), status, counts[status.lower()])
             for status in CHILD_STATUSES
         ]
-        created = obj.pending + obj.executing + obj.successful + obj.failed
-        links.append((children_url(obj.pk), "all", created))
+        links.append((children_url(obj.pk), "all", sum(counts.values())))
         return format_html_join(" · ", '<a href="{}">{} ({})</a>', links)
 
     @admin.display(description="operation prototype")

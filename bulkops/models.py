@@ -16,6 +16,8 @@ class BulkStatus(models.TextChoices):
 
 
 RUNNING_STATUSES = (BulkStatus.ACTIVE, BulkStatus.IN_PROGRESS)
+# The progress counters, in the order of the API's `progress` object.
+COUNTERS = ("pending", "failed", "executing", "successful")
 
 
 class BulkOperation(models.Model):
@@ -25,9 +27,13 @@ class BulkOperation(models.Model):
     The ramp state is `next_index` (the next position to process) and the schedule it runs on:
     position p is due at `effective_start + (p - first_index) * creation_ramp`; `next_due_at` is
     the due time of `next_index`, indexed, so the beat task finds due work without scanning.
-    `pending`/`executing`/`successful`/`failed` count the existing child operations by status;
-    they change in the same transaction as the children (devicecontrol STATUS_CHANGE_HOOKS), so
-    reading a bulk operation never counts its children."""
+    `pending`/`executing`/`successful`/`failed` count the target devices by the status of their
+    latest child operation (a retry supersedes the attempt it retries), as folded so far: a status
+    change never writes this row (it would serialise every agent on it) but inserts a
+    `BulkProgressDelta`, which the beat task folds in here. The exact progress is these columns
+    plus the deltas not folded yet (`bulkops.selectors`), so reading a bulk operation never counts
+    its children. `ramp_error*` describe the last failed attempt to advance the ramp (cleared
+    when it advances again): the reason, when, and how many attempts in a row failed."""
 
     group_id = models.BigIntegerField(null=True, blank=True)
     failed_parent_id = models.BigIntegerField(null=True, blank=True)
@@ -48,6 +54,9 @@ class BulkOperation(models.Model):
     executing = models.IntegerField(default=0)
     successful = models.IntegerField(default=0)
     failed = models.IntegerField(default=0)
+    ramp_error = models.TextField(null=True, blank=True)
+    ramp_error_at = models.DateTimeField(null=True, blank=True)
+    ramp_error_count = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["id"]
@@ -89,3 +98,27 @@ class BulkOperationTarget(models.Model):
 
     def __str__(self) -> str:
         return f"{self.bulk_operation_id}#{self.position} -> {self.device_id}"
+
+
+class BulkProgressDelta(models.Model):
+    """A change of a bulk operation's progress counters, inserted in the transaction that changed
+    its children's statuses (one row per bulk operation and transaction) and folded into the bulk
+    operation's row by the beat task (`bulk_progress_fold`). `bulk_operation_id` is deliberately
+    not a foreign key: its check would lock the bulk operation's row (FOR KEY SHARE) in every
+    status change, the very serialisation these rows avoid."""
+
+    bulk_operation_id = models.BigIntegerField()
+    pending = models.IntegerField(default=0)
+    executing = models.IntegerField(default=0)
+    successful = models.IntegerField(default=0)
+    failed = models.IntegerField(default=0)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["bulk_operation_id", "id"], name="bulk_delta_idx")]
+
+    def __str__(self) -> str:
+        return (
+            f"bulk operation {self.bulk_operation_id}: pending {self.pending:+d}, executing "
+            f"{self.executing:+d}, successful {self.successful:+d}, failed {self.failed:+d}"
+        )

@@ -4,7 +4,13 @@ The ramp (`bulk_operations_advance`) claims one due bulk operation at a time wit
 `FOR UPDATE SKIP LOCKED`, creates its due children through devicecontrol's batched create in the
 same transaction that moves `next_index`, and commits. A worker killed mid-batch rolls the whole
 batch back; two workers never hold the same bulk operation; and a unique constraint on
-(bulk operation, device) makes a second child for a device impossible even if all that failed."""
+(bulk operation, device) makes a second child for a device impossible even if all that failed.
+A bulk operation whose batch fails (whatever the reason, at commit included) is set aside: the
+failure is recorded on it (`c8y_RampError`), it is retried with back-off, and the others go on.
+
+Progress: a child's status change inserts a `BulkProgressDelta` in its own transaction and never
+touches the bulk operation's row; the beat task folds the deltas into the row
+(`bulk_progress_fold`), and reads add the deltas not folded yet (`bulkops.selectors`)."""
 
 from __future__ import annotations
 
@@ -12,14 +18,20 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from bulkops.models import RUNNING_STATUSES, BulkOperation, BulkOperationTarget, BulkStatus
+from bulkops.models import (
+    RUNNING_STATUSES,
+    BulkOperation,
+    BulkOperationTarget,
+    BulkProgressDelta,
+    BulkStatus,
+)
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.services import (
     StatusChange,
@@ -27,7 +39,7 @@ from devicecontrol.services import (
     operations_create_many,
 )
 from deviceplatform.api.dates import parse_datetime
-from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
+from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
 from deviceplatform.api.params import parse_id
 from inventory.models import ManagedObject
 from inventory.query import parse_query
@@ -37,7 +49,12 @@ logger = logging.getLogger(__name__)
 
 NO_AGENT_REASON = "Device is not in the childDevices hierarchy of any agent"
 INVALID = "devicecontrol/Invalid Data"
-READ_ONLY_KEYS = frozenset({"id", "self", "status", "generalStatus", "progress"})
+RAMP_ERROR_KEY = "c8y_RampError"
+READ_ONLY_KEYS = frozenset({"id", "self", "status", "generalStatus", "progress", RAMP_ERROR_KEY})
+# A bulk operation whose ramp failed is tried again after 5 s, then 10, 20, ... at most 10 min.
+RAMP_RETRY_FIRST_SECONDS = 5
+RAMP_RETRY_MAX_SECONDS = 600
+RAMP_ERROR_MAX_CHARS = 1000
 SELECTOR_KEYS = ("groupId", "failedParentId", "failedBulkOperationId")
 KNOWN_KEYS = frozenset(
     {*READ_ONLY_KEYS, *SELECTOR_KEYS, "startDate", "creationRamp", "operationPrototype"}
@@ -121,8 +138,11 @@ def _targets(selector: tuple[str, int]) -> list[int]:
         return list(members.order_by("pk").values_list("pk", flat=True).distinct())
     if not BulkOperation.objects.filter(pk=target_id).exists():
         raise ValidationFailed(f"Bulk operation {target_id} does not exist", error=INVALID)
+    # The devices whose latest attempt failed: a retry that succeeded superseded the failure.
     return list(
-        Operation.objects.filter(bulk_operation_id=target_id, status=OperationStatus.FAILED)
+        Operation.objects.filter(
+            bulk_operation_id=target_id, status=OperationStatus.FAILED, superseded=False
+        )
         .order_by("device_id")
         .values_list("device_id", flat=True)
         .distinct()
@@ -142,10 +162,25 @@ def _extra_fragments(data: dict[str, Any]) -> dict[str, Any]:
 # --- schedule ----------------------------------------------------------------------------------
 
 
+MICROSECOND = timedelta(microseconds=1)
+# Where a schedule runs past what a date-time can hold (creationRamp up to 10^7 s times many
+# targets): those positions are never due.
+NEVER = datetime(9999, 12, 31, tzinfo=UTC)
+
+
+def _due_offset(bulk: BulkOperation, position: int) -> int:
+    """Microseconds from `effective_start` to the due time of `position`: the one schedule, in
+    integers, that both the due time (`_due_at`) and the due count (`_due_end`) come from. The ramp
+    is rounded to whole microseconds once, so position k is due exactly k ramps after the start."""
+    return (position - bulk.first_index) * round(bulk.creation_ramp * 1_000_000)
+
+
 def _due_at(bulk: BulkOperation, position: int) -> datetime:
-    return bulk.effective_start + timedelta(
-        seconds=(position - bulk.first_index) * bulk.creation_ramp
-    )
+    offset = _due_offset(bulk, position)
+    try:
+        return min(bulk.effective_start + offset * MICROSECOND, NEVER)
+    except OverflowError:
+        return NEVER
 
 
 def _schedule(bulk: BulkOperation, now: datetime) -> None:
@@ -285,14 +320,15 @@ def bulk_operation_cancel(
 
 
 def _due_end(bulk: BulkOperation, now: datetime) -> int:
-    """One past the last position due at `now`."""
+    """One past the last position due at `now`: every position p with `_due_offset(p)` at most
+    the microseconds elapsed since the start (so `_due_at(p) <= now` exactly when p < the result)."""
     if now < bulk.effective_start:
         return bulk.next_index
-    if bulk.creation_ramp == 0:
+    step = _due_offset(bulk, bulk.first_index + 1)
+    if step == 0:
         return bulk.target_count
-    elapsed = (now - bulk.effective_start).total_seconds()
-    due = bulk.first_index + math.floor(elapsed / bulk.creation_ramp + 1e-9) + 1
-    return min(bulk.target_count, due)
+    elapsed = (now - bulk.effective_start) // MICROSECOND
+    return min(bulk.target_count, bulk.first_index + elapsed // step + 1)
 
 
 def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
@@ -322,28 +358,106 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
     else:
         bulk.status = BulkStatus.IN_PROGRESS
         bulk.next_due_at = _due_at(bulk, bulk.next_index)
-    bulk.save(update_fields=["next_index", "status", "next_due_at", "dropped"])
+    # It advanced: an earlier failure is over.
+    bulk.ramp_error, bulk.ramp_error_at, bulk.ramp_error_count = None, None, 0
+    bulk.save(
+        update_fields=[
+            "next_index",
+            "status",
+            "next_due_at",
+            "dropped",
+            "ramp_error",
+            "ramp_error_at",
+            "ramp_error_count",
+        ]
+    )
     return len(device_ids)
+
+
+def ramp_retry_delay(attempts: int) -> timedelta:
+    """How long the ramp leaves a bulk operation alone after `attempts` failures in a row."""
+    seconds = RAMP_RETRY_FIRST_SECONDS * 2 ** min(max(attempts - 1, 0), 20)
+    return timedelta(seconds=min(seconds, RAMP_RETRY_MAX_SECONDS))
+
+
+def _failure_reason(exc: BaseException) -> str:
+    reason = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+    return reason[:RAMP_ERROR_MAX_CHARS]
+
+
+def _record_ramp_error(
+    bulk_id: int, exc: Exception, now: datetime, tried_index: int | None
+) -> timedelta | None:
+    """Store the failure on the bulk operation and push its next due time out by the back-off, in
+    a transaction of its own (the failed one is rolled back). Nothing is recorded if the bulk
+    operation moved on meanwhile (another worker advanced, or it was cancelled). Returns the delay."""
+    with transaction.atomic():
+        rows = BulkOperation.objects.select_for_update().filter(
+            pk=bulk_id, status__in=RUNNING_STATUSES
+        )
+        if tried_index is not None:
+            rows = rows.filter(next_index=tried_index)
+        # Only these columns: the row may hold values that cannot be read back (that may be
+        # the very failure).
+        attempts = rows.values_list("ramp_error_count", flat=True).first()
+        if attempts is None:
+            return None
+        delay = ramp_retry_delay(attempts + 1)
+        BulkOperation.objects.filter(pk=bulk_id).update(
+            ramp_error=_failure_reason(exc),
+            ramp_error_at=now,
+            ramp_error_count=attempts + 1,
+            next_due_at=now + delay,
+        )
+    return delay
 
 
 def bulk_operations_advance(*, now: datetime | None = None, batch_size: int = 500) -> int:
     """Create every child operation due at `now`, `batch_size` per transaction. Returns the number
-    of targets processed. Safe to run in several workers at once (SKIP LOCKED)."""
+    of targets processed. Safe to run in several workers at once (SKIP LOCKED).
+
+    Each batch is a transaction of its own. One that fails, for any reason (a stored prototype
+    that today's validation refuses, a device deleted while its child was being inserted, ...),
+    is rolled back and recorded on its bulk operation (`c8y_RampError`), which is then left alone
+    for `ramp_retry_delay` and skipped for the rest of this run: it never stops the others."""
     processed: Counter[int] = Counter()  # targets processed per bulk operation in this run
     latest: dict[int, BulkOperation] = {}
+    failed: set[int] = set()
     while True:
         moment = now or timezone.now()
-        with transaction.atomic():
-            bulk = (
-                BulkOperation.objects.select_for_update(skip_locked=True)
-                .filter(status__in=RUNNING_STATUSES, next_due_at__lte=moment)
-                .order_by("next_due_at", "pk")
-                .first()
+        claimed: int | None = None
+        tried_index: int | None = None
+        try:
+            with transaction.atomic():
+                # The ID alone first: a row that cannot even be loaded is still isolated.
+                claimed = (
+                    BulkOperation.objects.select_for_update(skip_locked=True)
+                    .filter(status__in=RUNNING_STATUSES, next_due_at__lte=moment)
+                    .exclude(pk__in=failed)
+                    .order_by("next_due_at", "pk")
+                    .values_list("pk", flat=True)
+                    .first()
+                )
+                if claimed is None:
+                    break
+                bulk = BulkOperation.objects.get(pk=claimed)  # locked by the claim
+                tried_index = bulk.next_index
+                count = _advance_one(bulk, moment, batch_size)
+        except Exception as exc:
+            if claimed is None:
+                raise  # the claim itself failed: nothing to set aside
+            failed.add(claimed)
+            delay = _record_ramp_error(claimed, exc, moment, tried_index)
+            logger.warning(
+                "Bulk ramp: bulk operation %s failed (%s); %s",
+                claimed,
+                _failure_reason(exc),
+                f"retried in {delay.total_seconds():g} s" if delay else "it moved on meanwhile",
+                exc_info=not isinstance(exc, ApiError),
             )
-            if bulk is None:
-                break
-            processed[bulk.pk] += _advance_one(bulk, moment, batch_size)
-            latest[bulk.pk] = bulk
+            continue
+        processed[claimed] += count
+        latest[claimed] = bulk
     total = processed.total()
     # One line per run that did something; an idle tick (every BULK_RAMP_INTERVAL) logs nothing.
     if latest:
@@ -370,14 +484,73 @@ COUNTER_FIELDS = {
 
 
 def bulk_progress_apply(changes: list[StatusChange]) -> None:
-    """devicecontrol STATUS_CHANGE_HOOKS: move the counters in the changing transaction."""
+    """devicecontrol STATUS_CHANGE_HOOKS: record the counter changes in the changing transaction,
+    as one `BulkProgressDelta` row per bulk operation. An INSERT only: the bulk operation's row is
+    neither written nor locked, so agents changing children of one bulk operation at once do not
+    wait for each other (nor for the ramp, which holds that row while it creates children)."""
     deltas: dict[int, Counter[str]] = defaultdict(Counter)
     for change in changes:
         if change.old is not None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.old]] -= 1
         if change.new is not None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.new]] += 1
-    for bulk_id, delta in sorted(deltas.items()):
-        updates = {field: F(field) + value for field, value in delta.items() if value}
-        if updates:
-            BulkOperation.objects.filter(pk=bulk_id).update(**updates)
+    rows = [
+        BulkProgressDelta(bulk_operation_id=bulk_id, **delta)
+        for bulk_id, delta in sorted(deltas.items())
+        if any(delta.values())
+    ]
+    if rows:
+        BulkProgressDelta.objects.bulk_create(rows)
+
+
+def _fold_one(bulk_id: int, batch_size: int) -> int | None:
+    """Fold up to `batch_size` deltas of one bulk operation into its row, in one transaction
+    under its row lock (SKIP LOCKED: None if someone holds it). Returns the deltas folded. A
+    reader's single statement sees either the row before and the deltas, or the row after and
+    not them: reads stay exact while this runs."""
+    with transaction.atomic():
+        locked = (
+            BulkOperation.objects.select_for_update(skip_locked=True)
+            .filter(pk=bulk_id)
+            .values_list("pk", flat=True)
+            .first()
+        )
+        if locked is None and BulkOperation.objects.filter(pk=bulk_id).exists():
+            return None
+        rows = list(
+            BulkProgressDelta.objects.filter(bulk_operation_id=bulk_id)
+            .order_by("pk")
+            .values_list("pk", *COUNTER_FIELDS.values())[:batch_size]
+        )
+        if not rows:
+            return 0
+        if locked is not None:  # deltas of a bulk operation deleted meanwhile just go
+            sums = dict.fromkeys(COUNTER_FIELDS.values(), 0)
+            for row in rows:
+                for field, value in zip(COUNTER_FIELDS.values(), row[1:], strict=True):
+                    sums[field] += value
+            updates = {field: F(field) + value for field, value in sums.items() if value}
+            if updates:
+                BulkOperation.objects.filter(pk=bulk_id).update(**updates)
+        BulkProgressDelta.objects.filter(pk__in=[row[0] for row in rows]).delete()
+    return len(rows)
+
+
+def bulk_progress_fold(*, batch_size: int = 5000) -> int:
+    """Fold every committed progress delta into its bulk operation's counters (the beat task runs
+    this after the ramp). Each bulk operation in transactions of its own, `batch_size` deltas
+    each; one locked by the ramp or another folder is left for the next run. Idempotent and safe
+    in several workers at once. Returns the number of deltas folded."""
+    bulk_ids = list(
+        BulkProgressDelta.objects.order_by("bulk_operation_id")
+        .values_list("bulk_operation_id", flat=True)
+        .distinct()
+    )
+    total = 0
+    for bulk_id in bulk_ids:
+        while True:
+            folded = _fold_one(bulk_id, batch_size)
+            total += folded or 0
+            if folded is None or folded < batch_size:
+                break
+    return total

@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from bulkops import services
 from bulkops.filters import bulk_operations_filter
 from bulkops.models import BulkOperation
+from bulkops.selectors import bulk_operations_with_progress
 from bulkops.serializers import bulk_operation_json, bulk_operation_url
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.pagination import paginated
@@ -21,9 +22,10 @@ ADMIN = frozenset({Role.BULK_OPERATION_ADMIN})
 
 
 class BulkOperationView(CumulocityView):
-    def get_bulk_operation(self, pk: str) -> BulkOperation:
+    def get_bulk_operation(self, pk: str | int) -> BulkOperation:
+        """The bulk operation with its exact progress (one query), 404 if there is none."""
         try:
-            bulk = BulkOperation.objects.filter(pk=parse_id(pk)).first()
+            bulk = bulk_operations_with_progress().filter(pk=parse_id(pk)).first()
         except Exception:
             bulk = None
         if bulk is None:
@@ -36,7 +38,7 @@ class BulkOperationCollectionView(BulkOperationView):
     required_roles = {"GET": READ, "POST": ADMIN}
 
     def get(self, request: Any) -> Response:
-        queryset = bulk_operations_filter(BulkOperation.objects.all(), request.GET)
+        queryset = bulk_operations_filter(bulk_operations_with_progress(), request.GET)
         base = self.base
         return self.respond(
             paginated(
@@ -50,6 +52,7 @@ class BulkOperationCollectionView(BulkOperationView):
 
     def post(self, request: Any) -> Response:
         bulk = services.bulk_operation_create(data=self.request_object())
+        bulk = self.get_bulk_operation(bulk.pk)  # as it is now, progress included
         return self.respond(
             lambda: bulk_operation_json(bulk, base=self.base),
             MediaType.BULK_OPERATION,
@@ -77,6 +80,7 @@ class BulkOperationDetailView(BulkOperationView):
             data=self.request_object(),
             precondition=self.if_match(self.render),
         )
+        bulk = self.get_bulk_operation(bulk.pk)  # as committed, progress included
         return self.respond(lambda: self.render(bulk), MediaType.BULK_OPERATION, etag=True)
 
     def delete(self, request: Any, pk: str) -> Response:

@@ -51,6 +51,10 @@ class Operation(models.Model):
     retry_of = models.ForeignKey(
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="retries"
     )
+    # A bulk child that was retried: the retry is now the device's attempt in the bulk operation,
+    # and only that one counts in its progress (and can be retried again). Deleting the retry
+    # makes the attempt before it the latest again.
+    superseded = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["id"]
@@ -60,6 +64,12 @@ class Operation(models.Model):
                 fields=["bulk_operation_id", "device"],
                 name="operation_bulk_device_unique",
                 condition=models.Q(bulk_operation_id__isnull=False, retry_of__isnull=True),
+            ),
+            # One latest attempt per device and bulk operation: a retry supersedes the one before.
+            models.UniqueConstraint(
+                fields=["bulk_operation_id", "device"],
+                name="operation_bulk_latest_unique",
+                condition=models.Q(bulk_operation_id__isnull=False, superseded=False),
             ),
         ]
         indexes = [

@@ -122,12 +122,18 @@ def reload(bulk: BulkOperation) -> BulkOperation:
 
 
 def counted_progress(bulk: BulkOperation | int) -> dict[str, int]:
-    """The progress counters computed by counting the child operations directly, plus `all`
-    from the stored targets not yet processed."""
+    """The progress counters computed by counting the child operations directly, each device by
+    its latest attempt (its child with the highest ID: a retry comes after what it retries), plus
+    `all` from the stored targets not yet processed."""
     pk = bulk if isinstance(bulk, int) else bulk.pk
-    by_status = Counter(
-        Operation.objects.filter(bulk_operation_id=pk).values_list("status", flat=True)
-    )
+    latest: dict[int, str] = {}
+    for device_id, status in (
+        Operation.objects.filter(bulk_operation_id=pk)
+        .order_by("pk")
+        .values_list("device_id", "status")
+    ):
+        latest[device_id] = status
+    by_status = Counter(latest.values())
     row = BulkOperation.objects.get(pk=pk)
     waiting = 0 if row.status == "DELETED" else max(row.target_count - row.next_index, 0)
     counts = {

@@ -10,6 +10,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from bulkops import services
 from bulkops.models import BulkOperation
 from devicecontrol import services as dc
 from devicecontrol.models import Operation
@@ -115,7 +116,7 @@ def test_progress_after_expiry_and_timeout(bapi: Clients, fleet: Fleet) -> None:
     assert body["generalStatus"] == "FAILED"
 
 
-def test_retry_keeps_bulk_operation_id_and_counts_both_rows(bapi: Clients, fleet: Fleet) -> None:
+def test_retry_replaces_the_failed_attempt_in_the_counters(bapi: Clients, fleet: Fleet) -> None:
     bulk = create_bulk(fleet.group, creationRamp=0)
     advance(0)
     first, second, third = children(bulk)
@@ -125,19 +126,26 @@ def test_retry_keeps_bulk_operation_id_and_counts_both_rows(bapi: Clients, fleet
     assert assert_truthful(bapi, bulk)["generalStatus"] == "FAILED"
     retry = dc.operation_retry(operation=failed, now=at(2))
     assert retry.bulk_operation_id == bulk.pk
-    # The failed original stays a FAILED child; the retry is one more PENDING child.
+    # The retry is the device's attempt now: the failure leaves the counters, `all` stays 3.
     body = assert_truthful(bapi, bulk)
     assert body["progress"] == {
         "pending": 1,
-        "failed": 1,
+        "failed": 0,
         "executing": 0,
         "successful": 2,
-        "all": 4,
+        "all": 3,
     }
-    assert body["generalStatus"] == "EXECUTING_WITH_ERRORS"
+    assert body["generalStatus"] == "EXECUTING"
     dc.operation_update(operation_id=retry.pk, data={"status": "SUCCESSFUL"}, now=at(3))
     body = assert_truthful(bapi, bulk)
-    assert body["generalStatus"] == "FAILED"  # the original still failed
+    assert body["progress"] == {
+        "pending": 0,
+        "failed": 0,
+        "executing": 0,
+        "successful": 3,
+        "all": 3,
+    }
+    assert body["generalStatus"] == "SUCCESSFUL"
 
 
 def test_children_deleted_by_filter_lower_the_counters(
@@ -212,6 +220,7 @@ def test_rolled_back_update_leaves_counters_unchanged(
         rolled_back(lambda: advance(4))
     assert get_bulk(bapi["bulk_reader"], started.pk)["progress"] == before
     assert assert_truthful(bapi, started)["progress"] == before
+    services.bulk_progress_fold()
     row = reload(started)
     assert (row.pending, row.failed, row.next_index) == (3, 0, 3)
 
