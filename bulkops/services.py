@@ -175,11 +175,18 @@ def _due_offset(bulk: BulkOperation, position: int) -> int:
     return (position - bulk.first_index) * round(bulk.creation_ramp * 1_000_000)
 
 
-def _due_at(bulk: BulkOperation, position: int) -> datetime:
-    offset = _due_offset(bulk, position)
+def _later(moment: datetime, delta: timedelta) -> datetime:
+    """`moment + delta`, or NEVER where that is past what a date-time can hold."""
     try:
-        return min(bulk.effective_start + offset * MICROSECOND, NEVER)
+        return min(moment + delta, NEVER)
     except OverflowError:
+        return NEVER
+
+
+def _due_at(bulk: BulkOperation, position: int) -> datetime:
+    try:
+        return _later(bulk.effective_start, _due_offset(bulk, position) * MICROSECOND)
+    except OverflowError:  # beyond even a timedelta
         return NEVER
 
 
@@ -407,7 +414,7 @@ def _record_ramp_error(
             ramp_error=_failure_reason(exc),
             ramp_error_at=now,
             ramp_error_count=attempts + 1,
-            next_due_at=now + delay,
+            next_due_at=_later(now, delay),
         )
     return delay
 

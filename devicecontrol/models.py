@@ -59,13 +59,9 @@ class Operation(models.Model):
     class Meta:
         ordering = ["id"]
         constraints = [
-            # Exactly once per device and bulk operation (retries of a child are separate rows).
-            models.UniqueConstraint(
-                fields=["bulk_operation_id", "device"],
-                name="operation_bulk_device_unique",
-                condition=models.Q(bulk_operation_id__isnull=False, retry_of__isnull=True),
-            ),
-            # One latest attempt per device and bulk operation: a retry supersedes the one before.
+            # One latest attempt per device and bulk operation: the ramp creates each device's
+            # child exactly once, and a retry supersedes the attempt before it. (Not "one row
+            # with retry_of NULL": deleting an original sets its retry's retry_of to NULL first.)
             models.UniqueConstraint(
                 fields=["bulk_operation_id", "device"],
                 name="operation_bulk_latest_unique",
