@@ -21,11 +21,13 @@ from devicecontrol import selectors
 from devicecontrol.models import FINAL_STATUSES
 from devicecontrol.realtime import device_channel
 from devicecontrol.serializers import operation_json, operation_url
+from deviceplatform.api.auth_throttle import TooManyFailures, client_address
 from deviceplatform.api.authentication import BAD_CREDENTIALS, authenticate_header_value
 from deviceplatform.api.exceptions import (
     ApiError,
     error_response,
     method_not_allowed_response,
+    throttled_response,
     unauthorized_response,
 )
 from deviceplatform.api.media_types import MediaType, response_content_type
@@ -61,7 +63,12 @@ def _device_id(request: HttpRequest) -> int | None:
 @csrf_exempt
 async def operation_create_and_wait(request: HttpRequest) -> HttpResponse:
     # Authentication first (auth.md §6); the create view checks roles and the body again.
-    user = await sync_to_async(authenticate_header_value)(request.META.get("HTTP_AUTHORIZATION"))
+    try:
+        user = await sync_to_async(authenticate_header_value)(
+            request.META.get("HTTP_AUTHORIZATION"), client=client_address(request.META)
+        )
+    except TooManyFailures as limited:
+        return throttled_response(limited)
     if user is None:
         return unauthorized_response(BAD_CREDENTIALS)
     if request.method != "POST":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import secrets
@@ -19,6 +18,7 @@ from django.contrib.auth import get_user_model
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 
+from deviceplatform.api.auth_throttle import check_allowed, client_address, record_failure
 from deviceplatform.roles import Role, user_roles
 
 BAD_CREDENTIALS = "Invalid credentials! : Bad credentials"
@@ -27,16 +27,19 @@ BAD_CREDENTIALS = "Invalid credentials! : Bad credentials"
 def parse_basic_authorization(header: str) -> tuple[str, str]:
     """(username, password) from `Basic base64(login:password)`; the tenant prefix must be ours.
 
-    Raises AuthenticationFailed for anything malformed or for a foreign tenant."""
+    Raises AuthenticationFailed for anything malformed or for a foreign tenant: also for bytes
+    outside ASCII in the header (servers hand them over as latin-1 characters, which base64 has no
+    use for) and for a NUL in the credentials (no stored name or password holds one, and
+    PostgreSQL refuses it in a query)."""
     scheme, _, encoded = header.strip().partition(" ")
     if scheme.lower() != "basic" or not encoded.strip():
         raise exceptions.AuthenticationFailed(BAD_CREDENTIALS)
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # binascii.Error, UnicodeDecodeError, non-ASCII str
         raise exceptions.AuthenticationFailed(BAD_CREDENTIALS) from exc
     login, sep, password = decoded.partition(":")  # passwords may contain ':'
-    if not sep or not login:
+    if not sep or not login or "\x00" in decoded:
         raise exceptions.AuthenticationFailed(BAD_CREDENTIALS)
     if "/" in login:
         tenant, _, login = login.partition("/")
@@ -151,33 +154,45 @@ def attach_roles(user: Any) -> Any:
     return user
 
 
-def authenticate_credentials(username: str, password: str) -> Any:
-    """The active user with these credentials, or None. One query when the password is cached."""
+def authenticate_credentials(username: str, password: str, *, client: str | None = None) -> Any:
+    """The active user with these credentials, or None. One query when the password is cached.
+
+    A check that fails counts against the username and the client address (`auth_throttle`);
+    once either is used up, raises TooManyFailures instead of checking (no hash), except for
+    credentials this process verified before."""
     user_model = get_user_model()
     user = user_model.objects.filter(username__iexact=username, is_active=True).first()
-    if user is None or not user.password:
-        return None
-    if password_cache.is_verified(user.pk, user.password, password):
+    if (
+        user is not None
+        and user.password
+        and password_cache.is_verified(user.pk, user.password, password)
+    ):
         return attach_roles(user)
+    check_allowed(username, client)
+    if user is None or not user.password:
+        record_failure(username, client)
+        return None
     with password_cache.single_flight(user.pk, user.password, password):
         # A concurrent request with the same credentials may have verified them meanwhile.
         if password_cache.is_verified(user.pk, user.password, password):
             return attach_roles(user)
         if not user.check_password(password):  # may upgrade the hash (changes user.password)
+            record_failure(username, client)
             return None
         password_cache.remember(user.pk, user.password, password)
     return attach_roles(user)
 
 
-def authenticate_header_value(header: str | None) -> Any:
-    """The user for an Authorization header value, or None (used by REST and the Bayeux handshake)."""
+def authenticate_header_value(header: str | None, *, client: str | None = None) -> Any:
+    """The user for an Authorization header value, or None (used by REST and the Bayeux handshake).
+    Raises TooManyFailures (see `authenticate_credentials`)."""
     if not header:
         return None
     try:
         username, password = parse_basic_authorization(header)
     except exceptions.AuthenticationFailed:
         return None
-    return authenticate_credentials(username, password)
+    return authenticate_credentials(username, password, client=client)
 
 
 class CumulocityBasicAuthentication(BaseAuthentication):
@@ -188,7 +203,7 @@ class CumulocityBasicAuthentication(BaseAuthentication):
         if not header:
             return None
         username, password = parse_basic_authorization(header)
-        user = authenticate_credentials(username, password)
+        user = authenticate_credentials(username, password, client=client_address(request.META))
         if user is None:
             raise exceptions.AuthenticationFailed(BAD_CREDENTIALS)
         return user, None

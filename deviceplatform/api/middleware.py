@@ -22,6 +22,8 @@ def cumulocity_request_middleware(get_response: Callable[..., object]) -> Callab
     - A declared body larger than the limit is refused with 413 before it is read; an undeclared
       (chunked) one is read up to the limit here.
     - Every non-streaming response carries Content-Length (pyc8y decides "empty" by it).
+    - A path with a NUL (`%00`) names no resource: 404 before any view (PostgreSQL refuses NUL
+      in a query, so an ID or external ID holding one could only end in a 500).
 
     Async-capable: under ASGI an async view (realtime long-polling, the operation wait) runs
     without a thread hop; a sync-only middleware would pin a thread for its whole hold."""
@@ -46,6 +48,10 @@ def _with_length(response: HttpResponse) -> HttpResponse:
 
 
 def _check(request: HttpRequest) -> HttpResponse | None:
+    if "\x00" in request.path:
+        return error_response(
+            404, "general/Not Found", "No resource at a path with a NUL character"
+        )
     override = request.META.get("HTTP_X_HTTP_METHOD", "").strip().upper()
     if request.method == "POST" and override in OVERRIDABLE_METHODS:
         request.method = override

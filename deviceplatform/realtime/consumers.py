@@ -17,6 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http.request import validate_host
 
+from deviceplatform.api.auth_throttle import client_address
 from deviceplatform.realtime.protocol import Context, Exchange, encode_array
 from deviceplatform.realtime.subscriptions import Family
 
@@ -66,9 +67,17 @@ class BayeuxConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.family = Family(self.scope["url_route"]["kwargs"]["family"])
         headers = _headers(self.scope)
+        client = self.scope.get("client")
+        meta = {
+            "REMOTE_ADDR": client[0] if client else "",
+            "HTTP_X_FORWARDED_FOR": headers.get("x-forwarded-for", ""),
+        }
         self.exchange = Exchange(
             Context(
-                self.family, _base_url(self.scope, headers), _same_origin_authorization(headers)
+                self.family,
+                _base_url(self.scope, headers),
+                _same_origin_authorization(headers),
+                client_address(meta),
             )
         )
         self.holds: set[asyncio.Task[None]] = set()
@@ -97,6 +106,7 @@ class BayeuxConsumer(AsyncWebsocketConsumer):
         if not isinstance(messages, list):
             await self._send([orjson.dumps({"successful": False, "error": "400::Invalid message"})])
             return
+        self.exchange.new_request()  # each frame pays for at most one failed credential check
         holds_connect = any(
             isinstance(m, dict) and m.get("channel") == "/meta/connect" for m in messages
         )

@@ -3,7 +3,14 @@
 The long-polling view and the WebSocket consumer parse their input into a list of messages and hand
 it to `Exchange.run`, which answers every message, holds the connect and returns the JSON-encoded
 parts of the answer: replies to the other messages in order, then queued events, then the connect
-reply. Credentials are checked once, at the handshake; afterwards the `clientId` is the session."""
+reply. Credentials are checked once, at the handshake; afterwards the `clientId` is the session.
+
+Hostile input costs little: a request (a long-polling body, a WebSocket frame) pays for at most one
+failed password check, whatever number of handshakes it holds, and failed checks count towards the
+failed-login limit (`deviceplatform.api.auth_throttle`). A subscription is checked again when its
+events are delivered, so one granted by ownership ends when the device changes owner. When Redis or
+the database is unreachable, each message gets a Bayeux failure with advice to retry after a
+while, as CometD servers answer, never an HTTP error."""
 
 from __future__ import annotations
 
@@ -18,15 +25,23 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import close_old_connections
 
+from deviceplatform.api.auth_throttle import TooManyFailures
 from deviceplatform.api.authentication import attach_roles, authenticate_header_value
 from deviceplatform.realtime.events import absolute
 from deviceplatform.realtime.hub import Hub, get_hub, new_client_id
-from deviceplatform.realtime.subscriptions import Family, canonical, rule_for
+from deviceplatform.realtime.subscriptions import (
+    Family,
+    canonical,
+    rule_for,
+    subscriptions_matching,
+)
 
 logger = logging.getLogger(__name__)
 
 SERVER_CONNECTION_TYPES = ("websocket", "long-polling")
 AUTHN_EXT = "com.cumulocity.authn"
+# How long a client waits before it retries after an outage of Redis or the database.
+OUTAGE_RETRY_INTERVAL_MS = 2000
 
 Send = Callable[[list[bytes]], Awaitable[None]]
 
@@ -55,6 +70,7 @@ class Context:
     family: Family  # of the endpoint the messages were sent to
     base_url: str  # scheme and host the client used, for URLs in events
     authorization: str | None = None  # an Authorization header that may authenticate a handshake
+    client: str | None = None  # the client's address, for the failed-login limit
 
 
 def _milliseconds(value: object) -> int | None:
@@ -76,8 +92,52 @@ def _may_subscribe(user_id: int, rules: Sequence[tuple[Any, Any]]) -> bool:
     return all(rule.authorize(user, match) for rule, match in rules)
 
 
+def _permitted_channels(user_id: int, family: Family, channels: Sequence[str]) -> set[str]:
+    """The event channels among `channels` whose events this user may still receive: through the
+    channel itself or its wildcard, whichever the session subscribed (both rules are asked)."""
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        return set()
+    attach_roles(user)
+    permitted = set()
+    for channel in channels:
+        for subscription in subscriptions_matching(channel):
+            found = rule_for(family, subscription)
+            if found is not None and found[0].authorize(user, found[1]):
+                permitted.add(channel)
+                break
+    return permitted
+
+
 _authorize = in_thread(_may_subscribe)
+_permitted = in_thread(_permitted_channels)
 check_credentials = in_thread(authenticate_header_value)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Redis or the database unreachable (refused, reset, timed out), as opposed to a bug."""
+    import redis.exceptions
+    from django.db import InterfaceError, OperationalError
+
+    return isinstance(
+        exc,
+        TimeoutError  # the hub's wake-up listener never got to Redis
+        | redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError
+        | OperationalError
+        | InterfaceError,
+    )
+
+
+def _channel_of(event: bytes) -> str:
+    """The channel of a stored event, `{"channel":"...","data":...}` (events.publish writes the
+    channel first; channels hold no characters JSON escapes)."""
+    start = b'{"channel":"'
+    if event.startswith(start):
+        end = event.find(b'"', len(start))
+        if end > 0:
+            return event[len(start) : end].decode()
+    return str(orjson.loads(event).get("channel", ""))
 
 
 def _reply(message: Any, **fields: Any) -> dict[str, Any]:
@@ -101,6 +161,25 @@ def _unknown_client(message: Any, **fields: Any) -> dict[str, Any]:
     )
 
 
+def _unavailable(message: Any) -> dict[str, Any]:
+    """The answer to any message while Redis or the database is out: try again in a while (a
+    handshake is repeated; other messages keep their session, which may have survived)."""
+    channel = message.get("channel") if isinstance(message, dict) else None
+    fields: dict[str, Any] = {}
+    if isinstance(message, dict):
+        if isinstance(message.get("clientId"), str):
+            fields["clientId"] = message["clientId"]
+        if "subscription" in message:
+            fields["subscription"] = message["subscription"]
+    reconnect = "handshake" if channel == "/meta/handshake" else "retry"
+    return _failure(
+        message,
+        "503::Service temporarily unavailable",
+        advice={"reconnect": reconnect, "interval": OUTAGE_RETRY_INTERVAL_MS},
+        **fields,
+    )
+
+
 class Exchange:
     """Answers the messages of one transport connection (a long-polling request, or every frame of
     one WebSocket)."""
@@ -111,6 +190,9 @@ class Exchange:
         self.store = self.hub.store
         self._base = b'"' + context.base_url.encode()
         self.intervals: dict[str, int] = {}  # clientId -> advice interval, of connects seen here
+        # Outcomes of the credential checks of the current request (one long-polling body, one
+        # WebSocket frame): Authorization value -> user, None (refused) or TooManyFailures.
+        self._checked: dict[str, Any] = {}
 
     def encode(self, events: Sequence[bytes]) -> list[bytes]:
         return [absolute(event, self._base) for event in events]
@@ -125,15 +207,49 @@ class Exchange:
         for message in messages:
             if isinstance(message, dict) and message.get("channel") == "/meta/connect":
                 connects.append(message)
-            else:
-                parts.append(orjson.dumps(await self._dispatch(message)))
+                continue
+            try:
+                reply = await self._dispatch(message)
+            except Exception as exc:
+                if not _is_outage(exc):
+                    raise
+                logger.warning("realtime: %s while answering a message", type(exc).__name__)
+                reply = _unavailable(message)
+            parts.append(orjson.dumps(reply))
         for position, message in enumerate(connects):
             hold = holdable and position == len(connects) - 1
             if hold and stream is not None and parts:
                 await stream(parts)
                 parts = []
-            parts.extend(await self._connect(message, hold=hold, stream=stream))
+            try:
+                parts.extend(await self._connect(message, hold=hold, stream=stream))
+            except Exception as exc:
+                if not _is_outage(exc):
+                    raise
+                logger.warning("realtime: %s while answering a connect", type(exc).__name__)
+                parts.append(orjson.dumps(_unavailable(message)))
         return parts
+
+    def new_request(self) -> None:
+        """Forget the credential checks of the previous request (a WebSocket's Exchange serves
+        every frame of the socket: each frame is a request)."""
+        self._checked.clear()
+
+    async def authenticate(self, header: str) -> Any:
+        """The user for an Authorization value, or None; raises TooManyFailures. Checked once per
+        request, and after one refusal the request gets no further check: a body of a thousand
+        handshakes costs what one costs."""
+        if header not in self._checked:
+            if any(outcome is None for outcome in self._checked.values()):
+                return None
+            try:
+                self._checked[header] = await check_credentials(header, client=self.context.client)
+            except TooManyFailures as refused:
+                self._checked[header] = refused
+        outcome = self._checked[header]
+        if isinstance(outcome, TooManyFailures):
+            raise outcome
+        return outcome
 
     async def _dispatch(self, message: Any) -> dict[str, Any]:
         if not isinstance(message, dict) or not isinstance(message.get("channel"), str):
@@ -172,7 +288,14 @@ class Exchange:
         if not types:
             return _failure(message, "400::Unsupported connection types", **refused)
         header = self._credentials(message)
-        user = await check_credentials(header) if header else None
+        try:
+            user = await self.authenticate(header) if header else None
+        except TooManyFailures as limited:
+            return _failure(
+                message,
+                f"429::{limited.detail}",
+                advice={"reconnect": "handshake", "interval": int(limited.wait or 1) * 1000},
+            )
         if user is None:
             return _failure(message, "403::Handshake denied", **refused)
         advice = _advice(message)
@@ -265,7 +388,9 @@ class Exchange:
 
         async def send_events(events: list[bytes]) -> None:
             assert stream is not None
-            await stream(self.encode(events))
+            events = await self._deliverable(client_id, events)
+            if events:
+                await stream(self.encode(events))
 
         outcome = await self.hub.connect(
             client_id,
@@ -283,7 +408,8 @@ class Exchange:
             reply = _reply(
                 message, successful=True, clientId=client_id, advice={"reconnect": "none"}
             )
-            return [*self.encode(outcome.events), orjson.dumps(reply)]
+            events = await self._deliverable(client_id, outcome.events)
+            return [*self.encode(events), orjson.dumps(reply)]
         self.intervals[client_id] = outcome.interval_ms
         # The hold this connect got; a connect answered at once advertises the session's default,
         # so a client that adopts the advice does not start polling without a hold.
@@ -294,7 +420,33 @@ class Exchange:
             clientId=client_id,
             advice={"reconnect": "retry", "interval": outcome.interval_ms, "timeout": timeout},
         )
-        return [*self.encode(outcome.events), orjson.dumps(reply)]
+        events = await self._deliverable(client_id, outcome.events)
+        return [*self.encode(events), orjson.dumps(reply)]
+
+    async def _deliverable(self, client_id: str, events: list[bytes]) -> list[bytes]:
+        """`events` without those the session's user may no longer receive: rights are checked
+        again at delivery (ownership moves with the device's owner, roles are taken away, users
+        are disabled), and a subscription that lost them is removed, so its events stop."""
+        if not events:
+            return events
+        session = await self.store.get_session(client_id)
+        if session is None:
+            return []  # ended meanwhile: no user to check them for
+        channels = {_channel_of(event) for event in events}
+        family = Family(session["family"])
+        permitted = await _permitted(int(session["uid"]), family, sorted(channels))
+        if permitted == channels:
+            return events
+        revoked = sorted(
+            {
+                subscription
+                for channel in channels - permitted
+                for subscription in subscriptions_matching(channel)
+            }
+        )
+        logger.info("realtime: %s lost the right to %s; unsubscribed", session["user"], revoked)
+        await self.store.subscribe(client_id, revoked, add=False)
+        return [event for event in events if _channel_of(event) in permitted]
 
     async def close(self) -> None:
         """The transport is gone (WebSocket closed): its sessions expire unless a connect comes

@@ -6,14 +6,16 @@ import orjson
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from deviceplatform.api.auth_throttle import TooManyFailures, client_address
 from deviceplatform.api.authentication import BAD_CREDENTIALS
 from deviceplatform.api.exceptions import (
     error_response,
     method_not_allowed_response,
+    throttled_response,
     unauthorized_response,
 )
 from deviceplatform.api.views import base_url
-from deviceplatform.realtime.protocol import Context, Exchange, check_credentials, encode_array
+from deviceplatform.realtime.protocol import Context, Exchange, encode_array
 from deviceplatform.realtime.subscriptions import Family
 
 CONTENT_TYPE = "application/json;charset=UTF-8"
@@ -25,9 +27,17 @@ async def long_polling(request: HttpRequest, family: str, **_: str) -> HttpRespo
     if request.method != "POST":
         return method_not_allowed_response(request.method, "POST")
     header = request.META.get("HTTP_AUTHORIZATION") or None
-    if header is not None and await check_credentials(header) is None:
-        # A present but invalid header is refused outright; the Java SDK counts these 401s.
-        return unauthorized_response(BAD_CREDENTIALS)
+    exchange = Exchange(
+        Context(Family(family), base_url(request), header, client_address(request.META))
+    )
+    if header is not None:
+        # A present but invalid header is refused outright; the Java SDK counts these 401s. The
+        # exchange remembers the outcome: a handshake relying on the header is not checked again.
+        try:
+            if await exchange.authenticate(header) is None:
+                return unauthorized_response(BAD_CREDENTIALS)
+        except TooManyFailures as limited:
+            return throttled_response(limited)
     try:
         body = orjson.loads(request.body)
     except orjson.JSONDecodeError:
@@ -40,6 +50,5 @@ async def long_polling(request: HttpRequest, family: str, **_: str) -> HttpRespo
         return error_response(
             400, "general/badRequest", "Expected a Bayeux message or an array of them"
         )
-    exchange = Exchange(Context(Family(family), base_url(request), header))
     parts = await exchange.run(messages, holdable=len(messages) == 1)
     return HttpResponse(encode_array(parts), content_type=CONTENT_TYPE)

@@ -1,0 +1,189 @@
+"""Limits on failed authentications, per username and per client address (README "Failed logins").
+
+A password check costs hundreds of milliseconds of CPU by design (PBKDF2), and anyone can ask for
+one: without a limit, a stream of wrong passwords is a cheap way to burn the server's CPU. Each
+failed check counts against the username and the client address it came from; once either has
+reached its limit within the window, further attempts are refused without checking the password
+(`TooManyFailures`: 429 on REST, a failed handshake with advice on Bayeux) until the window ends.
+Credentials this process has already verified against the stored hash are still accepted (the
+check is a keyed digest, no hash): a device whose username is under attack keeps working.
+
+The counters are fixed windows that start at the first failure: Redis keys with an expiry when
+REDIS_URL is set (shared by every server process), a dictionary in this process otherwise. A Redis
+outage never locks anyone out: the limiter then lets the check happen (and logs)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from rest_framework import exceptions
+
+logger = logging.getLogger(__name__)
+
+# (key, limit): a counter and the number of failures it may hold within the window
+Counter = tuple[str, int]
+
+
+class TooManyFailures(exceptions.Throttled):
+    """Too many failed authentications for this username or client address: refused unchecked."""
+
+    default_detail = "Too many failed authentications"
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait=max(1, math.ceil(wait)))
+        self.detail = (
+            f"Too many failed authentications; try again in {self.wait} second"
+            f"{'' if self.wait == 1 else 's'}"
+        )
+
+
+class MemoryCounters:
+    """Failure counters in this process (no REDIS_URL: one server process)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
+        self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> count, end
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._max_keys = max_keys
+
+    def wait(self, counters: Sequence[Counter]) -> float:
+        now = self._clock()
+        longest = 0.0
+        with self._lock:
+            for key, limit in counters:
+                count, end = self._entries.get(key, (0, now))
+                if end > now and count >= limit:
+                    longest = max(longest, end - now)
+        return longest
+
+    def record(self, counters: Sequence[Counter], window: float) -> None:
+        now = self._clock()
+        with self._lock:
+            for key, _ in counters:
+                count, end = self._entries.get(key, (0, now))
+                if end <= now:
+                    count, end = 0, now + window
+                self._entries[key] = (count + 1, end)
+                self._entries.move_to_end(key)
+            if len(self._entries) > self._max_keys:
+                for key in [k for k, (_, end) in self._entries.items() if end <= now]:
+                    del self._entries[key]
+                while len(self._entries) > self._max_keys:  # a flood of distinct keys
+                    self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class RedisCounters:
+    """Failure counters in Redis, shared by every process (REDIS_URL). Short socket timeouts: an
+    unreachable Redis must not stall logins (the limiter then fails open)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=30
+        )
+        self._prefix = f"{prefix}:"
+
+    def wait(self, counters: Sequence[Counter]) -> float:
+        pipe = self._client.pipeline(transaction=False)
+        for key, _ in counters:
+            pipe.get(self._prefix + key)
+            pipe.pttl(self._prefix + key)
+        replies = pipe.execute()
+        longest = 0.0
+        for (_, limit), count, ttl in zip(counters, replies[::2], replies[1::2], strict=True):
+            if count is not None and int(count) >= limit and ttl > 0:
+                longest = max(longest, ttl / 1000)
+        return longest
+
+    def record(self, counters: Sequence[Counter], window: float) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        for key, _ in counters:
+            # The window starts with the first failure: SET NX gives the key its expiry once.
+            pipe.set(self._prefix + key, 0, px=max(1, int(window * 1000)), nx=True)
+            pipe.incr(self._prefix + key)
+        pipe.execute()
+
+    def clear(self) -> None:
+        keys = list(self._client.scan_iter(match=f"{self._prefix}*", count=1000))
+        if keys:
+            self._client.delete(*keys)
+
+
+Counters = MemoryCounters | RedisCounters
+
+
+@cache
+def _counters(redis_url: str, prefix: str) -> Counters:
+    return RedisCounters(redis_url, prefix) if redis_url else MemoryCounters()
+
+
+def get_counters() -> Counters:
+    """The counters the settings name: Redis when REDIS_URL is set, else this process's memory."""
+    return _counters(settings.REDIS_URL, settings.AUTH_FAILURE_PREFIX)
+
+
+def _reset(setting: str, **_: object) -> None:
+    if setting in {"REDIS_URL", "AUTH_FAILURE_PREFIX"}:
+        _counters.cache_clear()
+
+
+setting_changed.connect(_reset)
+
+
+def _counters_for(username: str, client: str | None) -> list[Counter]:
+    counters: list[Counter] = []
+    if settings.AUTH_FAILURES_PER_USER > 0:
+        counters.append((f"u:{username.lower()}", settings.AUTH_FAILURES_PER_USER))
+    if client and settings.AUTH_FAILURES_PER_ADDRESS > 0:
+        counters.append((f"a:{client}", settings.AUTH_FAILURES_PER_ADDRESS))
+    return counters
+
+
+def check_allowed(username: str, client: str | None) -> None:
+    """Raise TooManyFailures when this username or address has used up its failures."""
+    counters = _counters_for(username, client)
+    if not counters:
+        return
+    try:
+        wait = get_counters().wait(counters)
+    except Exception:
+        logger.warning("failed-login limiter unavailable; checking the password anyway")
+        return
+    if wait > 0:
+        raise TooManyFailures(wait)
+
+
+def record_failure(username: str, client: str | None) -> None:
+    counters = _counters_for(username, client)
+    if not counters:
+        return
+    try:
+        get_counters().record(counters, settings.AUTH_FAILURE_WINDOW_SECONDS)
+    except Exception:
+        logger.warning("failed-login limiter unavailable; a failed login was not counted")
+
+
+def client_address(meta: dict[str, Any]) -> str | None:
+    """The client's address for the per-address limit: REMOTE_ADDR, or behind a trusted proxy
+    (USE_X_FORWARDED_FOR) the last address of X-Forwarded-For, the one our proxy appended (the
+    ones before it are whatever the client claimed)."""
+    if settings.USE_X_FORWARDED_FOR:
+        forwarded = meta.get("HTTP_X_FORWARDED_FOR", "")
+        last = forwarded.rpartition(",")[2].strip()
+        if last:
+            return last
+    return meta.get("REMOTE_ADDR") or None
