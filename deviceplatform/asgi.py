@@ -1,5 +1,5 @@
-"""ASGI entry point: HTTP through Django (static files first), WebSocket through Channels (the
-realtime endpoints)."""
+"""ASGI entry point: HTTP through Django (static files first, a body that stops arriving answered
+with 408), WebSocket through Channels (the realtime endpoints)."""
 
 import os
 
@@ -12,6 +12,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from deviceplatform.body_timeout import body_timeout_asgi  # noqa: E402
 from deviceplatform.realtime.routing import websocket_urlpatterns  # noqa: E402
 from deviceplatform.staticfiles import static_asgi  # noqa: E402
 
@@ -20,7 +21,7 @@ from deviceplatform.staticfiles import static_asgi  # noqa: E402
 # (deviceplatform/realtime/consumers.py), so a foreign page cannot ride on remembered credentials.
 application = ProtocolTypeRouter(
     {
-        "http": static_asgi(django_asgi_app),
+        "http": body_timeout_asgi(static_asgi(django_asgi_app)),
         "websocket": URLRouter(websocket_urlpatterns()),
     }
 )

@@ -8,6 +8,7 @@ from rest_framework.response import Response
 
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.pagination import paginated
+from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
 from inventory import selectors, services
@@ -53,11 +54,19 @@ class ExternalIdCollectionView(IdentityView):
         managed_object = selectors.managed_object_get(pk=pk)
         self.check_object_permissions(request, managed_object)
         body = self.request_object()
-        external_id, _ = services.external_id_create(
-            managed_object=managed_object,
-            type=body.get("type"),  # type: ignore[arg-type]
-            external_id=body.get("externalId"),  # type: ignore[arg-type]
-        )
+        try:
+            external_id, _ = services.external_id_create(
+                managed_object=managed_object,
+                type=body.get("type"),  # type: ignore[arg-type]
+                external_id=body.get("externalId"),  # type: ignore[arg-type]
+            )
+        except services.ExternalIdTaken as taken:
+            # The object it is bound to, only for a caller who could read the binding anyway.
+            if has_any_role(request.user, READ) or is_owner(
+                request.user, taken.bound.managed_object.owner
+            ):
+                raise taken.naming_the_object() from None
+            raise
         return self.respond(
             lambda: external_id_json(external_id, base=self.base),
             MediaType.EXTERNAL_ID,

@@ -353,12 +353,26 @@ def external_id_create(
             if existing is None:
                 raise
     if existing.managed_object_id != managed_object.pk:
-        raise Conflict(
-            f"Identity already bound to a different Global ID: "
-            f"ID [type={type}, value={external_id}] belongs to {existing.managed_object_id}",
-            error="identity/Conflict",
-        )
+        raise ExternalIdTaken(existing)
     return existing, False
+
+
+class ExternalIdTaken(Conflict):
+    """409: the pair is bound to another object. The message names that object only through
+    `naming_the_object()`, for a caller allowed to read the binding (issue 10: it told anyone)."""
+
+    def __init__(self, bound: ExternalId, *, name_the_object: bool = False) -> None:
+        self.bound = bound
+        message = (
+            "Identity already bound to a different Global ID: "
+            f"ID [type={bound.type}, value={bound.external_id}]"
+        )
+        if name_the_object:
+            message += f" belongs to {bound.managed_object_id}"
+        super().__init__(message, error="identity/Conflict")
+
+    def naming_the_object(self) -> ExternalIdTaken:
+        return ExternalIdTaken(self.bound, name_the_object=True)
 
 
 @transaction.atomic
