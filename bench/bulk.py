@@ -13,12 +13,13 @@ and groups with multi-row INSERTs, then runs a real Celery worker (`--pool solo`
       time (effective_start + k * ramp): max, p50, p99;
   (c) profile: cProfile of one in-process `bulk_operations_advance()` over a --profile-devices
       group (same database, same Redis channel layer as the worker), top functions;
-  (d) status updates: the children of one bulk operation over --status-devices devices, PUT to
-      EXECUTING and then SUCCESSFUL by --status-concurrency concurrent agents (real HTTP against
-      gunicorn with --status-workers sync workers, worker and beat running as in production);
-      updates per second beside a ceiling measured in the same run: the same PUTs on as many
-      operations that belong to no bulk operation. Ends with a check that the bulk operation's
-      progress is exact (every child SUCCESSFUL).
+  (d) status updates: the children of one bulk operation over --status-devices devices, PUT
+      through EXECUTING, SUCCESSFUL, PENDING, EXECUTING, SUCCESSFUL by --status-concurrency
+      concurrent agents (real HTTP against gunicorn with --status-workers sync workers, worker and
+      beat running as in production); updates per second beside a ceiling measured in the same
+      run: the same PUTs on as many operations that belong to no bulk operation, each step in
+      ABBA order; with the mean number of PostgreSQL backends waiting for a lock. Ends with a
+      check that the bulk operation's progress is exact (every child SUCCESSFUL).
 
 Ceiling (shared/PERFORMANCE.md: report ratios): 500-row multi-row INSERTs into a scratch copy of
 the operations table (same columns, indexes and id default), one transaction per batch.
@@ -39,6 +40,7 @@ import pstats
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,7 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="(b) BULK_RAMP_INTERVAL values (beat), comma-separated",
     )
     parser.add_argument("--profile-devices", type=int, default=10_000, help="(c); 0: skip")
-    parser.add_argument("--status-devices", type=int, default=3000, help="(d) children")
+    parser.add_argument("--status-devices", type=int, default=1500, help="(d) children")
     parser.add_argument("--status-concurrency", type=int, default=16, help="(d) agents")
     parser.add_argument("--status-workers", type=int, default=4, help="(d) gunicorn workers")
     parser.add_argument(
@@ -414,6 +416,46 @@ def profile_advance(client: Any, group_id: int, top: int = 22) -> tuple[int, flo
     return created, elapsed, text.getvalue()
 
 
+# (d): the status every child is PUT to, step by step (any transition is allowed).
+STATUS_STEPS = ("EXECUTING", "SUCCESSFUL", "PENDING", "EXECUTING", "SUCCESSFUL")
+
+
+class LockWaits:
+    """Samples, in a thread, how many backends of `database` wait for a lock (pg_stat_activity)
+    every EVERY seconds while the `with` block runs; `mean` afterwards."""
+
+    EVERY = 0.005
+
+    def __init__(self, url: str, database: str) -> None:
+        self.url, self.database = url, database
+        self.samples: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    " AND wait_event_type = 'Lock'",
+                    (self.database,),
+                ).fetchone()
+                self.samples.append(int(row[0]))
+                time.sleep(self.EVERY)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else math.nan
+
+    def __enter__(self) -> LockWaits:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 def ramp_processes(label: str, env: dict[str, str], log_dir: Path) -> tuple[Process, Process]:
     """A Celery worker (--pool solo) and beat with the default BULK_RAMP_INTERVAL, both ready
     (the worker's "ready" line is INFO; beat's "Sending due task" is quiet below DEBUG)."""
@@ -511,23 +553,25 @@ def status_updates(
 
             return check
 
-        async def drive() -> list[PhaseResult]:
+        async def drive() -> list[tuple[str, PhaseResult, float]]:
             results = []
             async with Load(base, args.status_concurrency, server.pid, database) as http:
                 await http.warm_up(f"/devicecontrol/bulkoperations/{bulk_id}", median_factor=3)
-                for name, ids, status in (
-                    ("ceiling EXEC", loose_ids, "EXECUTING"),
-                    ("bulk EXEC", children_ids, "EXECUTING"),
-                    ("bulk SUCCESS", children_ids, "SUCCESSFUL"),
-                    ("ceiling SUCCESS", loose_ids, "SUCCESSFUL"),
-                ):
-                    results.append(
-                        await http.run(
-                            name, puts(ids, status), args.timeout, has(status), error_body=200
-                        )
-                    )
+                for step, status in enumerate(STATUS_STEPS):
+                    # ABBA: each kind goes first every other step, so a drift of the machine's
+                    # speed during the run hits both alike.
+                    kinds = [("ceiling", loose_ids), ("bulk", children_ids)]
+                    for kind, ids in kinds if step % 2 == 0 else kinds[::-1]:
+                        with LockWaits(url, database) as waits:
+                            result = await http.run(
+                                f"{kind} {status[:4]}", puts(ids, status), args.timeout,
+                                has(status), error_body=200,
+                            )  # fmt: skip
+                        results.append((kind, result, waits.mean))
                 gets = [Call("GET", f"/devicecontrol/bulkoperations/{bulk_id}")] * 1000
-                results.append(await http.run("GET bulk", gets, args.timeout))
+                with LockWaits(url, database) as waits:
+                    result = await http.run("GET bulk", gets, args.timeout)
+                results.append(("get", result, waits.mean))
             return results
 
         results = asyncio.run(drive())
@@ -535,24 +579,36 @@ def status_updates(
         server.stop()
         beat.stop()
         worker.stop()
-    out(TABLE_HEADER)
-    for result in results:
-        out(result.row())
+    out(TABLE_HEADER + "  lock waits")
+    for _, result, waits in results:
+        out(f"{result.row()}{waits:>12.2f}")
         if result.errors:
             failures += 1
             out(f"  errors: {dict(result.error_kinds.most_common(3))}")
-    ceiling_rate = (results[0].done + results[3].done) / (results[0].elapsed + results[3].elapsed)
-    bulk_rate = (results[1].done + results[2].done) / (results[1].elapsed + results[2].elapsed)
+
+    def rate(kind: str) -> tuple[float, float]:
+        mine = [(result, waits) for k, result, waits in results if k == kind]
+        elapsed = sum(result.elapsed for result, _ in mine)
+        waited = sum(waits * result.elapsed for result, waits in mine) / elapsed
+        return sum(result.done for result, _ in mine) / elapsed, waited
+
+    (bulk_rate, bulk_waits), (ceiling_rate, ceiling_waits) = rate("bulk"), rate("ceiling")
     out(
-        f"status updates/s on children of one bulk operation: {bulk_rate:,.1f}; ceiling (the same "
-        f"PUTs outside any bulk operation): {ceiling_rate:,.1f}; ratio {bulk_rate / ceiling_rate:.2f}x"
+        "lock waits: PostgreSQL backends of the bench database waiting for a lock, mean of "
+        f"samples every {LockWaits.EVERY * 1000:.0f} ms during the phase"
+    )
+    out(
+        f"status updates/s on children of one bulk operation: {bulk_rate:,.1f} (lock waits "
+        f"{bulk_waits:.2f}); ceiling (the same PUTs on operations in no bulk operation): "
+        f"{ceiling_rate:,.1f} (lock waits {ceiling_waits:.2f}); ratio {bulk_rate / ceiling_rate:.2f}x"
     )
     response = client.get(
         f"/devicecontrol/bulkoperations/{bulk_id}", HTTP_ACCEPT="application/json"
     )
     body = orjson.loads(response.content)
     size = len(children_ids)
-    expected = {"pending": 0, "failed": 0, "executing": 0, "successful": size, "all": size}
+    last = STATUS_STEPS[-1].lower()
+    expected = {"pending": 0, "failed": 0, "executing": 0, "successful": 0, last: size, "all": size}
     exact = body.get("progress") == expected and body.get("generalStatus") == "SUCCESSFUL"
     out(
         f"progress right after the last PUT: {body.get('progress')}, generalStatus "
