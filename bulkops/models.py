@@ -56,7 +56,7 @@ class BulkOperation(models.Model):
     failed = models.IntegerField(default=0)
     ramp_error = models.TextField(null=True, blank=True)
     ramp_error_at = models.DateTimeField(null=True, blank=True)
-    ramp_error_count = models.PositiveIntegerField(default=0)
+    ramp_error_count = models.PositiveIntegerField(default=0, db_default=0)
 
     class Meta:
         ordering = ["id"]

@@ -54,7 +54,7 @@ class Operation(models.Model):
     # A bulk child that was retried: the retry is now the device's attempt in the bulk operation,
     # and only that one counts in its progress (and can be retried again). Deleting the retry
     # makes the attempt before it the latest again.
-    superseded = models.BooleanField(default=False)
+    superseded = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         ordering = ["id"]
