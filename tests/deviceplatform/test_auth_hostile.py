@@ -175,6 +175,22 @@ async def test_hostile_handshake_tokens_are_denied_handshakes(make_user: Any, to
         assert reply["advice"] == {"reconnect": "none"}
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+@pytest.mark.parametrize("header", list(HOSTILE_HEADERS.values()), ids=list(HOSTILE_HEADERS))
+async def test_hostile_upgrade_authorization_denies_the_handshake(
+    make_user: Any, header: str
+) -> None:
+    """A WebSocket handshake without a token falls back to the upgrade's Authorization header."""
+    from channels.db import database_sync_to_async
+
+    await database_sync_to_async(make_user)("admin", groups=["admins"])
+    async with WsBayeux(headers=[(b"authorization", header.encode("latin-1"))]) as ws:
+        [reply] = await ws.request([handshake_message(None)])
+
+    assert (reply["successful"], reply["error"]) == (False, "403::Handshake denied")
+
+
 # --- through real HTTP, under both servers ---------------------------------------------------------
 
 
