@@ -238,6 +238,8 @@ class OperationAdmin(admin.ModelAdmin):
         if retries:
             links = format_html_join(", ", "{}", ((_operation_link(pk),) for pk in retries))
             parts.append(format_html("retried as {}", links))
+        if obj.superseded:
+            parts.append(format_html("{}", "superseded: the bulk operation counts the retry"))
         return format_html_join("; ", "{}", ((part,) for part in parts)) if parts else "-"
 
     # --- search ---

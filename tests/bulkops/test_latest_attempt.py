@@ -103,6 +103,8 @@ def test_fifty_targets_three_failures_retried_through_rest_and_admin_end_success
     )
     assert response.status_code == 302
     retries.append(Operation.objects.get(retry_of=ops[2].pk).pk)
+    page = client.get(reverse("admin:devicecontrol_operation_change", args=[ops[2].pk]))
+    assert "superseded: the bulk operation counts the retry" in page.content.decode()
     assert progress_of(bapi, bulk) == {
         "pending": 3,
         "failed": 0,
