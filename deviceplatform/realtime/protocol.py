@@ -432,6 +432,8 @@ class Exchange:
         session = await self.store.get_session(client_id)
         if session is None:
             return []  # ended meanwhile: no user to check them for
+        if session["family"] not in set(Family):
+            return []  # a server-side session (hub.watching) is no client's to connect
         channels = {_channel_of(event) for event in events}
         family = Family(session["family"])
         permitted = await _permitted(int(session["uid"]), family, sorted(channels))
