@@ -76,6 +76,16 @@ class ConnectOutcome:
     ended: bool = False  # disconnected or evicted during the hold (answer reconnect: none)
 
 
+def _stop_if_cancelled() -> None:
+    """End this task if it was cancelled during a store call that did not end with the
+    cancellation: redis-py's async client (8.1) can return normally, or raise another error, from
+    a command a cancel interrupted, and a periodic task would then go on for ever (`Hub.close`
+    waiting for it)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Hub:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -104,6 +114,7 @@ class Hub:
                     pass
             except Exception:
                 logger.warning("realtime session sweep failed", exc_info=True)
+            _stop_if_cancelled()
 
     async def _release_held_forever(self) -> None:
         """Deliver the batches held back for a predecessor that never came once their time is up,
@@ -120,6 +131,7 @@ class Hub:
                 if not failing:  # once per outage: the wake-up listener reports it too
                     logger.warning("realtime: releasing held-back events failed", exc_info=True)
                 failing = True
+            _stop_if_cancelled()
 
     async def connect(
         self,

@@ -1091,3 +1091,31 @@ async def test_zero_timeout_delivers_everything_as_it_arrives(clock: Clock) -> N
             publish(store, 5, 3)
             publish(store, 5, 2)
             assert await events_of(store, cid) == got((5, 3), (5, 2))
+
+
+async def test_the_hub_closes_when_a_store_call_swallows_the_cancel() -> None:
+    """redis-py's async client (8.1) was seen returning normally from a script call that a cancel
+    interrupted (a loop blocked for a while, then every timer due at once): the hub's periodic
+    task must end anyway, or `Hub.close` waits for ever. The store here is the in-process one with
+    the client's behaviour in `release_held`."""
+    entered = asyncio.Event()
+    swallow = True
+
+    class Swallowing(MemoryStore):
+        async def release_held(self) -> None:
+            entered.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if not swallow:
+                    raise
+
+    hub = Hub(Swallowing(QUEUE_LIMIT, order_timeout_ms=40))
+    await asyncio.wait_for(entered.wait(), 5)
+    closing = asyncio.create_task(hub.close())
+    done, _ = await asyncio.wait({closing}, timeout=5)
+    swallow = False  # a hub that did not end its task ends now: a failure must not hang the run
+    for task in hub._tasks:
+        task.cancel()
+    await asyncio.wait_for(closing, 5)
+    assert done, "Hub.close did not end its periodic tasks"
