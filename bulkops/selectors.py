@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from django.db.models import F, OuterRef, QuerySet, Subquery, Sum
-from django.db.models.functions import Coalesce
+from functools import cache
+from typing import Any
+
+from django.db.models import F, IntegerField, QuerySet, Sum
+from django.db.models.expressions import RawSQL
 
 from bulkops.models import COUNTERS, BulkOperation, BulkProgressDelta
 
@@ -11,16 +14,30 @@ from bulkops.models import COUNTERS, BulkOperation, BulkProgressDelta
 CURRENT = {name: f"current_{name}" for name in COUNTERS}
 
 
-def _unfolded(name: str) -> Coalesce:
-    """The sum of one counter over the deltas not folded into the row yet (0 if none)."""
-    deltas = (
-        BulkProgressDelta.objects.filter(bulk_operation_id=OuterRef("pk"))
-        .order_by()
-        .values("bulk_operation_id")
-        .annotate(total=Sum(name))
-        .values("total")
+def _unfolded(name: str) -> RawSQL:
+    """The sum of one counter over the deltas not folded into the row yet (0 if none), as a
+    correlated subquery on the bulk operation's table, which is always queried unaliased. Raw
+    SQL rather than Subquery(...): Django took ~5 ms of CPU to build and compile the four ORM
+    subqueries on every read, more than the rest of the query."""
+    deltas = BulkProgressDelta._meta.db_table
+    bulks = BulkOperation._meta.db_table
+    # Only our own table and column names in the SQL (COUNTERS), no input.
+    return RawSQL(  # noqa: S611
+        f'SELECT COALESCE(SUM(d."{name}"), 0) FROM "{deltas}" d'  # noqa: S608
+        f' WHERE d."bulk_operation_id" = "{bulks}"."id"',
+        (),
+        output_field=IntegerField(),
     )
-    return Coalesce(Subquery(deltas), 0)
+
+
+def _annotations() -> dict[str, Any]:
+    return {CURRENT[name]: F(name) + _unfolded(name) for name in COUNTERS}
+
+
+@cache
+def _with_progress() -> QuerySet[BulkOperation]:
+    """Built once; each read clones it (cloning costs far less than annotating again)."""
+    return BulkOperation.objects.annotate(**_annotations())
 
 
 def bulk_operations_with_progress(
@@ -31,8 +48,8 @@ def bulk_operations_with_progress(
     snapshot: a fold committing meanwhile (it moves deltas into the row in one transaction) is
     seen entirely or not at all, and the counts are exact. `general_status_q` filters on these."""
     if queryset is None:
-        queryset = BulkOperation.objects.all()
-    return queryset.annotate(**{CURRENT[name]: F(name) + _unfolded(name) for name in COUNTERS})
+        return _with_progress().all()
+    return queryset.annotate(**_annotations())
 
 
 def bulk_operation_progress(bulk: BulkOperation) -> dict[str, int]:
