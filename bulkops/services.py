@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -502,12 +502,19 @@ def bulk_progress_apply(changes: list[StatusChange]) -> None:
         if change.new is not None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.new]] += 1
     rows = [
-        BulkProgressDelta(bulk_operation_id=bulk_id, **delta)
+        (bulk_id, *(delta[field] for field in COUNTER_FIELDS.values()))
         for bulk_id, delta in sorted(deltas.items())
         if any(delta.values())
     ]
     if rows:
-        BulkProgressDelta.objects.bulk_create(rows)
+        # A plain multi-row INSERT: this runs in every status change of a bulk child, and the
+        # ORM's bulk_create cost about 1 ms of CPU more per change.
+        table = BulkProgressDelta._meta.db_table
+        columns = ", ".join(f'"{name}"' for name in ("bulk_operation_id", *COUNTER_FIELDS.values()))
+        values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))
+        sql = f'INSERT INTO "{table}" ({columns}) VALUES {values}'  # noqa: S608 (our names only)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [value for row in rows for value in row])
 
 
 def _fold_one(bulk_id: int, batch_size: int) -> int | None:
