@@ -132,6 +132,32 @@ def test_the_back_off_doubles_up_to_its_ceiling() -> None:
     assert delays == [5, 10, 20, 320, 600, 600, 600]
 
 
+@pytest.mark.postgresql  # a date PostgreSQL stores and Python cannot hold
+def test_a_row_that_cannot_even_be_loaded_is_set_aside_too(bapi: Clients) -> None:
+    """A start date stored before today's validation refused it: 0001-01-01T00:00+01:00 is in
+    the year 1 BC in UTC, which PostgreSQL keeps and Python's datetime cannot represent. Loading
+    the row fails; the ramp records that on the row (without loading it) and goes on."""
+    broken_fleet, fleet = make_fleet(1), make_fleet(2)
+    broken = create_bulk(broken_fleet.group, creationRamp=0)
+    healthy = create_bulk(fleet.group, creationRamp=0)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE bulkops_bulkoperation SET start_date = '0001-01-01T00:00:00+01:00'"
+            " WHERE id = %s",
+            [broken.pk],
+        )
+    assert advance(0) == 2
+    assert child_device_ids(healthy) == fleet.device_ids
+    assert children(broken) == []
+    count, next_due, reason = (
+        BulkOperation.objects.filter(pk=broken.pk)
+        .values_list("ramp_error_count", "next_due_at", "ramp_error")
+        .get()
+    )
+    assert (count, next_due) == (1, at(services.RAMP_RETRY_FIRST_SECONDS))
+    assert reason.startswith("DataError: "), reason  # psycopg: the date is out of Python's range
+
+
 @pytest.mark.postgresql  # SQLite's IMMEDIATE transactions keep the deleting writer out
 def test_a_device_deleted_while_its_child_is_being_inserted_fails_only_its_bulk_operation(
     bapi: Clients,
