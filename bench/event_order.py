@@ -5,9 +5,10 @@ Each committed transaction with events runs one more statement just before COMMI
 the same service calls in-process against a dedicated PostgreSQL database and Redis DB index, in
 two variants, each in a fresh process, alternated --rounds times:
 
-  * `ordered`: the platform as configured (our database backends number every transaction);
-  * `plain`:   Django's own PostgreSQL backend, which never calls `take_order`: the events go out
-               unnumbered, as before commit order existed (the ceiling).
+  * `ordered`: the default (REALTIME_ORDER_TIMEOUT_MS 3000): every transaction with events takes
+               its numbers just before COMMIT, the store checks them;
+  * `plain`:   REALTIME_ORDER_TIMEOUT_MS=0: no numbers, events go out as they come, as before
+               commit order existed (the ceiling).
 
 Phases per round: --count `managed_object_create` (the sequence row is inserted), then one
 `managed_object_update` of each (the row is updated), each in its own transaction, with a session
@@ -54,15 +55,14 @@ VARIANTS = ("ordered", "plain")
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """One variant in this process: {phase: {wall, client, postgres}} in milliseconds per call."""
-    env = bench_env(args.database_url, REDIS_URL=args.redis_url, REALTIME_PREFIX="bench:order")
+    env = bench_env(
+        args.database_url,
+        REDIS_URL=args.redis_url,
+        REALTIME_PREFIX="bench:order",
+        REALTIME_ORDER_TIMEOUT_MS="0" if args.variant == "plain" else "3000",
+    )
     setup_django(env)
-    from django.db import connections
-
-    if args.variant == "plain":  # a new connection object of Django's own class
-        connections.close_all()
-        connections.settings["default"]["ENGINE"] = "django.db.backends.postgresql"
-        del connections["default"]
-
+    from deviceplatform.models import EventSequence
     from deviceplatform.realtime.hub import get_hub, watching
     from inventory.services import managed_object_create, managed_object_update
 
@@ -98,8 +98,8 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         "update",
         lambda i: managed_object_update(managed_object_id=ids[i], data={"c8y_Note": {"n": i}}),
     )
-    backend = type(connections["default"]).__module__
-    assert backend.startswith("django." if args.variant == "plain" else "deviceplatform."), backend
+    numbered = EventSequence.objects.count()
+    assert numbered == (0 if args.variant == "plain" else args.count), numbered
 
     async def close() -> None:
         await get_hub().close()

@@ -9,6 +9,7 @@ an on-commit callback of the test's, registered before the transaction's events,
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -283,14 +284,21 @@ def test_the_number_is_taken_last_in_one_statement_in_ascending_order(device: Se
         operation_create(device=other, data={"c8y_Restart": {}})
     devices = sorted([device.pk, *(o.pk for o in others)])
 
-    with CaptureQueriesContext(connection) as queries:
+    numbering: list[tuple[str, Any]] = []
+
+    def record(execute: Callable[..., Any], sql: str, params: Any, *args: Any) -> Any:
+        if SEQUENCE_SQL.search(sql):
+            numbering.append((sql, params))
+        return execute(sql, params, *args)
+
+    with CaptureQueriesContext(connection) as queries, connection.execute_wrapper(record):
         assert operations_delete(queryset=Operation.objects.filter(device_id__in=devices)) == 3
 
-    numbering = [q["sql"] for q in queries if SEQUENCE_SQL.search(q["sql"])]
-    assert len(numbering) == 1
+    [(sql, [_, objects])] = numbering
     *_, last, commit = (q["sql"] for q in queries)
     assert (bool(SEQUENCE_SQL.search(last)), commit) == (True, "COMMIT")
-    assert [int(pk) for pk in re.findall(r"\((\d+), 1, \d+\)", numbering[0])] == devices
+    assert (json.loads(objects) if isinstance(objects, str) else objects) == devices
+    assert re.search(r"ORDER BY (k|value) ON CONFLICT", sql)  # locked in ascending order
 
 
 def test_each_committed_transaction_takes_one_number_per_object(device: Setup) -> None:
@@ -312,6 +320,16 @@ def test_each_committed_transaction_takes_one_number_per_object(device: Setup) -
     row = EventSequence.objects.get(object_id=device.pk)
     assert row.after_ms is not None
     assert 0 <= row.after_ms < 60_000
+
+
+def test_a_zero_timeout_takes_no_number(device: Setup, settings: Any) -> None:
+    """REALTIME_ORDER_TIMEOUT_MS 0 gives the order up, and with it the statement."""
+    settings.REALTIME_ORDER_TIMEOUT_MS = 0
+    start = seq_of(device.pk)
+    with CaptureQueriesContext(connection) as queries:
+        operation_update(operation_id=device.operation.pk, data={"status": "EXECUTING"})
+    assert not any(SEQUENCE_SQL.search(q["sql"]) for q in queries)
+    assert seq_of(device.pk) == start
 
 
 def test_one_transaction_publishes_once_in_order(
