@@ -27,7 +27,8 @@ the object's previous number. The store remembers per key the last number it del
 `20 × order timeout`, refreshed on delivery) and delivers a batch only when, for each of its keys,
 no held batch has a lower number and the previous number was delivered, unless that one was taken
 long ago (`after_ms` of `10 × order timeout` or more, or none: it is delivered or given up by now;
-this also covers a store that lost its memory, e.g. a restarted process). Otherwise the batch is
+this also covers a store that lost its memory; the in-process store also does not wait for one
+numbered before it was created, in an earlier process). Otherwise the batch is
 held back; delivering a batch releases those waiting for it, and a batch held for the order timeout
 (`order_timeout_ms`) is delivered anyway, after the held batches before it for its keys: its
 predecessor's publisher may have died after committing. Overdue batches are released by every
@@ -646,6 +647,7 @@ class MemoryStore:
         self._held: dict[int, _Held] = {}
         self._held_by_key: dict[int, dict[int, int]] = {}  # key -> {held id: its seq}
         self._held_ids = itertools.count()
+        self._created = clock()
         self._lock = threading.Lock()
         self._sessions: dict[str, _MemorySession] = {}
         self._index: dict[str, set[str]] = {}
@@ -834,8 +836,17 @@ class MemoryStore:
             now = self.clock()
             touched: list[int] = []
             self._release_overdue(now, wakes, touched)
+            # A predecessor numbered before this store existed went to an earlier one (the process
+            # restarted): nothing to wait for.
+            age_ms = (now - self._created) * 1000
             flags = [
-                (key, seq, _follows(after_ms, self.order_timeout_ms))
+                (
+                    key,
+                    seq,
+                    _follows(after_ms, self.order_timeout_ms)
+                    and after_ms is not None
+                    and after_ms <= age_ms,
+                )
                 for key, seq, after_ms in (order if self.order_timeout_ms > 0 else ())
             ]
             if self._ready(flags, now):

@@ -141,8 +141,9 @@ def clock() -> Clock:
 
 @pytest_asyncio.fixture(params=["redis", "memory"])
 async def ordered(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator[Store]:
-    """A store whose hold-back time is `clock`'s (ORDER_TIMEOUT_MS)."""
+    """A store whose hold-back time is `clock`'s (ORDER_TIMEOUT_MS), running for a minute."""
     async with new_store(request.param, order_timeout_ms=ORDER_TIMEOUT_MS, clock=clock) as store:
+        clock.advance(60)
         yield store
 
 
@@ -972,6 +973,19 @@ async def test_a_predecessor_numbered_long_ago_is_not_waited_for(ordered: Store)
     assert await events_of(ordered, cid) == []
 
 
+async def test_the_in_process_store_waits_for_no_predecessor_older_than_itself(
+    clock: Clock,
+) -> None:
+    """A new process (the embedded server restarted) has an empty store: a predecessor numbered
+    before it existed went to the one before, and is not waited for."""
+    async with new_store("memory", order_timeout_ms=ORDER_TIMEOUT_MS, clock=clock) as store:
+        cid = await new_session(store, "/operations/*")
+        clock.advance(1)
+        publish(store, 5, 8, 1001)  # its predecessor: numbered before the store was created
+        publish(store, 6, 8, 999)  # after: may still come
+        assert await events_of(store, cid) == got((5, 8))
+
+
 async def test_a_batch_about_several_objects_waits_for_each(ordered: Store) -> None:
     cid = await new_session(ordered, "/operations/*")
     publish(ordered, 5, 1, None)
@@ -1069,6 +1083,7 @@ async def test_the_hub_delivers_overdue_batches_without_another_publish(clock: C
     deadline (it looks every quarter of the timeout, here 50 ms of real time)."""
     for kind in ("redis", "memory"):
         async with new_store(kind, order_timeout_ms=200, clock=clock) as store:
+            clock.advance(60)
             hub = Hub(store)
             try:
                 cid = await new_session(store, "/operations/5", timeout=5000)
