@@ -197,6 +197,9 @@ REALTIME_MAX_INTERVAL_MS = env.int("REALTIME_MAX_INTERVAL_MS", default=10_000)  
 REALTIME_SESSIONS_PER_USER = env.int("REALTIME_SESSIONS_PER_USER", default=10)  # per family
 REALTIME_MAX_MESSAGE_BYTES = env.int("REALTIME_MAX_MESSAGE_BYTES", default=64 * 1024)  # WS frame
 REALTIME_SWEEP_SECONDS = env.float("REALTIME_SWEEP_SECONDS", default=5.0)  # expired sessions
+# A subscription's right is checked again when its events are delivered; the verdict is reused for
+# this long (deviceplatform/realtime/rights.py). A device's owner change applies at once anyway.
+REALTIME_RIGHTS_CACHE_SECONDS = env.float("REALTIME_RIGHTS_CACHE_SECONDS", default=60.0)
 # An event whose predecessor for the same device has not arrived is held back this long at most
 # (its publisher may have died after the commit); 0 delivers every event as it arrives.
 REALTIME_ORDER_TIMEOUT_MS = env.int("REALTIME_ORDER_TIMEOUT_MS", default=3000)

@@ -12,6 +12,7 @@ from django.utils import timezone
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
 from deviceplatform.api.lengths import check_length
 from deviceplatform.realtime.events import publish_on_commit
+from deviceplatform.realtime.rights import ownership_changed
 from inventory import realtime
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 
@@ -135,6 +136,9 @@ def managed_object_update(
         if key in columns:
             setattr(managed_object, key, columns[key])
     if allow_owner and columns.get("owner"):
+        if columns["owner"] != managed_object.owner:
+            # Before the events' own callback: the old owner's subscriptions end with this commit.
+            transaction.on_commit(ownership_changed)
         managed_object.owner = columns["owner"]
     merged = dict(managed_object.fragments)
     for key, value in fragments.items():

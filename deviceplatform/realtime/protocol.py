@@ -29,6 +29,7 @@ from deviceplatform.api.auth_throttle import TooManyFailures
 from deviceplatform.api.authentication import attach_roles, authenticate_header_value
 from deviceplatform.realtime.events import absolute
 from deviceplatform.realtime.hub import Hub, get_hub, new_client_id
+from deviceplatform.realtime.rights import current_epoch, rights_cache
 from deviceplatform.realtime.subscriptions import (
     Family,
     canonical,
@@ -92,25 +93,22 @@ def _may_subscribe(user_id: int, rules: Sequence[tuple[Any, Any]]) -> bool:
     return all(rule.authorize(user, match) for rule, match in rules)
 
 
-def _permitted_channels(user_id: int, family: Family, channels: Sequence[str]) -> set[str]:
-    """The event channels among `channels` whose events this user may still receive: through the
-    channel itself or its wildcard, whichever the session subscribed (both rules are asked)."""
+def _verdicts(user_id: int, family: Family, subscriptions: Sequence[str]) -> dict[str, bool]:
+    """Whether this user may (still) hold each of `subscriptions` (False without a rule)."""
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
-    if user is None:
-        return set()
-    attach_roles(user)
-    permitted = set()
-    for channel in channels:
-        for subscription in subscriptions_matching(channel):
-            found = rule_for(family, subscription)
-            if found is not None and found[0].authorize(user, found[1]):
-                permitted.add(channel)
-                break
-    return permitted
+    if user is not None:
+        attach_roles(user)
+    verdicts = {}
+    for subscription in subscriptions:
+        found = rule_for(family, subscription)
+        verdicts[subscription] = bool(
+            user is not None and found is not None and found[0].authorize(user, found[1])
+        )
+    return verdicts
 
 
 _authorize = in_thread(_may_subscribe)
-_permitted = in_thread(_permitted_channels)
+_check_rights = in_thread(_verdicts)
 check_credentials = in_thread(authenticate_header_value)
 
 
@@ -358,12 +356,15 @@ class Exchange:
             return _failure(message, "400::Invalid channel", **echo)
         family = Family(session["family"])
         rules = [rule_for(family, canonical(channel)) for channel in channels]
+        stored = [canonical(channel) for channel in channels]
         if add:
             if any(rule is None for rule in rules):
                 return _failure(message, "400::Invalid channel", **echo)
+            epoch = await current_epoch(self.store)  # before the check: a later change wins
             if not await _authorize(int(session["uid"]), rules):
                 return _failure(message, "403::Subscription denied", **echo)
-        stored = [canonical(channel) for channel in channels]
+            for channel in stored:
+                rights_cache.put(client_id, channel, epoch, True)
         grace = int(session["interval"]) + settings.REALTIME_MAX_INTERVAL_MS
         if not await self.store.subscribe(client_id, stored, add=add, ttl_ms=grace):
             return _unknown_client(message, **echo)
@@ -424,29 +425,45 @@ class Exchange:
         return [*self.encode(events), orjson.dumps(reply)]
 
     async def _deliverable(self, client_id: str, events: list[bytes]) -> list[bytes]:
-        """`events` without those the session's user may no longer receive: rights are checked
+        """`events` without those the session's user may no longer receive. Rights are checked
         again at delivery (ownership moves with the device's owner, roles are taken away, users
-        are disabled), and a subscription that lost them is removed, so its events stop."""
+        are disabled; `rights` keeps this cheap), and a subscription that lost them is removed,
+        so its events stop. An event may have come through the channel itself or its wildcard:
+        it goes out if the user may hold either."""
         if not events:
             return events
-        session = await self.store.get_session(client_id)
-        if session is None:
-            return []  # ended meanwhile: no user to check them for
-        if session["family"] not in set(Family):
-            return []  # a server-side session (hub.watching) is no client's to connect
+        epoch = await current_epoch(self.store)  # before any check: a later change wins
         channels = {_channel_of(event) for event in events}
-        family = Family(session["family"])
-        permitted = await _permitted(int(session["uid"]), family, sorted(channels))
+        candidates = {channel: subscriptions_matching(channel) for channel in channels}
+        verdicts: dict[str, bool | None] = {
+            subscription: rights_cache.get(client_id, subscription, epoch)
+            for subscriptions in candidates.values()
+            for subscription in subscriptions
+        }
+        unknown = [
+            subscription
+            for channel, subscriptions in candidates.items()
+            if True not in (verdicts[s] for s in subscriptions)
+            for subscription in subscriptions
+            if verdicts[subscription] is None
+        ]
+        if unknown:
+            session = await self.store.get_session(client_id)
+            if session is None or session["family"] not in set(Family):
+                return []  # ended meanwhile, or a server-side session: no client's to receive
+            checked = await _check_rights(int(session["uid"]), Family(session["family"]), unknown)
+            for subscription, allowed in checked.items():
+                rights_cache.put(client_id, subscription, epoch, allowed)
+            verdicts.update(checked)
+        permitted = {
+            channel
+            for channel, subscriptions in candidates.items()
+            if any(verdicts[s] for s in subscriptions)
+        }
         if permitted == channels:
             return events
-        revoked = sorted(
-            {
-                subscription
-                for channel in channels - permitted
-                for subscription in subscriptions_matching(channel)
-            }
-        )
-        logger.info("realtime: %s lost the right to %s; unsubscribed", session["user"], revoked)
+        revoked = sorted({s for channel in channels - permitted for s in candidates[channel]})
+        logger.info("realtime: session %s lost the right to %s; unsubscribed", client_id, revoked)
         await self.store.subscribe(client_id, revoked, add=False)
         return [event for event in events if _channel_of(event) in permitted]
 

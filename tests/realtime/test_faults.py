@@ -16,6 +16,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from deviceplatform.realtime.hub import get_store
+from deviceplatform.realtime.rights import rights_cache
 from deviceplatform.roles import Role
 from inventory import services as inventory_services
 from tests.helpers import PASSWORD
@@ -114,7 +115,10 @@ async def test_managed_object_events_stop_with_ownership(world: World) -> None:
 async def test_a_role_taken_away_ends_a_wildcard_subscription(
     world: World, make_user: Callable[..., Any], settings: Any
 ) -> None:
-    settings.AUTH_ROLES_CACHE_SECONDS = 0  # role changes apply at once in this process
+    # Role changes reach a subscription when its verdict is older than this (and the roles cache
+    # has expired); 0 re-checks at every delivery.
+    settings.AUTH_ROLES_CACHE_SECONDS = 0
+    settings.REALTIME_RIGHTS_CACHE_SECONDS = 0
     lp = LpBayeux()
     await lp.start("reader", "/operations/*")
     kept = await create_operation(world.other)
@@ -124,6 +128,53 @@ async def test_a_role_taken_away_ends_a_wildcard_subscription(
 
     assert first == [kept]
     assert event_ids(await lp.connect_now()) == []
+
+
+async def test_verdicts_are_reused_until_they_are_too_old(
+    world: World, make_user: Callable[..., Any], settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default cache a role taken away ends the subscription once the verdict is older
+    than REALTIME_RIGHTS_CACHE_SECONDS; an owner change ends it at once (above)."""
+    settings.AUTH_ROLES_CACHE_SECONDS = 0
+    lp = LpBayeux()
+    await lp.start("reader", "/operations/*")
+    await database_sync_to_async(make_user)("reader", roles=[Role.INVENTORY_READ])
+    still = await create_operation(world.other)
+    cached = event_ids(await lp.connect_now())
+    later = rights_cache._clock() + settings.REALTIME_RIGHTS_CACHE_SECONDS
+    monkeypatch.setattr(rights_cache, "_clock", lambda: later)  # the verdict's age is up
+    await create_operation(world.other)
+    expired = event_ids(await lp.connect_now())
+
+    assert cached == [still]
+    assert expired == []
+
+
+@pytest.mark.asyncio
+async def test_an_owner_change_in_another_process_ends_the_subscription_at_once(
+    make_user: Callable[..., Any], server: Any
+) -> None:
+    """The subscriber holds its session on a server process; the owner changes in this one: the
+    ownership epoch in Redis tells the server to check again at its next delivery."""
+    from tests.realtime.conftest import LongPolling, http_session
+
+    await database_sync_to_async(make_user)("carol")
+    await database_sync_to_async(make_user)("dave")
+    device = await database_sync_to_async(inventory_services.managed_object_create)(
+        owner="carol", data={"name": "X", "c8y_IsDevice": {}, "com_cumulocity_model_Agent": {}}
+    )
+    async with http_session() as http:
+        carol = LongPolling(http, server, "/notification/realtime")
+        cid = await carol.open("t100/carol", f"/operations/{device.pk}")
+        before = await create_operation(device)
+        seen, _ = await carol.connect(cid, timeout_ms=0)
+        await change_owner(device, "dave")
+        await create_operation(device)
+        unseen, reply = await carol.connect(cid, timeout_ms=0)
+
+    assert [event["data"]["data"]["id"] for event in seen] == [before]
+    assert unseen == []
+    assert reply["successful"] is True
 
 
 # --- Redis down -------------------------------------------------------------------------------------

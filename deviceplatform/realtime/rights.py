@@ -1,0 +1,101 @@
+"""Subscription rights at delivery: checked again, cheaply (issue 10: a subscription granted by
+ownership kept delivering after the device changed owner).
+
+Re-running the channel rule for every delivery costs a thread hand-off and a query or two; at a
+thousand subscribers that multiplied the delivery latency. So each process remembers the verdicts
+per (session, subscription), taken at the subscribe or at a delivery, and trusts them while
+
+- the *ownership epoch* is unchanged: a counter in Redis (this process's memory without
+  REDIS_URL) that every change of a managed object's owner increments after its commit
+  (`ownership_changed`, called by the inventory service), so the next delivery anywhere checks
+  the rule again and a subscription held by the old owner ends at once; and
+- it is younger than `REALTIME_RIGHTS_CACHE_SECONDS`, which bounds how long a role taken away, a
+  disabled user or a renamed one keeps a subscription it no longer may hold.
+
+A delivery then costs one Redis GET (the epoch) when its verdicts are known."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+
+from deviceplatform.realtime.store import MemoryStore
+
+logger = logging.getLogger(__name__)
+
+_local_epoch = 0  # the epoch of the in-process store (no REDIS_URL: one server process)
+_local_lock = threading.Lock()
+
+
+def _epoch_key() -> str:
+    return f"{settings.REALTIME_PREFIX}:owner-epoch"
+
+
+def ownership_changed() -> None:
+    """A managed object changed owner (committed): every process re-checks rights at its next
+    delivery. Synchronous, for `transaction.on_commit`; a Redis outage is logged, never raised."""
+    global _local_epoch
+    from deviceplatform.realtime.hub import get_store
+
+    store = get_store()
+    if isinstance(store, MemoryStore):
+        with _local_lock:
+            _local_epoch += 1
+        return
+    try:
+        store._sync.incr(_epoch_key())
+    except Exception:
+        logger.warning(
+            "realtime: could not record an owner change; subscriptions of the old owner end "
+            "within REALTIME_RIGHTS_CACHE_SECONDS instead of at once",
+            exc_info=True,
+        )
+
+
+async def current_epoch(store: Any) -> int:
+    """The ownership epoch (raises when Redis is unreachable: the caller answers an outage)."""
+    if isinstance(store, MemoryStore):
+        return _local_epoch
+    client, _ = store._client()
+    value = await client.get(_epoch_key())
+    return int(value) if value is not None else 0
+
+
+class RightsCache:
+    """(session, subscription) -> (epoch, checked at, allowed), for this process."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 100_000):
+        self._entries: dict[tuple[str, str], tuple[int, float, bool]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._max_entries = max_entries
+
+    def get(self, cid: str, subscription: str, epoch: int) -> bool | None:
+        """The verdict, or None when unknown, from another epoch or too old."""
+        with self._lock:
+            entry = self._entries.get((cid, subscription))
+        if entry is None or entry[0] != epoch:
+            return None
+        if self._clock() - entry[1] >= settings.REALTIME_RIGHTS_CACHE_SECONDS:
+            return None
+        return entry[2]
+
+    def put(self, cid: str, subscription: str, epoch: int, allowed: bool) -> None:
+        if settings.REALTIME_RIGHTS_CACHE_SECONDS <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()  # sessions come and go; dropping verdicts only costs checks
+            self._entries[(cid, subscription)] = (epoch, self._clock(), allowed)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+rights_cache = RightsCache()
