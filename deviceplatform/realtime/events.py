@@ -127,13 +127,18 @@ def take_order(connection: Any) -> None:
         first.order = take_sequences(connection, keys, now_ms=int(time.time() * 1000))
 
 
-# The objects come as one array parameter (PostgreSQL) or JSON text (SQLite): a VALUES list of
+# The objects come as one array literal (PostgreSQL) or JSON text (SQLite): a VALUES list of
 # two placeholders per object cost the client ~15 ms of query splitting for a 500-device ramp batch.
 # ORDER BY makes the row locks come in ascending ID order.
 _KEYS = {
     "postgresql": "SELECT k, 1, %s FROM unnest(%s::bigint[]) AS k ORDER BY k",
     "sqlite": "SELECT value, 1, %s FROM json_each(%s) WHERE true ORDER BY value",
 }
+
+
+def _array(keys: list[int]) -> str:
+    """A bigint[] literal: psycopg's own adaptation of a 500-element list cost 1.5 ms of CPU."""
+    return "{" + ",".join(str(int(key)) for key in keys) + "}"
 
 
 def take_sequences(connection: Any, keys: list[int], *, now_ms: int) -> list[Order]:
@@ -149,7 +154,7 @@ def take_sequences(connection: Any, keys: list[int], *, now_ms: int) -> list[Ord
             f"ON CONFLICT (object_id) DO UPDATE SET seq = {table}.seq + 1, "
             f"after_ms = excluded.taken_ms - {table}.taken_ms, taken_ms = excluded.taken_ms "
             "RETURNING object_id, seq, after_ms",
-            [now_ms, keys if connection.vendor == "postgresql" else json.dumps(keys)],
+            [now_ms, _array(keys) if connection.vendor == "postgresql" else json.dumps(keys)],
         )
         return sorted((int(key), int(seq), after) for key, seq, after in cursor.fetchall())
 
