@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -40,3 +42,29 @@ def database_url() -> str:
     host = db["HOST"] or "127.0.0.1"
     port = f":{db['PORT']}" if db.get("PORT") else ""
     return f"postgres://{credentials}@{host}{port}/{quote(db['NAME'], safe='')}"
+
+
+def run_together(work: Callable[[int], Any], count: int) -> list[Any]:
+    """Run `work(i)` in `count` threads released at once (a barrier); each closes its own
+    database connection. Returns each thread's result, or the exception it raised."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def target(index: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[index] = work(index)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread below
+            results[index] = exc
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    return results

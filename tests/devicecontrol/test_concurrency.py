@@ -7,12 +7,10 @@ must be the same)."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 from django.test import TestCase
 
 from devicecontrol.models import Operation, OperationStatus
@@ -30,6 +28,7 @@ from tests.devicecontrol.conftest import (
     deleted,
     make_device,
 )
+from tests.helpers import run_together
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,30 +44,6 @@ def committed_hierarchy() -> Hierarchy:
     add_child_devices(agent, device)
     add_child_devices(device, grandchild)
     return Hierarchy(agent=agent, device=device, grandchild=grandchild)
-
-
-def run_together(work: Callable[[int], Any], count: int) -> list[Any]:
-    """Run `work(i)` in `count` threads released at once; each closes its own connection. Returns
-    each thread's result, or the exception it raised."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def target(index: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[index] = work(index)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test thread below
-            results[index] = exc
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
-    return results
 
 
 def absolute(data: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from devicecontrol import services as operation_services
 from devicecontrol.models import Operation
 from inventory import services as inventory_services
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
-from tests.helpers import PASSWORD
+from tests.helpers import PASSWORD, run_together
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,24 +28,7 @@ JSON = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
 def together(work: Callable[[int], Any], count: int = CLIENTS) -> list[Any]:
-    """Run `work(i)` in `count` threads released at once; each result or exception, in order."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def target(index: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[index] = work(index)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
-            results[index] = exc
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads)
-    return results
+    return run_together(work, count)
 
 
 class Api:
