@@ -587,6 +587,11 @@ class RedisStore:
         channel = f"{self.prefix}w:{hub}"
         first = True
         while True:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can swallow the cancel of a pending read (return, or raise another
+                # error): the listener must still end, or a closing event loop waits for ever.
+                raise asyncio.CancelledError
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
@@ -594,12 +599,20 @@ class RedisStore:
                     wake(["*"])
                 first = False
                 ready.set()
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
+                while True:
+                    # Not `pubsub.listen()`: a cancel can get lost inside its read, and the
+                    # listener would wait for the next message for ever; a bounded read lets it
+                    # look at its own cancel at least once a second.
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if task is not None and task.cancelling():
+                        raise asyncio.CancelledError
+                    if message is not None and message["type"] == "message":
                         wake(message["data"].decode().split())
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None
                 logger.warning("realtime wake-up listener lost Redis; reconnecting", exc_info=True)
                 await asyncio.sleep(1)
             finally:
