@@ -53,7 +53,9 @@ def statements(fail_at: int | None = None) -> Iterator[list[str]]:
     `fail_at`-th one (1-based)."""
     sent: list[str] = []
 
-    def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+    def wrapper(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
         if _counted(sql):
             if fail_at is not None and len(sent) + 1 == fail_at:
                 raise InjectedFault(f"injected before statement {fail_at}: {sql[:80]}")
@@ -62,6 +64,17 @@ def statements(fail_at: int | None = None) -> Iterator[list[str]]:
 
     with connection.execute_wrapper(wrapper):
         yield sent
+
+
+def rehearse(write: Callable[[], object]) -> list[str]:
+    """The statements `write` sends, in a transaction that is then rolled back."""
+    try:
+        with transaction.atomic(), statements() as sent:
+            write()
+            raise Rehearsal
+    except Rehearsal:
+        return sent
+    raise AssertionError("the rehearsal was not rolled back")
 
 
 def database_state() -> dict[str, list[dict[str, Any]]]:
@@ -138,70 +151,91 @@ def world() -> World:
 
 
 WRITES: dict[str, Callable[[World], Callable[[], object]]] = {
-    "managed_object_create": lambda w: lambda: inventory_services.managed_object_create(
-        owner="alice", data={"name": "New", "c8y_IsDevice": {}}
+    "managed_object_create": lambda w: (
+        lambda: inventory_services.managed_object_create(
+            owner="alice", data={"name": "New", "c8y_IsDevice": {}}
+        )
     ),
-    "managed_object_update": lambda w: lambda: inventory_services.managed_object_update(
-        managed_object_id=w.device.pk, data={"name": "Renamed", "c8y_Firmware": {"version": "2"}}
+    "managed_object_update": lambda w: (
+        lambda: inventory_services.managed_object_update(
+            managed_object_id=w.device.pk,
+            data={"name": "Renamed", "c8y_Firmware": {"version": "2"}},
+        )
     ),
-    "managed_object_delete cascade": lambda w: lambda: inventory_services.managed_object_delete(
-        managed_object=w.device, cascade=True
+    "managed_object_delete cascade": lambda w: (
+        lambda: inventory_services.managed_object_delete(managed_object=w.device, cascade=True)
     ),
-    "managed_object_delete group": lambda w: lambda: inventory_services.managed_object_delete(
-        managed_object=w.group
+    "managed_object_delete group": lambda w: (
+        lambda: inventory_services.managed_object_delete(managed_object=w.group)
     ),
-    "managed_object_add_children": lambda w: lambda: (
-        inventory_services.managed_object_add_children(
+    "managed_object_add_children": lambda w: (
+        lambda: inventory_services.managed_object_add_children(
             parent=w.agent, relation=Relation.DEVICE, children=[w.grandchild]
         )
     ),
-    "managed_object_create_child": lambda w: lambda: (
-        inventory_services.managed_object_create_child(
+    "managed_object_create_child": lambda w: (
+        lambda: inventory_services.managed_object_create_child(
             parent=w.agent, relation=Relation.DEVICE, owner="alice", data={"name": "Kid"}
         )
     ),
-    "managed_object_remove_children": lambda w: lambda: (
-        inventory_services.managed_object_remove_children(
+    "managed_object_remove_children": lambda w: (
+        lambda: inventory_services.managed_object_remove_children(
             parent=w.group, relation=Relation.ASSET, child_ids=[w.device.pk, w.grandchild.pk]
         )
     ),
-    "external_id_create": lambda w: lambda: inventory_services.external_id_create(
-        managed_object=w.device, type="c8y_Serial", external_id="S-2"
+    "external_id_create": lambda w: (
+        lambda: inventory_services.external_id_create(
+            managed_object=w.device, type="c8y_Serial", external_id="S-2"
+        )
     ),
-    "external_id_delete": lambda w: lambda: inventory_services.external_id_delete(
-        external_id=w.external_id
+    "external_id_delete": lambda w: (
+        lambda: inventory_services.external_id_delete(external_id=w.external_id)
     ),
-    "operation_create": lambda w: lambda: operation_services.operation_create(
-        device=w.grandchild, data={"c8y_Command": {"text": "ls"}}
+    "operation_create": lambda w: (
+        lambda: operation_services.operation_create(
+            device=w.grandchild, data={"c8y_Command": {"text": "ls"}}
+        )
     ),
-    "operation_update": lambda w: lambda: operation_services.operation_update(
-        operation_id=w.pending.pk, data={"status": "EXECUTING", "c8y_Progress": 1}
+    "operation_update": lambda w: (
+        lambda: operation_services.operation_update(
+            operation_id=w.pending.pk, data={"status": "EXECUTING", "c8y_Progress": 1}
+        )
     ),
-    "operation_update of a bulk child": lambda w: lambda: operation_services.operation_update(
-        operation_id=w.failed_child.pk, data={"status": OperationStatus.PENDING}
+    "operation_update of a bulk child": lambda w: (
+        lambda: operation_services.operation_update(
+            operation_id=w.failed_child.pk, data={"status": OperationStatus.PENDING}
+        )
     ),
-    "operation_retry": lambda w: lambda: operation_services.operation_retry(
-        operation=Operation.objects.get(pk=w.failed_child.pk)
+    "operation_retry": lambda w: (
+        lambda: operation_services.operation_retry(
+            operation=Operation.objects.get(pk=w.failed_child.pk)
+        )
     ),
-    "operations_delete": lambda w: lambda: operation_services.operations_delete(
-        queryset=Operation.objects.filter(device=w.device)
+    "operations_delete": lambda w: (
+        lambda: operation_services.operations_delete(
+            queryset=Operation.objects.filter(device=w.device)
+        )
     ),
-    "operations_create_many": lambda w: lambda: operation_services.operations_create_many(
-        devices=[w.agent],  # no agent above it: created FAILED
-        data={"c8y_Restart": {}},
-        bulk_operation_id=w.bulk_id,
-        no_agent_reason="none",
+    "operations_create_many": lambda w: (
+        lambda: operation_services.operations_create_many(
+            devices=[w.agent],  # no agent above it: created FAILED
+            data={"c8y_Restart": {}},
+            bulk_operation_id=w.bulk_id,
+            no_agent_reason="none",
+        )
     ),
-    "bulk_operation_create": lambda w: lambda: bulk_services.bulk_operation_create(
-        data={
-            "groupId": w.group.pk,
-            "startDate": "2031-01-01T00:00:00Z",
-            "creationRamp": 5,
-            "operationPrototype": {"c8y_Restart": {}},
-        }
+    "bulk_operation_create": lambda w: (
+        lambda: bulk_services.bulk_operation_create(
+            data={
+                "groupId": w.group.pk,
+                "startDate": "2031-01-01T00:00:00Z",
+                "creationRamp": 5,
+                "operationPrototype": {"c8y_Restart": {}},
+            }
+        )
     ),
-    "bulk_operation_create failedParentId": lambda w: lambda: (
-        bulk_services.bulk_operation_create(
+    "bulk_operation_create failedParentId": lambda w: (
+        lambda: bulk_services.bulk_operation_create(
             data={
                 "failedParentId": w.bulk_id,
                 "startDate": "2031-01-01T00:00:00Z",
@@ -210,8 +244,10 @@ WRITES: dict[str, Callable[[World], Callable[[], object]]] = {
             }
         )
     ),
-    "user_upsert": lambda w: lambda: platform_services.user_upsert(
-        username="newcomer", password="pw", roles=["ROLE_INVENTORY_READ"]
+    "user_upsert": lambda w: (
+        lambda: platform_services.user_upsert(
+            username="newcomer", password="pw", roles=["ROLE_INVENTORY_READ"]
+        )
     ),
 }
 
@@ -229,11 +265,13 @@ def _scheduled_bulk(w: World) -> int:
 
 # Writes on a bulk operation that is still running (the one in World has completed).
 RUNNING_BULK_WRITES: dict[str, Callable[[int], Callable[[], object]]] = {
-    "bulk_operation_update": lambda pk: lambda: bulk_services.bulk_operation_update(
-        bulk_operation_id=pk, data={"creationRamp": 1, "c8y_Note": "x"}
+    "bulk_operation_update": lambda pk: (
+        lambda: bulk_services.bulk_operation_update(
+            bulk_operation_id=pk, data={"creationRamp": 1, "c8y_Note": "x"}
+        )
     ),
-    "bulk_operation_cancel": lambda pk: lambda: bulk_services.bulk_operation_cancel(
-        bulk_operation_id=pk
+    "bulk_operation_cancel": lambda pk: (
+        lambda: bulk_services.bulk_operation_cancel(bulk_operation_id=pk)
     ),
 }
 
@@ -241,10 +279,7 @@ RUNNING_BULK_WRITES: dict[str, Callable[[int], Callable[[], object]]] = {
 def assert_atomic(write: Callable[[], object], subscriber: Subscribe, agent_id: int) -> int:
     """Inject a fault before each statement from the second on; returns the statement count."""
     listener = subscriber("/managedobjects/*", "/operations/*", f"/{agent_id}")
-    with pytest.raises(Rehearsal), transaction.atomic(), statements() as sent:
-        write()
-        raise Rehearsal
-    count = len(sent)
+    count = len(rehearse(write))
     before = database_state()
     for fail_at in range(2, count + 1):
         with pytest.raises(InjectedFault), statements(fail_at=fail_at):
@@ -276,9 +311,7 @@ def test_a_fault_in_a_bulk_operation_write_leaves_nothing_behind(
 
 def test_the_injector_sees_a_multi_statement_write_fail(world: World) -> None:
     """The harness itself: a write of several statements, faulted at its last one, raises."""
-    with pytest.raises(Rehearsal), transaction.atomic(), statements() as sent:
-        WRITES["managed_object_delete cascade"](world)()
-        raise Rehearsal
+    sent = rehearse(WRITES["managed_object_delete cascade"](world))
     assert len(sent) > 3
     with pytest.raises(InjectedFault), statements(fail_at=len(sent)):
         WRITES["managed_object_delete cascade"](world)()
