@@ -71,10 +71,15 @@ class Process:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def answers(self) -> bool:
+        """Any HTTP answer means the application is up."""
         probe = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
         try:
             probe.request("GET", "/tenant/loginOptions")
@@ -91,9 +96,9 @@ class Process:
             assert time.monotonic() - self.started < BOOT_TIMEOUT, self.log()
             time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import itertools
 import json
 import os
@@ -19,9 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +29,9 @@ from django.conf import settings
 
 from tests.helpers import PASSWORD, basic, database_url
 from tests.realtime.bayeux import World, build_world
+from tests.servers import Process as Server
 
 REPO = Path(__file__).resolve().parents[2]
-BOOT_TIMEOUT = 30.0  # bounds a broken start, asserts nothing about speed
 DEFAULT_HOLD_MS = 2000  # the servers' default connect hold: keeps idle clients cycling quickly
 
 # The servers check the passwords the `make_user` fixture stored with the MD5 hasher of the test
@@ -63,55 +60,6 @@ def free_port() -> int:
 def token(login: str, password: str = PASSWORD) -> str:
     """The `ext."com.cumulocity.authn".token` of a handshake: base64 of `<login>:<password>`."""
     return base64.b64encode(f"{login}:{password}".encode()).decode()
-
-
-@dataclass
-class Server:
-    """One uvicorn process. `url` is its root (`http://127.0.0.1:<port>`), `ws` the same for
-    WebSocket."""
-
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def answers(self) -> bool:
-        """Any HTTP answer (405 for a GET of an endpoint) means the application is up."""
-        probe = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-        try:
-            probe.request("GET", "/notification/realtime")
-            probe.getresponse().read()
-        except OSError:
-            return False
-        finally:
-            probe.close()
-        return True
-
-    def wait_ready(self) -> None:
-        while not self.answers():
-            assert self.process.poll() is None, self.log()
-            assert time.monotonic() - self.started < BOOT_TIMEOUT, self.log()
-            time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class Launcher:
@@ -147,7 +95,7 @@ class Launcher:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
-            servers.append(Server(port, process, log_path))
+            servers.append(Server("uvicorn", port, process, log_path))
         self.started.extend(servers)
         for server in servers:
             server.wait_ready()
