@@ -18,6 +18,10 @@ class User(AbstractUser):
 
     objects = CaseInsensitiveUserManager()
 
+    # When the user last authenticated a request (REST or realtime), written at most once per
+    # AUTH_LAST_REQUEST_INTERVAL_SECONDS; `last_login` is when a password was last checked.
+    last_request_at = models.DateTimeField("last request", null=True, blank=True, editable=False)
+
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"
         constraints = [

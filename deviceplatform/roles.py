@@ -20,6 +20,7 @@ class Role(StrEnum):
     BULK_OPERATION_READ = "ROLE_BULK_OPERATION_READ"
     BULK_OPERATION_ADMIN = "ROLE_BULK_OPERATION_ADMIN"
     USER_MANAGEMENT_OWN_READ = "ROLE_USER_MANAGEMENT_OWN_READ"
+    DEVICE_BOOTSTRAP = "ROLE_DEVICE_BOOTSTRAP"
 
 
 ROLE_DESCRIPTIONS: dict[Role, str] = {
@@ -33,6 +34,9 @@ ROLE_DESCRIPTIONS: dict[Role, str] = {
     Role.BULK_OPERATION_READ: "Read bulk operations",
     Role.BULK_OPERATION_ADMIN: "Create, update and cancel bulk operations",
     Role.USER_MANAGEMENT_OWN_READ: "Read the current user and tenant",
+    Role.DEVICE_BOOTSTRAP: (
+        "Only the device bootstrap login: ask for device credentials, nothing else"
+    ),
 }
 
 # `*_ADMIN` implies the matching `*_READ` here (auth.md §3); every user may read their own session.
@@ -46,9 +50,14 @@ ALWAYS_GRANTED = frozenset({Role.USER_MANAGEMENT_OWN_READ})
 
 READ_ROLES = frozenset(role for role in Role if role.value.endswith("_READ"))
 
+# The bootstrap role stands alone: a user holding it may call only the views that require it
+# (`POST /devicecontrol/deviceCredentials`), so it is never part of "every role".
+BOOTSTRAP_ONLY = frozenset({Role.DEVICE_BOOTSTRAP})
+ALL_ROLES = frozenset(Role) - BOOTSTRAP_ONLY
+
 # Built-in groups (auth.md §3): created by a migration and recreated after every migrate or flush.
 DEFAULT_GROUPS: dict[str, frozenset[Role]] = {
-    "admins": frozenset(Role),
+    "admins": ALL_ROLES,
     "readers": READ_ROLES,
     "devices": frozenset({Role.INVENTORY_CREATE, Role.IDENTITY_READ}),
 }
@@ -83,6 +92,8 @@ def ensure_default_groups(apps: Any) -> None:
 def expand_roles(granted: set[str] | frozenset[str]) -> frozenset[Role]:
     """The effective roles for a set of granted role names: implied and always-granted roles added."""
     roles = {Role(name) for name in granted if name in Role.__members__.values()}
+    if Role.DEVICE_BOOTSTRAP in roles:
+        return BOOTSTRAP_ONLY  # whatever else was granted: the bootstrap login does one thing
     for role in list(roles):
         roles |= IMPLIED_ROLES.get(role, frozenset())
     return frozenset(roles | ALWAYS_GRANTED)
@@ -96,7 +107,7 @@ def user_roles(user: User) -> frozenset[Role]:
     if not user.is_active:
         roles: frozenset[Role] = frozenset()
     elif user.is_superuser:
-        roles = frozenset(Role)
+        roles = ALL_ROLES
     else:
         from django.contrib.auth.models import Permission
 
@@ -111,3 +122,8 @@ def user_roles(user: User) -> frozenset[Role]:
         roles = expand_roles(granted)
     user._c8y_roles = roles  # type: ignore[attr-defined]
     return roles
+
+
+def is_bootstrap(roles: frozenset[Role]) -> bool:
+    """The device bootstrap login: refused everywhere but the views that require its role."""
+    return roles == BOOTSTRAP_ONLY

@@ -36,6 +36,18 @@ AUTH_FAILURE_PREFIX = env.str("AUTH_FAILURE_PREFIX", default="dp:authfail")
 ADMIN_USERNAME = env.str("ADMIN_USERNAME", default="admin")
 ADMIN_PASSWORD = env.str("ADMIN_PASSWORD", default="")
 
+# Device onboarding (README "Device onboarding"): the shared login devices use to ask for their own
+# credentials, `management/devicebootstrap` or `devicebootstrap`. `manage.py ensureadmin` (bin/run)
+# creates it with this password, or a random one kept in the git-ignored .bootstrap-password.
+DEVICE_BOOTSTRAP_USERNAME = "devicebootstrap"
+DEVICE_BOOTSTRAP_TENANT = "management"
+DEVICE_BOOTSTRAP_PASSWORD = env.str("DEVICE_BOOTSTRAP_PASSWORD", default="")
+# Device users (created for a device when it receives credentials) are named this plus the id.
+DEVICE_USER_PREFIX = "device_"
+# How often (seconds, per user and process) a user's `last_request_at` is written: an agent that
+# polls every second costs one UPDATE a minute, and the admin shows when it was last heard from.
+AUTH_LAST_REQUEST_INTERVAL_SECONDS = env.float("AUTH_LAST_REQUEST_INTERVAL_SECONDS", default=60.0)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",

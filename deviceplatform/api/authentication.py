@@ -15,6 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 
@@ -43,7 +44,12 @@ def parse_basic_authorization(header: str) -> tuple[str, str]:
         raise exceptions.AuthenticationFailed(BAD_CREDENTIALS)
     if "/" in login:
         tenant, _, login = login.partition("/")
-        if tenant != settings.C8Y_TENANT_ID or not login:
+        # Devices log in to the bootstrap account as Cumulocity's do: `management/devicebootstrap`.
+        bootstrap = (
+            tenant == settings.DEVICE_BOOTSTRAP_TENANT
+            and login.lower() == settings.DEVICE_BOOTSTRAP_USERNAME
+        )
+        if (tenant != settings.C8Y_TENANT_ID and not bootstrap) or not login:
             raise exceptions.AuthenticationFailed(BAD_CREDENTIALS)
     return login, password
 
@@ -144,6 +150,18 @@ class RolesCache:
 roles_cache = RolesCache()
 
 
+def note_request(user: Any) -> None:
+    """Record when the user was last heard from (`last_request_at`, shown in the admin), at most
+    once per AUTH_LAST_REQUEST_INTERVAL_SECONDS: the row was read anyway, so a fresh value costs
+    nothing and a stale one one UPDATE."""
+    now = timezone.now()
+    last = user.last_request_at
+    interval = settings.AUTH_LAST_REQUEST_INTERVAL_SECONDS
+    if last is None or (now - last).total_seconds() >= interval or last > now:
+        type(user).objects.filter(pk=user.pk).update(last_request_at=now)
+        user.last_request_at = now
+
+
 def attach_roles(user: Any) -> Any:
     """Give the authenticated user its effective roles, from the cache when fresh."""
     cached = roles_cache.get(user.pk)
@@ -160,6 +178,14 @@ def authenticate_credentials(username: str, password: str, *, client: str | None
     A check that fails counts against the username and the client address (`auth_throttle`);
     once either is used up, raises TooManyFailures instead of checking (no hash), except for
     credentials this process verified before."""
+    user = _check_credentials(username, password, client)
+    if user is not None:
+        note_request(user)
+    return user
+
+
+def _check_credentials(username: str, password: str, client: str | None) -> Any:
+    """The `authenticate_credentials` check, without the bookkeeping."""
     user_model = get_user_model()
     user = user_model.objects.filter(username__iexact=username, is_active=True).first()
     if (
@@ -180,6 +206,9 @@ def authenticate_credentials(username: str, password: str, *, client: str | None
             record_failure(username, client)
             return None
         password_cache.remember(user.pk, user.password, password)
+        # A login: the password was checked against its hash (once per process and password).
+        user.last_login = timezone.now()
+        user_model.objects.filter(pk=user.pk).update(last_login=user.last_login)
     return attach_roles(user)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from rest_framework import exceptions
 from rest_framework.permissions import BasePermission
 
-from deviceplatform.roles import Role, user_roles
+from deviceplatform.roles import Role, is_bootstrap, user_roles
 
 
 def has_any_role(user: Any, roles: Iterable[Role]) -> bool:
@@ -21,7 +21,9 @@ class RolePermission(BasePermission):
 
     Methods listed in `view.owner_rule_methods` pass here and are decided per object by
     `has_object_permission`: a required role, or ownership (`view.owner_of(obj)`), auth.md §4.
-    A method the view does not implement passes, so the caller sees 405 before 403 (auth.md §6)."""
+    A method the view does not implement passes, so the caller sees 405 before 403 (auth.md §6).
+    The device bootstrap login passes only where the method requires `ROLE_DEVICE_BOOTSTRAP`: not
+    even the views any user may call (the platform and current-user resources) let it in."""
 
     message = "Access is denied"
 
@@ -31,6 +33,8 @@ class RolePermission(BasePermission):
         method = _method(request)
         if not hasattr(view, method.lower()) or method == "OPTIONS":
             return True
+        if is_bootstrap(user_roles(request.user)):
+            return Role.DEVICE_BOOTSTRAP in view.required_roles.get(method, frozenset())
         if method in getattr(view, "owner_rule_methods", frozenset()):
             return True
         roles = view.required_roles.get(method)

@@ -36,6 +36,7 @@ from deviceplatform.realtime.subscriptions import (
     rule_for,
     subscriptions_matching,
 )
+from deviceplatform.roles import is_bootstrap, user_roles
 
 logger = logging.getLogger(__name__)
 
@@ -294,8 +295,8 @@ class Exchange:
                 f"429::{limited.detail}",
                 advice={"reconnect": "handshake", "interval": int(limited.wait or 1) * 1000},
             )
-        if user is None:
-            return _failure(message, "403::Handshake denied", **refused)
+        if user is None or is_bootstrap(user_roles(user)):  # the bootstrap login asks for
+            return _failure(message, "403::Handshake denied", **refused)  # credentials only
         advice = _advice(message)
         timeout = _milliseconds(advice.get("timeout"))
         if timeout is None:

@@ -10,7 +10,7 @@ from django.core.management import CommandError, call_command
 
 from deviceplatform.api.authentication import authenticate_credentials
 from deviceplatform.models import User
-from deviceplatform.roles import ALWAYS_GRANTED, READ_ROLES, Role, user_roles
+from deviceplatform.roles import ALL_ROLES, ALWAYS_GRANTED, READ_ROLES, Role, user_roles
 
 pytestmark = pytest.mark.django_db
 
@@ -90,7 +90,7 @@ def test_superuser_flag_grants_every_role() -> None:
 
     user = logged_in("root-like", "pw")
     assert user is not None
-    assert user_roles(user) == frozenset(Role)
+    assert user_roles(user) == ALL_ROLES
 
 
 def test_unknown_role_is_a_command_error_and_creates_nothing() -> None:
@@ -123,4 +123,4 @@ def test_createsuperuser_noinput_yields_a_user_with_every_role(
     user = logged_in("boss", "boss-pw")
     assert user is not None
     assert user.is_superuser
-    assert user_roles(user) == frozenset(Role)
+    assert user_roles(user) == ALL_ROLES
