@@ -9,6 +9,8 @@ MO = r"inventory/managedObjects/(?P<pk>[^/]+)"
 urlpatterns = [
     c8y_path(r"inventory", views.InventoryApiView.as_view()),
     c8y_path(r"inventory/managedObjects", views.ManagedObjectCollectionView.as_view()),
+    # Before the detail route: "count" is not a managed object ID.
+    c8y_path(r"inventory/managedObjects/count", views.ManagedObjectCountView.as_view()),
     c8y_path(MO, views.ManagedObjectDetailView.as_view()),
     c8y_path(r"identity", identity_views.IdentityApiView.as_view()),
     c8y_path(

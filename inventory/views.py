@@ -7,7 +7,7 @@ from typing import Any
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
-from deviceplatform.api.media_types import MediaType
+from deviceplatform.api.media_types import PLAIN_JSON, MediaType
 from deviceplatform.api.pagination import paginated
 from deviceplatform.api.params import MAX_ID, get_bool
 from deviceplatform.api.permissions import has_any_role, is_owner
@@ -69,27 +69,32 @@ class InventoryApiView(InventoryView):
         return self.respond(inventory_api_json(self.base), MediaType.INVENTORY_API)
 
 
+def managed_objects_filtered(request: Any) -> Any:
+    """The managed objects the list answers for these query parameters (inventory.md §4),
+    ordered; visible to the user only."""
+    params = request.GET
+    queryset = selectors.managed_objects_visible_to(request.user)
+    query, device_query = params.get("query"), params.get("q")
+    if query or device_query:
+        # `query`/`q` replace every other filter (inventory.md §4); `q` means devices only.
+        parsed = parse_query(query or device_query or "")
+        queryset = queryset.filter(parsed.filter)
+        if device_query:
+            if query:
+                queryset = queryset.filter(parse_query(device_query).filter)
+            queryset = queryset.filter(is_device=True)
+        return queryset.order_by(*(parsed.order_by or ("id",)))
+    if params.get("ids"):
+        return queryset.filter(pk__in=ids_param(params["ids"])).order_by("id")
+    return ManagedObjectFilter(params, queryset=queryset).qs.order_by("id")
+
+
 class ManagedObjectCollectionView(InventoryView):
     required_roles = {"GET": frozenset(), "POST": CREATE}
 
     def get(self, request: Any) -> Response:
-        params = request.GET
-        options = RenderOptions.from_params(params)
-        queryset = selectors.managed_objects_visible_to(request.user)
-        query, device_query = params.get("query"), params.get("q")
-        if query or device_query:
-            # `query`/`q` replace every other filter (inventory.md §4); `q` means devices only.
-            parsed = parse_query(query or device_query or "")
-            queryset = queryset.filter(parsed.filter)
-            if device_query:
-                if query:
-                    queryset = queryset.filter(parse_query(device_query).filter)
-                queryset = queryset.filter(is_device=True)
-            queryset = queryset.order_by(*(parsed.order_by or ("id",)))
-        elif params.get("ids"):
-            queryset = queryset.filter(pk__in=ids_param(params["ids"])).order_by("id")
-        else:
-            queryset = ManagedObjectFilter(params, queryset=queryset).qs.order_by("id")
+        options = RenderOptions.from_params(request.GET)
+        queryset = managed_objects_filtered(request)
         return self.respond(
             paginated(
                 request,
@@ -114,6 +119,17 @@ class ManagedObjectCollectionView(InventoryView):
             status=201,
             location=managed_object_url(self.base, managed_object.pk),
         )
+
+
+class ManagedObjectCountView(InventoryView):
+    """`GET /inventory/managedObjects/count`: how many managed objects the list would hold for the
+    same filters, as a bare JSON number (what @c8y/client's `inventory.count` reads)."""
+
+    required_roles = {"GET": frozenset()}
+
+    def get(self, request: Any) -> Response:
+        count = managed_objects_filtered(request).order_by().count()
+        return Response(count, content_type=PLAIN_JSON)
 
 
 class ManagedObjectDetailView(InventoryView):
