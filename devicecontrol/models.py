@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db import models
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 from deviceplatform.db import DocumentField
@@ -98,3 +99,52 @@ class Operation(models.Model):
 
     def __str__(self) -> str:
         return f"operation {self.pk} {self.status} for device {self.device_id}"
+
+
+class NewDeviceRequestStatus(models.TextChoices):
+    """Cumulocity's registration states: an operator registers the id, the device's first poll
+    moves it on, and only then can the operator accept it (the next poll gets credentials)."""
+
+    WAITING_FOR_CONNECTION = "WAITING_FOR_CONNECTION"
+    PENDING_ACCEPTANCE = "PENDING_ACCEPTANCE"
+    ACCEPTED = "ACCEPTED"
+
+
+class NewDeviceRequest(models.Model):
+    """A device registration (Cumulocity's newDeviceRequest), keyed on the wire by `device_id`.
+
+    The device's first credentials poll moves it from WAITING_FOR_CONNECTION to
+    PENDING_ACCEPTANCE; an operator accepts it; the next poll creates the device user and returns
+    its password once (`credentials_issued_at` is set then, and later polls get 404). The security
+    token, when one was given, is kept as its SHA-256 digest only: a poll must present the token,
+    and the digests are compared in constant time. Device ids are unique regardless of letter case,
+    because the device user's name (`device_<id>`) is."""
+
+    device_id = models.CharField("device id", max_length=150)
+    status = models.CharField(
+        max_length=22,
+        choices=NewDeviceRequestStatus.choices,
+        default=NewDeviceRequestStatus.WAITING_FOR_CONNECTION,
+    )
+    security_token_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
+    creation_time = models.DateTimeField("created", default=timezone.now)
+    owner = models.CharField(max_length=150, blank=True, default="")
+    last_polled_at = models.DateTimeField("last polled", null=True, blank=True)
+    accepted_by = models.CharField(max_length=150, blank=True, default="")
+    accepted_at = models.DateTimeField("accepted at", null=True, blank=True)
+    credentials_issued_at = models.DateTimeField("credentials issued at", null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = "new device request"
+        constraints = [
+            models.UniqueConstraint(Lower("device_id"), name="newdevicerequest_device_id_unique"),
+        ]
+        indexes = [models.Index(fields=["device_id"], name="newdevicerequest_device_idx")]
+
+    def __str__(self) -> str:
+        return f"new device request {self.device_id} {self.status}"
+
+    @property
+    def has_security_token(self) -> bool:
+        return bool(self.security_token_digest)

@@ -1,4 +1,5 @@
-"""Operation reads with rules: visibility by role and device owner, lookups that 404, enrichment."""
+"""Operation reads with rules: visibility by role and device owner, lookups that 404, enrichment;
+new device requests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from devicecontrol.models import Operation
-from devicecontrol.services import operation_not_found
+from devicecontrol.models import NewDeviceRequest, NewDeviceRequestStatus, Operation
+from devicecontrol.services import new_device_request_not_found, operation_not_found
+from deviceplatform.api.exceptions import InvalidQuery
 from deviceplatform.api.params import parse_id
 from deviceplatform.api.permissions import has_any_role
 from deviceplatform.roles import Role
@@ -47,3 +49,26 @@ def device_external_ids(device_ids: Iterable[int], *, base: str) -> dict[int, li
     ):
         result[external_id.managed_object_id].append(external_id_json(external_id, base=base))
     return result
+
+
+# --- new device requests -------------------------------------------------------------------------
+
+
+def new_device_request_get(*, device_id: str) -> NewDeviceRequest:
+    request = NewDeviceRequest.objects.filter(device_id=device_id).first()
+    if request is None:
+        raise new_device_request_not_found(device_id)
+    return request
+
+
+def new_device_requests(params: Any) -> QuerySet[NewDeviceRequest]:
+    """Every request, oldest first; `status` narrows to one status (any other value: 422)."""
+    queryset = NewDeviceRequest.objects.order_by("id")
+    status = (params.get("status") or "").strip()
+    if status:
+        if status not in NewDeviceRequestStatus.values:
+            raise InvalidQuery(
+                f"status {status!r} is not one of {', '.join(NewDeviceRequestStatus.values)}"
+            )
+        queryset = queryset.filter(status=status)
+    return queryset

@@ -1,11 +1,18 @@
-"""Wire format of device control (spec devicecontrol.md); operations arrive with their own issue."""
+"""Wire format of device control (spec devicecontrol.md): operations, device registration requests
+and device credentials."""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
-from devicecontrol.models import Operation, OperationStatus
+from django.conf import settings
+
+from devicecontrol.models import NewDeviceRequest, Operation, OperationStatus
 from deviceplatform.api.dates import format_datetime
+from deviceplatform.api.exceptions import MissingFields, ValidationFailed
+
+INVALID_DATA = "devicecontrol/Invalid Data"
 
 
 def devicecontrol_api_json(base: str) -> dict[str, Any]:
@@ -81,3 +88,107 @@ def operation_json(
             "externalIds": external_ids,
         }
     return body
+
+
+# --- device registration (newDeviceRequests) and device credentials ----------------------------
+
+# Keys of a newDeviceRequest the server owns: ignored in a request body (docs/api/conventions.md).
+NEW_DEVICE_REQUEST_OWNED_KEYS = frozenset(
+    {
+        "self",
+        "owner",
+        "tenantId",
+        "creationTime",
+        "acceptedBy",
+        "acceptanceTime",
+        "credentialsIssuedTime",
+        "securityTokenSet",
+    }
+)
+
+
+def _body_keys(data: dict[str, Any], allowed: frozenset[str]) -> None:
+    """422 naming the keys that are neither `allowed` nor owned by the server: a request stores
+    no fragments, so a key it would silently drop (a `groupId`, say) is refused instead."""
+    unknown = sorted(set(data) - allowed - NEW_DEVICE_REQUEST_OWNED_KEYS)
+    if unknown:
+        raise ValidationFailed(
+            f"Unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+            "a newDeviceRequest takes id, status (PUT) and securityToken",
+            error=INVALID_DATA,
+        )
+
+
+def new_device_request_create_input(data: dict[str, Any]) -> tuple[object, str | None]:
+    """(id, securityToken) of a POST body; `status` is ignored (a request starts waiting)."""
+    _body_keys(data, frozenset({"id", "securityToken", "status"}))
+    if data.get("id") in (None, ""):
+        raise MissingFields(["id"])
+    return data["id"], security_token_input(data.get("securityToken"))
+
+
+def new_device_request_update_input(data: dict[str, Any]) -> tuple[object, str | None]:
+    """(status, securityToken) of a PUT body; `id` is ignored (the path names the request)."""
+    _body_keys(data, frozenset({"id", "securityToken", "status"}))
+    if data.get("status") in (None, ""):
+        raise MissingFields(["status"])
+    return data["status"], security_token_input(data.get("securityToken"))
+
+
+MAX_SECURITY_TOKEN_LENGTH = 1024
+
+
+def security_token_input(value: object) -> str | None:
+    """A security token: a non-empty string (absent or null: none)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValidationFailed(
+            "Invalid value for securityToken: a non-empty string is expected", error=INVALID_DATA
+        )
+    if len(value) > MAX_SECURITY_TOKEN_LENGTH:
+        raise ValidationFailed(
+            f"Invalid value for securityToken: at most {MAX_SECURITY_TOKEN_LENGTH} characters "
+            f"are allowed, not {len(value)}",
+            error=INVALID_DATA,
+        )
+    return value
+
+
+def new_device_request_url(base: str, device_id: str) -> str:
+    return f"{base}/devicecontrol/newDeviceRequests/{quote(device_id, safe='')}"
+
+
+def new_device_request_json(request: NewDeviceRequest, *, base: str) -> dict[str, Any]:
+    """One request. The security token is never shown, only whether one is set; when the device
+    last polled is left out (it changes every second while a device waits, and would change the
+    ETag with it); the admin shows it."""
+    body: dict[str, Any] = {
+        "id": request.device_id,
+        "self": new_device_request_url(base, request.device_id),
+        "status": request.status,
+        "owner": request.owner,
+        "tenantId": settings.C8Y_TENANT_ID,
+        "creationTime": format_datetime(request.creation_time),
+    }
+    if request.has_security_token:
+        body["securityTokenSet"] = True
+    if request.accepted_at is not None:
+        body["acceptedBy"] = request.accepted_by
+        body["acceptanceTime"] = format_datetime(request.accepted_at)
+    if request.credentials_issued_at is not None:
+        body["credentialsIssuedTime"] = format_datetime(request.credentials_issued_at)
+    return body
+
+
+def device_credentials_json(
+    *, device_id: str, username: str, password: str, base: str
+) -> dict[str, Any]:
+    """The one answer that carries a device's password (shown once, never stored or logged)."""
+    return {
+        "id": device_id,
+        "self": f"{base}/devicecontrol/deviceCredentials/{quote(device_id, safe='')}",
+        "tenantId": settings.C8Y_TENANT_ID,
+        "username": username,
+        "password": password,
+    }

@@ -1,28 +1,43 @@
-"""Every operation write: validate, lock, save, then register the realtime event on commit.
+"""Every operation write: validate, lock, save, then register the realtime event on commit; and the
+device registration requests with the credentials polls of Cumulocity's bootstrap flow (at the end).
 
 State changes lock the row (`select_for_update`), so concurrent agents never lose an update; sweepers
 claim their rows with `FOR UPDATE SKIP LOCKED` in batches (shared/PERFORMANCE.md §4)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
-from django.db import NotSupportedError, transaction
+from django.db import IntegrityError, NotSupportedError, transaction
 from django.db.models import DurationField, F, Func, QuerySet
 from django.utils import timezone
 
 from devicecontrol.delivery import deliver_by_sms, is_sms
-from devicecontrol.models import FINAL_STATUSES, Operation, OperationStatus
+from devicecontrol.models import (
+    FINAL_STATUSES,
+    NewDeviceRequest,
+    NewDeviceRequestStatus,
+    Operation,
+    OperationStatus,
+)
 from devicecontrol.realtime import OperationEvent
 from devicecontrol.serializers import EXTENSION_KEYS, READ_ONLY_KEYS, operation_json
-from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
+from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
+from deviceplatform.models import User
 from deviceplatform.realtime.events import publish_on_commit
+from deviceplatform.services import device_user_provision, device_username, validate_device_id
 from inventory.models import ManagedObject
 from inventory.selectors import device_agent_id, devices_agent_ids
+
+logger = logging.getLogger(__name__)
 
 FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
 MAX_TIMEOUT_SECONDS = 2**31 - 1  # Operation.execution_timeout is a PostgreSQL integer
@@ -503,3 +518,208 @@ def operations_delete_for_devices(device_ids: list[int], *, notify: bool = True)
     """Inventory deletion hook: a deleted device takes its operations along, each with a realtime
     DELETE event unless the deletion is QUIESCENT (inventory.md §6, realtime.md §5.4)."""
     operations_delete(queryset=Operation.objects.filter(device_id__in=device_ids), notify=notify)
+
+
+# --- device registration and device credentials (Cumulocity's bootstrap flow) -----------------
+#
+# An operator registers a device id (WAITING_FOR_CONNECTION); the device, logged in as the shared
+# bootstrap user, polls `deviceCredentials` with its id: the first poll moves the request to
+# PENDING_ACCEPTANCE; the operator accepts it (ACCEPTED); the next poll creates the device user
+# and gets its password, once. Every poll locks the request's row, so two concurrent polls of an
+# accepted request give one password and one "not found".
+
+NON_UNIQUE = "devicecontrol/Non Unique Result"
+INVALID_DATA = "devicecontrol/Invalid Data"
+
+
+def new_device_request_not_found(device_id: object) -> NotFound:
+    return NotFound(
+        f"Finding new device request from database failed : No newDeviceRequest for id "
+        f"'{device_id}'!",
+        error="devicecontrol/Not Found",
+    )
+
+
+def security_token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _token_matches(request: NewDeviceRequest, token: str | None) -> bool:
+    """Constant-time comparison of digests; a request without a token takes any poll."""
+    if not request.security_token_digest:
+        return True
+    presented = security_token_digest(token) if token is not None else ""
+    return hmac.compare_digest(presented.encode(), request.security_token_digest.encode())
+
+
+def _check_device_username(device_id: str) -> None:
+    """409 when `device_<id>` is an account that is not a device user: its credentials could
+    never be issued (`device_user_provision` refuses to hand a person's account to a device)."""
+    username = device_username(device_id)
+    existing = User.objects.filter(username__iexact=username).first()
+    if existing is not None and (
+        existing.is_superuser
+        or existing.is_staff
+        or not existing.groups.filter(name="devices").exists()
+    ):
+        raise Conflict(
+            f"The user {existing.username} exists and is not a device user: a device with id "
+            f"'{device_id}' cannot be registered"
+        )
+
+
+@transaction.atomic
+def new_device_request_create(
+    *, device_id: object, owner: str, security_token: str | None = None, now: datetime | None = None
+) -> NewDeviceRequest:
+    """Register a device id (WAITING_FOR_CONNECTION). 422 for an id a device user's name cannot
+    hold or one registered already (letter case aside); 409 when `device_<id>` is a person."""
+    device_id = validate_device_id(device_id)
+    _check_device_username(device_id)
+    request = NewDeviceRequest(
+        device_id=device_id,
+        owner=owner,
+        creation_time=now or timezone.now(),
+        security_token_digest=security_token_digest(security_token) if security_token else "",
+    )
+    try:
+        with transaction.atomic():
+            request.save(force_insert=True)
+    except IntegrityError:
+        raise ValidationFailed(
+            f"A new device request for id '{device_id}' exists already",
+            error=NON_UNIQUE,
+        ) from None
+    return request
+
+
+def _locked_request(device_id: str) -> NewDeviceRequest:
+    request = NewDeviceRequest.objects.select_for_update().filter(device_id=device_id).first()
+    if request is None:
+        raise new_device_request_not_found(device_id)
+    return request
+
+
+@transaction.atomic
+def new_device_request_accept(
+    *,
+    device_id: str,
+    status: object,
+    accepted_by: str,
+    security_token: str | None = None,
+    precondition: Callable[[NewDeviceRequest], None] | None = None,
+    now: datetime | None = None,
+) -> NewDeviceRequest:
+    """The PUT of a request: only `ACCEPTED` may be set, and only once the device has polled
+    (PENDING_ACCEPTANCE), as on Cumulocity. A `security_token` given here replaces the one given
+    at registration. 404 for an unknown id, then `precondition` (If-Match), then 422."""
+    request = _locked_request(device_id)
+    if precondition is not None:
+        precondition(request)
+    if status != NewDeviceRequestStatus.ACCEPTED:
+        raise ValidationFailed(
+            f"Invalid status {status!r}: only ACCEPTED can be set; WAITING_FOR_CONNECTION and "
+            "PENDING_ACCEPTANCE follow from the device's polls",
+            error=INVALID_DATA,
+        )
+    if request.status == NewDeviceRequestStatus.WAITING_FOR_CONNECTION:
+        raise ValidationFailed(
+            f"The device '{device_id}' has not asked for credentials yet (status "
+            "WAITING_FOR_CONNECTION): a request can be accepted once the device has polled "
+            "and it is PENDING_ACCEPTANCE",
+            error=INVALID_DATA,
+        )
+    if request.status == NewDeviceRequestStatus.ACCEPTED:
+        raise ValidationFailed(
+            f"The new device request for id '{device_id}' is ACCEPTED already",
+            error=INVALID_DATA,
+        )
+    _check_device_username(request.device_id)
+    request.status = NewDeviceRequestStatus.ACCEPTED
+    request.accepted_by = accepted_by
+    request.accepted_at = now or timezone.now()
+    fields = ["status", "accepted_by", "accepted_at"]
+    if security_token:
+        request.security_token_digest = security_token_digest(security_token)
+        fields.append("security_token_digest")
+    request.save(update_fields=fields)
+    return request
+
+
+@transaction.atomic
+def new_device_request_delete(
+    *, device_id: str, precondition: Callable[[NewDeviceRequest], None] | None = None
+) -> None:
+    """Reject (remove) a request. A device user created from it stays: revoke that one."""
+    request = _locked_request(device_id)
+    if precondition is not None:
+        precondition(request)
+    request.delete()
+
+
+class PollOutcome(StrEnum):
+    """What a credentials poll found. Only ISSUED answers with credentials; every other outcome
+    answers the same 404, and UNKNOWN and WRONG_TOKEN count as misses of the client address."""
+
+    UNKNOWN = "unknown"
+    WRONG_TOKEN = "wrong token"  # noqa: S105 - an outcome, not a password
+    NOW_PENDING = "now pending"
+    PENDING = "pending"
+    ISSUED_BEFORE = "issued before"
+    REFUSED = "refused"  # device_<id> became a non-device account after the accept
+    ISSUED = "issued"
+
+    @property
+    def is_miss(self) -> bool:
+        return self in {PollOutcome.UNKNOWN, PollOutcome.WRONG_TOKEN}
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    device_id: str
+    username: str
+    password: str = field(repr=False)  # shown to the device once; never logged or stored
+
+
+@transaction.atomic
+def device_credentials_poll(
+    *, device_id: str, security_token: str | None, now: datetime | None = None
+) -> tuple[PollOutcome, DeviceCredentials | None]:
+    """One poll of a device for its credentials, under the request's row lock (two concurrent
+    polls of an accepted request: one gets the password). A poll for an accepted request whose
+    credentials were not issued yet creates or re-keys the device user and returns its password;
+    the request is marked issued in the same transaction."""
+    request = NewDeviceRequest.objects.select_for_update().filter(device_id=device_id).first()
+    if request is None:
+        return PollOutcome.UNKNOWN, None
+    if not _token_matches(request, security_token):
+        return PollOutcome.WRONG_TOKEN, None
+    now = now or timezone.now()
+    request.last_polled_at = now
+    fields = ["last_polled_at"]
+    credentials = None
+    if request.status == NewDeviceRequestStatus.WAITING_FOR_CONNECTION:
+        request.status = NewDeviceRequestStatus.PENDING_ACCEPTANCE
+        fields.append("status")
+        outcome = PollOutcome.NOW_PENDING
+    elif request.status == NewDeviceRequestStatus.PENDING_ACCEPTANCE:
+        outcome = PollOutcome.PENDING
+    elif request.credentials_issued_at is not None:
+        outcome = PollOutcome.ISSUED_BEFORE
+    else:
+        try:
+            user, password, _ = device_user_provision(request.device_id)
+        except Conflict:
+            logger.warning(
+                "device credentials for '%s' not issued: %s is not a device user",
+                request.device_id,
+                device_username(request.device_id),
+            )
+            outcome = PollOutcome.REFUSED
+        else:
+            request.credentials_issued_at = now
+            fields.append("credentials_issued_at")
+            credentials = DeviceCredentials(request.device_id, user.username, password)
+            outcome = PollOutcome.ISSUED
+    request.save(update_fields=fields)
+    return outcome, credentials

@@ -9,19 +9,33 @@ from rest_framework.response import Response
 
 from devicecontrol import selectors, services
 from devicecontrol.filters import OperationFilter
-from devicecontrol.models import Operation
-from devicecontrol.serializers import devicecontrol_api_json, operation_json, operation_url
-from deviceplatform.api.exceptions import MissingFields, ValidationFailed
-from deviceplatform.api.media_types import MediaType
+from devicecontrol.models import NewDeviceRequest, Operation
+from devicecontrol.poll_limits import poll_admit, poll_missed
+from devicecontrol.serializers import (
+    device_credentials_json,
+    devicecontrol_api_json,
+    new_device_request_create_input,
+    new_device_request_json,
+    new_device_request_update_input,
+    new_device_request_url,
+    operation_json,
+    operation_url,
+    security_token_input,
+)
+from deviceplatform.api.auth_throttle import client_address
+from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
+from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.api.pagination import paginated
 from deviceplatform.api.params import parse_id
 from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
+from deviceplatform.services import validate_device_id
 from inventory.models import ManagedObject
 
 READ = frozenset({Role.DEVICE_CONTROL_READ})
 ADMIN = frozenset({Role.DEVICE_CONTROL_ADMIN})
+BOOTSTRAP = frozenset({Role.DEVICE_BOOTSTRAP})
 
 
 class DeviceControlView(CumulocityView):
@@ -151,4 +165,110 @@ class OperationRetryView(DeviceControlView):
             etag=True,
             status=201,
             location=operation_url(self.base, retry.pk),
+        )
+
+
+# --- device registration and credentials (Cumulocity's bootstrap flow) -------------------------
+
+
+class NewDeviceRequestCollectionView(CumulocityView):
+    """`GET` (paged, `status` filter) and `POST` (register a device id)."""
+
+    required_roles = {"GET": READ, "POST": ADMIN}
+
+    def get(self, request: Any) -> Response:
+        base = self.base
+        return self.respond(
+            paginated(
+                request,
+                selectors.new_device_requests(request.GET),
+                key="newDeviceRequests",
+                render=lambda rows: [new_device_request_json(row, base=base) for row in rows],
+            ),
+            MediaType.NEW_DEVICE_REQUEST_COLLECTION,
+        )
+
+    def post(self, request: Any) -> Response:
+        device_id, token = new_device_request_create_input(self.request_object())
+        created = services.new_device_request_create(
+            device_id=device_id, owner=request.user.username, security_token=token
+        )
+        return self.respond(
+            lambda: new_device_request_json(created, base=self.base),
+            MediaType.NEW_DEVICE_REQUEST,
+            etag=True,
+            status=201,
+            location=new_device_request_url(self.base, created.device_id),
+        )
+
+
+class NewDeviceRequestDetailView(CumulocityView):
+    """`GET`, `PUT` (accept) and `DELETE` (reject) of one request, by device id."""
+
+    required_roles = {"GET": READ, "PUT": ADMIN, "DELETE": ADMIN}
+
+    def render(self, row: NewDeviceRequest) -> dict[str, Any]:
+        return new_device_request_json(row, base=self.base)
+
+    def get(self, request: Any, device_id: str) -> Response:
+        found = selectors.new_device_request_get(device_id=device_id)
+        return self.respond(self.render(found), MediaType.NEW_DEVICE_REQUEST, etag=True)
+
+    def put(self, request: Any, device_id: str) -> Response:
+        status, token = new_device_request_update_input(self.request_object())
+        accepted = services.new_device_request_accept(
+            device_id=device_id,
+            status=status,
+            accepted_by=request.user.username,
+            security_token=token,
+            precondition=self.if_match(self.render),
+        )
+        return self.respond(lambda: self.render(accepted), MediaType.NEW_DEVICE_REQUEST, etag=True)
+
+    def delete(self, request: Any, device_id: str) -> Response:
+        services.new_device_request_delete(
+            device_id=device_id, precondition=self.if_match(self.render)
+        )
+        return self.no_content()
+
+
+# Every poll that gets no credentials gets this same answer: unknown id, not accepted yet, issued
+# before, wrong token. A poller learns nothing about which ids are registered.
+NO_CREDENTIALS = "No device credentials for this id: register it, and wait until it is accepted"
+
+
+class DeviceCredentialsView(CumulocityView):
+    """`POST /devicecontrol/deviceCredentials`: a device, logged in as the bootstrap user, asks
+    for its own credentials (only ROLE_DEVICE_BOOTSTRAP may; admins get 403)."""
+
+    required_roles = {"POST": BOOTSTRAP}
+
+    def post(self, request: Any) -> Response:
+        body = self.request_object()
+        if body.get("id") in (None, ""):
+            raise MissingFields(["id"])
+        device_id = validate_device_id(body["id"])
+        token = security_token_input(body.get("securityToken"))
+        client = client_address(request.META)
+        poll_admit(device_id, client)
+        outcome, credentials = services.device_credentials_poll(
+            device_id=device_id, security_token=token
+        )
+        if outcome.is_miss:
+            poll_missed(client)
+        if credentials is None:
+            raise NotFound(NO_CREDENTIALS, error="devicecontrol/Not Found")
+        # Always with a body, whatever Accept says: the password is shown this once.
+        return Response(
+            device_credentials_json(
+                device_id=credentials.device_id,
+                username=credentials.username,
+                password=credentials.password,
+                base=self.base,
+            ),
+            status=201,
+            headers={"Cache-Control": "no-store"},
+            content_type=response_content_type(
+                request.META.get("HTTP_ACCEPT"), MediaType.DEVICE_CREDENTIALS
+            ),
         )

@@ -47,6 +47,15 @@ DEVICE_USER_PREFIX = "device_"
 # How often (seconds, per user and process) a user's `last_request_at` is written: an agent that
 # polls every second costs one UPDATE a minute, and the admin shows when it was last heard from.
 AUTH_LAST_REQUEST_INTERVAL_SECONDS = env.float("AUTH_LAST_REQUEST_INTERVAL_SECONDS", default=60.0)
+# Credential polls (POST /devicecontrol/deviceCredentials, README "Device onboarding"): at most this
+# many polls per device id, and this many misses (an id without a request, a wrong security token)
+# per client address, within the window; beyond, 429 until the window ends. 0: no limit. The
+# counters are the failed-login limiter's (Redis under AUTH_FAILURE_PREFIX with REDIS_URL).
+DEVICE_CREDENTIALS_POLLS_PER_ID = env.int("DEVICE_CREDENTIALS_POLLS_PER_ID", default=120)
+DEVICE_CREDENTIALS_MISSES_PER_ADDRESS = env.int("DEVICE_CREDENTIALS_MISSES_PER_ADDRESS", default=120)
+DEVICE_CREDENTIALS_WINDOW_SECONDS = env.float("DEVICE_CREDENTIALS_WINDOW_SECONDS", default=60.0)
+# Rows one `POST /devicecontrol/bulkNewDeviceRequests` CSV may hold (the body limit applies too).
+BULK_NEW_DEVICE_MAX_ROWS = env.int("BULK_NEW_DEVICE_MAX_ROWS", default=10_000)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
