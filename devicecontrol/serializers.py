@@ -3,6 +3,9 @@ and device credentials."""
 
 from __future__ import annotations
 
+import csv
+import io
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -191,4 +194,151 @@ def device_credentials_json(
         "tenantId": settings.C8Y_TENANT_ID,
         "username": username,
         "password": password,
+    }
+
+
+# --- bulk registration: the CSV of `POST /devicecontrol/bulkNewDeviceRequests` ------------------
+
+BULK_COLUMNS = ("ID", "CREDENTIALS", "TYPE", "NAME", "IDTYPE", "PATH", "ICCID", "SHELL")
+SEPARATORS = (";", ",", "\t")
+MASK = "******"
+
+
+@dataclass(frozen=True)
+class BulkDeviceRow:
+    """One device line of the CSV: its 1-based line number in the file, its fields by column
+    (only the known columns; missing ones are ""), and the line as it may be shown back."""
+
+    line_number: int
+    fields: dict[str, str] = field(repr=False)  # holds CREDENTIALS
+    shown: str
+    problem: str | None = None  # a row that cannot be read as a device (wrong field count)
+
+    def get(self, column: str) -> str:
+        return self.fields.get(column, "").strip()
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValidationFailed(
+            "The file is not a CSV in UTF-8: it holds bytes that are not UTF-8 text",
+            error=INVALID_DATA,
+        ) from None
+
+
+def _header(first_line: str) -> tuple[str, list[str]]:
+    """The separator (whichever of ; , tab splits the header into columns that include ID) and
+    the column names, upper-cased."""
+    best: tuple[str, list[str]] | None = None
+    for separator in SEPARATORS:
+        names = [
+            name.strip().upper() for name in next(csv.reader([first_line], delimiter=separator))
+        ]
+        if "ID" in names and (best is None or len(names) > len(best[1])):
+            best = (separator, names)
+    if best is None:
+        raise ValidationFailed(
+            "The file has no ID column: its first line must name the columns, separated by ';', "
+            f"',' or a tab, among them ID and CREDENTIALS (known columns: {', '.join(BULK_COLUMNS)})",
+            error=INVALID_DATA,
+        )
+    separator, names = best
+    duplicated = sorted({name for name in names if name and names.count(name) > 1})
+    if duplicated:
+        raise ValidationFailed(
+            f"The header names column{'s' if len(duplicated) > 1 else ''} "
+            f"{', '.join(duplicated)} more than once",
+            error=INVALID_DATA,
+        )
+    if "CREDENTIALS" not in names:
+        raise ValidationFailed(
+            "The file has no CREDENTIALS column: every device needs its password here",
+            error=INVALID_DATA,
+        )
+    return separator, names
+
+
+def _row(
+    number: int, names: list[str], id_index: int, values: list[str], separator: str
+) -> BulkDeviceRow:
+    if len(values) == len(names):
+        fields = {name: value for name, value in zip(names, values, strict=True) if name}
+        shown = [
+            MASK if name == "CREDENTIALS" else value
+            for name, value in zip(names, values, strict=True)
+        ]
+        problem = None
+    else:
+        fields = {"ID": values[id_index]} if id_index < len(values) else {}
+        shown = [value if index == id_index else MASK for index, value in enumerate(values)]
+        problem = f"Expected {len(names)} fields as in the header, found {len(values)}"
+    return BulkDeviceRow(number, fields, separator.join(shown), problem)
+
+
+def bulk_new_device_rows(raw: bytes, *, max_rows: int) -> list[BulkDeviceRow]:
+    """The device rows of an uploaded CSV; 422 for a file that is not one (not UTF-8 text, no ID
+    or CREDENTIALS column, no device row, more than `max_rows` rows), before anything is written.
+    A password is never part of `shown`: the CREDENTIALS field is masked, and in a row whose field
+    count does not match the header every field but the ID is."""
+    text = _decode(raw)
+    if "\x00" in text:
+        raise ValidationFailed("The file is not a CSV: it holds NUL characters", error=INVALID_DATA)
+    stripped = text.lstrip("\r\n")
+    if not stripped.strip():
+        raise ValidationFailed("The file is empty", error=INVALID_DATA)
+    skipped = text.count("\n", 0, len(text) - len(stripped))  # blank lines above the header
+    separator, names = _header(stripped.split("\n", 1)[0].rstrip("\r"))
+    id_index = names.index("ID")
+    reader = csv.reader(io.StringIO(stripped, newline=""), delimiter=separator)
+    rows: list[BulkDeviceRow] = []
+    try:
+        next(reader)  # the header
+        start = reader.line_num + 1  # a quoted field may span lines: a row's first line
+        for values in reader:
+            number, start = skipped + start, reader.line_num + 1
+            if not any(value.strip() for value in values):
+                continue
+            if len(rows) >= max_rows:
+                raise ValidationFailed(
+                    f"The file holds more than {max_rows} device rows: split it",
+                    error=INVALID_DATA,
+                )
+            rows.append(_row(number, names, id_index, values, separator))
+    except csv.Error as exc:
+        raise ValidationFailed(
+            f"The file is not a CSV: line {skipped + reader.line_num}: {exc}", error=INVALID_DATA
+        ) from None
+    if not rows:
+        raise ValidationFailed("The file holds no device rows below its header", error=INVALID_DATA)
+    return rows
+
+
+def bulk_new_device_result_json(
+    results: list[tuple[BulkDeviceRow, str, str | None]],
+) -> dict[str, Any]:
+    """The answer of a bulk registration: each row's (row, status, failure reason)."""
+    created = sum(1 for _, status, _ in results if status == "CREATED")
+    failed = [(row, reason) for row, status, reason in results if status == "FAILED"]
+    return {
+        "numberOfAll": len(results),
+        "numberOfCreated": created,
+        "numberOfFailed": len(failed),
+        "numberOfSuccessful": len(results) - len(failed),
+        "credentialUpdatedList": [
+            {"bulkNewDeviceStatus": status, "deviceId": row.get("ID")}
+            for row, status, _ in results
+            if status != "FAILED"
+        ],
+        "failedCreationList": [
+            {
+                "bulkNewDeviceStatus": "FAILED",
+                "deviceId": row.get("ID"),
+                "failureReason": reason,
+                "line": row.shown,
+                "lineNumber": row.line_number,
+            }
+            for row, reason in failed
+        ],
     }

@@ -29,13 +29,19 @@ from devicecontrol.models import (
     OperationStatus,
 )
 from devicecontrol.realtime import OperationEvent
-from devicecontrol.serializers import EXTENSION_KEYS, READ_ONLY_KEYS, operation_json
+from devicecontrol.serializers import (
+    EXTENSION_KEYS,
+    READ_ONLY_KEYS,
+    BulkDeviceRow,
+    operation_json,
+)
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
 from deviceplatform.models import User
 from deviceplatform.realtime.events import publish_on_commit
 from deviceplatform.services import device_user_provision, device_username, validate_device_id
-from inventory.models import ManagedObject
-from inventory.selectors import device_agent_id, devices_agent_ids
+from inventory import services as inventory_services
+from inventory.models import ExternalId, ManagedObject, Relation
+from inventory.selectors import device_agent_id, devices_agent_ids, has_parent_q
 
 logger = logging.getLogger(__name__)
 
@@ -723,3 +729,84 @@ def device_credentials_poll(
             outcome = PollOutcome.ISSUED
     request.save(update_fields=fields)
     return outcome, credentials
+
+
+# --- bulk registration (a CSV of device ids and passwords) ---------------------------------------
+
+MIN_DEVICE_PASSWORD_LENGTH = 8
+SHELL_VALUES = {"": False, "0": False, "false": False, "1": True, "true": True}
+GROUP_TYPE = "c8y_DeviceGroup"
+
+
+def _group_path(names: list[str], *, owner: str) -> ManagedObject:
+    """The group at the end of a PATH (`Region A/Site 7`): each name a device group under the one
+    before it (childAssets; the first a group that is no group's child asset), created when
+    missing, owned by `owner`."""
+    parent: ManagedObject | None = None
+    for name in names:
+        candidates = ManagedObject.objects.filter(is_group=True, name=name)
+        if parent is None:
+            candidates = candidates.exclude(parent_refs__relation=Relation.ASSET)
+        else:
+            candidates = candidates.filter(has_parent_q(Relation.ASSET, parent.pk))
+        group = candidates.order_by("pk").first()
+        if group is None:
+            data = {"name": name, "type": GROUP_TYPE, "c8y_IsDeviceGroup": {}}
+            if parent is None:
+                group = inventory_services.managed_object_create(owner=owner, data=data)
+            else:
+                group = inventory_services.managed_object_create_child(
+                    parent=parent, relation=Relation.ASSET, owner=owner, data=data
+                )
+        parent = group
+    assert parent is not None
+    return parent
+
+
+@transaction.atomic
+def device_bulk_register(*, row: BulkDeviceRow, owner: str) -> str:
+    """One row of a bulk registration, all or nothing: the device user `device_<ID>` created (or
+    re-keyed) with the row's password; with TYPE and NAME also its device (owned by the device
+    user, `c8y_IsDevice`, `c8y_Mobile.iccid` from ICCID, `c8y_SupportedOperations` with
+    `c8y_Command` when SHELL is 1) bound to the external ID (IDTYPE, default c8y_Serial; a device
+    bound already is kept as it is) and put into the PATH group. Returns CREATED or
+    CREDENTIAL_UPDATED (the device user existed); an ApiError says why the row failed."""
+    if row.problem:
+        raise ValidationFailed(row.problem)
+    device_id = validate_device_id(row.get("ID"), name="ID")
+    password = row.fields.get("CREDENTIALS", "")
+    if len(password) < MIN_DEVICE_PASSWORD_LENGTH:
+        raise ValidationFailed(
+            f"Invalid value for CREDENTIALS: at least {MIN_DEVICE_PASSWORD_LENGTH} characters "
+            "are required"
+        )
+    device_type, name = row.get("TYPE"), row.get("NAME")
+    if bool(device_type) != bool(name):
+        raise ValidationFailed("TYPE and NAME go together: both (to create the device) or neither")
+    shell = SHELL_VALUES.get(row.get("SHELL").lower())
+    if shell is None:
+        raise ValidationFailed(f"Invalid value for SHELL: 1 or 0, not {row.get('SHELL')!r}")
+    path = [segment.strip() for segment in row.get("PATH").split("/") if segment.strip()]
+    if not name and (path or row.get("ICCID") or shell):
+        raise ValidationFailed("PATH, ICCID and SHELL describe the device: give TYPE and NAME too")
+    user, _, created = device_user_provision(device_id, password)
+    if name:
+        id_type = row.get("IDTYPE") or "c8y_Serial"
+        bound = ExternalId.objects.filter(type=id_type, external_id=device_id).first()
+        if bound is not None:
+            device = bound.managed_object
+        else:
+            data: dict[str, Any] = {"name": name, "type": device_type, "c8y_IsDevice": {}}
+            if row.get("ICCID"):
+                data["c8y_Mobile"] = {"iccid": row.get("ICCID")}
+            if shell:
+                data["c8y_SupportedOperations"] = ["c8y_Command"]
+            device = inventory_services.managed_object_create(owner=user.username, data=data)
+            inventory_services.external_id_create(
+                managed_object=device, type=id_type, external_id=device_id
+            )
+        if path:
+            inventory_services.managed_object_add_children(
+                parent=_group_path(path, owner=owner), relation=Relation.ASSET, children=[device]
+            )
+    return "CREATED" if created else "CREDENTIAL_UPDATED"

@@ -16,4 +16,5 @@ urlpatterns = [
         views.NewDeviceRequestDetailView.as_view(),
     ),
     c8y_path(r"devicecontrol/deviceCredentials", views.DeviceCredentialsView.as_view()),
+    c8y_path(r"devicecontrol/bulkNewDeviceRequests", views.BulkNewDeviceRequestView.as_view()),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
@@ -12,6 +13,9 @@ from devicecontrol.filters import OperationFilter
 from devicecontrol.models import NewDeviceRequest, Operation
 from devicecontrol.poll_limits import poll_admit, poll_missed
 from devicecontrol.serializers import (
+    BulkDeviceRow,
+    bulk_new_device_result_json,
+    bulk_new_device_rows,
     device_credentials_json,
     devicecontrol_api_json,
     new_device_request_create_input,
@@ -23,10 +27,11 @@ from devicecontrol.serializers import (
     security_token_input,
 )
 from deviceplatform.api.auth_throttle import client_address
-from deviceplatform.api.exceptions import MissingFields, NotFound, ValidationFailed
+from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.api.pagination import paginated
 from deviceplatform.api.params import parse_id
+from deviceplatform.api.parsers import CsvUploadParser
 from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
@@ -271,4 +276,40 @@ class DeviceCredentialsView(CumulocityView):
             content_type=response_content_type(
                 request.META.get("HTTP_ACCEPT"), MediaType.DEVICE_CREDENTIALS
             ),
+        )
+
+
+class BulkNewDeviceRequestView(CumulocityView):
+    """`POST /devicecontrol/bulkNewDeviceRequests`: a CSV file (multipart part `file`) of device
+    ids and passwords; each row is provisioned in its own transaction, and the answer lists
+    every row's result. A file that cannot be read as such a CSV is one 422, nothing written."""
+
+    required_roles = {"POST": ADMIN}
+    parser_classes = [CsvUploadParser]
+
+    def post(self, request: Any) -> Response:
+        upload = request.FILES.get("file")
+        if upload is None:
+            raise ValidationFailed(
+                "A multipart/form-data part named 'file' holding the CSV is required",
+                error="devicecontrol/Invalid Data",
+            )
+        rows = bulk_new_device_rows(upload.read(), max_rows=settings.BULK_NEW_DEVICE_MAX_ROWS)
+        results: list[tuple[BulkDeviceRow, str, str | None]] = []
+        first_line: dict[str, int] = {}  # lower-cased ID -> the line that named it first
+        for row in rows:
+            key = row.get("ID").lower()
+            if key and key in first_line:
+                reason = f"The ID {row.get('ID')} is on line {first_line[key]} already"
+                results.append((row, "FAILED", reason))
+                continue
+            first_line.setdefault(key, row.line_number)
+            try:
+                status = services.device_bulk_register(row=row, owner=request.user.username)
+            except ApiError as exc:
+                results.append((row, "FAILED", exc.message))
+            else:
+                results.append((row, status, None))
+        return self.respond(
+            bulk_new_device_result_json(results), MediaType.BULK_NEW_DEVICE_REQUEST, status=201
         )

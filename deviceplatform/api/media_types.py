@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 VENDOR_PREFIX = "application/vnd.com.nsn.cumulocity."
 VENDOR_PARAMS = ";charset=UTF-8;ver=0.9"
 PLAIN_JSON = "application/json;charset=UTF-8"
+MULTIPART = "multipart/form-data"
 
 
 class MediaType(StrEnum):
@@ -79,10 +80,16 @@ class CumulocityContentNegotiation(BaseContentNegotiation):
     Content-Type is chosen per resource by `response_content_type`."""
 
     def select_parser(self, request: Request, parsers: list[Any]) -> Any:
+        """JSON bodies go to the view's JSON parser; `multipart/form-data` only to a view that
+        lists a multipart parser (the CSV upload of `bulkNewDeviceRequests`); anything else 415."""
         content_type = request.content_type or "application/json"
         if is_json_content_type(content_type):
-            return parsers[0]
-        return None
+            wanted = "application/json"
+        elif _essence(content_type) == MULTIPART:
+            wanted = MULTIPART
+        else:
+            return None
+        return next((parser for parser in parsers if parser.media_type == wanted), None)
 
     def select_renderer(
         self, request: Request, renderers: list[Any], format_suffix: str | None = None

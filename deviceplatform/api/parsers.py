@@ -1,4 +1,5 @@
-"""The one JSON parser: plain and vendor JSON bodies; invalid JSON is a 400 (spec README §2).
+"""The one JSON parser: plain and vendor JSON bodies; invalid JSON is a 400 (spec README §2). And
+the multipart parser of the one view that takes a file upload (`CsvUploadParser`).
 
 A body is also checked, once, for what could be stored but not written back: every JSON document a
 client sends may end up in a jsonb column and in every later read of it (a list page, a parent's
@@ -14,7 +15,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from rest_framework.exceptions import ParseError
-from rest_framework.parsers import BaseParser
+from rest_framework.parsers import BaseParser, MultiPartParser
 
 from deviceplatform.api.exceptions import PayloadTooLarge, ValidationFailed
 
@@ -167,3 +168,10 @@ def _spell(path: Any) -> str:
     if len(text) > 200:
         text = text[:100] + "..." + text[-100:]
     return text or "the body"
+
+
+class CsvUploadParser(MultiPartParser):
+    """`multipart/form-data`, for `POST /devicecontrol/bulkNewDeviceRequests` alone: a view lists
+    it in `parser_classes` to take uploads, and the content negotiation hands multipart bodies to
+    no other view (415). The body limit (MAX_REQUEST_BODY_BYTES) applies as to every body; a
+    malformed multipart body is a 400."""
