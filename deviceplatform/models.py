@@ -2,6 +2,7 @@
 
 from django.contrib.auth.models import AbstractUser, UserManager
 from django.db import models
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.db.models.functions import Lower
 
 from deviceplatform.roles import ROLE_DESCRIPTIONS
@@ -27,6 +28,41 @@ class User(AbstractUser):
         constraints = [
             models.UniqueConstraint(Lower("username"), name="user_username_ci_unique"),
         ]
+
+
+# The built-in group of device agents (roles.DEFAULT_GROUPS); its members are the device users.
+DEVICES_GROUP = "devices"
+
+
+def device_user_condition() -> Q:
+    """Which users are device users: members of `devices` that are neither staff nor superusers
+    (the accounts `device_user_provision` may hand to a device). Everyone else is a person, the
+    device bootstrap login included."""
+    member = User.groups.through.objects.filter(user_id=OuterRef("pk"), group__name=DEVICES_GROUP)
+    return Q(Exists(member), is_staff=False, is_superuser=False)
+
+
+class DeviceUserManager(CaseInsensitiveUserManager):
+    use_in_migrations = False
+
+    def get_queryset(self) -> QuerySet["DeviceUser"]:
+        return super().get_queryset().filter(device_user_condition())
+
+
+class DeviceUser(User):
+    """A user a device (or agent) logs in as: one of the `devices` group, created by onboarding,
+    `manage.py createuser NAME --groups devices` or a bulk registration. The same rows as `User`,
+    listed apart from people in the admin, where they are revoked, restored and rotated."""
+
+    objects = DeviceUserManager()
+
+    class Meta:
+        proxy = True
+        verbose_name = "device user"
+        ordering = ["username"]
+
+    def __str__(self) -> str:
+        return self.username
 
 
 class CumulocityRole(models.Model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterable
+from functools import partial
 
 from django.conf import settings
 from django.contrib.auth.models import Group, Permission
@@ -15,6 +16,7 @@ from deviceplatform.api.authentication import roles_cache
 from deviceplatform.api.exceptions import Conflict, ValidationFailed
 from deviceplatform.api.lengths import check_length, max_length
 from deviceplatform.models import User
+from deviceplatform.realtime.rights import credentials_changed
 from deviceplatform.roles import ROLE_APP_LABEL, Role
 
 
@@ -126,28 +128,34 @@ def device_user_provision(device_id: str, password: str | None = None) -> tuple[
         raise Conflict(f"The user {existing.username} exists and is not a device user")
     password = password if password is not None else generate_password()
     user = user_upsert(username=username, password=password, groups=["devices"])
+    if existing is not None:  # realtime sessions opened with the old password end
+        transaction.on_commit(partial(credentials_changed, user.pk))
     return user, password, existing is None
 
 
 @transaction.atomic
 def device_user_rotate(user_id: int) -> tuple[User, str]:
     """A new generated password for a user (the old one stops working at once, in every process:
-    the verified-password cache is keyed by the stored hash). Returns the user and the password."""
+    the verified-password cache is keyed by the stored hash; realtime sessions opened with it end
+    on commit). Returns the user and the password."""
     user = User.objects.select_for_update().get(pk=user_id)
     password = generate_password()
     user.set_password(password)
     user.save(update_fields=["password"])
     roles_cache.forget(user.pk)
+    transaction.on_commit(partial(credentials_changed, user.pk))
     return user, password
 
 
 @transaction.atomic
 def user_set_active(user_id: int, *, active: bool) -> User:
     """Revoke (disable) or restore a user. A disabled user's next request is refused in every
-    process (the user row is read on each request)."""
+    process (the user row is read on each request), and its realtime sessions end on commit."""
     user = User.objects.select_for_update().get(pk=user_id)
     if user.is_active != active:
         user.is_active = active
         user.save(update_fields=["is_active"])
     roles_cache.forget(user.pk)
+    if not active:
+        transaction.on_commit(partial(credentials_changed, user.pk))
     return user

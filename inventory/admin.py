@@ -14,16 +14,21 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet
+from django.db.models.functions import Upper
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 
+from deviceplatform.admin import DeviceUserAdminBase
 from deviceplatform.api.exceptions import ApiError
 from deviceplatform.api.params import MAX_ID
 from deviceplatform.api.parsers import json_document_problem
+from deviceplatform.models import DeviceUser
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 from inventory.services import (
     COLUMN_KEYS,
@@ -537,3 +542,103 @@ class ExternalIdAdmin(admin.ModelAdmin):
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ExternalId]) -> None:
         for external_id in queryset:
             external_id_delete(external_id=external_id)
+
+
+# --- device users with the devices they own --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnedObjects:
+    """What a device user owns: the object to show (its agent, else its first device, else its
+    first managed object) and how many managed objects it owns in all."""
+
+    shown: ManagedObject
+    count: int
+
+
+def owned_objects(users: list[DeviceUser]) -> dict[int, OwnedObjects]:
+    """The managed objects the given users own (owner matched case-insensitively, as ownership
+    is), in two queries whatever the number of users: one aggregate over the owner index, one
+    for the objects shown. Users need the `username_key` annotation (`Upper("username")`), so
+    both sides are upper-cased by the database's own function."""
+    keys = {user.username_key: user.pk for user in users}  # type: ignore[attr-defined]
+    if not keys:
+        return {}
+    rows = list(
+        ManagedObject.objects.annotate(owner_key=Upper("owner"))
+        .filter(owner_key__in=list(keys))
+        .values("owner_key")
+        .annotate(
+            count=Count("id"),
+            agent=Min("id", filter=Q(is_agent=True)),
+            device=Min("id", filter=Q(is_device=True)),
+            first=Min("id"),
+        )
+        .order_by()
+    )
+    chosen = {row["owner_key"]: row["agent"] or row["device"] or row["first"] for row in rows}
+    shown = ManagedObject.objects.only("id", "name", "is_agent").in_bulk(chosen.values())
+    return {
+        keys[row["owner_key"]]: OwnedObjects(shown[chosen[row["owner_key"]]], row["count"])
+        for row in rows
+        if row["owner_key"] in keys and chosen[row["owner_key"]] in shown
+    }
+
+
+class DeviceUserChangeList(ChangeList):
+    """Looks up the devices of the page's users once per page, not once per row."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        owned = owned_objects(list(self.result_list))
+        for user in self.result_list:
+            user.owned = owned.get(user.pk)
+
+
+@admin.register(DeviceUser)
+class DeviceUserAdmin(DeviceUserAdminBase):
+    """Device users (deviceplatform/admin.py) with the managed objects they own."""
+
+    list_display = [
+        "username",
+        "devices",
+        "is_active",
+        "last_request_at",
+        "last_login",
+        "date_joined",
+    ]
+    readonly_fields = [*DeviceUserAdminBase.readonly_fields, "devices"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DeviceUser]:
+        return super().get_queryset(request).annotate(username_key=Upper("username"))
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return DeviceUserChangeList
+
+    def get_fieldsets(self, request: HttpRequest, obj: DeviceUser | None = None) -> Any:
+        fieldsets = list(super().get_fieldsets(request, obj))
+        return [fieldsets[0], ("Devices", {"fields": ["devices"]}), *fieldsets[1:]]
+
+    @admin.display(description="devices")
+    def devices(self, obj: DeviceUser) -> str:
+        if not hasattr(obj, "owned"):  # the change page: one user, looked up here
+            obj.owned = owned_objects([obj]).get(obj.pk)  # type: ignore[attr-defined]
+        owned: OwnedObjects | None = obj.owned  # type: ignore[attr-defined]
+        if owned is None:
+            return "-"
+        link = format_html(
+            '<a href="{}">{}</a>{}',
+            reverse("admin:inventory_managedobject_change", args=[owned.shown.pk]),
+            str(owned.shown),
+            " (agent)" if owned.shown.is_agent else "",
+        )
+        if owned.count == 1:
+            return link
+        everything = reverse("admin:inventory_managedobject_changelist")
+        return format_html(
+            '{} + <a href="{}?{}">{} more</a>',
+            link,
+            everything,
+            urlencode({"owner__exact": obj.username}),
+            owned.count - 1,
+        )

@@ -3,7 +3,9 @@
 The long-polling view and the WebSocket consumer parse their input into a list of messages and hand
 it to `Exchange.run`, which answers every message, holds the connect and returns the JSON-encoded
 parts of the answer: replies to the other messages in order, then queued events, then the connect
-reply. Credentials are checked once, at the handshake; afterwards the `clientId` is the session.
+reply. Credentials are checked once, at the handshake; afterwards the `clientId` is the session,
+until the user's credentials are revoked or rotated: `rights.credentials_changed` then ends its
+sessions, and their next message is refused with `401::Authentication invalid`.
 
 Hostile input costs little: a request (a long-polling body, a WebSocket frame) pays for at most one
 failed password check, whatever number of handshakes it holds, and failed checks count towards the
@@ -108,8 +110,15 @@ def _verdicts(user_id: int, family: Family, subscriptions: Sequence[str]) -> dic
     return verdicts
 
 
+def _credentials_current(user_id: int, stored_hash: str) -> bool:
+    """Whether the user is still active with the password hash a handshake checked."""
+    users = get_user_model().objects.filter(pk=user_id, is_active=True, password=stored_hash)
+    return users.exists()
+
+
 _authorize = in_thread(_may_subscribe)
 _check_rights = in_thread(_verdicts)
+_still_current = in_thread(_credentials_current)
 check_credentials = in_thread(authenticate_header_value)
 
 
@@ -157,6 +166,17 @@ def _failure(message: Any, error: str, **fields: Any) -> dict[str, Any]:
 def _unknown_client(message: Any, **fields: Any) -> dict[str, Any]:
     return _failure(
         message, "402::Unknown client", advice={"reconnect": "handshake", "interval": 0}, **fields
+    )
+
+
+def _revoked(message: Any, **fields: Any) -> dict[str, Any]:
+    """A session its user's credentials no longer back (revoked or rotated): the client may
+    handshake again, which succeeds only with the new credentials."""
+    return _failure(
+        message,
+        "401::Authentication invalid",
+        advice={"reconnect": "handshake", "interval": 0},
+        **fields,
     )
 
 
@@ -287,6 +307,8 @@ class Exchange:
         if not types:
             return _failure(message, "400::Unsupported connection types", **refused)
         header = self._credentials(message)
+        # Read before the check: credentials revoked meanwhile move it (rights.credentials_changed)
+        epoch = await current_epoch(self.store)
         try:
             user = await self.authenticate(header) if header else None
         except TooManyFailures as limited:
@@ -319,6 +341,13 @@ class Exchange:
         )
         if evicted:
             logger.info("user %s: oldest session(s) %s removed (limit)", user.username, evicted)
+        if await current_epoch(self.store) != epoch and not await _still_current(
+            user.pk, user.password
+        ):
+            # Revoked or rotated after our check, and its sessions were ended before this one
+            # existed: end this one too.
+            await self.store.remove_session(client_id)
+            return _failure(message, "403::Handshake denied", **refused)
         return _reply(
             message,
             successful=True,
@@ -338,12 +367,20 @@ class Exchange:
         session = await self.store.get_session(client_id)
         return (client_id, session) if session is not None else None
 
+    async def _gone(self, message: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """The answer to a message for a session that does not exist (any more): revoked
+        credentials ended it (401), or it is unknown (402)."""
+        client_id = message.get("clientId")
+        if isinstance(client_id, str) and client_id and await self.store.revoked(client_id):
+            return _revoked(message, **fields)
+        return _unknown_client(message, **fields)
+
     async def _subscribe(self, message: dict[str, Any], *, add: bool) -> dict[str, Any]:
         subscription = message.get("subscription")
         echo = {"subscription": subscription} if "subscription" in message else {}
         found = await self._session(message)
         if found is None:
-            return _unknown_client(message, **echo)
+            return await self._gone(message, **echo)
         client_id, session = found
         if isinstance(subscription, str):
             channels = [subscription]
@@ -368,13 +405,13 @@ class Exchange:
                 rights_cache.put(client_id, channel, epoch, True)
         grace = int(session["interval"]) + settings.REALTIME_MAX_INTERVAL_MS
         if not await self.store.subscribe(client_id, stored, add=add, ttl_ms=grace):
-            return _unknown_client(message, **echo)
+            return await self._gone(message, **echo)
         return _reply(message, successful=True, clientId=client_id, **echo)
 
     async def _disconnect(self, message: dict[str, Any]) -> dict[str, Any]:
         client_id = message.get("clientId")
         if not isinstance(client_id, str) or not await self.store.remove_session(client_id):
-            return _unknown_client(message)
+            return await self._gone(message)
         self.intervals.pop(client_id, None)
         return _reply(message, successful=True, clientId=client_id)
 
@@ -402,7 +439,11 @@ class Exchange:
         )
         if not outcome.known:
             self.intervals.pop(client_id, None)
-            return [orjson.dumps(_unknown_client(message, clientId=client_id))]
+            return [orjson.dumps(await self._gone(message, clientId=client_id))]
+        if outcome.ended and await self.store.revoked(client_id):
+            # Its user's credentials were revoked or rotated while this connect was held.
+            self.intervals.pop(client_id, None)
+            return [orjson.dumps(_revoked(message, clientId=client_id))]
         if outcome.ended:
             # Disconnected (or evicted) while held: CometD answers the held connect and tells the
             # client to stop, rather than to handshake again.

@@ -12,7 +12,13 @@ per (session, subscription), taken at the subscribe or at a delivery, and trusts
 - it is younger than `REALTIME_RIGHTS_CACHE_SECONDS`, which bounds how long a role taken away, a
   disabled user or a renamed one keeps a subscription it no longer may hold.
 
-A delivery then costs one Redis GET (the epoch) when its verdicts are known."""
+A delivery then costs one Redis GET (the epoch) when its verdicts are known.
+
+Credentials revoked or rotated (`credentials_changed`, called by the user services after commit)
+do not wait for a delivery: the user's sessions are removed from the store at once, in every
+process (their held connects are woken and refused, their queues dropped), and the epoch moves
+first, so a handshake that checked the old credentials just before is caught too
+(`protocol.Exchange._handshake`)."""
 
 from __future__ import annotations
 
@@ -36,25 +42,55 @@ def _epoch_key() -> str:
     return f"{settings.REALTIME_PREFIX}:owner-epoch"
 
 
-def ownership_changed() -> None:
-    """A managed object changed owner (committed): every process re-checks rights at its next
-    delivery. Synchronous, for `transaction.on_commit`; a Redis outage is logged, never raised."""
+def _advance_epoch(store: Any) -> None:
+    """Void every process's verdicts (raises when Redis is unreachable)."""
     global _local_epoch
-    from deviceplatform.realtime.hub import get_store
-
-    store = get_store()
     if isinstance(store, MemoryStore):
         with _local_lock:
             _local_epoch += 1
         return
+    store._sync.incr(_epoch_key())
+
+
+def ownership_changed() -> None:
+    """A managed object changed owner (committed): every process re-checks rights at its next
+    delivery. Synchronous, for `transaction.on_commit`; a Redis outage is logged, never raised."""
+    from deviceplatform.realtime.hub import get_store
+
     try:
-        store._sync.incr(_epoch_key())
+        _advance_epoch(get_store())
     except Exception:
         logger.warning(
             "realtime: could not record an owner change; subscriptions of the old owner end "
             "within REALTIME_RIGHTS_CACHE_SECONDS instead of at once",
             exc_info=True,
         )
+
+
+def credentials_changed(user_id: int) -> None:
+    """A user was disabled or deleted, or got a new password (committed): end its realtime
+    sessions now, in every process. Each held connect is answered at once and every later
+    message of those sessions gets `401::Authentication invalid` (advice: handshake again, which
+    the old credentials no longer pass). Synchronous, for `transaction.on_commit`; a Redis outage
+    is logged, never raised (a disabled user's subscriptions then end at their next delivery
+    within REALTIME_RIGHTS_CACHE_SECONDS, and its sessions when they time out)."""
+    from deviceplatform.realtime.hub import get_store
+    from deviceplatform.realtime.subscriptions import Family
+
+    store = get_store()
+    try:
+        _advance_epoch(store)  # first: a handshake racing this one sees the epoch move
+        ended = store.end_user_sessions(str(user_id), [str(family) for family in Family])
+    except Exception:
+        logger.warning(
+            "realtime: could not end the sessions of user %s; they lose their subscriptions "
+            "within REALTIME_RIGHTS_CACHE_SECONDS instead of at once",
+            user_id,
+            exc_info=True,
+        )
+        return
+    if ended:
+        logger.info("realtime: user %s: %d session(s) ended (credentials)", user_id, len(ended))
 
 
 async def current_epoch(store: Any) -> int:

@@ -19,7 +19,9 @@ in the queue the connect drains or wakes the connect it set up. Keys (prefix P):
 `P s:<cid>` hash, `P q:<cid>` list, `P sub:<cid>` set, `P c:<channel>` set, `P u:<family>:<uid>`
 zset (sessions per user), `P exp` zset (deadlines, for the sweeper), pub/sub `P w:<hub>`, and
 `P x:<cid>` (a minute): the hold token a session had when it was disconnected or evicted, so that
-connect learns it ended (and answers `reconnect: none`, as CometD does) rather than was lost.
+connect learns it ended (and answers `reconnect: none`, as CometD does) rather than was lost, and
+`P r:<cid>` (a minute): the session was ended because its user's credentials were revoked or
+rotated (`end_user_sessions`), so its next message is told so rather than "unknown client".
 
 **Commit order.** A published batch may carry an `order`: (key, seq, after_ms) per managed object it
 is about, the number its transaction took just before COMMIT (`events.take_order`) and how long after
@@ -221,6 +223,23 @@ _LUA_REMOVE = """
 if redis.call('EXISTS', P .. 's:' .. ARGV[2]) == 0 then return 0 end
 remove(ARGV[2])
 return 1
+"""
+
+# ARGV: P, uid, family, ...: end every session of the user (credentials revoked or rotated)
+_LUA_END_USER = """
+local ended = {}
+for i = 3, #ARGV do
+  local ukey = P .. 'u:' .. ARGV[i] .. ':' .. ARGV[2]
+  for _, cid in ipairs(redis.call('ZRANGE', ukey, 0, -1)) do
+    if redis.call('EXISTS', P .. 's:' .. cid) == 1 then
+      redis.call('SET', P .. 'r:' .. cid, '1', 'PX', 60000)
+      remove(cid)
+      ended[#ended + 1] = cid
+    end
+  end
+  redis.call('DEL', ukey)
+end
+return ended
 """
 
 # ARGV: P, batch size
@@ -444,6 +463,7 @@ class RedisStore:
         self.clock = clock
         self._sync = redis.Redis.from_url(url)
         self._publish_sync = self._sync.register_script(_LUA_COMMON + _LUA_ORDER + _LUA_PUBLISH)
+        self._end_user_sync = self._sync.register_script(_LUA_COMMON + _LUA_END_USER)
         self._async_clients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._redis_asyncio = redis.asyncio
 
@@ -496,6 +516,17 @@ class RedisStore:
 
     async def remove_session(self, cid: str) -> bool:
         return bool(await self._run("remove", cid))
+
+    def end_user_sessions(self, uid: str, families: Sequence[str]) -> list[str]:
+        """Synchronous (after a commit): remove every session of user `uid` on `families`, waking
+        the connects they hold, and mark each as revoked for a minute (`revoked`)."""
+        ended = self._end_user_sync(args=[self.prefix, uid, *families])
+        return [cid.decode() for cid in ended]
+
+    async def revoked(self, cid: str) -> bool:
+        """Whether session `cid` was ended by `end_user_sessions` in the last minute."""
+        client, _ = self._client()
+        return bool(await client.exists(f"{self.prefix}r:{cid}"))
 
     async def subscribe(
         self, cid: str, channels: Sequence[str], *, add: bool, ttl_ms: int = 0
@@ -667,6 +698,7 @@ class MemoryStore:
         self._wakers: dict[str, tuple[asyncio.AbstractEventLoop, Waker]] = {}
         self._seq = itertools.count()
         self._ended: dict[str, tuple[str, float]] = {}  # cid -> (hold token, until)
+        self._revoked: dict[str, float] = {}  # cid -> until (ended by end_user_sessions)
 
     def _live(self, cid: str) -> _MemorySession | None:
         session = self._sessions.get(cid)
@@ -742,6 +774,29 @@ class MemoryStore:
             wakes = self._remove(cid) if existed else {}
         self._wake(wakes)
         return existed
+
+    def end_user_sessions(self, uid: str, families: Sequence[str]) -> list[str]:
+        wakes: dict[str, list[str]] = {}
+        with self._lock:
+            until = self.clock() + 60
+            ended = [
+                cid
+                for cid, session in list(self._sessions.items())
+                if session.record["uid"] == uid
+                and session.record["family"] in families
+                and self._live(cid) is not None
+            ]
+            for cid in ended:
+                self._revoked[cid] = until
+                for hub, cids in self._remove(cid).items():
+                    wakes.setdefault(hub, []).extend(cids)
+        self._wake(wakes)
+        return ended
+
+    async def revoked(self, cid: str) -> bool:
+        with self._lock:
+            until = self._revoked.get(cid)
+            return until is not None and until > self.clock()
 
     async def subscribe(
         self, cid: str, channels: Sequence[str], *, add: bool, ttl_ms: int = 0
@@ -839,6 +894,8 @@ class MemoryStore:
                 self._forget(cid)
             for cid in [cid for cid, (_, until) in self._ended.items() if until <= now]:
                 del self._ended[cid]
+            for cid in [cid for cid, until in self._revoked.items() if until <= now]:
+                del self._revoked[cid]
             for key in [key for key, (_, until) in self._last.items() if until <= now]:
                 del self._last[key]
             return len(due)
