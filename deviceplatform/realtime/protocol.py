@@ -212,6 +212,10 @@ class Exchange:
         # Outcomes of the credential checks of the current request (one long-polling body, one
         # WebSocket frame): Authorization value -> user, None (refused) or TooManyFailures.
         self._checked: dict[str, Any] = {}
+        # The rights epoch read before this request's first credential check (None: no check
+        # yet; -1: Redis did not answer), so a handshake can tell whether credentials were
+        # revoked or rotated since its user was checked.
+        self._epoch: int | None = None
 
     def encode(self, events: Sequence[bytes]) -> list[bytes]:
         return [absolute(event, self._base) for event in events]
@@ -253,6 +257,7 @@ class Exchange:
         """Forget the credential checks of the previous request (a WebSocket's Exchange serves
         every frame of the socket: each frame is a request)."""
         self._checked.clear()
+        self._epoch = None
 
     async def authenticate(self, header: str) -> Any:
         """The user for an Authorization value, or None; raises TooManyFailures. Checked once per
@@ -261,6 +266,13 @@ class Exchange:
         if header not in self._checked:
             if any(outcome is None for outcome in self._checked.values()):
                 return None
+            if self._epoch is None:
+                try:
+                    self._epoch = await current_epoch(self.store)
+                except Exception as exc:
+                    if not _is_outage(exc):
+                        raise
+                    self._epoch = -1  # unknown: a handshake checks the user again
             try:
                 self._checked[header] = await check_credentials(header, client=self.context.client)
             except TooManyFailures as refused:
@@ -307,8 +319,6 @@ class Exchange:
         if not types:
             return _failure(message, "400::Unsupported connection types", **refused)
         header = self._credentials(message)
-        # Read before the check: credentials revoked meanwhile move it (rights.credentials_changed)
-        epoch = await current_epoch(self.store)
         try:
             user = await self.authenticate(header) if header else None
         except TooManyFailures as limited:
@@ -341,11 +351,11 @@ class Exchange:
         )
         if evicted:
             logger.info("user %s: oldest session(s) %s removed (limit)", user.username, evicted)
-        if await current_epoch(self.store) != epoch and not await _still_current(
+        if await current_epoch(self.store) != self._epoch and not await _still_current(
             user.pk, user.password
         ):
-            # Revoked or rotated after our check, and its sessions were ended before this one
-            # existed: end this one too.
+            # Revoked or rotated after the check (which read the epoch first), and its sessions
+            # were ended before this one existed: end this one too.
             await self.store.remove_session(client_id)
             return _failure(message, "403::Handshake denied", **refused)
         return _reply(

@@ -35,6 +35,7 @@ from deviceplatform.services import (
 from inventory.models import ManagedObject, Relation
 from inventory.services import managed_object_add_children, managed_object_create
 from tests.helpers import basic
+from tests.inventory.test_admin import form_data
 
 pytestmark = pytest.mark.django_db
 
@@ -433,8 +434,6 @@ def test_the_people_admin_ends_sessions_when_it_disables_or_deletes(
 ) -> None:
     person = user_upsert(username="bob", password="x", groups=["readers"])
     page = reverse("admin:deviceplatform_user_change", args=[person.pk])
-    from tests.inventory.test_admin import form_data
-
     data = form_data(admin_client, page)
     data.pop("is_active", None)
     with django_capture_on_commit_callbacks(execute=True) as callbacks:

@@ -11,6 +11,7 @@ long-polling, Redis and the in-process store) and across real server processes."
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -241,19 +242,30 @@ async def test_handshakes_racing_a_revoke_leave_no_session_behind(world: World) 
     user's sessions before this one existed)."""
     user, _ = await database_sync_to_async(device_user)("race-rv")
 
-    async def handshake() -> dict[str, Any]:
-        [reply] = await LpBayeux().request([handshake_message(user.username)])
+    async def handshake(header: bool) -> dict[str, Any] | None:
+        """With the `ext` token, or with the Basic header (checked before the messages are
+        read); None: the header was refused with HTTP 401."""
+        if not header:
+            [reply] = await LpBayeux().request([handshake_message(user.username)])
+            return reply
+        lp = LpBayeux(Authorization=basic(f"t100/{user.username}"))
+        response = await lp.post([handshake_message(None)])
+        if response.status_code == 401:
+            return None
+        assert response.status_code == 200, response.status_code
+        [reply] = json.loads(response.content)
         return reply
 
-    replies = await asyncio.gather(*[handshake() for _ in range(8)], revoke(user))
+    replies = await asyncio.gather(*[handshake(i % 2 == 1) for i in range(10)], revoke(user))
     store = get_store()
     for reply in replies[:-1]:
-        if reply["successful"]:
+        if reply is not None and reply["successful"]:
             assert await store.get_session(reply["clientId"]) is None, reply
-        else:
+        elif reply is not None:
             assert failure(reply) == DENIED
     # And afterwards every handshake is denied.
-    assert failure(await handshake()) == DENIED
+    assert failure(await handshake(False)) == DENIED
+    assert await handshake(True) is None
 
 
 # --- across server processes ----------------------------------------------------------------------
