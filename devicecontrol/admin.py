@@ -1,4 +1,5 @@
-"""Operator UI for operations: list, filter, change the status and failure reason, cancel, retry.
+"""Operator UI for operations: list, filter, change the status and failure reason, cancel, retry;
+and for new device requests: register, accept, reject (at the end).
 
 Every write goes through `devicecontrol.services`, as the REST API's do, so the status rules apply
 and each change sends its realtime event on commit. A status change is rehearsed with the real
@@ -8,6 +9,7 @@ only, so the admin offers no "add"."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from typing import Any
@@ -21,8 +23,21 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from devicecontrol.models import Operation, OperationStatus
-from devicecontrol.services import operation_retry, operation_update, operations_delete
+from devicecontrol.models import (
+    NewDeviceRequest,
+    NewDeviceRequestStatus,
+    Operation,
+    OperationStatus,
+)
+from devicecontrol.serializers import MAX_SECURITY_TOKEN_LENGTH
+from devicecontrol.services import (
+    new_device_request_accept,
+    new_device_request_create,
+    new_device_request_delete,
+    operation_retry,
+    operation_update,
+    operations_delete,
+)
 from deviceplatform.api.exceptions import ApiError
 from deviceplatform.api.params import MAX_ID
 from inventory.admin import adopt, rehearse
@@ -336,4 +351,139 @@ class OperationAdmin(admin.ModelAdmin):
                 request,
                 f"Skipped {len(skipped)} operation(s) that are not FAILED: "
                 f"{', '.join(map(str, skipped))}.",
+            )
+
+
+# --- new device requests (device registration) -----------------------------------------------
+
+
+class NewDeviceRequestForm(forms.ModelForm):
+    """Register a device id, as `POST /devicecontrol/newDeviceRequests` does: the service decides
+    (id rules, duplicates, a person holding the device user's name), rehearsed and rolled back
+    here so a refusal shows on the form."""
+
+    security_token = forms.CharField(
+        required=False,
+        max_length=MAX_SECURITY_TOKEN_LENGTH,
+        widget=forms.PasswordInput(render_value=False),
+        help_text=(
+            "Optional. The device must then present this token when it polls for its "
+            "credentials. Stored only as a digest."
+        ),
+    )
+
+    class Meta:
+        model = NewDeviceRequest
+        fields = ["device_id"]
+        help_texts = {
+            "device_id": (
+                "The device's serial or IMEI, as it asks for its credentials: no whitespace, "
+                "'/', '\\\\', '+', '$' or ':'. Its device user will be device_<id>."
+            )
+        }
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        device_id = data.get("device_id")
+        if device_id and not self.errors:
+            token = data.get("security_token") or None
+            rehearse(
+                lambda: new_device_request_create(
+                    device_id=device_id, owner="", security_token=token
+                )
+            )
+        return data
+
+    def validate_unique(self) -> None:
+        pass  # the service's own check (letter case aside) answers on the form instead
+
+
+@admin.register(NewDeviceRequest)
+class NewDeviceRequestAdmin(admin.ModelAdmin):
+    """Registered device ids and where each one is in the bootstrap flow. "Accept" goes through
+    the same service as the REST PUT (only PENDING_ACCEPTANCE, once the device has polled, can be
+    accepted) and is recorded in the request's history; deleting a request rejects it."""
+
+    form = NewDeviceRequestForm
+    list_display = [
+        "device_id",
+        "status",
+        "creation_time",
+        "owner",
+        "last_polled_at",
+        "accepted_by",
+        "accepted_at",
+        "credentials_issued_at",
+        "token",
+    ]
+    list_filter = ["status"]
+    search_fields = ["device_id"]
+    ordering = ["-id"]
+    actions = ["accept_requests"]
+    readonly_fields = [
+        "device_id",
+        "status",
+        "creation_time",
+        "owner",
+        "last_polled_at",
+        "accepted_by",
+        "accepted_at",
+        "credentials_issued_at",
+        "token",
+    ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return self.readonly_fields if obj is not None else []
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        if obj is None:
+            return ["device_id", "security_token"]
+        return self.readonly_fields
+
+    @admin.display(description="security token", boolean=True)
+    def token(self, obj: NewDeviceRequest) -> bool:
+        return obj.has_security_token
+
+    def save_model(
+        self, request: HttpRequest, obj: NewDeviceRequest, form: forms.ModelForm, change: bool
+    ) -> None:
+        if change:
+            return  # nothing on the change page can be edited
+        created = new_device_request_create(
+            device_id=form.cleaned_data["device_id"],
+            owner=request.user.get_username(),
+            security_token=form.cleaned_data.get("security_token") or None,
+        )
+        adopt(obj, created)
+
+    def delete_model(self, request: HttpRequest, obj: NewDeviceRequest) -> None:
+        with contextlib.suppress(ApiError):  # deleted meanwhile: what the operator asked for
+            new_device_request_delete(device_id=obj.device_id)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[NewDeviceRequest]) -> None:
+        for device_id in queryset.values_list("device_id", flat=True):
+            self.delete_model(request, NewDeviceRequest(device_id=device_id))
+
+    @admin.action(
+        description="Accept (the device has polled: PENDING_ACCEPTANCE)", permissions=["change"]
+    )
+    def accept_requests(self, request: HttpRequest, queryset: QuerySet[NewDeviceRequest]) -> None:
+        accepted: list[str] = []
+        for device_id in queryset.order_by("id").values_list("device_id", flat=True):
+            try:
+                saved = new_device_request_accept(
+                    device_id=device_id,
+                    status=NewDeviceRequestStatus.ACCEPTED,
+                    accepted_by=request.user.get_username(),
+                )
+            except ApiError as exc:
+                messages.error(request, f"Could not accept {device_id}: {exc.message}")
+            else:
+                self.log_change(request, saved, f"Accepted by {request.user.get_username()}")
+                accepted.append(device_id)
+        if accepted:
+            messages.success(
+                request,
+                f"Accepted {len(accepted)} request(s): {', '.join(accepted)}. Each device gets "
+                "its credentials at its next poll.",
             )
