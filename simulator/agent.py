@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from aiocometd_ng import Client
+from aiocometd_ng.constants import TransportState
 from aiocometd_ng.extensions import Extension
 
 from simulator.api import ApiError, Login, Response, Unreachable, backoff
@@ -44,6 +45,21 @@ class StaleLogin(Exception):
 
 class CometD(Client):
     _HTTP_SESSION_CLOSE_TIMEOUT = 0  # the library's grace period is for TLS shutdowns
+
+    async def _wait_connection_timeout(self, timeout: float) -> None:
+        """The library's own version passes `loop=` to `asyncio.wait_for`, which Python 3.10
+        removed: it failed at once (a TypeError logged as never retrieved), so any network
+        hiccup ended the client. This one lets the transport retry for `connection_timeout`
+        seconds, as documented, before `receive()` raises TransportTimeoutError."""
+        assert self._transport is not None
+        while True:
+            await self._transport.wait_for_state(TransportState.CONNECTING)
+            try:
+                await asyncio.wait_for(
+                    self._transport.wait_for_state(TransportState.CONNECTED), timeout
+                )
+            except TimeoutError:
+                return
 
 
 class CumulocityAuth(Extension):
@@ -324,7 +340,7 @@ class Agent:
                         self.fleet.stats.connected -= 1
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(client.close(), 5)
-                await asyncio.sleep(backoff(attempt, base=1.0, cap=30.0))
+                await asyncio.sleep(backoff(attempt, base=1.0, cap=10.0))
                 attempt += 1
         finally:
             syncing.cancel()

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from aiocometd_ng import ConnectionType
+from aiocometd_ng.exceptions import ServerError
 
 from simulator.agent import Agent
 from simulator.api import Api, ApiError, Login, Unreachable
@@ -26,6 +27,7 @@ HTTP_CONNECTIONS = 100  # the shared connection pool's size
 BOOTSTRAP_TENANT = "management"
 BOOTSTRAP_USER = "devicebootstrap"
 ERRORS_SHOWN_PER_SECOND = 5
+NOTICE_SECONDS = 5.0  # at most one line about lost connections this often
 GRACE_SECONDS = 10.0  # beyond the delay: how long stopping waits for operations in progress
 
 
@@ -88,19 +90,21 @@ class Fleet:
             self._hidden = 0
 
     def connection_lost(self, agent: Agent, exc: BaseException, was_connected: bool) -> None:
+        """A refusal by the platform (handshake or subscription denied) is an error; a network
+        failure (a platform restarting) is expected and summed up in one line every few seconds,
+        not one per agent."""
         if self.stopping:
             return
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if not was_connected:
-            self.error(agent, f"cannot subscribe to its operations: {detail}")
+        if isinstance(exc, ServerError) and not was_connected:
+            self.error(agent, f"the platform refused its CometD subscription: {exc.error}")
             return
-        # A platform restart drops every agent at once: one line, not one per agent.
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self._lost_since_notice += 1
         now = time.monotonic()
-        if now - self._last_notice >= 5:
+        if now - self._last_notice >= NOTICE_SECONDS:
             self.console.message(
-                f"realtime: {self._lost_since_notice} agent(s) lost their connection"
-                f" ({detail}); reconnecting"
+                f"realtime: {self._lost_since_notice} connection(s) lost or not made ({detail});"
+                " reconnecting"
             )
             self._lost_since_notice = 0
             self._last_notice = now
