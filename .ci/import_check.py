@@ -1,7 +1,7 @@
-"""Run with the venv built from requirements.txt alone: import every module of the platform and
-every module its processes load at run time (server, gunicorn, uvicorn, Celery worker and beat, the
-Redis transport, honcho), so a runtime dependency that only the dev requirements bring in fails
-here, not in a user's terminal. Prints what it imported; exits non-zero naming what failed."""
+"""Run with the venv built from requirements.txt alone: import every module of the platform and of
+the fleet simulator (bin/simulate), and every module the platform's processes load at run time
+(server, gunicorn, uvicorn, Celery worker and beat, the Redis transport, honcho), so a runtime
+dependency that only the dev requirements bring in fails here, not in a user's terminal. Prints what it imported; exits non-zero naming what failed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("deviceplatform", "inventory", "devicecontrol", "bulkops")
+PACKAGES = ("deviceplatform", "inventory", "devicecontrol", "bulkops", "simulator")
 # Loaded lazily by the processes bin/run starts, so importing our packages does not reach them.
 RUNTIME_MODULES = (
     "kombu.transport.redis",  # the Celery broker with REDIS_URL (needed `packaging`)

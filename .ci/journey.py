@@ -18,6 +18,9 @@ layout starts `bin/run` there as a real process and walks through:
                EXECUTING and SUCCESSFUL; the admin's subscription sees CREATE and both UPDATEs
   bulk         a bulk operation over the group ramps on beat; the agent completes every child;
                the bulk operation ends COMPLETED with every child SUCCESSFUL
+  simulator    (embedded) bin/simulate onboards three agents with two child devices each
+               through the bootstrap flow, using the passwords bin/run left in the copy; a bulk
+               c8y_Firmware over its group runs to COMPLETED / SUCCESSFUL; Ctrl-C stops it
   sweep        an operation with executionTimeout 1 fails as timed out (the beat-driven sweep)
   admin UI     login, a page and each of its stylesheets (200, text/css, cached for ever)
   processes    worker answers a ping and beat runs (Redis layouts)
@@ -428,6 +431,70 @@ WORKER = re.compile(r"celery -A deviceplatform .*\bworker\b")
 BEAT = re.compile(r"celery -A deviceplatform .*\bbeat\b")
 
 
+def simulate_fleet(platform: Platform, admin: Api, workdir: Path) -> None:
+    """bin/simulate as the README's "See it work" runs it (its admin and bootstrap passwords
+    from the files bin/run wrote), then the bulk firmware update an operator sends its group."""
+    log_path = workdir / "simulator.log"
+    with log_path.open("wb") as log:
+        simulator = subprocess.Popen(
+            ["bin/simulate", "--url", platform.url, "--agents", "3", "--children", "2"]
+            + ["--delay", "0.2", "--failure-rate", "0", "--duration", "120"],
+            cwd=platform.clone,
+            env=platform.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+
+        def fleet_group() -> str | None:
+            assert simulator.poll() is None, log_path.read_text(errors="replace")
+            groups = admin.call(
+                "GET", "/inventory/managedObjects", 200, fragmentType="c8y_IsDeviceGroup"
+            )["managedObjects"]
+            for group in groups:
+                if group["name"] == "Simulated fleet":
+                    references = admin.call(
+                        "GET",
+                        f"/inventory/managedObjects/{group['id']}/childAssets",
+                        200,
+                        pageSize=100,
+                    )["references"]
+                    return group["id"] if len(references) == 9 else None
+            return None
+
+        group_id = wait_for("the simulated fleet's 9 devices in its group", fleet_group)
+        bulk = admin.call(
+            "POST",
+            "/devicecontrol/bulkoperations",
+            201,
+            {
+                "groupId": group_id,
+                "startDate": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+                "creationRamp": 0,
+                "operationPrototype": {"c8y_Firmware": {"name": "journey-fw", "version": "2.0"}},
+            },
+        )
+
+        def finished() -> dict[str, Any] | None:
+            assert simulator.poll() is None, log_path.read_text(errors="replace")
+            body = admin.call("GET", f"/devicecontrol/bulkoperations/{bulk['id']}", 200)
+            return body if body["generalStatus"] in ("SUCCESSFUL", "FAILED") else None
+
+        final = wait_for("the bulk firmware update to finish", finished, timeout=30)
+        assert (final["status"], final["generalStatus"]) == ("COMPLETED", "SUCCESSFUL"), final
+        assert final["progress"]["successful"] == 9, final
+        simulator.send_signal(signal.SIGINT)
+        status = simulator.wait(timeout=30)
+        output = log_path.read_text(errors="replace")
+        assert status == 0, f"bin/simulate exited with {status} after Ctrl-C: {output[-2000:]}"
+        assert "9 SUCCESSFUL, 0 FAILED" in output, output[-2000:]
+    finally:
+        if simulator.poll() is None:
+            simulator.kill()
+            simulator.wait()
+
+
 def run_layout(clone: Path, layout: str, workdir: Path) -> float:
     started = time.monotonic()
     port = free_port_block()
@@ -578,6 +645,10 @@ def run_layout(clone: Path, layout: str, workdir: Path) -> float:
 
             final = wait_for("the bulk operation to be COMPLETED", completed, timeout=30)
             assert final["generalStatus"] == "SUCCESSFUL", final
+
+        if layout == "embedded":
+            with step(layout, "simulator: bin/simulate fleet, bulk firmware update", platform):
+                simulate_fleet(platform, admin, workdir)
 
         with step(layout, "sweep: executionTimeout fails an EXECUTING operation", platform):
             operation = admin.call(

@@ -4,4 +4,5 @@ import sys
 
 from simulator.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when merely imported (.ci/import_check.py imports every module)
+    sys.exit(main())
