@@ -58,6 +58,7 @@ ENDPOINTS: list[tuple[str, str]] = [
     ("POST", "/devicecontrol/notifications/handshake"),
     ("GET", "/inventory"),
     ("GET", "/inventory/managedObjects"),
+    ("GET", "/inventory/managedObjects/count"),
     ("GET", "/inventory/managedObjects/1"),
     ("GET", "/identity"),
     ("GET", "/identity/globalIds/1/externalIds"),
@@ -69,6 +70,10 @@ ENDPOINTS: list[tuple[str, str]] = [
     ("POST", "/devicecontrol/operations/1/retry"),
     ("GET", "/devicecontrol/bulkoperations"),
     ("GET", "/devicecontrol/bulkoperations/1"),
+    ("GET", "/devicecontrol/newDeviceRequests"),
+    ("GET", "/devicecontrol/newDeviceRequests/x"),
+    ("POST", "/devicecontrol/deviceCredentials"),
+    ("POST", "/devicecontrol/bulkNewDeviceRequests"),
     *(
         ("GET", f"/inventory/managedObjects/1/{segment}")
         for segment in (

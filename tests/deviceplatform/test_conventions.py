@@ -563,7 +563,7 @@ def test_unknown_id_is_404(admin_api: APIClient, row_counts: Any) -> None:
         "/inventory/nope/x",
         "/inventory/managedObjects/1/childThings",
         "/api/inventory/managedObjects",
-        "/devicecontrol/newDeviceRequests",
+        "/devicecontrol/newDeviceRequests/x/y",
         "/event/events",
     ],
 )
