@@ -52,7 +52,9 @@ AUTH_LAST_REQUEST_INTERVAL_SECONDS = env.float("AUTH_LAST_REQUEST_INTERVAL_SECON
 # per client address, within the window; beyond, 429 until the window ends. 0: no limit. The
 # counters are the failed-login limiter's (Redis under AUTH_FAILURE_PREFIX with REDIS_URL).
 DEVICE_CREDENTIALS_POLLS_PER_ID = env.int("DEVICE_CREDENTIALS_POLLS_PER_ID", default=120)
-DEVICE_CREDENTIALS_MISSES_PER_ADDRESS = env.int("DEVICE_CREDENTIALS_MISSES_PER_ADDRESS", default=120)
+DEVICE_CREDENTIALS_MISSES_PER_ADDRESS = env.int(
+    "DEVICE_CREDENTIALS_MISSES_PER_ADDRESS", default=120
+)
 DEVICE_CREDENTIALS_WINDOW_SECONDS = env.float("DEVICE_CREDENTIALS_WINDOW_SECONDS", default=60.0)
 # Rows one `POST /devicecontrol/bulkNewDeviceRequests` CSV may hold (the body limit applies too).
 # Each row hashes a password (PBKDF2, ~0.3 s of CPU): 1,000 rows hold a server thread ~5 minutes.
