@@ -151,6 +151,8 @@ class Agent:
                 return
             except (ApiError, Unreachable, Refused) as exc:
                 self.fleet.error(self, f"setting up: {exc}")
+            except (KeyError, TypeError, AttributeError) as exc:  # an answer of an unexpected shape
+                self.fleet.error(self, f"setting up: unexpected answer ({exc!r})")
             await asyncio.sleep(backoff(attempt, base=2.0, cap=60.0))
             attempt += 1
 
@@ -403,6 +405,8 @@ class Agent:
             self.fleet.stats.finished(successful=status == "SUCCESSFUL")
         except (ApiError, Unreachable) as exc:
             self.fleet.error(self, f"operation {operation_id}: {exc}")
+        except (KeyError, TypeError, AttributeError) as exc:  # an answer of an unexpected shape
+            self.fleet.error(self, f"operation {operation_id}: unexpected answer ({exc!r})")
         finally:
             self.active.discard(operation_id)
 
