@@ -420,17 +420,7 @@ class NewDeviceRequestAdmin(admin.ModelAdmin):
     search_fields = ["device_id"]
     ordering = ["-id"]
     actions = ["accept_requests"]
-    readonly_fields = [
-        "device_id",
-        "status",
-        "creation_time",
-        "owner",
-        "last_polled_at",
-        "accepted_by",
-        "accepted_at",
-        "credentials_issued_at",
-        "token",
-    ]
+    readonly_fields = list_display  # every field changes through the flow, never by hand
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return self.readonly_fields if obj is not None else []

@@ -125,6 +125,21 @@ def client_for() -> Callable[..., APIClient]:
 
 
 @pytest.fixture
+def superuser(db: None) -> Any:
+    """An operator of the admin UI (a superuser, `root-admin`)."""
+    from deviceplatform.services import user_upsert
+
+    return user_upsert(username="root-admin", password="x", is_superuser=True)
+
+
+@pytest.fixture
+def admin_client(client: Any, superuser: Any) -> Any:
+    """Django's test client logged in to the admin UI as `superuser`."""
+    client.force_login(superuser)
+    return client
+
+
+@pytest.fixture
 def admin(make_user: Callable[..., Any]) -> Any:
     return make_user("admin", groups=["admins"])
 

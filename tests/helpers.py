@@ -68,3 +68,10 @@ def run_together(work: Callable[[int], Any], count: int) -> list[Any]:
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads)
     return results
+
+
+def shown_messages(response: Any) -> list[str]:
+    """The admin's flash messages of a test-client response."""
+    from django.contrib.messages import get_messages
+
+    return [str(message) for message in get_messages(response.wsgi_request)]

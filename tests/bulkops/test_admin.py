@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from django.contrib.messages import get_messages
 from django.test import Client
 from django.urls import reverse
 
@@ -18,10 +17,9 @@ from bulkops.services import bulk_operation_create, bulk_operations_advance
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.services import operation_update
 from deviceplatform.api.dates import format_datetime
-from deviceplatform.models import User
-from deviceplatform.services import user_upsert
 from inventory.models import ManagedObject, Relation
 from inventory.services import managed_object_add_children, managed_object_create
+from tests.helpers import shown_messages
 from tests.inventory.test_admin import form_data
 
 pytestmark = pytest.mark.django_db
@@ -42,10 +40,6 @@ def listed(response: Any) -> list[int]:
     return [bulk.pk for bulk in response.context["cl"].result_list]
 
 
-def shown_messages(response: Any) -> list[str]:
-    return [str(message) for message in get_messages(response.wsgi_request)]
-
-
 def bar(page: str, bulk: BulkOperation) -> str:
     """The progress bar of `bulk`'s changelist row."""
     row = re.search(
@@ -63,17 +57,6 @@ def segments(fragment: str) -> dict[str, tuple[int, float]]:
         fragment,
     )
     return {label: (int(count), float(width)) for label, count, width in found}
-
-
-@pytest.fixture
-def superuser() -> User:
-    return user_upsert(username="root-admin", password="x", is_superuser=True)
-
-
-@pytest.fixture
-def admin_client(client: Client, superuser: User) -> Client:
-    client.force_login(superuser)
-    return client
 
 
 def new_object(name: str, **fragments: Any) -> ManagedObject:

@@ -8,21 +8,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from django.contrib.messages import get_messages
 from django.test import Client
 from django.urls import reverse
 
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.realtime import OperationEvent, registered_events
 from devicecontrol.services import operation_create, operation_update
-from deviceplatform.models import User
-from deviceplatform.services import user_upsert
 from inventory.models import ManagedObject, Relation
 from inventory.services import (
     managed_object_add_children,
     managed_object_create,
     managed_object_remove_children,
 )
+from tests.helpers import shown_messages
 from tests.inventory.test_admin import form_data
 
 pytestmark = pytest.mark.django_db
@@ -42,21 +40,6 @@ def listed(response: Any) -> list[int]:
 
 def events(callbacks: list[Callable[[], Any]]) -> list[OperationEvent]:
     return registered_events(callbacks)
-
-
-def shown_messages(response: Any) -> list[str]:
-    return [str(message) for message in get_messages(response.wsgi_request)]
-
-
-@pytest.fixture
-def superuser() -> User:
-    return user_upsert(username="root-admin", password="x", is_superuser=True)
-
-
-@pytest.fixture
-def admin_client(client: Client, superuser: User) -> Client:
-    client.force_login(superuser)
-    return client
 
 
 def new_agent(name: str) -> ManagedObject:

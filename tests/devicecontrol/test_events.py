@@ -501,12 +501,6 @@ def test_other_processing_modes_notify(
 # --- the admin -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def admin_client(client: Client) -> Client:
-    client.force_login(user_upsert(username="root-admin", password="x", is_superuser=True))
-    return client
-
-
 def admin_change_url(operation: Operation) -> str:
     return reverse("admin:devicecontrol_operation_change", args=[operation.pk])
 

@@ -3,11 +3,8 @@ the same service as REST (with a history entry naming the operator), delete as r
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from django.contrib.admin.models import CHANGE, LogEntry
-from django.contrib.messages import get_messages
 from django.test import Client
 from django.urls import reverse
 
@@ -15,21 +12,12 @@ from devicecontrol import services
 from devicecontrol.models import NewDeviceRequest
 from deviceplatform.models import User
 from deviceplatform.services import user_upsert
+from tests.helpers import shown_messages
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = reverse("admin:devicecontrol_newdevicerequest_changelist")
 ADD = reverse("admin:devicecontrol_newdevicerequest_add")
-
-
-@pytest.fixture
-def admin_client(client: Client) -> Client:
-    client.force_login(user_upsert(username="root-admin", password="x", is_superuser=True))
-    return client
-
-
-def shown_messages(response: Any) -> list[str]:
-    return [str(message) for message in get_messages(response.wsgi_request)]
 
 
 def pending(device_id: str) -> NewDeviceRequest:

@@ -15,7 +15,6 @@ import pytest
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
-from django.contrib.messages import get_messages
 from django.contrib.sessions.models import Session
 from django.db import connection
 from django.test import Client
@@ -34,7 +33,7 @@ from deviceplatform.services import (
 )
 from inventory.models import ManagedObject, Relation
 from inventory.services import managed_object_add_children, managed_object_create
-from tests.helpers import basic
+from tests.helpers import basic, shown_messages
 from tests.inventory.test_admin import form_data
 
 pytestmark = pytest.mark.django_db
@@ -57,10 +56,6 @@ def listed(response: Any) -> list[str]:
     return [user.username for user in response.context["cl"].result_list]
 
 
-def shown_messages(response: Any) -> list[str]:
-    return [str(message) for message in get_messages(response.wsgi_request)]
-
-
 def rest(username: str, password: str) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=basic(f"t100/{username}", password))
@@ -71,17 +66,6 @@ def history(user: User) -> list[tuple[str, str]]:
     """(admin, message) of the change entries about `user`, oldest first."""
     entries = LogEntry.objects.filter(object_id=str(user.pk), action_flag=CHANGE).order_by("pk")
     return [(entry.user.username, entry.change_message) for entry in entries]
-
-
-@pytest.fixture
-def superuser() -> User:
-    return user_upsert(username="root-admin", password="x", is_superuser=True)
-
-
-@pytest.fixture
-def admin_client(client: Client, superuser: User) -> Client:
-    client.force_login(superuser)
-    return client
 
 
 def provision(serial: str) -> tuple[User, str]:

@@ -16,7 +16,6 @@ from django.urls import reverse
 
 from deviceplatform.models import User
 from deviceplatform.roles import Role
-from deviceplatform.services import user_upsert
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 from inventory.services import (
     external_id_create,
@@ -91,17 +90,6 @@ def form_data(client: Client, url: str) -> dict[str, Any]:
 
 def change_url(managed_object: ManagedObject) -> str:
     return reverse("admin:inventory_managedobject_change", args=[managed_object.pk])
-
-
-@pytest.fixture
-def superuser() -> User:
-    return user_upsert(username="root-admin", password="x", is_superuser=True)
-
-
-@pytest.fixture
-def admin_client(client: Client, superuser: User) -> Client:
-    client.force_login(superuser)
-    return client
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from channels.db import database_sync_to_async
 
 from deviceplatform.models import User
@@ -36,13 +35,14 @@ from tests.realtime.bayeux import (
     handshake_message,
 )
 from tests.realtime.conftest import WAIT, LongPolling, Rest, Server, http_session, token
-from tests.realtime.test_store import (
+from tests.realtime.test_store import (  # noqa: F401  (the store and listen fixtures)
     Wakes,
     attach,
     connected,
     held,
+    listen,
     new_session,
-    new_store,
+    store,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -64,31 +64,9 @@ def failure(reply: dict[str, Any]) -> dict[str, Any]:
 # --- the store contract (both stores) -------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(params=["redis", "memory"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    async with new_store(request.param) as the_store:
-        yield the_store
-
-
-@pytest_asyncio.fixture
-async def listen(store: Store) -> AsyncIterator[Callable[[str], Awaitable[Wakes]]]:
-    tasks: list[asyncio.Task[None]] = []
-
-    async def start(hub_id: str) -> Wakes:
-        wakes = Wakes(hub_id)
-        ready = asyncio.Event()
-        tasks.append(asyncio.create_task(store.listen(hub_id, wakes.queue.put_nowait, ready)))
-        await asyncio.wait_for(ready.wait(), 5)
-        return wakes
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def test_ending_a_users_sessions_removes_each_and_wakes_its_holder(
-    store: Store, listen: Callable[[str], Awaitable[Wakes]]
+    store: Store,  # noqa: F811
+    listen: Callable[[str], Awaitable[Wakes]],  # noqa: F811
 ) -> None:
     wakes = await listen("hub-a")
     holding = await new_session(store, "/operations/5", uid="7")
@@ -125,7 +103,7 @@ async def test_ending_a_users_sessions_removes_each_and_wakes_its_holder(
 
 async def _wait_held(cid: str) -> None:
     """Until a connect holds session `cid` (so the revoke below wakes a held connect)."""
-    store = get_store()
+    store = get_store()  # noqa: F811
     for _ in range(1000):
         session = await store.get_session(cid)
         if session is not None and session["hold"]:
@@ -257,7 +235,7 @@ async def test_handshakes_racing_a_revoke_leave_no_session_behind(world: World) 
         return reply
 
     replies = await asyncio.gather(*[handshake(i % 2 == 1) for i in range(10)], revoke(user))
-    store = get_store()
+    store = get_store()  # noqa: F811
     for reply in replies[:-1]:
         if reply is not None and reply["successful"]:
             assert await store.get_session(reply["clientId"]) is None, reply
