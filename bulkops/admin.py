@@ -1,50 +1,70 @@
-"""Operator UI for bulk operations: progress at a glance, the prototype, drill-down to the child
-operations by status, and reschedule/cancel through `bulkops.services`.
+"""Operator UI for bulk operations: create one (a group or a failed bulk operation's failures, a
+template or JSON prototype, start and ramp, previewed before it is confirmed), progress that moves
+while the operator watches, the prototype, drill-down to the child operations by status, and
+reschedule/cancel through `bulkops.services`.
 
 Every number shown comes from the bulk operation's own row plus the progress deltas not folded
 into it yet (`bulkops.selectors`, in the same query as the rows), so the changelist costs the same
-for 10 or 100,000 children and is exact on every page load. A ramp that keeps failing on a bulk
+for 10 or 100,000 children and is exact on every page load. The list and the change page poll a small JSON endpoint (`live/`,
+one query for the bulk operations shown) through `deviceplatform/live.js`, which swaps in the
+same cells the page rendered: counters, bar and status move without a reload. A ramp that keeps failing on a bulk
 operation shows its reason in the "ramp error" column and on the change form. Writes go through the services, as the REST API's do: the change form
 rehearses `bulk_operation_update` in a savepoint that is always rolled back, so a refusal (a
 negative ramp, a bulk operation that completed meanwhile) is a form error and nothing is written.
-Bulk operations are created by the API only, so the admin offers no "add"; the API's DELETE is a
-cancel, so the admin offers the "Cancel" action instead of delete."""
+The add page builds the body of `POST /bulkoperations` and hands it to `bulk_operation_preview`
+(the same validation, targets counted, nothing written) and, once confirmed, to
+`bulk_operation_create`. The API's DELETE is a cancel, so the admin offers the "Cancel" action
+instead of delete. Every change (create, reschedule, cancel) writes an admin history entry naming
+the operator and what changed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import OuterRef, Q, QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse
-from django.urls import reverse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from bulkops.models import RUNNING_STATUSES, BulkOperation
-from bulkops.selectors import bulk_operation_progress, bulk_operations_with_progress
+from bulkops.selectors import (
+    CURRENT,
+    bulk_operation_progress,
+    bulk_operations_with_progress,
+)
 from bulkops.serializers import (
     GENERAL_STATUSES,
     general_status,
     general_status_q,
     progress_json,
 )
-from bulkops.services import bulk_operation_cancel, bulk_operation_update
+from bulkops.services import (
+    bulk_operation_cancel,
+    bulk_operation_create,
+    bulk_operation_preview,
+    bulk_operation_update,
+)
 from devicecontrol.models import OperationStatus
-from deviceplatform.api.dates import format_datetime
-from deviceplatform.api.exceptions import ApiError
+from deviceplatform.api.dates import format_datetime, parse_datetime
+from deviceplatform.api.exceptions import ApiError, error_body
 from deviceplatform.api.params import MAX_ID
 from inventory.admin import adopt, rehearse
 from inventory.models import ManagedObject
 
-# `?refresh=<seconds>` on the changelist reloads it periodically (opt-in: a reload clears the
-# row selection, which would fight an operator picking rows for an action).
-REFRESH_PARAM = "refresh"
-REFRESH_SECONDS = 10
+# The live endpoint answers for at most this many bulk operations (a changelist page shows 100).
+LIVE_MAX_IDS = 200
+# Seconds between two polls of the live endpoint.
+LIVE_INTERVAL_SECONDS = 3
 
 # Progress segments in display order: (label in `progress()`, colour).
 SEGMENTS = (
@@ -138,6 +158,367 @@ def _json(value: Any) -> str:
         '<pre style="margin: 0; white-space: pre-wrap;">{}</pre>',
         json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True),
     )
+
+
+# --- what moves: the cells the live endpoint refreshes ----------------------------------------
+
+
+def status_html(bulk: BulkOperation) -> str:
+    return format_html("{}", bulk.status)
+
+
+def general_status_html(bulk: BulkOperation) -> str:
+    return format_html("{}", general_status(bulk))
+
+
+def ramp_error_html(bulk: BulkOperation) -> str:
+    if not bulk.ramp_error_count:
+        return "-"
+    when = format_datetime(bulk.ramp_error_at) if bulk.ramp_error_at else "?"
+    return format_html(
+        '<span class="bulk-ramp-error" style="color: #c62828;" title="{}">{} '
+        "(failed {} time(s) in a row, last at {}; retried at {})</span>",
+        bulk.ramp_error,
+        bulk.ramp_error,
+        bulk.ramp_error_count,
+        when,
+        format_datetime(bulk.next_due_at) if bulk.next_due_at else "-",
+    )
+
+
+def counters_html(bulk: BulkOperation) -> str:
+    counts = progress(bulk)
+    rows = [(label, counts[label]) for label, _ in SEGMENTS]
+    rows += [("all", counts["all"]), ("targets", bulk.target_count), ("dropped", bulk.dropped)]
+    return format_html(
+        '<table class="bulk-counters"><tbody>{}</tbody></table>',
+        format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows),
+    )
+
+
+def child_links_html(bulk: BulkOperation) -> str:
+    # The counts are target devices by their latest attempt; the linked lists show every
+    # attempt (retries included).
+    counts = bulk_operation_progress(bulk)
+    links = [
+        (children_url(bulk.pk, status), status, counts[status.lower()]) for status in CHILD_STATUSES
+    ]
+    links.append((children_url(bulk.pk), "all", sum(counts.values())))
+    return format_html_join(" · ", '<a href="{}">{} ({})</a>', links)
+
+
+def next_due_html(bulk: BulkOperation) -> str:
+    return format_html("{}", format_datetime(bulk.next_due_at) if bulk.next_due_at else "-")
+
+
+# Live key -> the cell's content. A page marks each cell `data-live-key="<key>-<id>"`.
+LIVE_CELLS: dict[str, Callable[[BulkOperation], str]] = {
+    "status": status_html,
+    "general": general_status_html,
+    "progress": progress_bar,
+    "counters": counters_html,
+    "children": child_links_html,
+    "due": next_due_html,
+    "ramp-error": ramp_error_html,
+}
+
+
+def live_cell(key: str, bulk: BulkOperation) -> str:
+    return format_html('<span data-live-key="{}-{}">{}</span>', key, bulk.pk, LIVE_CELLS[key](bulk))
+
+
+def finished(bulk: BulkOperation) -> bool:
+    """Nothing about it can change any more: no children left to create or to move."""
+    counts = bulk_operation_progress(bulk)
+    return (
+        bulk.status not in RUNNING_STATUSES and counts["pending"] == 0 and counts["executing"] == 0
+    )
+
+
+def live_values(bulks: list[BulkOperation]) -> dict[str, Any]:
+    """The live endpoint's answer for `bulks` (read through `bulk_operations_with_progress`)."""
+    values = {
+        f"{key}-{bulk.pk}": {"html": str(render(bulk))}
+        for bulk in bulks
+        for key, render in LIVE_CELLS.items()
+    }
+    return {"values": values, "done": all(finished(bulk) for bulk in bulks)}
+
+
+# --- creating a bulk operation ---------------------------------------------------------------
+
+# (value, label, default description) of the prototype templates the add page offers.
+TEMPLATES = (
+    ("c8y_Restart", "Restart (c8y_Restart)", "Restart"),
+    ("c8y_Firmware", "Firmware update (c8y_Firmware)", "Update firmware to {name} {version}"),
+    ("c8y_SoftwareUpdate", "Software update (c8y_SoftwareUpdate)", "Update software"),
+    ("c8y_Configuration", "Configuration (c8y_Configuration)", "Send configuration"),
+    ("c8y_Command", "Shell command (c8y_Command)", "Execute shell command"),
+    ("json", "JSON prototype", ""),
+    ("copy", "The prototype of the failed bulk operation", ""),
+)
+# Which form rows belong to which choice (the page's script shows only those of the choice made).
+SHOWN_WHEN = {
+    "group": "target=group",
+    "failed_parent": "target=failed",
+    "firmware_name": "template=c8y_Firmware",
+    "firmware_version": "template=c8y_Firmware",
+    "firmware_url": "template=c8y_Firmware",
+    "software": "template=c8y_SoftwareUpdate",
+    "configuration": "template=c8y_Configuration",
+    "command": "template=c8y_Command",
+    "prototype": "template=json",
+}
+CREATE_FIELDSETS = (
+    ("Targets", ("target", "group", "failed_parent")),
+    (
+        "Operation",
+        (
+            "template",
+            "description",
+            "firmware_name",
+            "firmware_version",
+            "firmware_url",
+            "software",
+            "configuration",
+            "command",
+            "prototype",
+        ),
+    ),
+    ("Schedule", ("start_date", "creation_ramp")),
+)
+# The datalists that let an operator pick a group or bulk operation by name.
+PICK_LIST_SIZE = 500
+SOFTWARE_EXAMPLE = (
+    '[{"name": "agent", "version": "2.1.0", "url": "https://example.com/agent.deb", '
+    '"action": "install"}]'
+)
+
+
+def _text_area(rows: int = 4) -> forms.Textarea:
+    return forms.Textarea(
+        attrs={"rows": rows, "cols": 80, "spellcheck": "false", "style": "font-family: monospace;"}
+    )
+
+
+def _parse_json(text: str, field: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValidationError({field: f"Enter valid JSON: {exc}."}) from None
+
+
+class BulkCreateForm(forms.Form):
+    """What the operator chooses on the add page; `body()` turns it into the REST create body, so
+    `bulk_operation_create` (and its preview) decide exactly as for `POST /bulkoperations`."""
+
+    target = forms.ChoiceField(
+        choices=[
+            ("group", "The devices of a group"),
+            ("failed", "The devices that failed in a bulk operation (re-run its failures)"),
+        ],
+        initial="group",
+        widget=forms.RadioSelect,
+    )
+    group = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_ID,
+        label="Group ID",
+        widget=forms.TextInput(attrs={"list": "bulk-groups", "size": 20}),
+        help_text="A group or smart group; type to pick one by name.",
+    )
+    failed_parent = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_ID,
+        label="Bulk operation ID",
+        widget=forms.TextInput(attrs={"list": "bulk-failed", "size": 20}),
+        help_text="Its devices whose latest attempt failed are targeted again.",
+    )
+    template = forms.ChoiceField(
+        choices=[(value, label) for value, label, _ in TEMPLATES], initial="c8y_Restart"
+    )
+    description = forms.CharField(
+        required=False,
+        max_length=1000,
+        widget=forms.TextInput(attrs={"size": 60}),
+        help_text="Shown to operators and agents; blank for the template's own.",
+    )
+    firmware_name = forms.CharField(required=False, max_length=1000, label="Firmware name")
+    firmware_version = forms.CharField(required=False, max_length=1000, label="Firmware version")
+    firmware_url = forms.CharField(
+        required=False,
+        max_length=2000,
+        label="Firmware URL",
+        widget=forms.TextInput(attrs={"size": 60}),
+    )
+    software = forms.CharField(
+        required=False,
+        label="Software list",
+        widget=_text_area(),
+        help_text=f"A JSON list of packages, e.g. {SOFTWARE_EXAMPLE}.",
+    )
+    configuration = forms.CharField(
+        required=False, label="Configuration", widget=_text_area(6), strip=False
+    )
+    command = forms.CharField(
+        required=False, label="Command", widget=forms.TextInput(attrs={"size": 60})
+    )
+    prototype = forms.CharField(
+        required=False,
+        label="Operation prototype",
+        widget=_text_area(10),
+        help_text='A JSON object of fragments, e.g. {"c8y_Restart": {}}.',
+    )
+    start_date = forms.CharField(
+        required=False,
+        label="Start",
+        widget=forms.TextInput(attrs={"size": 30, "placeholder": "now"}),
+        help_text="ISO 8601 with its zone, e.g. 2030-01-31T22:00:00Z; blank starts now.",
+    )
+    creation_ramp = forms.FloatField(
+        min_value=0,
+        max_value=10**7,
+        initial=1,
+        label="Creation ramp",
+        help_text="Seconds between two devices' operations (fractions allowed; 0 = all at once).",
+    )
+    previewed = forms.CharField(required=False, widget=forms.HiddenInput)
+
+    def clean_start_date(self) -> str:
+        value = self.cleaned_data["start_date"].strip()
+        if value:
+            try:
+                parse_datetime(value, field="start")
+            except ApiError as exc:
+                raise ValidationError(exc.message) from None
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        target = data.get("target")
+        if target == "group" and data.get("group") is None and "group" not in self.errors:
+            self.add_error("group", "Pick the group whose devices get the operation.")
+        parent = data.get("failed_parent")
+        if target == "failed" and parent is None and "failed_parent" not in self.errors:
+            self.add_error("failed_parent", "Pick the bulk operation whose failures to re-run.")
+        if data.get("template") == "copy" and target != "failed":
+            self.add_error("template", "Only a re-run of failures can copy a prototype.")
+        if data.get("template") and not self.has_error("template"):
+            try:
+                data["operation_prototype"] = self._prototype(data)
+            except ValidationError as exc:
+                self.add_error(None, exc)
+        return data
+
+    def _prototype(self, data: dict[str, Any]) -> dict[str, Any]:
+        template = data["template"]
+        if template == "json":
+            value = _parse_json(data.get("prototype") or "", "prototype")
+            if not isinstance(value, dict) or not value:
+                raise ValidationError({"prototype": "Enter a JSON object with fragments."})
+            prototype = value
+        elif template == "copy":
+            parent = BulkOperation.objects.filter(pk=data.get("failed_parent")).first()
+            if parent is None:
+                raise ValidationError({"failed_parent": "No bulk operation has this ID."})
+            prototype = dict(parent.operation_prototype)
+        elif template == "c8y_Firmware":
+            name, version = data.get("firmware_name"), data.get("firmware_version")
+            missing = {
+                field: "Required for a firmware update."
+                for field, value in (("firmware_name", name), ("firmware_version", version))
+                if not value
+            }
+            if missing:
+                raise ValidationError(missing)
+            firmware = {"name": name, "version": version}
+            if data.get("firmware_url"):
+                firmware["url"] = data["firmware_url"]
+            prototype = {"c8y_Firmware": firmware}
+        elif template == "c8y_SoftwareUpdate":
+            packages = _parse_json(data.get("software") or "", "software")
+            if not isinstance(packages, list) or not packages:
+                raise ValidationError({"software": "Enter a JSON list of packages."})
+            if not all(isinstance(item, dict) and item.get("name") for item in packages):
+                raise ValidationError({"software": "Each package is an object with a name."})
+            prototype = {"c8y_SoftwareUpdate": packages}
+        elif template == "c8y_Configuration":
+            if not data.get("configuration"):
+                raise ValidationError({"configuration": "Enter the configuration to send."})
+            prototype = {"c8y_Configuration": {"config": data["configuration"]}}
+        elif template == "c8y_Command":
+            if not data.get("command"):
+                raise ValidationError({"command": "Enter the command to execute."})
+            prototype = {"c8y_Command": {"text": data["command"]}}
+        else:
+            prototype = {"c8y_Restart": {}}
+        description = data.get("description") or ""
+        default = next(text for value, _, text in TEMPLATES if value == template)
+        if description:
+            prototype["description"] = description
+        elif default and "description" not in prototype:
+            prototype["description"] = default.format(
+                name=data.get("firmware_name"), version=data.get("firmware_version")
+            )
+        return prototype
+
+    def body(self, now: datetime) -> dict[str, Any]:
+        """The REST create body; a blank start is `now`."""
+        data = self.cleaned_data
+        body: dict[str, Any] = {
+            "startDate": data["start_date"] or format_datetime(now),
+            "creationRamp": data["creation_ramp"],
+            "operationPrototype": data["operation_prototype"],
+        }
+        if data["target"] == "group":
+            body["groupId"] = str(data["group"])
+        else:
+            body["failedParentId"] = str(data["failed_parent"])
+        return body
+
+    def digest(self) -> str:
+        """Names what was previewed: a confirm with other values previews again instead."""
+        data = self.cleaned_data
+        chosen = {
+            "target": data["target"],
+            "group": data.get("group") if data["target"] == "group" else None,
+            "failed_parent": data.get("failed_parent") if data["target"] == "failed" else None,
+            "start": data["start_date"],
+            "ramp": data["creation_ramp"],
+            "prototype": data["operation_prototype"],
+        }
+        text = json.dumps(chosen, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def add_service_error(self, exc: ApiError) -> None:
+        """A refusal of the service on the field it is about."""
+        keys = {
+            "groupId": "group",
+            "failedParentId": "failed_parent",
+            "startDate": "start_date",
+            "creationRamp": "creation_ramp",
+        }
+        field = next((name for key, name in keys.items() if key in exc.message), None)
+        if field is None and exc.message.startswith("Bulk operation"):
+            field = "failed_parent"
+        if field is None and self.cleaned_data.get("template") == "json":
+            field = "prototype"
+        if field is None and "group" in exc.message.lower():
+            field = "group"
+        self.add_error(field, exc.message)
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds < 60:
+        return f"{seconds:g} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
+    return " ".join(f"{value} {unit}" for value, unit in parts if value)
 
 
 # --- filters ---------------------------------------------------------------------------------
@@ -234,7 +615,7 @@ class BulkOperationAdmin(admin.ModelAdmin):
         "failed_parent_link",
         "start_date",
         "creation_ramp",
-        "status",
+        "status_display",
         "general_status_display",
         "progress_display",
         "ramp_error_display",
@@ -249,7 +630,7 @@ class BulkOperationAdmin(admin.ModelAdmin):
     readonly_fields = [
         "group_link",
         "failed_parent_link",
-        "status",
+        "status_display",
         "general_status_display",
         "progress_display",
         "counters",
@@ -259,7 +640,7 @@ class BulkOperationAdmin(admin.ModelAdmin):
         "creation_time",
         "last_updated",
         "effective_start",
-        "next_due_at",
+        "next_due_display",
         "ramp_error_display",
     ]
     fieldsets = [
@@ -268,7 +649,7 @@ class BulkOperationAdmin(admin.ModelAdmin):
             {
                 "fields": [
                     ("group_link", "failed_parent_link"),
-                    ("status", "general_status_display"),
+                    ("status_display", "general_status_display"),
                 ]
             },
         ),
@@ -278,7 +659,7 @@ class BulkOperationAdmin(admin.ModelAdmin):
                 "fields": [
                     "start_date",
                     "creation_ramp",
-                    ("effective_start", "next_due_at"),
+                    ("effective_start", "next_due_display"),
                     "ramp_error_display",
                 ]
             },
@@ -300,29 +681,144 @@ class BulkOperationAdmin(admin.ModelAdmin):
             return [*self.readonly_fields, "start_date", "creation_ramp"]
         return self.readonly_fields
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # bulk operations are created through the API
-
     def has_delete_permission(self, request: HttpRequest, obj: BulkOperation | None = None) -> bool:
         return False  # the API's DELETE is a cancel: use the "Cancel" action
+
+    def get_urls(self) -> list[URLPattern]:
+        live = path(
+            "live/",
+            self.admin_site.admin_view(self.live_view),
+            name="bulkops_bulkoperation_live",
+        )
+        return [live, *super().get_urls()]
+
+    def live_view(self, request: HttpRequest) -> HttpResponse:
+        """`live/?ids=1,2`: the live cells of those bulk operations, one query (live.js)."""
+        if not self.has_view_permission(request):
+            return JsonResponse(
+                error_body(403, "security/Forbidden", "No permission to view bulk operations"),
+                status=403,
+            )
+        raw = [part for part in request.GET.get("ids", "").split(",") if part.strip()]
+        ids = [int(part) for part in raw if part.strip().isdigit() and int(part) <= MAX_ID]
+        if len(ids) != len(raw) or len(ids) > LIVE_MAX_IDS:
+            message = f"ids must be up to {LIVE_MAX_IDS} bulk operation IDs separated by commas"
+            return JsonResponse(error_body(422, "bulkops/Invalid Data", message), status=422)
+        bulks = list(self.get_queryset(request).filter(pk__in=ids).order_by("pk"))
+        return JsonResponse(live_values(bulks))  # admin_view: never cached
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        # `?refresh=N` is ours, not a field lookup: take it out before the ChangeList sees it.
-        refresh = None
-        if REFRESH_PARAM in request.GET:
-            query = request.GET.copy()
-            value = query.pop(REFRESH_PARAM)[-1]
-            refresh = int(value) if value.isdigit() and 1 <= int(value) <= 3600 else None
-            request.GET = query
-        context = {
-            **(extra_context or {}),
-            "refresh_seconds": refresh,
-            "refresh_param": REFRESH_PARAM,
-            "refresh_default": REFRESH_SECONDS,
-        }
+        context = {**(extra_context or {}), "live_interval": LIVE_INTERVAL_SECONDS}
         return super().changelist_view(request, extra_context=context)
+
+    def _live_context(self, ids: list[int]) -> dict[str, Any]:
+        url = reverse("admin:bulkops_bulkoperation_live")
+        return {
+            "live_url": f"{url}?{urlencode({'ids': ','.join(map(str, ids))})}",
+            "live_interval": LIVE_INTERVAL_SECONDS,
+        }
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        context = dict(extra_context or {})
+        if object_id.isdigit() and int(object_id) <= MAX_ID:
+            context.update(self._live_context([int(object_id)]))
+            context["rerun_url"] = (
+                reverse("admin:bulkops_bulkoperation_add")
+                + "?"
+                + urlencode({"target": "failed", "failed_parent": object_id, "template": "copy"})
+            )
+        return super().change_view(request, object_id, form_url, extra_context=context)
+
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """Choose, preview (targets counted, ramp duration), confirm: then create through the
+        service with the operator named in the history."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        initial = {
+            key: value for key, value in request.GET.items() if key in BulkCreateForm.base_fields
+        }
+        form = BulkCreateForm(request.POST if request.method == "POST" else None, initial=initial)
+        preview = None
+        if request.method == "POST" and form.is_valid():
+            now = timezone.now()
+            body = form.body(now)
+            digest = form.digest()
+            try:
+                if "_confirm" in request.POST and form.cleaned_data["previewed"] == digest:
+                    bulk = bulk_operation_create(data=body, now=now)
+                    self.log_addition(request, bulk, self._created_message(request, bulk))
+                    messages.success(
+                        request,
+                        f"Created bulk operation {bulk.pk} for {bulk.target_count} device(s).",
+                    )
+                    return HttpResponseRedirect(
+                        reverse("admin:bulkops_bulkoperation_change", args=[bulk.pk])
+                    )
+                if "_confirm" in request.POST:
+                    messages.warning(
+                        request, "The choices changed since the preview: check them and confirm."
+                    )
+                preview = bulk_operation_preview(data=body, now=now)
+            except ApiError as exc:
+                form.add_service_error(exc)
+            else:
+                data = form.data.copy()
+                data["previewed"] = digest
+                form.data = data  # the confirm button carries what was previewed
+        return TemplateResponse(
+            request,
+            "admin/bulkops/bulkoperation/add_form.html",
+            {
+                **self.admin_site.each_context(request),
+                **(extra_context or {}),
+                "title": "Add bulk operation",
+                "opts": self.opts,
+                "form": form,
+                "fieldsets": [
+                    (title, [(form[name], SHOWN_WHEN.get(name, "")) for name in names])
+                    for title, names in CREATE_FIELDSETS
+                ],
+                "preview": preview,
+                "preview_duration": _duration(preview.duration) if preview else "",
+                "prototype_json": (
+                    json.dumps(form.cleaned_data["operation_prototype"], indent=2)
+                    if preview
+                    else ""
+                ),
+                "groups": ManagedObject.objects.filter(is_group=True)
+                .order_by("name", "pk")
+                .values("pk", "name")[:PICK_LIST_SIZE],
+                "failed_bulks": bulk_operations_with_progress()
+                .filter(**{CURRENT["failed"] + "__gt": 0})
+                .order_by("-pk")
+                .values("pk", CURRENT["failed"], "operation_prototype__description")[
+                    :PICK_LIST_SIZE
+                ],
+            },
+        )
+
+    @staticmethod
+    def _created_message(request: HttpRequest, bulk: BulkOperation) -> str:
+        if bulk.group_id is not None:
+            target = f"group {bulk.group_id}"
+        else:
+            target = f"the failures of bulk operation {bulk.failed_parent_id}"
+        fragments = ", ".join(sorted(bulk.operation_prototype))
+        return (
+            f"Created by {request.user.get_username()}: {fragments} to {target}, "
+            f"{bulk.target_count} device(s), start {format_datetime(bulk.start_date)}, "
+            f"ramp {bulk.creation_ramp:g} s."
+        )
 
     # --- columns and read-only fields ---
 
@@ -334,50 +830,33 @@ class BulkOperationAdmin(admin.ModelAdmin):
     def failed_parent_link(self, obj: BulkOperation) -> str:
         return _bulk_link(obj.failed_parent_id)
 
+    @admin.display(description="status", ordering="status")
+    def status_display(self, obj: BulkOperation) -> str:
+        return live_cell("status", obj)
+
     @admin.display(description="general status")
     def general_status_display(self, obj: BulkOperation) -> str:
-        return general_status(obj)
+        return live_cell("general", obj)
 
     @admin.display(description="ramp error", ordering="ramp_error_count")
     def ramp_error_display(self, obj: BulkOperation) -> str:
-        if not obj.ramp_error_count:
-            return "-"
-        when = format_datetime(obj.ramp_error_at) if obj.ramp_error_at else "?"
-        return format_html(
-            '<span class="bulk-ramp-error" style="color: #c62828;" title="{}">{} '
-            "(failed {} time(s) in a row, last at {}; retried at {})</span>",
-            obj.ramp_error,
-            obj.ramp_error,
-            obj.ramp_error_count,
-            when,
-            format_datetime(obj.next_due_at) if obj.next_due_at else "-",
-        )
+        return live_cell("ramp-error", obj)
 
     @admin.display(description="progress")
     def progress_display(self, obj: BulkOperation) -> str:
-        return progress_bar(obj)
+        return live_cell("progress", obj)
 
     @admin.display(description="counters")
     def counters(self, obj: BulkOperation) -> str:
-        counts = progress(obj)
-        rows = [(label, counts[label]) for label, _ in SEGMENTS]
-        rows += [("all", counts["all"]), ("targets", obj.target_count), ("dropped", obj.dropped)]
-        return format_html(
-            '<table class="bulk-counters"><tbody>{}</tbody></table>',
-            format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows),
-        )
+        return live_cell("counters", obj)
 
     @admin.display(description="child operations by status")
     def child_links(self, obj: BulkOperation) -> str:
-        # The counts are target devices by their latest attempt; the linked lists show every
-        # attempt (retries included).
-        counts = bulk_operation_progress(obj)
-        links = [
-            (children_url(obj.pk, status), status, counts[status.lower()])
-            for status in CHILD_STATUSES
-        ]
-        links.append((children_url(obj.pk), "all", sum(counts.values())))
-        return format_html_join(" · ", '<a href="{}">{} ({})</a>', links)
+        return live_cell("children", obj)
+
+    @admin.display(description="next due at")
+    def next_due_display(self, obj: BulkOperation) -> str:
+        return live_cell("due", obj)
 
     @admin.display(description="operation prototype")
     def prototype_json(self, obj: BulkOperation) -> str:
@@ -403,40 +882,61 @@ class BulkOperationAdmin(admin.ModelAdmin):
             matches |= Q(pk=number) | Q(group_id=number) | Q(failed_parent_id=number)
         return queryset.filter(matches), False
 
-    # --- writes, all through the services ---
+    # --- writes, all through the services, each with a history entry ---
 
     def save_model(
         self, request: HttpRequest, obj: BulkOperation, form: forms.ModelForm, change: bool
     ) -> None:
+        request._bulk_saved = False  # type: ignore[attr-defined]
         if not form.has_changed() or not isinstance(form, BulkOperationForm):
             return
         if not {"start_date", "creation_ramp"} <= set(form.cleaned_data):
             return
+        before = BulkOperation.objects.filter(pk=obj.pk).values("start_date", "creation_ramp")[0]
         try:
             saved = bulk_operation_update(bulk_operation_id=obj.pk, data=form.update_body())
         except ApiError as exc:  # it finished or was cancelled between the form check and now
             messages.error(request, f"Not rescheduled: {exc.message}")
             return
+        request._bulk_saved = True  # type: ignore[attr-defined]
+        request._bulk_change_message = (  # type: ignore[attr-defined]
+            f"Rescheduled by {request.user.get_username()}: start "
+            f"{format_datetime(before['start_date'])} -> {format_datetime(saved.start_date)}, "
+            f"ramp {before['creation_ramp']:g} s -> {saved.creation_ramp:g} s."
+        )
         adopt(obj, saved)
+
+    def construct_change_message(
+        self, request: HttpRequest, form: forms.Form, formsets: Any, add: bool = False
+    ) -> Any:
+        message = getattr(request, "_bulk_change_message", None)
+        return message or super().construct_change_message(request, form, formsets, add)
+
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        # The change form logs after save_model: nothing saved (unchanged, or refused) is no change.
+        if getattr(request, "_bulk_saved", True) is False:
+            return None
+        return super().log_change(request, obj, message)
 
     def _each_running(
         self,
         request: HttpRequest,
         queryset: QuerySet[BulkOperation],
-        apply: Any,
+        apply: Callable[[int], tuple[BulkOperation, str]],
         done: str,
     ) -> None:
-        """Apply `apply(pk)` to each selected bulk operation; the service's lock and status check
-        decide, so one that completed meanwhile is skipped, not changed."""
+        """Apply `apply(pk)` to each selected bulk operation and log what it says it changed; the
+        service's lock and status check decide, so one that completed meanwhile is skipped."""
         applied: list[int] = []
         skipped: list[str] = []
         for pk in queryset.order_by("pk").values_list("pk", flat=True):
             try:
-                apply(pk)
+                bulk, message = apply(pk)
             except ApiError as exc:
                 skipped.append(f"{pk} ({exc.message})")
             else:
                 applied.append(pk)
+                self.log_change(request, bulk, message)
         if applied:
             ids = ", ".join(map(str, applied))
             messages.success(request, f"{done} {len(applied)} bulk operation(s): {ids}.")
@@ -448,19 +948,30 @@ class BulkOperationAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel (create no further child operations)", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[BulkOperation]) -> None:
-        self._each_running(
-            request,
-            queryset,
-            lambda pk: bulk_operation_cancel(bulk_operation_id=pk),
-            "Cancelled",
-        )
+        def apply(pk: int) -> tuple[BulkOperation, str]:
+            bulk = bulk_operation_cancel(bulk_operation_id=pk)
+            left = bulk.target_count - bulk.next_index
+            return bulk, (
+                f"Cancelled by {request.user.get_username()}: status DELETED, "
+                f"{left} device(s) not yet created will get no operation."
+            )
+
+        self._each_running(request, queryset, apply, "Cancelled")
 
     @admin.action(description="Reschedule now (start date = now)", permissions=["change"])
     def reschedule_now(self, request: HttpRequest, queryset: QuerySet[BulkOperation]) -> None:
-        def apply(pk: int) -> None:
+        def apply(pk: int) -> tuple[BulkOperation, str]:
             now = timezone.now()
-            bulk_operation_update(
+            before = (
+                BulkOperation.objects.filter(pk=pk).values_list("start_date", flat=True).first()
+            )
+            bulk = bulk_operation_update(
                 bulk_operation_id=pk, data={"startDate": format_datetime(now)}, now=now
+            )
+            old = format_datetime(before) if before else "?"
+            return bulk, (
+                f"Rescheduled by {request.user.get_username()}: start {old} -> "
+                f"{format_datetime(bulk.start_date)} (reschedule now)."
             )
 
         self._each_running(request, queryset, apply, "Rescheduled")

@@ -18,6 +18,7 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -214,9 +215,10 @@ def _replace_targets(bulk: BulkOperation, device_ids: list[int], *, skip: set[in
 # --- writes ------------------------------------------------------------------------------------
 
 
-@transaction.atomic
-def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) -> BulkOperation:
-    """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
+def _create_input(
+    data: dict[str, Any],
+) -> tuple[tuple[str, int], datetime, float, dict[str, Any]]:
+    """The selector, start, ramp and prototype of a create body; 422 for a missing or bad one."""
     missing = [
         key for key in ("startDate", "creationRamp", "operationPrototype") if key not in data
     ]
@@ -231,6 +233,42 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
         _prototype(data["operationPrototype"]),
     )
     assert selector is not None
+    return selector, start, ramp, prototype
+
+
+@dataclass(frozen=True)
+class BulkPreview:
+    """What `bulk_operation_create` would do with a body, now: how many devices it targets and
+    when the ramp would create the first and the last child operation."""
+
+    target_count: int
+    start: datetime
+    creation_ramp: float
+
+    @property
+    def duration(self) -> timedelta:
+        """From the first child operation to the last (0 for one target or none)."""
+        return timedelta(seconds=max(self.target_count - 1, 0) * self.creation_ramp)
+
+    @property
+    def end(self) -> datetime:
+        return _later(self.start, self.duration)
+
+
+def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None) -> BulkPreview:
+    """Validate a create body exactly as `bulk_operation_create` does and count its targets,
+    writing nothing (the admin shows this before the operator confirms)."""
+    selector, start, ramp, _ = _create_input(data)
+    now = now or timezone.now()
+    return BulkPreview(
+        target_count=len(_targets(selector)), start=max(start, now), creation_ramp=ramp
+    )
+
+
+@transaction.atomic
+def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) -> BulkOperation:
+    """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
+    selector, start, ramp, prototype = _create_input(data)
     device_ids = _targets(selector)
     now = now or timezone.now()
     bulk = BulkOperation(

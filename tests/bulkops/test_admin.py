@@ -1,6 +1,7 @@
 """The bulk operations admin: progress bars from the counters, filters and search, the prototype and
 the drill-down to the child operations, rescheduling through `bulk_operation_update` (refusals are
-form errors), cancel and reschedule-now actions through the services, no add and no delete."""
+form errors), cancel and reschedule-now actions through the services, no delete. Creating
+(tests/bulkops/test_admin_create.py) and live progress (test_admin_live.py) have their own."""
 
 from __future__ import annotations
 
@@ -273,17 +274,6 @@ def test_changelist_query_count_does_not_grow_with_rows(
     assert response.content.decode().count('class="bulk-progress"') == 30
 
 
-def test_auto_refresh_is_opt_in(admin_client: Client, scheduled: BulkOperation) -> None:
-    plain = admin_client.get(CHANGELIST).content.decode()
-    assert 'http-equiv="refresh"' not in plain
-    assert "refresh=10" in plain
-
-    response = admin_client.get(CHANGELIST, {"refresh": "10", "status__exact": "ACTIVE"})
-
-    assert listed(response) == [scheduled.pk]
-    assert '<meta http-equiv="refresh" content="10">' in response.content.decode()
-
-
 # --- change page -----------------------------------------------------------------------------
 
 
@@ -384,7 +374,7 @@ def test_a_finished_bulk_operation_is_read_only(
     assert 'name="creation_ramp"' not in response.content.decode()
 
 
-# --- actions, add and delete -------------------------------------------------------------------
+# --- actions and delete -----------------------------------------------------------------------
 
 
 def test_cancel_action_cancels_running_ones_and_skips_finished_ones(
@@ -438,11 +428,9 @@ def test_reschedule_now_action(
     assert len(children(scheduled)) == 1
 
 
-def test_no_add_and_no_delete(admin_client: Client, scheduled: BulkOperation) -> None:
-    assert admin_client.get(reverse("admin:bulkops_bulkoperation_add")).status_code == 403
+def test_no_delete(admin_client: Client, scheduled: BulkOperation) -> None:
     changelist = admin_client.get(CHANGELIST)
     page = changelist.content.decode()
-    assert reverse("admin:bulkops_bulkoperation_add") not in page
     assert 'value="delete_selected"' not in page
     delete = reverse("admin:bulkops_bulkoperation_delete", args=[scheduled.pk])
     assert admin_client.post(delete, {"post": "yes"}).status_code == 403
