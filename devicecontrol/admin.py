@@ -4,8 +4,10 @@ and for new device requests: register, accept, reject (at the end).
 Every write goes through `devicecontrol.services`, as the REST API's do, so the status rules apply
 and each change sends its realtime event on commit. A status change is rehearsed with the real
 service in a savepoint that is always rolled back: a refusal (a failure reason without FAILED) is
-shown on the form and nothing is written. Operations are created by the API and bulk operations
-only, so the admin offers no "add"."""
+shown on the form and nothing is written. "Add" is the send-operation form: it creates the
+operation through `operation_create`, as `POST /devicecontrol/operations` does; a device's page
+(the ManagedObject admin, re-registered here with an operations panel) sends the same way. Every
+change an operator makes here is written to the admin history under the operator's name."""
 
 from __future__ import annotations
 
@@ -16,14 +18,20 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import Q, QuerySet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
 
 from devicecontrol.models import (
+    FINAL_STATUSES,
     NewDeviceRequest,
     NewDeviceRequestStatus,
     Operation,
@@ -34,14 +42,16 @@ from devicecontrol.services import (
     new_device_request_accept,
     new_device_request_create,
     new_device_request_delete,
+    operation_create,
     operation_retry,
     operation_update,
     operations_delete,
 )
 from deviceplatform.api.exceptions import ApiError
 from deviceplatform.api.params import MAX_ID
-from inventory.admin import adopt, rehearse
+from inventory.admin import FragmentsField, ManagedObjectAdmin, adopt, rehearse
 from inventory.models import ManagedObject
+from inventory.selectors import device_agent_id
 
 CANCELLED_REASON = "Cancelled by an operator ({username})"
 # The filters offer what the most recent operations use: reading a bounded sample keeps the
@@ -59,6 +69,26 @@ def _object_link(pk: int, label: str) -> str:
 def _operation_link(pk: int) -> str:
     return format_html(
         '<a href="{}">{}</a>', reverse("admin:devicecontrol_operation_change", args=[pk]), pk
+    )
+
+
+def _status_badge(status: str) -> str:
+    return format_html('<span class="operation-status status-{}">{}</span>', status.lower(), status)
+
+
+def _safe_next(request: HttpRequest, fallback: str) -> str:
+    target = request.POST.get("next") or ""
+    if url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return fallback
+
+
+def latest_retry() -> Subquery:
+    """The newest retry of each operation (operations' `retry_of` index), for "retried as"."""
+    return Subquery(
+        Operation.objects.filter(retry_of=OuterRef("pk")).order_by("-id").values("id")[:1]
     )
 
 
@@ -158,6 +188,212 @@ class OperationForm(forms.ModelForm):
             self.add_error("failure_reason" if "failureReason" in body else None, exc)
 
 
+# --- sending operations ----------------------------------------------------------------------
+
+OPEN_STATUSES = [OperationStatus.PENDING, OperationStatus.EXECUTING]
+RAW_JSON = "json"
+# The common Cumulocity commands, each with fields of its own. Any other fragment the device lists
+# in c8y_SupportedOperations is offered too and sent empty (`{"c8y_LogfileRequest": {}}`); the
+# JSON form sends anything the API takes.
+TEMPLATES = {
+    "c8y_Restart": "restart the device",
+    "c8y_Firmware": "install firmware: name, version, URL",
+    "c8y_SoftwareUpdate": "install or remove software packages",
+    "c8y_Configuration": "send a configuration text",
+    "c8y_Command": "run a shell command",
+}
+DEFAULT_DESCRIPTIONS = {
+    "c8y_Restart": "Restart device",
+    "c8y_Firmware": "Update firmware to: {name} ({version})",
+    "c8y_SoftwareUpdate": "Apply software changes",
+    "c8y_Configuration": "Send configuration",
+    "c8y_Command": "Execute shell command",
+}
+SOFTWARE_ACTIONS = ("install", "delete")
+# Which fields belong to which choice (the page shows only the chosen one's, when JavaScript runs).
+SEND_FIELD_GROUPS = [
+    ("", ["device", "template", "description"]),
+    ("c8y_Firmware", ["firmware_name", "firmware_version", "firmware_url"]),
+    ("c8y_SoftwareUpdate", ["software"]),
+    ("c8y_Configuration", ["configuration"]),
+    ("c8y_Command", ["command"]),
+    (RAW_JSON, ["body"]),
+]
+LOGGED_BODY_CHARS = 2000
+
+
+def supported_operations(device: ManagedObject) -> list[str]:
+    """The fragment names in the device's `c8y_SupportedOperations`, in its order, once each."""
+    value = device.fragments.get("c8y_SupportedOperations")
+    if not isinstance(value, list):
+        return []
+    return list(
+        dict.fromkeys(name.strip() for name in value if isinstance(name, str) and name.strip())
+    )
+
+
+def _text_area(rows: int) -> forms.Textarea:
+    return forms.Textarea(attrs={"rows": rows, "cols": 80, "spellcheck": "false"})
+
+
+class SendOperationForm(forms.Form):
+    """One operation for one device, from a template or as JSON. The body it builds is what a REST
+    client would POST (without `deviceId`); the service validates and routes it."""
+
+    device = forms.IntegerField(
+        label="device ID",
+        min_value=1,
+        max_value=MAX_ID,
+        help_text="The managed object that should run the operation; its agent receives it.",
+    )
+    template = forms.ChoiceField(label="operation", widget=forms.RadioSelect)
+    description = forms.CharField(
+        required=False,
+        max_length=1000,
+        widget=forms.TextInput(attrs={"size": 80}),
+        help_text="Optional; a template fills in its own when left blank.",
+    )
+    firmware_name = forms.CharField(label="firmware name", required=False, max_length=1000)
+    firmware_version = forms.CharField(label="firmware version", required=False, max_length=1000)
+    firmware_url = forms.CharField(
+        label="firmware URL",
+        required=False,
+        max_length=2000,
+        widget=forms.TextInput(attrs={"size": 80}),
+        help_text="Where the device downloads the image (optional).",
+    )
+    software = forms.CharField(
+        label="packages",
+        required=False,
+        widget=_text_area(5),
+        help_text=(
+            "One package a line: name, version, URL, action, separated by commas. "
+            "URL may be left empty; action is install (when left out) or delete."
+        ),
+    )
+    configuration = forms.CharField(
+        label="configuration", required=False, strip=False, widget=_text_area(8)
+    )
+    command = forms.CharField(label="command", required=False, widget=_text_area(3))
+    body = FragmentsField(
+        label="operation JSON",
+        help_text=(
+            "The operation as POST /devicecontrol/operations takes it, without deviceId: "
+            'fragments and a description, e.g. {"c8y_Restart": {}, "description": "Restart"}.'
+        ),
+    )
+    body.widget.attrs["rows"] = 10
+
+    def __init__(self, *args: Any, device: ManagedObject | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.target = device
+        self.supported = supported_operations(device) if device is not None else []
+        if device is not None:
+            del self.fields["device"]
+        choices = [
+            (name, f"{name}: {TEMPLATES.get(name, 'sent as an empty fragment')} (supported)")
+            for name in self.supported
+        ]
+        choices += [(name, f"{name}: {label}") for name, label in TEMPLATES.items()]
+        choices = list(dict(choices).items())  # a supported template keeps its first place
+        choices.append((RAW_JSON, "JSON: any operation"))
+        self.fields["template"].choices = choices
+        self.fields["template"].initial = choices[0][0]
+        self.operation_body: dict[str, Any] = {}
+
+    def field_groups(self) -> list[tuple[str, list[forms.BoundField]]]:
+        return [
+            (name, [self[field] for field in fields if field in self.fields])
+            for name, fields in SEND_FIELD_GROUPS
+        ]
+
+    def clean_device(self) -> ManagedObject:
+        pk = self.cleaned_data["device"]
+        device = ManagedObject.objects.filter(pk=pk).first()
+        if device is None:
+            raise ValidationError(f"There is no managed object with ID {pk}.")
+        return device
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.target is None:
+            self.target = data.get("device")
+        template = data.get("template")
+        if template is None:
+            return data
+        body = self._body(template, data)
+        if body is None:
+            return data
+        description = (data.get("description") or "").strip()
+        if description:
+            body["description"] = description
+        elif "description" not in body and template in DEFAULT_DESCRIPTIONS:
+            fields = body[template] if isinstance(body.get(template), dict) else {}
+            body["description"] = DEFAULT_DESCRIPTIONS[template].format(**fields)
+        self.operation_body = body
+        return data
+
+    def _required(self, data: dict[str, Any], *names: str) -> bool:
+        missing = [name for name in names if not (data.get(name) or "").strip()]
+        for name in missing:
+            self.add_error(name, "Required for this operation.")
+        return not missing
+
+    def _body(self, template: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        if template == RAW_JSON:
+            if "body" not in data:
+                return None  # the field's own error is shown
+            if not data["body"]:
+                self.add_error("body", "Enter the operation as a JSON object.")
+                return None
+            return dict(data["body"])
+        if template == "c8y_Firmware":
+            if not self._required(data, "firmware_name", "firmware_version"):
+                return None
+            firmware = {
+                "name": data["firmware_name"].strip(),
+                "version": data["firmware_version"].strip(),
+            }
+            if data.get("firmware_url", "").strip():
+                firmware["url"] = data["firmware_url"].strip()
+            return {"c8y_Firmware": firmware}
+        if template == "c8y_SoftwareUpdate":
+            packages = self._packages(data.get("software") or "")
+            return None if packages is None else {"c8y_SoftwareUpdate": packages}
+        if template == "c8y_Configuration":
+            if not self._required(data, "configuration"):
+                return None
+            return {"c8y_Configuration": {"config": data["configuration"]}}
+        if template == "c8y_Command":
+            if not self._required(data, "command"):
+                return None
+            return {"c8y_Command": {"text": data["command"].strip()}}
+        return {template: {}}  # c8y_Restart, or a supported fragment without a template
+
+    def _packages(self, text: str) -> list[dict[str, str]] | None:
+        packages, problems = [], []
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            parts = [part.strip() for part in line.split(",")]
+            name, version, url, action = (parts + ["", "", "", ""])[:4]
+            action = action or "install"
+            if len(parts) > 4 or not name or not version or action not in SOFTWARE_ACTIONS:
+                problems.append(
+                    f"Line {number} ({line!r}): expected name, version, URL, action "
+                    f"(install or delete)."
+                )
+                continue
+            package = {"name": name, "version": version, "action": action}
+            if url:
+                package["url"] = url
+            packages.append(package)
+        if not lines:
+            problems.append("Enter at least one package.")
+        for problem in problems:
+            self.add_error("software", problem)
+        return None if problems else packages
+
+
 # --- model admin -----------------------------------------------------------------------------
 
 
@@ -168,10 +404,13 @@ class OperationAdmin(admin.ModelAdmin):
         "id",
         "device_link",
         "agent_link",
-        "status",
+        "status_label",
         "fragment_names",
+        "description",
+        "failure_reason_short",
         "creation_time",
         "bulk_operation_id",
+        "retried",
     ]
     list_display_links = ["id"]
     list_select_related = ["device"]
@@ -216,14 +455,134 @@ class OperationAdmin(admin.ModelAdmin):
         ),
     ]
 
+    class Media:
+        css = {"all": ["devicecontrol/operations.css"]}
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[Operation]:
         # Only the device's name and ID are shown: leave its (possibly large) fragments behind.
-        return super().get_queryset(request).select_related("device").defer("device__fragments")
+        queryset = super().get_queryset(request).select_related("device").defer("device__fragments")
+        return queryset.annotate(latest_retry=latest_retry())
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # operations come from the API and from bulk operations
+    def get_fieldsets(self, request: HttpRequest, obj: Operation | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or obj.status not in FINAL_STATUSES:
+            return fieldsets
+        # A finished operation no longer expires: its deadline would only mislead.
+        return [
+            (
+                name,
+                {
+                    **options,
+                    "fields": [
+                        tuple(f for f in row if f != "expires_at")
+                        if isinstance(row, tuple)
+                        else row
+                        for row in options["fields"]
+                    ],
+                },
+            )
+            for name, options in fieldsets
+        ]
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "<path:object_id>/retry/",
+                self.admin_site.admin_view(self.retry_view),
+                name="devicecontrol_operation_retry",
+            ),
+            path(
+                "<path:object_id>/cancel/",
+                self.admin_site.admin_view(self.cancel_view),
+                name="devicecontrol_operation_cancel",
+            ),
+            *super().get_urls(),
+        ]
+
+    # --- sending ---
+
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        return self.send_view(request, device=None)
+
+    def send_view(self, request: HttpRequest, device: ManagedObject | None) -> HttpResponse:
+        """The send-operation page, for `device` or (from the operations list) any device."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        initial = {"device": request.GET.get("device")} if device is None else {}
+        form = SendOperationForm(
+            request.POST if request.method == "POST" else None, device=device, initial=initial
+        )
+        if request.method == "POST" and form.is_valid():
+            target = form.target
+            assert target is not None
+            try:
+                operation = operation_create(device=target, data=form.operation_body)
+            except ApiError as exc:  # no agent above the device, a bad fragment name, ...
+                form.add_error(None, exc.message)
+            else:
+                body = json.dumps(operation.fragments, ensure_ascii=False, sort_keys=True)
+                if len(body) > LOGGED_BODY_CHARS:
+                    body = body[:LOGGED_BODY_CHARS] + "…"
+                self.log_addition(
+                    request,
+                    operation,
+                    f"Sent to device {target.pk} through agent {operation.agent_id}: {body}",
+                )
+                messages.success(
+                    request,
+                    format_html(
+                        "Sent operation {} ({}) to {}: PENDING until agent {} picks it up.",
+                        _operation_link(operation.pk),
+                        ", ".join(sorted(k for k in operation.fragments if k != "description")),
+                        str(target),
+                        operation.agent_id,
+                    ),
+                )
+                if device is not None:
+                    url = reverse("admin:inventory_managedobject_change", args=[device.pk])
+                    return HttpResponseRedirect(url + "#operations")
+                return HttpResponseRedirect(
+                    reverse("admin:devicecontrol_operation_change", args=[operation.pk])
+                )
+        agent_id = device_agent_id(device=device) if device is not None else None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Send an operation to {device}" if device else "Send an operation",
+            "opts": self.opts,
+            "form": form,
+            "device": device,
+            "agent_id": agent_id,
+            "supported": form.supported,
+            "media": self.media + form.media,
+        }
+        return TemplateResponse(request, "admin/devicecontrol/send_operation.html", context)
 
     # --- columns and read-only fields ---
+
+    @admin.display(description="status", ordering="status")
+    def status_label(self, obj: Operation) -> str:
+        return _status_badge(obj.status)
+
+    @admin.display(description="description")
+    def description(self, obj: Operation) -> str:
+        value = obj.fragments.get("description")
+        return value if isinstance(value, str) else ""
+
+    @admin.display(description="failure reason")
+    def failure_reason_short(self, obj: Operation) -> str:
+        reason = obj.failure_reason or ""
+        return reason if len(reason) <= 120 else reason[:119] + "…"
+
+    @admin.display(description="retries")
+    def retried(self, obj: Operation) -> str:
+        parts = []
+        if getattr(obj, "latest_retry", None):
+            parts.append(format_html("↻ retried as {}", _operation_link(obj.latest_retry)))
+        if obj.retry_of_id is not None:
+            parts.append(format_html("retry of {}", _operation_link(obj.retry_of_id)))
+        return format_html_join("; ", "{}", ((part,) for part in parts)) if parts else ""
 
     @admin.display(description="device", ordering="device_id")
     def device_link(self, obj: Operation) -> str:
@@ -289,29 +648,45 @@ class OperationAdmin(admin.ModelAdmin):
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Operation]) -> None:
         operations_delete(queryset=queryset)
 
+    def construct_change_message(
+        self, request: HttpRequest, form: forms.ModelForm, formsets: Any, add: bool = False
+    ) -> str:
+        if add or not form.changed_data:
+            return super().construct_change_message(request, form, formsets, add)
+        changes = [
+            f"{name.replace('_', ' ')}: {form.initial.get(name)!r} → {form.cleaned_data.get(name)!r}"
+            for name in form.changed_data
+        ]
+        return "Changed " + "; ".join(changes)
+
     @admin.action(
         description="Mark as FAILED (cancel PENDING and EXECUTING operations)",
         permissions=["change"],
     )
     def mark_failed(self, request: HttpRequest, queryset: QuerySet[Operation]) -> None:
+        self._cancel(request, set(queryset.order_by().values_list("pk", flat=True)))
+
+    @admin.action(description="Retry failed operations", permissions=["change"])
+    def retry_failed(self, request: HttpRequest, queryset: QuerySet[Operation]) -> None:
+        self._retry(request, set(queryset.order_by().values_list("pk", flat=True)))
+
+    def _cancel(self, request: HttpRequest, selected: set[int]) -> None:
         reason = CANCELLED_REASON.format(username=request.user.get_username())
-        selected = set(queryset.order_by().values_list("pk", flat=True))
         with transaction.atomic():
             # Lock first, then check: an agent finishing the operation meanwhile wins.
-            open_ids = list(
+            open_rows = list(
                 Operation.objects.select_for_update()
-                .filter(
-                    pk__in=selected,
-                    status__in=[OperationStatus.PENDING, OperationStatus.EXECUTING],
-                )
+                .filter(pk__in=selected, status__in=OPEN_STATUSES)
                 .order_by("pk")
-                .values_list("pk", flat=True)
+                .values_list("pk", "status")
             )
-            for pk in open_ids:
-                operation_update(
+            for pk, status in open_rows:
+                saved = operation_update(
                     operation_id=pk,
                     data={"status": OperationStatus.FAILED, "failureReason": reason},
                 )
+                self.log_change(request, saved, f"Cancelled: {status} → FAILED ({reason})")
+        open_ids = [pk for pk, _ in open_rows]
         if open_ids:
             messages.success(request, f"Marked {len(open_ids)} operation(s) as FAILED.")
         skipped = sorted(selected - set(open_ids))
@@ -322,9 +697,7 @@ class OperationAdmin(admin.ModelAdmin):
                 f"{', '.join(map(str, skipped))}.",
             )
 
-    @admin.action(description="Retry failed operations", permissions=["change"])
-    def retry_failed(self, request: HttpRequest, queryset: QuerySet[Operation]) -> None:
-        selected = set(queryset.order_by().values_list("pk", flat=True))
+    def _retry(self, request: HttpRequest, selected: set[int]) -> None:
         failed = list(
             Operation.objects.filter(pk__in=selected, status=OperationStatus.FAILED).order_by("pk")
         )
@@ -334,6 +707,8 @@ class OperationAdmin(admin.ModelAdmin):
             try:
                 with transaction.atomic():
                     retry = operation_retry(operation=operation)
+                    self.log_change(request, operation, f"Retried as operation {retry.pk}")
+                    self.log_addition(request, retry, f"Retry of operation {operation.pk}")
             except ApiError as exc:  # e.g. the device is no longer under an agent
                 refused.append(f"{operation.pk}: {exc.message}")
             else:
@@ -352,6 +727,25 @@ class OperationAdmin(admin.ModelAdmin):
                 f"Skipped {len(skipped)} operation(s) that are not FAILED: "
                 f"{', '.join(map(str, skipped))}.",
             )
+
+    def _button_view(self, request: HttpRequest, object_id: str, run: Any) -> HttpResponse:
+        """A retry or cancel button (a device's operations, an agent's queue): POST only."""
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        pk = _as_id(unquote(object_id))
+        if pk is None or not Operation.objects.filter(pk=pk).exists():
+            raise Http404(f"No operation with ID {object_id}")
+        run(request, {pk})
+        fallback = reverse("admin:devicecontrol_operation_change", args=[pk])
+        return HttpResponseRedirect(_safe_next(request, fallback))
+
+    @method_decorator(require_POST)
+    def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._button_view(request, object_id, self._retry)
+
+    @method_decorator(require_POST)
+    def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._button_view(request, object_id, self._cancel)
 
 
 # --- new device requests (device registration) -----------------------------------------------
@@ -477,3 +871,167 @@ class NewDeviceRequestAdmin(admin.ModelAdmin):
                 f"Accepted {len(accepted)} request(s): {', '.join(accepted)}. Each device gets "
                 "its credentials at its next poll.",
             )
+
+
+# --- a device's page: its operations, an agent's queue, sending ---------------------------------
+
+PANEL_PAGE_SIZE = 20
+MAX_PANEL_PAGE = 10_000
+DEVICE_CHANGELIST = "inventory_managedobject_changelist"
+
+
+def _panel_page(request: HttpRequest, param: str, queryset: QuerySet[Operation]) -> dict[str, Any]:
+    """One page of a panel, by offset, without a COUNT: one row more than shown says whether an
+    older page exists. The page number is `?<param>=N`; other parameters are kept."""
+    number = min(_as_id(request.GET.get(param)) or 1, MAX_PANEL_PAGE)
+    start = (number - 1) * PANEL_PAGE_SIZE
+    rows = list(queryset[start : start + PANEL_PAGE_SIZE + 1])
+    for row in rows:
+        description = row.fragments.get("description")
+        names = ", ".join(sorted(name for name in row.fragments if name != "description"))
+        row.summary = f"{description} ({names})" if isinstance(description, str) else names
+
+    def url(page: int) -> str:
+        query = request.GET.copy()
+        query[param] = str(page)
+        return "?" + query.urlencode()
+
+    return {
+        "rows": rows[:PANEL_PAGE_SIZE],
+        "number": number,
+        "previous_url": url(number - 1) if number > 1 else None,
+        "next_url": url(number + 1) if len(rows) > PANEL_PAGE_SIZE else None,
+    }
+
+
+def operation_columns() -> dict[str, Any]:
+    """The device list's operation columns: one correlated subquery each, on the operations'
+    (device, status, id) and (device, id) indexes."""
+    own = Operation.objects.filter(device=OuterRef("pk"))
+    latest = own.order_by("-id")
+    return {
+        "open_operation_count": Subquery(
+            own.filter(status__in=OPEN_STATUSES)
+            .order_by()
+            .values("device")
+            .annotate(n=Count("pk"))
+            .values("n")
+        ),
+        "last_operation_status": Subquery(latest.values("status")[:1]),
+        "last_operation_at": Subquery(latest.values("status_changed_at")[:1]),
+    }
+
+
+class DeviceAdmin(ManagedObjectAdmin):
+    """inventory's ManagedObject admin with what devicecontrol knows about a device: its
+    operations (newest first, with retry and cancel), the queue of an agent, a send-operation
+    page, and the list's open-operation and last-operation columns."""
+
+    change_form_template = "admin/devicecontrol/device_change_form.html"
+
+    class Media:
+        css = {"all": ["devicecontrol/operations.css"]}
+
+    def _operations_admin(self) -> OperationAdmin:
+        return self.admin_site.get_model_admin(Operation)  # type: ignore[return-value]
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "<path:object_id>/send-operation/",
+                self.admin_site.admin_view(self.send_operation_view),
+                name="inventory_managedobject_send_operation",
+            ),
+            *super().get_urls(),
+        ]
+
+    def send_operation_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        device = self.get_object(request, unquote(object_id))
+        if device is None:
+            raise Http404(f"No managed object with ID {object_id}")
+        if not self.has_view_or_change_permission(request, device):
+            raise PermissionDenied
+        return self._operations_admin().send_view(request, device=device)
+
+    # --- list columns ---
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ManagedObject]:
+        queryset = super().get_queryset(request)
+        match = getattr(request, "resolver_match", None)
+        if match is not None and match.url_name == DEVICE_CHANGELIST:
+            queryset = queryset.annotate(**operation_columns())
+        return queryset
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        return [*super().get_list_display(request), "open_operations", "last_operation"]
+
+    @admin.display(description="open operations")
+    def open_operations(self, obj: ManagedObject) -> str:
+        count = getattr(obj, "open_operation_count", None) or 0
+        if not count:
+            return "0"
+        url = reverse("admin:inventory_managedobject_change", args=[obj.pk]) + "#operations"
+        return format_html('<a href="{}">{}</a>', url, count)
+
+    @admin.display(description="last operation")
+    def last_operation(self, obj: ManagedObject) -> str:
+        status = getattr(obj, "last_operation_status", None)
+        if status is None:
+            return "-"
+        at = obj.last_operation_at  # type: ignore[attr-defined]
+        return format_html(
+            '{} <time datetime="{}">{}</time>',
+            _status_badge(status),
+            at.isoformat(),
+            at.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        )
+
+    # --- the change page's operations panel ---
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: ManagedObject | None = None,
+    ) -> Any:
+        operations_admin = self._operations_admin()
+        if (
+            obj is not None
+            and obj.pk is not None
+            and operations_admin.has_view_or_change_permission(request)
+        ):
+            context.update(self._operations_context(request, obj, operations_admin))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _operations_context(
+        self, request: HttpRequest, obj: ManagedObject, operations_admin: OperationAdmin
+    ) -> dict[str, Any]:
+        rows = Operation.objects.annotate(latest_retry=latest_retry())
+        context: dict[str, Any] = {
+            "device_operations": _panel_page(
+                request, "operations_page", rows.filter(device_id=obj.pk).order_by("-id")
+            ),
+            "can_send_operation": operations_admin.has_add_permission(request),
+            "can_change_operations": operations_admin.has_change_permission(request),
+            "send_operation_url": reverse(
+                "admin:inventory_managedobject_send_operation", args=[obj.pk]
+            ),
+            "back_url": request.get_full_path(),
+        }
+        if obj.is_agent:
+            # What the agent receives next: its open operations in the order it gets them.
+            queue = (
+                rows.filter(agent_id=obj.pk, status__in=OPEN_STATUSES)
+                .select_related("device")
+                .defer("device__fragments")
+                .order_by("id")
+            )
+            context["agent_queue"] = _panel_page(request, "queue_page", queue)
+        return context
+
+
+admin.site.unregister(ManagedObject)
+admin.site.register(ManagedObject, DeviceAdmin)

@@ -102,14 +102,6 @@ def test_changelist_lists_newest_first_with_links_and_fragment_names(
     assert "c8y_Firmware" in page
 
 
-def test_add_is_not_offered(admin_client: Client, operation: Operation) -> None:
-    page = admin_client.get(CHANGELIST).content.decode()
-    add_url = reverse("admin:devicecontrol_operation_add")
-    assert add_url not in page
-    assert admin_client.get(add_url).status_code == 403
-    assert "_addanother" not in admin_client.get(change_url(operation)).content.decode()
-
-
 def test_changelist_filters_by_status_agent_fragment_and_date(
     admin_client: Client, agent: ManagedObject, device: ManagedObject, operation: Operation
 ) -> None:

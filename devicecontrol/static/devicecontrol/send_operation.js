@@ -1,0 +1,16 @@
+// The send-operation page: show only the fields of the chosen operation.
+"use strict";
+(function () {
+  const form = document.getElementById("send-operation-form");
+  if (!form) return;
+  function update() {
+    const chosen = form.querySelector('input[name="template"]:checked');
+    const value = chosen ? chosen.value : "";
+    form.querySelectorAll("fieldset[data-template]").forEach(function (fieldset) {
+      const name = fieldset.dataset.template;
+      fieldset.hidden = name !== "" && name !== value;
+    });
+  }
+  form.addEventListener("change", update);
+  update();
+})();
