@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from django.contrib.admin.models import CHANGE, LogEntry
 from django.test import Client
 from django.urls import reverse
 
@@ -435,3 +436,84 @@ def test_no_delete(admin_client: Client, scheduled: BulkOperation) -> None:
     delete = reverse("admin:bulkops_bulkoperation_delete", args=[scheduled.pk])
     assert admin_client.post(delete, {"post": "yes"}).status_code == 403
     assert BulkOperation.objects.filter(pk=scheduled.pk, status=BulkStatus.ACTIVE).exists()
+
+
+# --- history: every change names the operator and what changed -------------------------------
+
+
+def history(bulk: BulkOperation) -> list[tuple[int, str, str]]:
+    return [
+        (entry.action_flag, entry.user.get_username(), entry.change_message)
+        for entry in LogEntry.objects.filter(object_id=str(bulk.pk)).order_by("pk")
+    ]
+
+
+def test_rescheduling_through_the_form_writes_what_changed_to_the_history(
+    admin_client: Client, running: BulkOperation
+) -> None:
+    data = form_data(admin_client, change_url(running))
+    data.update({"start_date_0": "2099-06-01", "start_date_1": "08:30:00", "creation_ramp": "2.5"})
+
+    admin_client.post(change_url(running), data)
+
+    assert history(running) == [
+        (
+            CHANGE,
+            "root-admin",
+            "Rescheduled by root-admin: start 2024-01-01T12:00:00.000Z -> "
+            "2099-06-01T08:30:00.000Z, ramp 10 s -> 2.5 s.",
+        )
+    ]
+    page = admin_client.get(reverse("admin:bulkops_bulkoperation_history", args=[running.pk]))
+    assert "Rescheduled by root-admin: start" in page.content.decode()
+
+
+def test_saving_an_unchanged_or_refused_form_writes_no_history(
+    admin_client: Client, running: BulkOperation, scheduled: BulkOperation
+) -> None:
+    admin_client.post(change_url(scheduled), form_data(admin_client, change_url(scheduled)))
+    data = form_data(admin_client, change_url(running))
+    data.update({"creation_ramp": "-1"})
+    admin_client.post(change_url(running), data)
+
+    assert history(scheduled) == []
+    assert history(running) == []
+
+
+def test_the_actions_write_a_history_entry_for_each_bulk_operation_they_changed(
+    admin_client: Client,
+    running: BulkOperation,
+    completed: BulkOperation,
+    scheduled: BulkOperation,
+) -> None:
+    admin_client.post(
+        CHANGELIST, {"action": "reschedule_now", "_selected_action": [scheduled.pk, completed.pk]}
+    )
+    admin_client.post(
+        CHANGELIST,
+        {"action": "cancel", "_selected_action": [running.pk, completed.pk, scheduled.pk]},
+    )
+
+    scheduled.refresh_from_db()
+    [rescheduled, cancelled] = history(scheduled)
+    assert rescheduled == (
+        CHANGE,
+        "root-admin",
+        f"Rescheduled by root-admin: start {format_datetime(FUTURE)} -> "
+        f"{format_datetime(scheduled.start_date)} (reschedule now).",
+    )
+    assert cancelled == (
+        CHANGE,
+        "root-admin",
+        "Cancelled by root-admin: status DELETED, 3 device(s) not yet created will get no "
+        "operation.",
+    )
+    assert history(running) == [
+        (
+            CHANGE,
+            "root-admin",
+            "Cancelled by root-admin: status DELETED, 1 device(s) not yet created will get no "
+            "operation.",
+        )
+    ]
+    assert history(completed) == []  # skipped both times: nothing changed
