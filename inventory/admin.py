@@ -14,22 +14,25 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.admin.views.main import ChangeList
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models, transaction
 from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet
 from django.db.models.functions import Upper
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from deviceplatform.admin import DeviceUserAdminBase
+from deviceplatform.admin_lists import EstimatedCountPaginator, FleetListMixin, IdInputFilter
 from deviceplatform.api.exceptions import ApiError
 from deviceplatform.api.params import MAX_ID
 from deviceplatform.api.parsers import json_document_problem
 from deviceplatform.models import DeviceUser
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
+from inventory.selectors import has_parent_q
 from inventory.services import (
     COLUMN_KEYS,
     FORBIDDEN_NAME_CHARS,
@@ -263,24 +266,6 @@ class ServiceInlineFormSet(forms.BaseInlineFormSet):
         self.deleted_objects = [form.instance for form in plan.deleted]
 
 
-class ReferenceFormSet(ServiceInlineFormSet):
-    def apply(self, parent: ManagedObject, plan: _Plan) -> list[models.Model]:
-        for form in plan.removals:
-            managed_object_remove_children(
-                parent=parent,
-                relation=Relation(form.initial["relation"]),
-                child_ids=[form.initial["child"]],
-            )
-        added: list[models.Model] = []
-        for form in plan.additions:
-            added += managed_object_add_children(
-                parent=parent,
-                relation=Relation(form.cleaned_data["relation"]),
-                children=[form.cleaned_data["child"]],
-            )
-        return added
-
-
 class ExternalIdTypeForm(forms.ModelForm):
     def clean_type(self) -> str:
         value = self.cleaned_data["type"]
@@ -306,20 +291,6 @@ class ExternalIdFormSet(ServiceInlineFormSet):
         return added
 
 
-class ChildReferenceInline(admin.TabularInline):
-    model = ManagedObjectReference
-    formset = ReferenceFormSet
-    fk_name = "parent"
-    fields = ["relation", "child"]
-    autocomplete_fields = ["child"]
-    extra = 1
-    verbose_name = "child reference"
-    verbose_name_plural = "child references (childDevices, childAssets, childAdditions)"
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[ManagedObjectReference]:
-        return super().get_queryset(request).select_related("child")
-
-
 class ExternalIdInline(admin.TabularInline):
     model = ExternalId
     form = ExternalIdTypeForm
@@ -328,17 +299,133 @@ class ExternalIdInline(admin.TabularInline):
     extra = 1
 
 
+# --- fleet-scale device list -----------------------------------------------------------------
+
+SERIAL_TYPE = "c8y_Serial"
+CHILDREN_PER_PAGE = 50
+FOUND_LIMIT = 20
+MAX_ADDED_CHILDREN = 1_000
+
+
+def _object_label(pk: int) -> str:
+    found = ManagedObject.objects.filter(pk=pk).values_list("name", flat=True).first()
+    return f"#{pk} {found}" if found else f"#{pk}"
+
+
+class AgentFilter(IdInputFilter):
+    """The agent itself and the devices under it (childDevices, two levels), as its queue sees
+    them. Each level is one indexed EXISTS."""
+
+    title = "agent"
+    parameter_name = "agent"
+
+    def label(self, pk: int) -> str:
+        return _object_label(pk)
+
+    def filter(self, queryset: QuerySet[ManagedObject], pk: int) -> QuerySet[ManagedObject]:
+        below = ManagedObjectReference.objects.filter(
+            parent_id=pk, relation=Relation.DEVICE
+        ).values("child_id")
+        return queryset.filter(
+            Q(pk=pk)
+            | has_parent_q(Relation.DEVICE, pk)
+            | Q(
+                Exists(
+                    ManagedObjectReference.objects.filter(
+                        child=OuterRef("pk"), relation=Relation.DEVICE, parent_id__in=below
+                    )
+                )
+            )
+        )
+
+
+class GroupFilter(IdInputFilter):
+    """The group's members (its childAssets), as a bulk operation over the group targets them."""
+
+    title = "group"
+    parameter_name = "group"
+
+    def label(self, pk: int) -> str:
+        return _object_label(pk)
+
+    def filter(self, queryset: QuerySet[ManagedObject], pk: int) -> QuerySet[ManagedObject]:
+        return queryset.filter(has_parent_q(Relation.ASSET, pk))
+
+
+class TypeFilter(admin.SimpleListFilter):
+    """The most common types (at most 30), from one aggregate over the type index."""
+
+    title = "type"
+    parameter_name = "type__exact"
+    limit = 30
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        types = (
+            ManagedObject.objects.exclude(type__isnull=True)
+            .exclude(type="")
+            .values("type")
+            .annotate(n=Count("id"))
+            .order_by("-n", "type")[: self.limit]
+        )
+        return [(row["type"], row["type"]) for row in types]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[ManagedObject]
+    ) -> QuerySet[ManagedObject]:
+        value = self.value()
+        return queryset.filter(type=value) if value else queryset
+
+
+class ManagedObjectChangeList(ChangeList):
+    """Looks up the page's parents and serials in one query each, whatever the page size."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        rows = list(self.result_list)
+        ids = [row.pk for row in rows]
+        parents: dict[int, tuple[int, str | None, bool]] = {}
+        for child_id, parent_id, name, is_agent in (
+            ManagedObjectReference.objects.filter(child_id__in=ids, relation=Relation.DEVICE)
+            .order_by("-id")
+            .values_list("child_id", "parent_id", "parent__name", "parent__is_agent")
+        ):
+            parents[child_id] = (parent_id, name, is_agent)  # the oldest edge wins
+        serials: dict[int, str] = {}
+        for managed_object_id, value in (
+            ExternalId.objects.filter(managed_object_id__in=ids, type=SERIAL_TYPE)
+            .order_by("-id")
+            .values_list("managed_object_id", "external_id")
+        ):
+            serials[managed_object_id] = value
+        for row in rows:
+            row.device_parent = parents.get(row.pk)
+            row.serial = serials.get(row.pk)
+        self.result_list = rows
+
+
+def firmware_of(fragments: dict[str, Any]) -> str | None:
+    firmware = fragments.get("c8y_Firmware")
+    if not isinstance(firmware, dict):
+        return None
+    name, version = firmware.get("name"), firmware.get("version")
+    parts = [str(part) for part in (name, version) if part not in (None, "")]
+    return " ".join(parts) or None
+
+
 # --- model admins ----------------------------------------------------------------------------
 
 
 @admin.register(ManagedObject)
-class ManagedObjectAdmin(admin.ModelAdmin):
+class ManagedObjectAdmin(FleetListMixin, admin.ModelAdmin):
     form = ManagedObjectForm
-    inlines = [ChildReferenceInline, ExternalIdInline]
+    inlines = [ExternalIdInline]
     list_display = [
         "id",
         "name",
         "type",
+        "agent_or_parent",
+        "serial",
+        "firmware",
         "owner",
         "is_device",
         "is_agent",
@@ -346,7 +433,9 @@ class ManagedObjectAdmin(admin.ModelAdmin):
         "last_updated",
     ]
     list_display_links = ["id", "name"]
-    list_filter = ["is_device", "is_agent", "is_group", "type", "owner"]
+    # No filter lists every owner or agent: a fleet has one owner per device and thousands of
+    # agents. Agent and group take an ID; owner is found through the search box.
+    list_filter = ["is_device", "is_agent", "is_group", TypeFilter, AgentFilter, GroupFilter]
     search_fields = ["name", "type", "owner"]
     search_help_text = "ID, or part of a name, type, owner or external ID value."
     ordering = ["-id"]
@@ -358,6 +447,192 @@ class ManagedObjectAdmin(admin.ModelAdmin):
         "last_updated",
         "parents",
     ]
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return ManagedObjectChangeList
+
+    @admin.display(description="agent / parent")
+    def agent_or_parent(self, obj: ManagedObject) -> str:
+        parent = getattr(obj, "device_parent", None)
+        if parent is None:
+            return "-"
+        pk, name, is_agent = parent
+        return format_html(
+            '<a href="{}">{}</a>{}',
+            reverse("admin:inventory_managedobject_change", args=[pk]),
+            name or f"#{pk}",
+            " (agent)" if is_agent else "",
+        )
+
+    @admin.display(description="serial")
+    def serial(self, obj: ManagedObject) -> str:
+        return getattr(obj, "serial", None) or "-"
+
+    @admin.display(description="firmware")
+    def firmware(self, obj: ManagedObject) -> str:
+        return firmware_of(obj.fragments) or "-"
+
+    # --- children: a paged, read-only list with add and remove by ID or search ---------------
+
+    def get_urls(self) -> list[Any]:
+        return [
+            path(
+                "<path:object_id>/children/",
+                self.admin_site.admin_view(self.children_view),
+                name="inventory_managedobject_children",
+            ),
+            *super().get_urls(),
+        ]
+
+    def children_context(self, request: HttpRequest, parent: ManagedObject) -> dict[str, Any]:
+        """One page of the parent's child references (newest first) and, when the operator
+        searched, the objects found to add. A fixed number of queries whatever the count."""
+        relation = request.GET.get("children_relation", "")
+        refs = parent.child_refs.select_related("child").order_by("-id")
+        if relation in Relation.values:
+            refs = refs.filter(relation=relation)
+        else:
+            relation = ""
+        paginator = EstimatedCountPaginator(
+            refs.only(
+                "id",
+                "parent",
+                "relation",
+                "child",
+                "child__name",
+                "child__type",
+                "child__is_agent",
+                "child__is_device",
+                "child__is_group",
+                "child__last_updated",
+            ),
+            CHILDREN_PER_PAGE,
+        )
+        page = paginator.get_page(request.GET.get("children_page"))
+        find = request.GET.get("find", "").strip()[:200]
+        found: list[ManagedObject] = []
+        if find:
+            candidates = ManagedObject.objects.exclude(pk=parent.pk)
+            term = Q(name__icontains=find) | Q(
+                Exists(
+                    ExternalId.objects.filter(
+                        managed_object=OuterRef("pk"), external_id__icontains=find
+                    )
+                )
+            )
+            if find.isdigit() and int(find) <= MAX_ID:
+                term |= Q(pk=int(find))
+            found = list(candidates.filter(term).order_by("-id")[:FOUND_LIMIT])
+
+        def link(**params: Any) -> str:
+            query = request.GET.copy()
+            for key, value in params.items():
+                query[key] = value
+            return "?" + query.urlencode() + "#children"
+
+        return {
+            "children_page": page,
+            "children_relation": relation,
+            "children_relations": Relation.choices,
+            "children_previous": link(children_page=page.number - 1) if page.number > 1 else None,
+            "children_next": link(children_page=page.number + 1)
+            if len(page.object_list) == CHILDREN_PER_PAGE
+            else None,
+            "children_url": reverse("admin:inventory_managedobject_children", args=[parent.pk]),
+            "children_find": find,
+            "children_found": found,
+            "children_found_limit": FOUND_LIMIT,
+        }
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra_context = dict(extra_context or {})
+        parent = self.get_object(request, object_id)
+        if parent is not None and request.method == "GET":
+            extra_context.update(self.children_context(request, parent))
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def children_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST: add the given IDs as children in one relation, or remove the chosen references;
+        both through inventory.services, each with a history entry naming the operator."""
+        parent = self.get_object(request, unquote(object_id))
+        if parent is None:
+            raise Http404("No such managed object")
+        if not self.has_change_permission(request, parent):
+            raise PermissionDenied
+        back = reverse("admin:inventory_managedobject_change", args=[parent.pk]) + "#children"
+        if request.method != "POST":
+            return HttpResponseRedirect(back)
+        try:
+            if "remove" in request.POST:
+                message = self._remove_children(request, parent)
+            else:
+                message = self._add_children(request, parent)
+        except ValidationError as exc:
+            self.message_user(request, " ".join(exc.messages), messages.ERROR)
+        except ApiError as exc:
+            self.message_user(request, exc.message, messages.ERROR)
+        else:
+            if message:
+                self.log_change(request, parent, message)
+                self.message_user(request, message, messages.SUCCESS)
+        return HttpResponseRedirect(back)
+
+    def _add_children(self, request: HttpRequest, parent: ManagedObject) -> str:
+        relation = request.POST.get("relation", "")
+        if relation not in Relation.values:
+            raise ValidationError(f"Choose a relation ({', '.join(Relation.values)}).")
+        tokens = [
+            *request.POST.get("ids", "").replace(",", " ").split(),
+            *request.POST.getlist("child"),
+        ]
+        if not tokens:
+            raise ValidationError("Give the IDs of the objects to add, or tick found objects.")
+        wrong = [token for token in tokens if not token.isdigit() or not 0 < int(token) <= MAX_ID]
+        if wrong:
+            raise ValidationError(f"Not IDs: {', '.join(wrong[:10])}.")
+        if len(tokens) > MAX_ADDED_CHILDREN:
+            raise ValidationError(f"Add at most {MAX_ADDED_CHILDREN:,} children at a time.")
+        ids = list(dict.fromkeys(int(token) for token in tokens))
+        children = ManagedObject.objects.in_bulk(ids)
+        missing = [str(pk) for pk in ids if pk not in children]
+        if missing:
+            raise ValidationError(f"No managed object with ID {', '.join(missing[:10])}.")
+        managed_object_add_children(
+            parent=parent, relation=Relation(relation), children=[children[pk] for pk in ids]
+        )
+        segment = Relation(relation).children_segment
+        return f"Added {segment}: {', '.join(map(str, ids))}."
+
+    def _remove_children(self, request: HttpRequest, parent: ManagedObject) -> str:
+        chosen = [value for value in request.POST.getlist("reference") if value.isdigit()]
+        if not chosen:
+            raise ValidationError("Tick the children to remove.")
+        refs = list(
+            parent.child_refs.filter(pk__in=[int(value) for value in chosen[:MAX_ADDED_CHILDREN]])
+            .order_by("id")
+            .values_list("relation", "child_id")
+        )
+        by_relation: dict[str, list[int]] = {}
+        for relation, child_id in refs:
+            by_relation.setdefault(relation, []).append(child_id)
+        parts = []
+        with transaction.atomic():
+            for relation, child_ids in by_relation.items():
+                managed_object_remove_children(
+                    parent=parent, relation=Relation(relation), child_ids=child_ids
+                )
+                parts.append(
+                    f"{Relation(relation).children_segment}: {', '.join(map(str, child_ids))}"
+                )
+        if not parts:
+            raise ValidationError("The ticked children are no longer children of this object.")
+        return f"Removed {'; '.join(parts)}."
 
     def get_fieldsets(self, request: HttpRequest, obj: ManagedObject | None = None) -> Any:
         fieldsets: list[tuple[str | None, dict[str, Any]]] = [

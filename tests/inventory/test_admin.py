@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 from typing import Any
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.urls import reverse
@@ -22,6 +23,7 @@ from inventory.services import (
     managed_object_add_children,
     managed_object_create,
 )
+from tests.helpers import shown_messages
 
 pytestmark = pytest.mark.django_db
 
@@ -251,45 +253,100 @@ def test_invalid_fragments_are_a_form_error_and_write_nothing(
     assert (device.name, device.last_updated) == ("Sensor 1", PAST)
 
 
-def test_adding_a_child_device_through_the_inline_creates_the_reference(
-    admin_client: Client, device: ManagedObject
+def children_url(managed_object: ManagedObject) -> str:
+    return reverse("admin:inventory_managedobject_children", args=[managed_object.pk])
+
+
+def references() -> list[tuple[int, str, int]]:
+    return list(
+        ManagedObjectReference.objects.order_by("id").values_list(
+            "parent_id", "relation", "child_id"
+        )
+    )
+
+
+def test_adding_a_child_device_by_id_creates_the_reference_with_a_history_entry(
+    admin_client: Client, superuser: User, device: ManagedObject
 ) -> None:
     agent = new_object("Agent", com_cumulocity_model_Agent={}, c8y_IsDevice={})
-    data = form_data(admin_client, change_url(agent))
-    data["child_refs-0-relation"] = Relation.DEVICE.value
-    data["child_refs-0-child"] = str(device.pk)
 
-    response = admin_client.post(change_url(agent), data)
+    response = admin_client.post(
+        children_url(agent), {"relation": Relation.DEVICE.value, "ids": f" {device.pk}, "}
+    )
 
-    assert response.status_code == 302, response.context and response.context["errors"]
-    assert list(
-        ManagedObjectReference.objects.values_list("parent_id", "relation", "child_id")
-    ) == [(agent.pk, "device", device.pk)]
+    assert response.status_code == 302
+    assert response["Location"] == change_url(agent) + "#children"
+    assert references() == [(agent.pk, "device", device.pk)]
     agent.refresh_from_db()
     assert agent.last_updated > PAST
+    entry = LogEntry.objects.get(object_id=str(agent.pk))
+    assert entry.user_id == superuser.pk
+    assert entry.get_change_message() == f"Added childDevices: {device.pk}."
+    page = admin_client.get(change_url(agent)).content.decode()
+    assert f'name="reference" value="{ManagedObjectReference.objects.get().pk}"' in page
+    assert "Sensor 1" in page
 
 
-def test_removing_and_editing_references_through_the_inline(
+def test_found_objects_are_offered_and_ticked_ones_added(
+    admin_client: Client, device: ManagedObject
+) -> None:
+    group = new_object("Group", c8y_IsDeviceGroup={})
+
+    page = admin_client.get(change_url(group), {"find": "SN-0042"}).content.decode()
+    assert f'name="child" value="{device.pk}"' in page
+    response = admin_client.post(
+        children_url(group), {"relation": Relation.ASSET.value, "child": [str(device.pk)]}
+    )
+
+    assert response.status_code == 302
+    assert references() == [(group.pk, "asset", device.pk)]
+
+
+def test_removing_ticked_children_goes_through_the_service(
     admin_client: Client, device: ManagedObject
 ) -> None:
     parent = new_object("Parent")
     other = new_object("Other")
     managed_object_add_children(parent=parent, relation=Relation.DEVICE, children=[device])
-    managed_object_add_children(parent=parent, relation=Relation.ASSET, children=[other])
-    data = form_data(admin_client, change_url(parent))
-    assert data["child_refs-0-child"] == str(device.pk)
-    data["child_refs-0-DELETE"] = "on"
-    data["child_refs-1-relation"] = Relation.ADDITION.value  # asset -> addition
+    (kept,) = managed_object_add_children(parent=parent, relation=Relation.ASSET, children=[other])
+    gone = ManagedObjectReference.objects.get(relation=Relation.DEVICE)
 
-    response = admin_client.post(change_url(parent), data)
+    response = admin_client.post(children_url(parent), {"remove": "1", "reference": [gone.pk]})
 
-    assert response.status_code == 302, response.context and response.context["errors"]
-    assert list(
-        ManagedObjectReference.objects.values_list("parent_id", "relation", "child_id")
-    ) == [(parent.pk, "addition", other.pk)]
+    assert response.status_code == 302
+    assert references() == [(parent.pk, "asset", other.pk)]
+    assert LogEntry.objects.get().get_change_message() == f"Removed childDevices: {device.pk}."
+    assert kept.pk == ManagedObjectReference.objects.get().pk
 
 
-def test_an_inline_edit_that_makes_a_child_devices_cycle_is_refused(
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"relation": "device", "ids": "12x"}, "Not IDs: 12x."),
+        ({"relation": "device", "ids": "999999"}, "No managed object with ID 999999."),
+        ({"relation": "nope", "ids": "1"}, "Choose a relation"),
+        ({"relation": "device"}, "Give the IDs"),
+        ({"remove": "1"}, "Tick the children to remove."),
+        ({"remove": "1", "reference": ["999999"]}, "no longer children"),
+    ],
+)
+def test_bad_child_edits_are_refused_with_a_message_and_write_nothing(
+    admin_client: Client,
+    row_counts: Callable[[], dict[str, int]],
+    body: dict[str, Any],
+    message: str,
+) -> None:
+    parent = new_object("Parent", c8y_IsDevice={})
+    before = row_counts()
+
+    response = admin_client.post(children_url(parent), body, follow=True)
+
+    assert message in " ".join(shown_messages(response))
+    assert row_counts() == before
+    assert not LogEntry.objects.exists()
+
+
+def test_a_child_devices_cycle_is_refused_and_nothing_is_written(
     admin_client: Client, row_counts: Callable[[], dict[str, int]]
 ) -> None:
     top = new_object("Top", c8y_IsDevice={})
@@ -297,19 +354,43 @@ def test_an_inline_edit_that_makes_a_child_devices_cycle_is_refused(
     bottom = new_object("Bottom", c8y_IsDevice={})
     managed_object_add_children(parent=top, relation=Relation.DEVICE, children=[middle])
     managed_object_add_children(parent=middle, relation=Relation.DEVICE, children=[bottom])
-    data = form_data(admin_client, change_url(bottom))
-    data["name"] = "Bottom (renamed)"
-    data["child_refs-0-relation"] = Relation.DEVICE.value
-    data["child_refs-0-child"] = str(top.pk)
     before = row_counts()
 
-    response = admin_client.post(change_url(bottom), data)
+    response = admin_client.post(
+        children_url(bottom), {"relation": Relation.DEVICE.value, "ids": str(top.pk)}, follow=True
+    )
 
-    assert response.status_code == 200
-    assert "would create a cycle" in response.content.decode()
+    assert "would create a cycle" in " ".join(shown_messages(response))
     assert row_counts() == before
     bottom.refresh_from_db()
-    assert (bottom.name, bottom.last_updated) == ("Bottom", PAST)
+    assert bottom.last_updated == PAST
+
+
+def test_a_thousand_children_are_a_paged_list_without_form_fields(
+    admin_client: Client, django_assert_max_num_queries: Any
+) -> None:
+    agent = new_object("Agent", com_cumulocity_model_Agent={}, c8y_IsDevice={})
+    children = ManagedObject.objects.bulk_create(
+        ManagedObject(name=f"child {n}", owner="alice", is_device=True) for n in range(1000)
+    )
+    ManagedObjectReference.objects.bulk_create(
+        ManagedObjectReference(parent=agent, child=child, relation=Relation.DEVICE)
+        for child in children
+    )
+
+    with django_assert_max_num_queries(20):
+        response = admin_client.get(change_url(agent))
+
+    page = response.content.decode()
+    assert page.count('name="reference"') == 50
+    assert "child 999" in page
+    assert "child 949" not in page
+    assert "1000 references" in page
+    older = admin_client.get(change_url(agent), {"children_page": 20}).content.decode()
+    assert "child 0<" in older
+    assert "newer" in older
+    # The form an operator saves holds no field per child.
+    assert not any(key.startswith("child_refs-") for key in form_values(response))
 
 
 def test_an_identity_bound_elsewhere_is_a_form_error(
