@@ -22,7 +22,7 @@ from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.decorators import method_decorator
@@ -74,6 +74,31 @@ def _operation_link(pk: int) -> str:
 
 def _status_badge(status: str) -> str:
     return format_html('<span class="operation-status status-{}">{}</span>', status.lower(), status)
+
+
+MAX_LIVE_IDS = 200
+
+
+def live_keys(pk: int) -> dict[str, str]:
+    """The `data-live-key`s of one operation's live cells (deviceplatform/live.js)."""
+    return {name: f"operation-{pk}-{name}" for name in ("status", "failure", "changed")}
+
+
+def live_url(ids: list[int]) -> str | None:
+    """Where a page showing these operations polls their status; None when there is nothing to
+    watch."""
+    ids = ids[:MAX_LIVE_IDS]
+    if not ids:
+        return None
+    return reverse("admin:devicecontrol_operation_live") + "?ids=" + ",".join(map(str, ids))
+
+
+def _time(value: Any) -> str:
+    if value is None:
+        return "-"
+    return format_html(
+        '<time datetime="{}">{}</time>', value.isoformat(), value.strftime("%Y-%m-%d %H:%M:%S %Z")
+    )
 
 
 def _safe_next(request: HttpRequest, fallback: str) -> str:
@@ -487,6 +512,11 @@ class OperationAdmin(admin.ModelAdmin):
     def get_urls(self) -> list[URLPattern]:
         return [
             path(
+                "live/",
+                self.admin_site.admin_view(self.live_view),
+                name="devicecontrol_operation_live",
+            ),
+            path(
                 "<path:object_id>/retry/",
                 self.admin_site.admin_view(self.retry_view),
                 name="devicecontrol_operation_retry",
@@ -498,6 +528,49 @@ class OperationAdmin(admin.ModelAdmin):
             ),
             *super().get_urls(),
         ]
+
+    # --- live status ---
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context and "cl" in context:  # the list itself (not an action's redirect or page)
+            context["operations_live_url"] = live_url([op.pk for op in context["cl"].result_list])
+        return response
+
+    def live_view(self, request: HttpRequest) -> HttpResponse:
+        """`?ids=1,2,3` (up to MAX_LIVE_IDS): the status, failure reason and status-change time
+        of each, as deviceplatform/live.js takes them; one query. `done` once all are finished
+        (or gone)."""
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        raw = [part for part in request.GET.get("ids", "").split(",") if part.strip()]
+        ids = [_as_id(part) for part in raw]
+        if not ids or len(ids) > MAX_LIVE_IDS or not all(ids):  # IDs start at 1
+            return JsonResponse(
+                {
+                    "error": "devicecontrol/Invalid Data",
+                    "message": f"ids must be 1 to {MAX_LIVE_IDS} operation IDs, comma-separated",
+                    "info": "",
+                },
+                status=422,
+            )
+        rows = Operation.objects.filter(pk__in=ids).values_list(
+            "pk", "status", "failure_reason", "status_changed_at"
+        )
+        values: dict[str, dict[str, str]] = {}
+        done = True
+        for pk, status, reason, changed in rows:
+            keys = live_keys(pk)
+            values[keys["status"]] = {"html": _status_badge(status)}
+            values[keys["failure"]] = {"text": reason or ""}
+            values[keys["changed"]] = {"html": _time(changed)}
+            done = done and status in FINAL_STATUSES
+        response = JsonResponse({"values": values, "done": done})
+        response["Cache-Control"] = "no-store"
+        return response
 
     # --- sending ---
 
@@ -563,7 +636,11 @@ class OperationAdmin(admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_label(self, obj: Operation) -> str:
-        return _status_badge(obj.status)
+        return format_html(
+            '<span data-live-key="{}">{}</span>',
+            live_keys(obj.pk)["status"],
+            _status_badge(obj.status),
+        )
 
     @admin.display(description="description")
     def description(self, obj: Operation) -> str:
@@ -573,7 +650,11 @@ class OperationAdmin(admin.ModelAdmin):
     @admin.display(description="failure reason")
     def failure_reason_short(self, obj: Operation) -> str:
         reason = obj.failure_reason or ""
-        return reason if len(reason) <= 120 else reason[:119] + "…"
+        return format_html(
+            '<span data-live-key="{}">{}</span>',
+            live_keys(obj.pk)["failure"],
+            reason if len(reason) <= 120 else reason[:119] + "…",
+        )
 
     @admin.display(description="retries")
     def retried(self, obj: Operation) -> str:
@@ -887,6 +968,7 @@ def _panel_page(request: HttpRequest, param: str, queryset: QuerySet[Operation])
     start = (number - 1) * PANEL_PAGE_SIZE
     rows = list(queryset[start : start + PANEL_PAGE_SIZE + 1])
     for row in rows:
+        row.live = live_keys(row.pk)
         description = row.fragments.get("description")
         names = ", ".join(sorted(name for name in row.fragments if name != "description"))
         row.summary = f"{description} ({names})" if isinstance(description, str) else names
@@ -898,6 +980,7 @@ def _panel_page(request: HttpRequest, param: str, queryset: QuerySet[Operation])
 
     return {
         "rows": rows[:PANEL_PAGE_SIZE],
+        "live_url": live_url([row.pk for row in rows[:PANEL_PAGE_SIZE]]),
         "number": number,
         "previous_url": url(number - 1) if number > 1 else None,
         "next_url": url(number + 1) if len(rows) > PANEL_PAGE_SIZE else None,

@@ -471,3 +471,57 @@ def _queries(client: Client) -> list[Any]:
     with CaptureQueriesContext(connection) as captured:
         client.get(DEVICES)
     return captured.captured_queries
+
+
+# --- live status -----------------------------------------------------------------------------
+
+LIVE = reverse("admin:devicecontrol_operation_live")
+
+
+def test_live_endpoint_answers_status_failure_and_time_and_says_when_done(
+    admin_client: Client, device: ManagedObject, django_assert_max_num_queries: Callable[..., Any]
+) -> None:
+    pending = operation_create(device=device, data={"c8y_Restart": {}})
+    broken = failed(device, "disk <full>")
+
+    with django_assert_max_num_queries(3):  # session, user, the operations
+        body = admin_client.get(LIVE, {"ids": f"{pending.pk},{broken.pk},999999"}).json()
+
+    assert body["done"] is False
+    values = body["values"]
+    assert 'status-pending">PENDING' in values[f"operation-{pending.pk}-status"]["html"]
+    assert values[f"operation-{broken.pk}-failure"] == {"text": "disk <full>"}
+    assert "<time datetime=" in values[f"operation-{broken.pk}-changed"]["html"]
+    assert not any(key.startswith("operation-999999") for key in values)
+
+    operation_update(operation_id=pending.pk, data={"status": "SUCCESSFUL"})
+    body = admin_client.get(LIVE, {"ids": f"{pending.pk},{broken.pk}"}).json()
+    assert body["done"] is True
+    assert "SUCCESSFUL" in body["values"][f"operation-{pending.pk}-status"]["html"]
+
+
+@pytest.mark.parametrize("ids", ["", "1,x", "0", ",".join(["1"] * 201)])
+def test_live_endpoint_refuses_bad_ids(admin_client: Client, ids: str) -> None:
+    response = admin_client.get(LIVE, {"ids": ids})
+    assert response.status_code == 422
+    assert set(response.json()) == {"error", "message", "info"}
+
+
+def test_pages_with_operations_poll_the_live_endpoint(
+    admin_client: Client, device: ManagedObject
+) -> None:
+    first = operation_create(device=device, data={"c8y_Restart": {}})
+    second = failed(device)
+
+    listing = admin_client.get(reverse("admin:devicecontrol_operation_changelist"))
+    assert listing.context["operations_live_url"] == f"{LIVE}?ids={second.pk},{first.pk}"
+    page = listing.content.decode()
+    assert f'data-live-src="{LIVE}?ids={second.pk},{first.pk}"' in page
+    assert f'data-live-key="operation-{first.pk}-status"' in page
+    assert "deviceplatform/live" in page
+
+    device_page_html = admin_client.get(device_page(device)).content.decode()
+    assert f'data-live-src="{LIVE}?ids={second.pk},{first.pk}"' in device_page_html
+    assert f'data-live-key="operation-{second.pk}-failure"' in device_page_html
+
+    assert Client().get(LIVE, {"ids": str(first.pk)}).status_code == 302  # to the login page
