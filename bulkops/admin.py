@@ -727,15 +727,24 @@ class BulkOperationAdmin(admin.ModelAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        context = dict(extra_context or {})
+        context = {**(extra_context or {}), "show_save_and_add_another": False}
         if object_id.isdigit() and int(object_id) <= MAX_ID:
             context.update(self._live_context([int(object_id)]))
-            context["rerun_url"] = (
-                reverse("admin:bulkops_bulkoperation_add")
-                + "?"
-                + urlencode({"target": "failed", "failed_parent": object_id, "template": "copy"})
-            )
         return super().change_view(request, object_id, form_url, extra_context=context)
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: BulkOperation | None = None,
+    ) -> HttpResponse:
+        if obj is not None and bulk_operation_progress(obj)["failed"] > 0:
+            query = urlencode({"target": "failed", "failed_parent": obj.pk, "template": "copy"})
+            context["rerun_url"] = f"{reverse('admin:bulkops_bulkoperation_add')}?{query}"
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     def add_view(
         self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None

@@ -291,6 +291,7 @@ def test_re_run_the_failures_of_a_bulk_operation_with_its_prototype(
     page = admin_client.get(change).content.decode()
     rerun = f"{ADD}?target=failed&amp;failed_parent={failing.pk}&amp;template=copy"
     assert f'href="{rerun}"' in page
+    assert "_addanother" not in page
     form = admin_client.get(rerun.replace("&amp;", "&")).context["form"]
     assert form["target"].value() == "failed"
     assert form["failed_parent"].value() == str(failing.pk)
@@ -309,6 +310,19 @@ def test_re_run_the_failures_of_a_bulk_operation_with_its_prototype(
     assert rerun_bulk.operation_prototype == failing.operation_prototype
     [entry] = LogEntry.objects.all()
     assert f"to the failures of bulk operation {failing.pk}, 2 device(s)" in entry.change_message
+
+
+def test_only_a_bulk_operation_with_failures_offers_a_re_run(
+    admin_client: Client, group: ManagedObject
+) -> None:
+    healthy = new_bulk(group, ramp=0)
+    bulk_operations_advance(now=T0)
+
+    page = admin_client.get(
+        reverse("admin:bulkops_bulkoperation_change", args=[healthy.pk])
+    ).content.decode()
+
+    assert "Re-run failures" not in page
 
 
 def test_a_group_without_devices_is_previewed_as_such(
