@@ -61,6 +61,8 @@ DEVICE_CREDENTIALS_WINDOW_SECONDS = env.float("DEVICE_CREDENTIALS_WINDOW_SECONDS
 BULK_NEW_DEVICE_MAX_ROWS = env.int("BULK_NEW_DEVICE_MAX_ROWS", default=1_000)
 
 INSTALLED_APPS = [
+    # Before django.contrib.admin, so that its admin/base_site.html (the date script) wins.
+    "deviceplatform",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -70,7 +72,6 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "channels",
-    "deviceplatform",
     "inventory",
     "devicecontrol",
     "bulkops",
@@ -151,6 +152,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# Dates and times with seconds and zone in the admin (deviceplatform/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["deviceplatform.formats"]
 
 # Static files (the admin's CSS and JS): `manage.py collectstatic` (bin/run runs it) copies them to
 # STATIC_ROOT with content-hashed names; ServeStatic serves them in front of Django under both

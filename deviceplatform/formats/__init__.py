@@ -1,0 +1,1 @@
+"""Date formats for the operator UI (settings.FORMAT_MODULE_PATH)."""
