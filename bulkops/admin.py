@@ -55,6 +55,7 @@ from bulkops.services import (
     bulk_operation_update,
 )
 from devicecontrol.models import OperationStatus
+from deviceplatform.admin_lists import FleetListMixin
 from deviceplatform.api.dates import format_datetime, parse_datetime
 from deviceplatform.api.exceptions import ApiError, error_body
 from deviceplatform.api.params import MAX_ID
@@ -607,7 +608,7 @@ class BulkOperationForm(forms.ModelForm):
 
 
 @admin.register(BulkOperation)
-class BulkOperationAdmin(admin.ModelAdmin):
+class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
     form = BulkOperationForm
     list_display = [
         "id",

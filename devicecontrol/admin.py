@@ -47,6 +47,7 @@ from devicecontrol.services import (
     operation_update,
     operations_delete,
 )
+from deviceplatform.admin_lists import FleetListMixin
 from deviceplatform.api.exceptions import ApiError
 from deviceplatform.api.params import MAX_ID
 from inventory.admin import FragmentsField, ManagedObjectAdmin, adopt, rehearse
@@ -423,7 +424,7 @@ class SendOperationForm(forms.Form):
 
 
 @admin.register(Operation)
-class OperationAdmin(admin.ModelAdmin):
+class OperationAdmin(FleetListMixin, admin.ModelAdmin):
     form = OperationForm
     list_display = [
         "id",
@@ -874,7 +875,7 @@ class NewDeviceRequestForm(forms.ModelForm):
 
 
 @admin.register(NewDeviceRequest)
-class NewDeviceRequestAdmin(admin.ModelAdmin):
+class NewDeviceRequestAdmin(FleetListMixin, admin.ModelAdmin):
     """Registered device ids and where each one is in the bootstrap flow. "Accept" goes through
     the same service as the REST PUT (only PENDING_ACCEPTANCE, once the device has polled, can be
     accepted) and is recorded in the request's history; deleting a request rejects it."""

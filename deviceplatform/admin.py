@@ -32,6 +32,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 
+from deviceplatform.admin_lists import FleetListMixin
 from deviceplatform.models import DeviceUser, User, device_user_condition
 from deviceplatform.realtime.rights import credentials_changed
 from deviceplatform.roles import ROLE_APP_LABEL, Role, user_roles
@@ -111,7 +112,7 @@ def _end_sessions_on_commit(user_id: int) -> None:
     transaction.on_commit(partial(credentials_changed, user_id))
 
 
-class AccountAdmin(DjangoUserAdmin):
+class AccountAdmin(FleetListMixin, DjangoUserAdmin):
     """What the people and the device-user admins share: the forms, the role selector, the
     effective roles, and ending a user's realtime sessions when an edit disables it, changes its
     password or deletes it (REST refuses it at its next request anyway: the row is read then)."""
@@ -419,7 +420,7 @@ admin.site.unregister(Group)
 
 
 @admin.register(Group)
-class GroupAdmin(DjangoGroupAdmin):
+class GroupAdmin(FleetListMixin, DjangoGroupAdmin):
     list_display = ["name", "role_names"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Group]:
