@@ -350,3 +350,25 @@ def test_adding_needs_the_add_permission(client: Client, group: ManagedObject) -
     anonymous = client.get(ADD)
     assert anonymous.status_code == 302
     assert anonymous["Location"].startswith(reverse("admin:login"))
+
+
+def test_the_add_page_costs_the_same_for_many_groups_and_bulk_operations(
+    admin_client: Client,
+    agent: ManagedObject,
+    failing: BulkOperation,
+    django_assert_max_num_queries: Any,
+) -> None:
+    devices = new_devices(2, agent, prefix="Fan")
+    for i in range(30):
+        new_bulk(new_group(f"Group {i}", devices), ramp=0)
+    admin_client.get(ADD)
+
+    # Session, user, the groups, the bulk operations with failures.
+    with django_assert_max_num_queries(4):
+        page = admin_client.get(ADD).content.decode()
+    assert page.count("<option value=") >= 32 + 1
+
+    # The same, plus the group's check and its members (the preview).
+    chosen = fields(ManagedObject.objects.get(name="Group 0"))
+    with django_assert_max_num_queries(6):
+        preview(admin_client, chosen)
