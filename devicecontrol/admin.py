@@ -320,11 +320,15 @@ class SendOperationForm(forms.Form):
             (name, f"{name}: {TEMPLATES.get(name, 'sent as an empty fragment')} (supported)")
             for name in self.supported
         ]
-        choices += [(name, f"{name}: {label}") for name, label in TEMPLATES.items()]
-        choices = list(dict(choices).items())  # a supported template keeps its first place
+        choices += [
+            (name, f"{name}: {label}")
+            for name, label in TEMPLATES.items()
+            if name not in self.supported
+        ]
         choices.append((RAW_JSON, "JSON: any operation"))
         self.fields["template"].choices = choices
         self.fields["template"].initial = choices[0][0]
+        self.fields["body"].initial = {}
         self.operation_body: dict[str, Any] = {}
 
     def field_groups(self) -> list[tuple[str, list[forms.BoundField]]]:
@@ -342,9 +346,16 @@ class SendOperationForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
+        template = data.get("template")
+        if template is not None:
+            # Only the chosen operation's fields count: the others may hold anything.
+            chosen = RAW_JSON if template == RAW_JSON else template
+            for group, fields in SEND_FIELD_GROUPS:
+                if group and group != chosen:
+                    for name in fields:
+                        self.errors.pop(name, None)
         if self.target is None:
             self.target = data.get("device")
-        template = data.get("template")
         if template is None:
             return data
         body = self._body(template, data)
@@ -676,7 +687,7 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
 
     @admin.display(description="fragments")
     def fragment_names(self, obj: Operation) -> str:
-        return ", ".join(sorted(obj.fragments))
+        return ", ".join(sorted(name for name in obj.fragments if name != "description"))
 
     @admin.display(description="fragments")
     def fragments_json(self, obj: Operation) -> str:

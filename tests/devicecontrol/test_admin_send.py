@@ -106,6 +106,10 @@ def device(agent: ManagedObject) -> ManagedObject:
             {"template": "c8y_Command", "command": "uptime"},
             {"c8y_Command": {"text": "uptime"}, "description": "Execute shell command"},
         ),
+        (  # what a browser posts: every field, the hidden ones as rendered or as left
+            {"template": "c8y_Restart", "body": "{}", "software": "bad", "firmware_name": "x"},
+            {"c8y_Restart": {}, "description": "Restart device"},
+        ),
         (
             {"template": "json", "body": '{"c8y_Custom": {"x": 1}, "status": "SUCCESSFUL"}'},
             {"c8y_Custom": {"x": 1}},
@@ -166,7 +170,10 @@ def test_send_page_offers_the_supported_operations_first(
         "c8y_Configuration",
         "json",
     ]
-    assert response.context["form"].fields["template"].initial == "c8y_Command"
+    form = response.context["form"]
+    assert form.fields["template"].initial == "c8y_Command"
+    assert form.fields["template"].choices[0][1] == "c8y_Command: run a shell command (supported)"
+    assert form["body"].value() == "{}"  # rendered so, and a hidden JSON field posts it back
     page = response.content.decode()
     assert "It supports: c8y_Command, c8y_LogfileRequest." in page
     assert "devicecontrol/send_operation" in page  # the script that shows one template's fields
@@ -525,3 +532,40 @@ def test_pages_with_operations_poll_the_live_endpoint(
     assert f'data-live-key="operation-{second.pk}-failure"' in device_page_html
 
     assert Client().get(LIVE, {"ids": str(first.pk)}).status_code == 302  # to the login page
+
+
+def test_operations_list_offers_send_and_marks_retried_originals(
+    admin_client: Client, device: ManagedObject
+) -> None:
+    original = failed(device, "first try")
+    admin_client.post(reverse("admin:devicecontrol_operation_retry", args=[original.pk]))
+    retry = Operation.objects.get(retry_of=original)
+
+    page = admin_client.get(reverse("admin:devicecontrol_operation_changelist")).content.decode()
+
+    assert f'<a href="{ADD}" class="addlink">Send operation</a>' in page
+    retry_link = reverse("admin:devicecontrol_operation_change", args=[retry.pk])
+    original_link = reverse("admin:devicecontrol_operation_change", args=[original.pk])
+    assert f'↻ retried as <a href="{retry_link}">{retry.pk}</a>' in page
+    assert f'retry of <a href="{original_link}">{original.pk}</a>' in page
+    assert "first try" in page  # the failure reason column
+
+
+def test_finished_operation_page_hides_its_expiry(
+    admin_client: Client, device: ManagedObject
+) -> None:
+    pending = operation_create(device=device, data={"c8y_Restart": {}})
+    done = failed(device)
+
+    def fields(operation: Operation) -> list[str]:
+        url = reverse("admin:devicecontrol_operation_change", args=[operation.pk])
+        form = admin_client.get(url).context["adminform"]
+        return [name for fieldset in form.fieldsets for name in _flat(fieldset[1]["fields"])]
+
+    assert "expires_at" in fields(pending)
+    assert "expires_at" not in fields(done)
+    assert "executing_since" in fields(done)
+
+
+def _flat(rows: list[Any]) -> list[str]:
+    return [name for row in rows for name in (row if isinstance(row, tuple | list) else [row])]

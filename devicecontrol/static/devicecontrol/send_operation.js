@@ -8,7 +8,8 @@
     const value = chosen ? chosen.value : "";
     form.querySelectorAll("fieldset[data-template]").forEach(function (fieldset) {
       const name = fieldset.dataset.template;
-      fieldset.hidden = name !== "" && name !== value;
+      // A fieldset with an error stays visible, whatever is chosen.
+      fieldset.hidden = name !== "" && name !== value && !fieldset.querySelector(".errorlist");
     });
   }
   form.addEventListener("change", update);
