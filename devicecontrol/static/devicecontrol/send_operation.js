@@ -13,5 +13,13 @@
     });
   }
   form.addEventListener("change", update);
+  // One click, one operation: a second click while the first is being sent does nothing.
+  form.addEventListener("submit", function (event) {
+    if (form.dataset.sending) event.preventDefault();
+    form.dataset.sending = "1";
+  });
+  window.addEventListener("pageshow", function () {
+    delete form.dataset.sending; // back to this page (browser cache): it may send again
+  });
   update();
 })();
