@@ -569,3 +569,24 @@ def test_finished_operation_page_hides_its_expiry(
 
 def _flat(rows: list[Any]) -> list[str]:
     return [name for row in rows for name in (row if isinstance(row, tuple | list) else [row])]
+
+
+def test_a_status_edit_on_the_operation_page_writes_old_and_new_values(
+    admin_client: Client, device: ManagedObject
+) -> None:
+    from tests.inventory.test_admin import form_data
+
+    pending = operation_create(device=device, data={"c8y_Restart": {}})
+    url = reverse("admin:devicecontrol_operation_change", args=[pending.pk])
+    data = form_data(admin_client, url)
+    data.update(status="FAILED", failure_reason="stuck")
+
+    assert admin_client.post(url, data).status_code == 302
+
+    assert entries(pending) == [
+        (
+            "root-admin",
+            CHANGE,
+            "Changed status: 'PENDING' → 'FAILED'; failure reason: None → 'stuck'",
+        )
+    ]
