@@ -40,7 +40,8 @@ def estimated_count(queryset: QuerySet[Any], limit: int = EXACT_COUNT_LIMIT) -> 
     """The exact number of rows up to `limit`; above it PostgreSQL's planner estimate (never less
     than `limit` + 1) as an `EstimatedCount`. Two cheap queries at most, whatever the table size.
     Other databases (SQLite, development only) count exactly."""
-    queryset = queryset.order_by()
+    # Only the primary key: a list's annotations (per-row subqueries) cost nothing to count.
+    queryset = queryset.order_by().values("pk")
     bounded = queryset[: limit + 1].count()
     if bounded <= limit:
         return bounded
@@ -83,11 +84,12 @@ class EstimatedCountPaginator(Paginator):
 
 
 class FleetListMixin(admin.ModelAdmin):
-    """Mix into a ModelAdmin (before `admin.ModelAdmin`): bounded counts and no second, unfiltered
-    count on filtered pages."""
+    """Mix into a ModelAdmin (before `admin.ModelAdmin`): bounded counts, no second, unfiltered
+    count on filtered pages, 50 rows a page."""
 
     paginator = EstimatedCountPaginator
     show_full_result_count = False
+    list_per_page = 50  # each row costs rendering time; 50 is what an operator scans
 
 
 class IdInputFilter(admin.SimpleListFilter):

@@ -305,6 +305,7 @@ SERIAL_TYPE = "c8y_Serial"
 CHILDREN_PER_PAGE = 50
 FOUND_LIMIT = 20
 MAX_ADDED_CHILDREN = 1_000
+KINDS = [("agent", "is_agent"), ("device", "is_device"), ("group", "is_group")]
 
 
 def _object_label(pk: int) -> str:
@@ -427,9 +428,7 @@ class ManagedObjectAdmin(FleetListMixin, admin.ModelAdmin):
         "serial",
         "firmware",
         "owner",
-        "is_device",
-        "is_agent",
-        "is_group",
+        "kind",
         "last_updated",
     ]
     list_display_links = ["id", "name"]
@@ -463,6 +462,11 @@ class ManagedObjectAdmin(FleetListMixin, admin.ModelAdmin):
             name or f"#{pk}",
             " (agent)" if is_agent else "",
         )
+
+    @admin.display(description="kind")
+    def kind(self, obj: ManagedObject) -> str:
+        kinds = [name for name, flag in KINDS if getattr(obj, flag)]
+        return ", ".join(kinds) or "-"
 
     @admin.display(description="serial")
     def serial(self, obj: ManagedObject) -> str:
