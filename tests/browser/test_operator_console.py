@@ -5,13 +5,18 @@ bar moving while the page stays loaded."""
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from playwright.sync_api import Page, Response, expect
+from playwright.sync_api import Frame, Page, Response, expect
 
 from tests.browser.conftest import OPERATOR, log_in
-from tests.simulator.conftest import Platform
+from tests.simulator.conftest import WAIT, Admin, Platform, Simulation
+from tests.simulator.test_simulator import group_id
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -33,6 +38,7 @@ STYLE_PROBE = """() => {
     };
 }"""
 TRANSPARENT = "rgba(0, 0, 0, 0)"
+FLEET_SIZE = 4  # the agent and its three child devices
 
 
 def assert_styled(page: Page, stylesheets: list[Response]) -> None:
@@ -47,6 +53,25 @@ def assert_styled(page: Page, stylesheets: list[Response]) -> None:
     assert all(sheet["rules"] > 0 for sheet in linked), probe
     assert probe["headerBg"], probe
     assert probe["painted"] not in (None, TRANSPARENT), probe
+
+
+@contextmanager
+def watched(page: Page) -> Iterator[None]:
+    """The page stays the same document throughout the block: no navigation, no reload."""
+    navigations: list[str] = []
+
+    def navigated(frame: Frame) -> None:
+        if frame == page.main_frame:
+            navigations.append(frame.url)
+
+    page.on("framenavigated", navigated)
+    page.evaluate("() => { window.stillTheSamePage = true; }")
+    try:
+        yield
+    finally:
+        page.remove_listener("framenavigated", navigated)
+    assert navigations == [], navigations
+    assert page.evaluate("() => window.stillTheSamePage === true"), "the page was reloaded"
 
 
 def test_the_operator_logs_in_to_a_styled_admin(page: Page, console: Platform) -> None:
@@ -70,3 +95,81 @@ def test_the_operator_logs_in_to_a_styled_admin(page: Page, console: Platform) -
         expect(page.locator("#changelist")).to_be_visible()
         assert_styled(page, stylesheets)
         page.go_back()
+
+
+def test_the_operator_sends_an_operation_and_watches_a_bulk_operation_complete(
+    page: Page, console: Platform, operator_api: Admin, fleet: Simulation
+) -> None:
+    # One simulated agent with three child devices, all in the simulator's group, each executing
+    # what it receives in one to three seconds (long enough to be seen running on the page).
+    fleet.start(agents=1, children=3, delay=2)
+    fleet.wait_connected(1)
+    device_id = operator_api.by_serial("sim-0001-c01")
+    group = group_id(operator_api)
+    log_in(page)
+
+    # --- one operation, from the device's page ------------------------------------------------
+    page.goto(f"/admin/inventory/managedobject/{device_id}/change/")
+    page.locator("#operations").get_by_role("link", name="Send operation").click()
+    page.check("input[name=template][value=c8y_Firmware]")
+    page.fill("#id_firmware_name", "pump-firmware")
+    page.fill("#id_firmware_version", "2.0.0")
+    page.fill("#id_firmware_url", "http://firmware.example/pump-2.0.0.bin")
+    page.get_by_role("button", name="Send").click()
+
+    expect(page).to_have_url(re.compile(rf"/admin/inventory/managedobject/{device_id}/change/"))
+    expect(page.locator(".messagelist .success")).to_contain_text("Sent operation")
+    row = page.locator("#operations tr[data-operation]").first
+    operation_id = row.get_attribute("data-operation")
+    assert operation_id
+    expect(row).to_contain_text("c8y_Firmware")
+    # Its status moves on the page while the operator watches: PENDING or EXECUTING, then
+    # SUCCESSFUL once the agent is done, without a reload.
+    status = row.locator(".operation-status")
+    with watched(page):
+        assert status.inner_text() in ("PENDING", "EXECUTING")
+        expect(status).to_have_text("SUCCESSFUL", timeout=WAIT * 1000)
+    # The agent got it through the same service as REST: routed, and executed.
+    sent = operator_api.finished(operation_id)
+    assert sent["status"] == "SUCCESSFUL", sent
+    assert sent["deviceId"] == device_id
+    assert sent["c8y_Firmware"] == {
+        "name": "pump-firmware",
+        "version": "2.0.0",
+        "url": "http://firmware.example/pump-2.0.0.bin",
+    }
+    assert operator_api.device(device_id)["c8y_Firmware"]["version"] == "2.0.0"
+
+    # --- a bulk operation over the group, previewed, then confirmed ----------------------------
+    page.goto("/admin/bulkops/bulkoperation/add/")
+    page.get_by_label("The devices of a group").check()
+    page.fill("#id_group", group)
+    page.select_option("#id_template", "c8y_Restart")
+    page.fill("#id_creation_ramp", "1")
+    page.get_by_role("button", name="Preview").click()
+    expect(page.locator(".bulk-preview-count")).to_have_text(str(FLEET_SIZE))
+    expect(page.locator(".bulk-preview-duration")).to_be_visible()
+    page.get_by_role("button", name=re.compile(r"^Create bulk operation for 4 device")).click()
+    expect(page).to_have_url(re.compile(r"/admin/bulkops/bulkoperation/\d+/change/"))
+    bulk_id = page.url.rstrip("/").split("/")[-2]
+
+    # --- its progress, moving while the page stays loaded ------------------------------------
+    text = page.locator(f'[data-live-key="progress-{bulk_id}"] .bulk-progress-text')
+    done = f"{FLEET_SIZE}/{FLEET_SIZE}"
+    with watched(page):
+        seen = [text.inner_text()]
+        deadline = time.monotonic() + WAIT
+        while seen[-1] != done:
+            assert time.monotonic() < deadline, f"progress stopped at {seen}"
+            page.wait_for_timeout(200)
+            current = text.inner_text()
+            if current != seen[-1]:
+                seen.append(current)
+    assert seen[0] != done, "the page showed the bulk operation finished already"
+    expect(page.locator(f'[data-live-key="status-{bulk_id}"]')).to_have_text("COMPLETED")
+    expect(page.locator(f'[data-live-key="general-{bulk_id}"]')).to_have_text("SUCCESSFUL")
+    bulk = operator_api.get(f"/devicecontrol/bulkoperations/{bulk_id}")
+    assert (bulk["status"], bulk["generalStatus"]) == ("COMPLETED", "SUCCESSFUL"), bulk
+    assert bulk["progress"]["successful"] == FLEET_SIZE, bulk
+    assert bulk["operationPrototype"]["c8y_Restart"] == {}, bulk
+    assert bulk["groupId"] == group, bulk
