@@ -390,3 +390,65 @@ def test_device_user_credential_changes(admin_client: Client, change: str) -> No
     found = LogEntry.objects.filter(object_id=str(proxy.pk), action_flag=CHANGE)
     assert found.count() == 1, list(found.values_list("change_message", flat=True))
     assert found.get().user.username == OPERATOR
+
+
+# --- nothing left out ------------------------------------------------------------------------
+
+# Every admin action and every view an admin adds to Django's own (add, change, delete, history),
+# with the test above that shows its history entry, or why it writes none.
+AUDITED = {
+    ("devicecontrol.Operation", "mark_failed"): "test_operation_mark_failed_action",
+    ("devicecontrol.Operation", "retry_failed"): "test_operation_retry_action",
+    (
+        "devicecontrol.Operation",
+        "devicecontrol_operation_retry",
+    ): "test_operation_retry_and_cancel_buttons",
+    (
+        "devicecontrol.Operation",
+        "devicecontrol_operation_cancel",
+    ): "test_operation_retry_and_cancel_buttons",
+    ("devicecontrol.Operation", "devicecontrol_operation_live"): "read-only (JSON for live.js)",
+    (
+        "devicecontrol.NewDeviceRequest",
+        "accept_requests",
+    ): "test_new_device_request_register_accept_and_reject",
+    (
+        "inventory.ManagedObject",
+        "inventory_managedobject_send_operation",
+    ): "test_operation_sent_from_a_device_page_and_from_the_list",
+    (
+        "inventory.ManagedObject",
+        "inventory_managedobject_children",
+    ): "test_children_added_and_removed_on_a_group_page",
+    ("bulkops.BulkOperation", "cancel"): "test_bulk_operation_cancel_action",
+    ("bulkops.BulkOperation", "reschedule_now"): "test_bulk_operation_reschedule_now_action",
+    ("bulkops.BulkOperation", "bulkops_bulkoperation_live"): "read-only (JSON for live.js)",
+    # The list actions and the page's buttons share DeviceUserAdmin.change_credentials.
+    ("deviceplatform.DeviceUser", "revoke_credentials"): "test_device_user_credential_changes",
+    ("deviceplatform.DeviceUser", "restore_credentials"): "test_device_user_credential_changes",
+    ("deviceplatform.DeviceUser", "rotate_credentials"): "test_device_user_credential_changes",
+    (
+        "deviceplatform.DeviceUser",
+        "deviceplatform_deviceuser_credentials",
+    ): "test_device_user_credential_changes",
+}
+DJANGOS_OWN = ("_changelist", "_add", "_history", "_delete", "_change", "_autocomplete")
+
+
+def test_every_admin_action_and_extra_view_is_audited_here() -> None:
+    from django.contrib import admin
+
+    found = set()
+    for model, model_admin in admin.site._registry.items():
+        for action in model_admin.actions or ():
+            name = action if isinstance(action, str) else action.__name__
+            found.add((model._meta.label, name))
+        for url in model_admin.get_urls():
+            if url.name and not url.name.endswith(DJANGOS_OWN):
+                found.add((model._meta.label, url.name))
+    # delete_selected is Django's, which writes a deletion entry per object.
+    assert list(admin.site._actions) == ["delete_selected"]
+    assert found == set(AUDITED), (
+        "An admin action or view was added or removed: test its history entry here and list it "
+        f"in AUDITED. New: {sorted(found - set(AUDITED))}; gone: {sorted(set(AUDITED) - found)}"
+    )
