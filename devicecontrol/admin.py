@@ -21,7 +21,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -111,11 +111,22 @@ def _safe_next(request: HttpRequest, fallback: str) -> str:
     return fallback
 
 
-def latest_retry() -> Subquery:
-    """The newest retry of each operation (operations' `retry_of` index), for "retried as"."""
-    return Subquery(
-        Operation.objects.filter(retry_of=OuterRef("pk")).order_by("-id").values("id")[:1]
+def attach_latest_retries(operations: list[Operation]) -> None:
+    """Set `latest_retry` (the newest retry's ID, or None) on each of a page's operations: one
+    query on the `retry_of` index, for the page's rows only. (An annotation would be computed for
+    every row an OFFSET skips too: 170 ms at page 500 of a million operations.)"""
+    latest = (
+        dict(
+            Operation.objects.filter(retry_of_id__in=[op.pk for op in operations])
+            .values("retry_of_id")
+            .annotate(latest=Max("id"))
+            .values_list("retry_of_id", "latest")
+        )
+        if operations
+        else {}
     )
+    for operation in operations:
+        operation.latest_retry = latest.get(operation.pk)  # type: ignore[attr-defined]
 
 
 def _as_id(value: str | None) -> int | None:
@@ -497,8 +508,12 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Operation]:
         # Only the device's name and ID are shown: leave its (possibly large) fragments behind.
-        queryset = super().get_queryset(request).select_related("device").defer("device__fragments")
-        return queryset.annotate(latest_retry=latest_retry())
+        return super().get_queryset(request).select_related("device").defer("device__fragments")
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        attach_latest_retries(list(changelist.result_list))  # the cached rows the page shows
+        return changelist
 
     def get_fieldsets(self, request: HttpRequest, obj: Operation | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
@@ -970,7 +985,6 @@ class NewDeviceRequestAdmin(FleetListMixin, admin.ModelAdmin):
 
 PANEL_PAGE_SIZE = 20
 MAX_PANEL_PAGE = 10_000
-DEVICE_CHANGELIST = "inventory_managedobject_changelist"
 
 
 def _panel_page(request: HttpRequest, param: str, queryset: QuerySet[Operation]) -> dict[str, Any]:
@@ -979,6 +993,7 @@ def _panel_page(request: HttpRequest, param: str, queryset: QuerySet[Operation])
     number = min(_as_id(request.GET.get(param)) or 1, MAX_PANEL_PAGE)
     start = (number - 1) * PANEL_PAGE_SIZE
     rows = list(queryset[start : start + PANEL_PAGE_SIZE + 1])
+    attach_latest_retries(rows)
     for row in rows:
         row.live = live_keys(row.pk)
         description = row.fragments.get("description")
@@ -1001,7 +1016,9 @@ def _panel_page(request: HttpRequest, param: str, queryset: QuerySet[Operation])
 
 def operation_columns() -> dict[str, Any]:
     """The device list's operation columns: one correlated subquery each, on the operations'
-    (device, status, id) and (device, id) indexes."""
+    (device, status, id) and (device, id) indexes. Computed for the page's rows only, after the
+    page is read (`DeviceAdmin.get_changelist_instance`): as annotations of the list's query they
+    would run for every row an OFFSET skips too (170 ms at page 500 of 100,000 devices)."""
     own = Operation.objects.filter(device=OuterRef("pk"))
     latest = own.order_by("-id")
     return {
@@ -1050,12 +1067,21 @@ class DeviceAdmin(ManagedObjectAdmin):
 
     # --- list columns ---
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet[ManagedObject]:
-        queryset = super().get_queryset(request)
-        match = getattr(request, "resolver_match", None)
-        if match is not None and match.url_name == DEVICE_CHANGELIST:
-            queryset = queryset.annotate(**operation_columns())
-        return queryset
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        rows = list(changelist.result_list)  # the cached rows the page shows
+        if rows:
+            columns = operation_columns()
+            values = {
+                row.pop("pk"): row
+                for row in ManagedObject.objects.filter(pk__in=[obj.pk for obj in rows])
+                .annotate(**columns)
+                .values("pk", *columns)
+            }
+            for obj in rows:
+                for name, value in values.get(obj.pk, {}).items():
+                    setattr(obj, name, value)
+        return changelist
 
     def get_list_display(self, request: HttpRequest) -> Any:
         return [*super().get_list_display(request), "open_operations", "last_operation"]
@@ -1104,7 +1130,7 @@ class DeviceAdmin(ManagedObjectAdmin):
     def _operations_context(
         self, request: HttpRequest, obj: ManagedObject, operations_admin: OperationAdmin
     ) -> dict[str, Any]:
-        rows = Operation.objects.annotate(latest_retry=latest_retry())
+        rows = Operation.objects.all()
         context: dict[str, Any] = {
             "device_operations": _panel_page(
                 request, "operations_page", rows.filter(device_id=obj.pk).order_by("-id")
