@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ from tests.simulator.conftest import BOOTSTRAP_PASSWORD, Admin, Platform, Simula
 
 OPERATOR = "console-operator"
 OPERATOR_LOGIN = f"t100/{OPERATOR}"
+# The browser's time zone: one without daylight saving time, far from UTC, so the admin's dates
+# shown in it are told apart from the UTC ones whatever the day.
+BROWSER_ZONE = "Asia/Tokyo"
+BROWSER_ZONE_OFFSET = timedelta(hours=9)
+BROWSER_ZONE_NAME = "GMT+9"  # Chromium's short name for it in en-US
 # Bounds a hang of one browser step; never an assertion about speed.
 STEP_TIMEOUT_MS = 30_000
 
@@ -96,15 +102,36 @@ def browser(console: Platform) -> Iterator[Browser]:
             launched.close()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
+
+CALL_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def page(browser: Browser, console: Platform) -> Iterator[Page]:
-    """A fresh browser page (its own cookies) whose relative URLs go to the console's server."""
-    context = browser.new_context(base_url=console.url, timezone_id="Europe/Berlin")
+def page(
+    browser: Browser, console: Platform, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Page]:
+    """A fresh browser page (its own cookies) whose relative URLs go to the console's server.
+    When the test fails, the page as the browser last showed it is kept for the report: its URL
+    and text on stdout, a screenshot and the server's log in the test's temporary directory."""
+    context = browser.new_context(base_url=console.url, locale="en-US", timezone_id=BROWSER_ZONE)
     context.set_default_timeout(STEP_TIMEOUT_MS)
     expect.set_options(timeout=STEP_TIMEOUT_MS)
     opened = context.new_page()
     try:
         yield opened
+        if request.node.stash.get(CALL_FAILED, False):
+            shot = tmp_path / "failed-page.png"
+            opened.screenshot(path=str(shot), full_page=True)
+            main = opened.locator("#content")
+            text = main.inner_text() if main.count() else opened.content()
+            print(f"The page at {opened.url} (screenshot {shot}):\n{text[:5000]}")
     finally:
         context.close()
 

@@ -9,12 +9,13 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import pytest
-from playwright.sync_api import Frame, Page, Response, expect
+from playwright.sync_api import Frame, Locator, Page, Response, expect
 
-from tests.browser.conftest import OPERATOR, log_in
+from tests.browser.conftest import BROWSER_ZONE_NAME, BROWSER_ZONE_OFFSET, OPERATOR, log_in
 from tests.simulator.conftest import WAIT, Admin, Platform, Simulation
 from tests.simulator.test_simulator import group_id
 
@@ -53,6 +54,19 @@ def assert_styled(page: Page, stylesheets: list[Response]) -> None:
     assert all(sheet["rules"] > 0 for sheet in linked), probe
     assert probe["headerBg"], probe
     assert probe["painted"] not in (None, TRANSPARENT), probe
+
+
+def assert_local_times(area: Locator, at_least: int) -> None:
+    """Each date and time in `area` shows in the browser's zone, its UTC original as the title."""
+    times = area.locator("time[data-utc]")
+    assert times.count() >= at_least, area.inner_html()
+    for shown in times.all():
+        utc = shown.get_attribute("title")
+        assert utc is not None
+        assert utc == shown.get_attribute("data-utc"), utc
+        moment = datetime.strptime(utc.replace("UTC", "+0000"), "%Y-%m-%d %H:%M:%S %z")
+        local = (moment + BROWSER_ZONE_OFFSET).strftime("%Y-%m-%d %H:%M:%S")
+        assert shown.inner_text() == f"{local} {BROWSER_ZONE_NAME}", (utc, shown.inner_text())
 
 
 @contextmanager
@@ -129,6 +143,9 @@ def test_the_operator_sends_an_operation_and_watches_a_bulk_operation_complete(
     with watched(page):
         assert status.inner_text() in ("PENDING", "EXECUTING")
         expect(status).to_have_text("SUCCESSFUL", timeout=WAIT * 1000)
+    # Its times, the status change's among them (replaced by the live update), are shown in the
+    # browser's zone with the UTC time on hover.
+    assert_local_times(row, at_least=2)
     # The agent got it through the same service as REST: routed, and executed.
     sent = operator_api.finished(operation_id)
     assert sent["status"] == "SUCCESSFUL", sent
