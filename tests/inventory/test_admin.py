@@ -580,3 +580,32 @@ def test_change_user_form_refuses_a_rename_onto_another_user(
     }
     data["username"] = "BOB"  # a case change of one's own name is fine
     assert admin_client.post(url, data).status_code == 302
+
+
+@pytest.mark.parametrize(
+    ("search", "expected"),
+    [
+        ("sensor", {"Sensor 1"}),
+        ("SN-0042", {"Sensor 1"}),
+        ("Plain 2", {"Plain 2"}),  # words anywhere, each in some field
+        ('"plain 1"', {"Plain 1"}),  # a quoted phrase is one word
+        ("alice 3", {"Plain 3"}),  # owner and name
+        ("nothing-like-this", set()),
+    ],
+)
+def test_search_finds_by_words_in_name_type_owner_external_id_or_id(
+    admin_client: Client, device: ManagedObject, search: str, expected: set[str]
+) -> None:
+    for n in range(1, 4):
+        new_object(f"Plain {n}")
+
+    page = admin_client.get(
+        reverse("admin:inventory_managedobject_changelist"), {"q": search}
+    ).content.decode()
+
+    names = {mo.name for mo in ManagedObject.objects.all() if f">{mo.name}</a>" in page}
+    assert names == expected
+    by_id = admin_client.get(
+        reverse("admin:inventory_managedobject_changelist"), {"q": str(device.pk)}
+    ).content.decode()
+    assert ">Sensor 1</a>" in by_id
