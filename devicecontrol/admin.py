@@ -810,10 +810,24 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
             Operation.objects.filter(pk__in=selected, status=OperationStatus.FAILED).order_by("pk")
         )
         retried: list[tuple[int, int]] = []
+        already: list[tuple[int, int]] = []
         refused: list[str] = []
         for operation in failed:
             try:
                 with transaction.atomic():
+                    # Locked, then checked: of two clicks (or operators) at once, one retries and
+                    # the other finds that retry. An operation retried before is not retried
+                    # again from here; its latest attempt is the one to retry.
+                    Operation.objects.select_for_update().filter(pk=operation.pk).first()
+                    earlier = (
+                        Operation.objects.filter(retry_of_id=operation.pk)
+                        .order_by("-id")
+                        .values_list("pk", flat=True)
+                        .first()
+                    )
+                    if earlier is not None:
+                        already.append((operation.pk, earlier))
+                        continue
                     retry = operation_retry(operation=operation)
                     self.log_change(request, operation, f"Retried as operation {retry.pk}")
                     self.log_addition(request, retry, f"Retry of operation {operation.pk}")
@@ -828,6 +842,13 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
             )
         for message in refused:
             messages.error(request, f"Could not retry operation {message}")
+        if already:
+            pairs = ", ".join(f"{old} (as {new})" for old, new in already)
+            messages.warning(
+                request,
+                f"Skipped {len(already)} operation(s) already retried: {pairs}. "
+                "Retry the latest attempt instead.",
+            )
         skipped = sorted(selected - {operation.pk for operation in failed})
         if skipped:
             messages.warning(

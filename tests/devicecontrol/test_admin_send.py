@@ -20,7 +20,7 @@ from devicecontrol.services import operation_create, operation_update
 from inventory.models import ManagedObject
 from inventory.services import managed_object_create
 from tests.devicecontrol.test_admin import failed, new_agent, new_device
-from tests.helpers import shown_messages
+from tests.helpers import run_together, shown_messages
 
 pytestmark = pytest.mark.django_db
 
@@ -590,3 +590,64 @@ def test_a_status_edit_on_the_operation_page_writes_old_and_new_values(
             "Changed status: 'PENDING' → 'FAILED'; failure reason: None → 'stuck'",
         )
     ]
+
+
+def test_an_operation_retried_before_is_not_retried_again(
+    admin_client: Client, device: ManagedObject
+) -> None:
+    original = failed(device, "first try")
+    retry_url = reverse("admin:devicecontrol_operation_retry", args=[original.pk])
+    admin_client.post(retry_url)
+    retry = Operation.objects.get(retry_of=original)
+
+    again = admin_client.post(retry_url, follow=True)
+
+    assert Operation.objects.filter(retry_of=original).count() == 1
+    assert any(
+        f"already retried: {original.pk} (as {retry.pk})" in m for m in shown_messages(again)
+    )
+    page = admin_client.get(device_page(device)).content.decode()
+    assert retry_url not in page  # no Retry button on the original any more
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_retry_clicks_at_once_make_one_retry(superuser: Any) -> None:
+    agent = new_agent("Gateway")
+    original = failed(new_device("Pump", agent), "boom")
+    retry_url = reverse("admin:devicecontrol_operation_retry", args=[original.pk])
+
+    def click(_: int) -> int:
+        client = Client()
+        client.force_login(superuser)
+        return client.post(retry_url).status_code
+
+    assert run_together(click, 2) == [302, 302]
+    assert Operation.objects.filter(retry_of=original).count() == 1
+    assert LogEntry.objects.filter(object_id=str(original.pk)).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_racing_the_agent_either_cancels_or_leaves_its_result(superuser: Any) -> None:
+    agent = new_agent("Gateway")
+    pending = operation_create(device=new_device("Pump", agent), data={"c8y_Restart": {}})
+    cancel_url = reverse("admin:devicecontrol_operation_cancel", args=[pending.pk])
+
+    def work(index: int) -> Any:
+        if index == 0:
+            client = Client()
+            client.force_login(superuser)
+            return client.post(cancel_url).status_code
+        return operation_update(operation_id=pending.pk, data={"status": "SUCCESSFUL"}).status
+
+    results = run_together(work, 2)
+
+    assert results[0] == 302
+    pending.refresh_from_db()
+    # Either the agent finished first (the cancel skipped it: a finished operation is never
+    # marked FAILED) or the cancel went first and the agent's later report wins, as the API
+    # allows; a history entry exists only for a cancel that happened.
+    assert pending.status == OperationStatus.SUCCESSFUL
+    assert pending.failure_reason is None
+    assert set(
+        LogEntry.objects.filter(object_id=str(pending.pk)).values_list("change_message", flat=True)
+    ) <= {"Cancelled: PENDING → FAILED (Cancelled by an operator (root-admin))"}
