@@ -822,7 +822,7 @@ class ExternalIdForm(ExternalIdTypeForm):
 
 
 @admin.register(ExternalId)
-class ExternalIdAdmin(admin.ModelAdmin):
+class ExternalIdAdmin(FleetListMixin, admin.ModelAdmin):
     form = ExternalIdForm
     list_display = ["type", "external_id", "managed_object_link"]
     list_display_links = ["type", "external_id"]
