@@ -31,7 +31,8 @@ PAGES: list[tuple[str, dict[str, str], int]] = [
     ("admin:inventory_managedobject_changelist", {"is_device__exact": "1"}, 8),
     # a search adds one probe per word and field and one for external IDs (search_candidates)
     ("admin:inventory_managedobject_changelist", {"q": "Device"}, 12),
-    ("admin:inventory_managedobject_changelist", {"agent": "AGENT"}, 9),
+    # the agent filter reads its two levels of device IDs first (AgentFilter)
+    ("admin:inventory_managedobject_changelist", {"agent": "AGENT"}, 11),
     ("admin:inventory_managedobject_changelist", {"group": "GROUP"}, 9),
     ("admin:inventory_managedobject_changelist", {"type__exact": "c8y_Linux"}, 8),
     ("admin:inventory_externalid_changelist", {}, 6),
@@ -202,6 +203,8 @@ def test_device_list_shows_agent_serial_and_firmware_and_filters_by_agent_and_gr
     by_group = admin_client.get(url, {"group": str(fleet.group.pk)}).content.decode()
 
     assert f"SN-{device.pk}" in page
+    types = re.findall(r'href="\?type__exact=([^"&]+)"', page)
+    assert types == ["c8y_Agent", "c8y_Linux"]  # every type, in order, once
     assert "fw 1.0" in page
     assert "Agent 1</a> (agent)" in page
     assert "Device 1<" in by_agent
