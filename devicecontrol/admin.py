@@ -1105,7 +1105,11 @@ class DeviceAdmin(ManagedObjectAdmin):
         return changelist
 
     def get_list_display(self, request: HttpRequest) -> Any:
-        return [*super().get_list_display(request), "open_operations", "last_operation"]
+        # Beside what an operator scans first (before the owner), else at the end.
+        columns = list(super().get_list_display(request))
+        at = columns.index("owner") if "owner" in columns else len(columns)
+        columns[at:at] = ["open_operations", "last_operation"]
+        return columns
 
     @admin.display(description="open operations")
     def open_operations(self, obj: ManagedObject) -> str:
