@@ -1,7 +1,7 @@
 """The operator console as an operator uses it, in headless Chromium against a real server, with
 the fleet simulator's agents executing what is sent: log in, the admin's stylesheets applied, an
-operation sent from a device's page, a bulk operation created from the admin and its progress
-bar moving while the page stays loaded."""
+operation sent from a device's page (its status following live), a bulk operation created from
+the admin and its progress bar moving on its page and on the list while both stay loaded."""
 
 from __future__ import annotations
 
@@ -172,19 +172,24 @@ def test_the_operator_sends_an_operation_and_watches_a_bulk_operation_complete(
     expect(page).to_have_url(re.compile(r"/admin/bulkops/bulkoperation/\d+/change/"))
     bulk_id = page.url.rstrip("/").split("/")[-2]
 
-    # --- its progress, moving while the page stays loaded ------------------------------------
-    text = page.locator(f'[data-live-key="progress-{bulk_id}"] .bulk-progress-text')
+    # --- its progress, moving while its page and the list (another tab) stay loaded -----------
+    listing = page.context.new_page()
+    listing.goto("/admin/bulkops/bulkoperation/")
+    bar = f'[data-live-key="progress-{bulk_id}"] .bulk-progress-text'
+    texts = {"its page": page.locator(bar), "the list": listing.locator(bar)}
     done = f"{FLEET_SIZE}/{FLEET_SIZE}"
-    with watched(page):
-        seen = [text.inner_text()]
+    with watched(page), watched(listing):
+        seen = {where: [text.inner_text()] for where, text in texts.items()}
         deadline = time.monotonic() + WAIT
-        while seen[-1] != done:
+        while any(values[-1] != done for values in seen.values()):
             assert time.monotonic() < deadline, f"progress stopped at {seen}"
             page.wait_for_timeout(200)
-            current = text.inner_text()
-            if current != seen[-1]:
-                seen.append(current)
-    assert seen[0] != done, "the page showed the bulk operation finished already"
+            for where, text in texts.items():
+                if (current := text.inner_text()) != seen[where][-1]:
+                    seen[where].append(current)
+    for where, values in seen.items():
+        assert values[0] != done, f"{where} showed the bulk operation finished already: {values}"
+    expect(listing.locator(f'[data-live-key="status-{bulk_id}"]')).to_have_text("COMPLETED")
     expect(page.locator(f'[data-live-key="status-{bulk_id}"]')).to_have_text("COMPLETED")
     expect(page.locator(f'[data-live-key="general-{bulk_id}"]')).to_have_text("SUCCESSFUL")
     bulk = operator_api.get(f"/devicecontrol/bulkoperations/{bulk_id}")
