@@ -556,6 +556,17 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
             *super().get_urls(),
         ]
 
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        # "Add" is sending an operation, not a second form like this one.
+        context = {"show_save_and_add_another": False, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, context)
+
     # --- live status ---
 
     def changelist_view(

@@ -544,6 +544,10 @@ def test_operations_list_offers_send_and_marks_retried_originals(
     page = admin_client.get(reverse("admin:devicecontrol_operation_changelist")).content.decode()
 
     assert f'<a href="{ADD}" class="addlink">Send operation</a>' in page
+    operation_page = admin_client.get(
+        reverse("admin:devicecontrol_operation_change", args=[retry.pk])
+    )
+    assert "_addanother" not in operation_page.content.decode()
     retry_link = reverse("admin:devicecontrol_operation_change", args=[retry.pk])
     original_link = reverse("admin:devicecontrol_operation_change", args=[original.pk])
     assert f'↻ retried as <a href="{retry_link}">{retry.pk}</a>' in page
