@@ -324,6 +324,8 @@ def test_device_page_pages_its_operations_without_counting(
     assert second["previous_url"] == "?operations_page=1"
     assert second["next_url"] is None
     assert admin_client.get(device_page(device), {"operations_page": "x"}).status_code == 200
+    page = admin_client.get(device_page(device)).content.decode()
+    assert 'href="?operations_page=2#operations"' in page  # back to the panel, not the top
 
 
 def test_agent_page_shows_its_queue_in_the_order_it_receives_it(
