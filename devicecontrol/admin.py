@@ -82,7 +82,7 @@ MAX_LIVE_IDS = 200
 
 def live_keys(pk: int) -> dict[str, str]:
     """The `data-live-key`s of one operation's live cells (deviceplatform/live.js)."""
-    return {name: f"operation-{pk}-{name}" for name in ("status", "failure", "changed")}
+    return {name: f"operation-{pk}-{name}" for name in ("status", "failure", "changed", "actions")}
 
 
 def live_url(ids: list[int]) -> str | None:
@@ -605,6 +605,9 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
             values[keys["status"]] = {"html": _status_badge(status)}
             values[keys["failure"]] = {"text": reason or ""}
             values[keys["changed"]] = {"html": _time(changed)}
+            if status in FINAL_STATUSES:
+                # A Cancel shown while it was open no longer applies (Retry comes with a reload).
+                values[keys["actions"]] = {"html": ""}
             done = done and status in FINAL_STATUSES
         response = JsonResponse({"values": values, "done": done})
         response["Cache-Control"] = "no-store"

@@ -503,10 +503,14 @@ def test_live_endpoint_answers_status_failure_and_time_and_says_when_done(
     assert "<time datetime=" in values[f"operation-{broken.pk}-changed"]["html"]
     assert not any(key.startswith("operation-999999") for key in values)
 
+    assert f"operation-{pending.pk}-actions" not in values  # its Cancel button stays
+
     operation_update(operation_id=pending.pk, data={"status": "SUCCESSFUL"})
     body = admin_client.get(LIVE, {"ids": f"{pending.pk},{broken.pk}"}).json()
     assert body["done"] is True
     assert "SUCCESSFUL" in body["values"][f"operation-{pending.pk}-status"]["html"]
+    # Finished: the Cancel shown while it was open goes.
+    assert body["values"][f"operation-{pending.pk}-actions"] == {"html": ""}
 
 
 @pytest.mark.parametrize("ids", ["", "1,x", "0", ",".join(["1"] * 201)])
@@ -532,6 +536,9 @@ def test_pages_with_operations_poll_the_live_endpoint(
     device_page_html = admin_client.get(device_page(device)).content.decode()
     assert f'data-live-src="{LIVE}?ids={second.pk},{first.pk}"' in device_page_html
     assert f'data-live-key="operation-{second.pk}-failure"' in device_page_html
+    # The open one's buttons are live (a Cancel goes once it finishes); the failed one's are not.
+    assert f'data-live-key="operation-{first.pk}-actions"' in device_page_html
+    assert f'data-live-key="operation-{second.pk}-actions"' not in device_page_html
 
     assert Client().get(LIVE, {"ids": str(first.pk)}).status_code == 302  # to the login page
 
