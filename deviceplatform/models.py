@@ -1,10 +1,12 @@
 """Users and the Cumulocity roles, stored as Django permissions so groups can grant them."""
 
+from django.contrib.auth.hashers import acheck_password, check_password
 from django.contrib.auth.models import AbstractUser, UserManager
 from django.db import models
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.db.models.functions import Lower
 
+from deviceplatform.hashers import DEVICE_ALGORITHM, is_device_hash
 from deviceplatform.roles import ROLE_DESCRIPTIONS
 
 
@@ -22,6 +24,19 @@ class User(AbstractUser):
     # When the user last authenticated a request (REST or realtime), written at most once per
     # AUTH_LAST_REQUEST_INTERVAL_SECONDS; `last_login` is when a password was last checked.
     last_request_at = models.DateTimeField("last request", null=True, blank=True, editable=False)
+
+    # A device hash (a generated password, deviceplatform/hashers.py) stays one: Django re-hashes
+    # a correct password whose algorithm is not the preferred (first) hasher, which would turn it
+    # into PBKDF2 on the first login. Every other hash upgrades as Django does it.
+    def check_password(self, raw_password: str) -> bool:
+        if not is_device_hash(self.password):
+            return super().check_password(raw_password)
+        return check_password(raw_password, self.password, preferred=DEVICE_ALGORITHM)
+
+    async def acheck_password(self, raw_password: str) -> bool:
+        if not is_device_hash(self.password):
+            return await super().acheck_password(raw_password)
+        return await acheck_password(raw_password, self.password, preferred=DEVICE_ALGORITHM)
 
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"

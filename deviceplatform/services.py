@@ -15,6 +15,7 @@ from django.db import transaction
 from deviceplatform.api.authentication import roles_cache
 from deviceplatform.api.exceptions import Conflict, ValidationFailed
 from deviceplatform.api.lengths import check_length, max_length
+from deviceplatform.hashers import device_password_hash
 from deviceplatform.models import User
 from deviceplatform.realtime.rights import credentials_changed
 from deviceplatform.roles import ROLE_APP_LABEL, Role
@@ -126,8 +127,14 @@ def device_user_provision(device_id: str, password: str | None = None) -> tuple[
     ):
         # Never hand out a person's account (or any account outside `devices`) to a device.
         raise Conflict(f"The user {existing.username} exists and is not a device user")
-    password = password if password is not None else generate_password()
-    user = user_upsert(username=username, password=password, groups=["devices"])
+    generated = password is None
+    password = generate_password() if password is None else password
+    user = user_upsert(
+        username=username, password=None if generated else password, groups=["devices"]
+    )
+    if generated:  # 192 random bits: the fast device hash (deviceplatform/hashers.py)
+        user.password = device_password_hash(password)
+        user.save(update_fields=["password"])
     if existing is not None:  # realtime sessions opened with the old password end
         transaction.on_commit(partial(credentials_changed, user.pk))
     return user, password, existing is None
@@ -140,7 +147,7 @@ def device_user_rotate(user_id: int) -> tuple[User, str]:
     on commit). Returns the user and the password."""
     user = User.objects.select_for_update().get(pk=user_id)
     password = generate_password()
-    user.set_password(password)
+    user.password = device_password_hash(password)
     user.save(update_fields=["password"])
     roles_cache.forget(user.pk)
     transaction.on_commit(partial(credentials_changed, user.pk))

@@ -147,6 +147,16 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "deviceplatform.User"
 
 AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
+# Django's default list, then the fast hasher that only generated device passwords use explicitly
+# (deviceplatform/hashers.py): everything else (people, CSV imports, createuser) stays PBKDF2.
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
+    "django.contrib.auth.hashers.Argon2PasswordHasher",
+    "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    "django.contrib.auth.hashers.ScryptPasswordHasher",
+    "deviceplatform.hashers.DevicePasswordHasher",
+]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

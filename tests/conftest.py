@@ -34,8 +34,12 @@ def pytest_configure(config: pytest.Config) -> None:
             "The test suite runs against PostgreSQL or SQLite: run it with bin/test, or set "
             "DATABASE_URL"
         )
-    # The MD5 hasher keeps user fixtures fast; production keeps Django's default.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # The MD5 hasher keeps user fixtures fast; production keeps Django's default. The device
+    # hasher (generated device passwords, deviceplatform/hashers.py) must stay known.
+    settings.PASSWORD_HASHERS = [
+        "django.contrib.auth.hashers.MD5PasswordHasher",
+        "deviceplatform.hashers.DevicePasswordHasher",
+    ]
     # Realtime state of each run and xdist worker apart in the shared Redis.
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     settings.REALTIME_PREFIX = f"test:{RUN_ID}:{worker}:rt"

@@ -27,7 +27,8 @@ from tests.helpers import database_url
 
 REPO = Path(__file__).resolve().parents[1]
 BOOT_TIMEOUT = 30.0  # bounds a broken start, asserts nothing about speed
-HASHERS = '["django.contrib.auth.hashers.MD5PasswordHasher"]'
+# As in tests/conftest.py: MD5 for speed, and the device hasher that generated passwords use.
+HASHERS = '["django.contrib.auth.hashers.MD5PasswordHasher", "deviceplatform.hashers.DevicePasswordHasher"]'
 
 BOOT = {
     "uvicorn": f"""

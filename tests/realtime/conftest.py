@@ -35,11 +35,15 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_HOLD_MS = 2000  # the servers' default connect hold: keeps idle clients cycling quickly
 
 # The servers check the passwords the `make_user` fixture stored with the MD5 hasher of the test
-# settings (tests/conftest.py), so they get the same hasher list; everything else is production.
+# settings (tests/conftest.py), so they get the same hasher list (with the device hasher of
+# generated device passwords); everything else is production.
 BOOT = """
 import sys
 from django.conf import settings
-settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+settings.PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.MD5PasswordHasher",
+    "deviceplatform.hashers.DevicePasswordHasher",
+]
 import uvicorn
 uvicorn.run(
     "deviceplatform.asgi:application",
