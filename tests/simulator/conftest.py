@@ -94,10 +94,11 @@ class Platform:
 class Admin:
     """The operator's REST calls, with real Basic credentials."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, server_log: Callable[[], str] | None = None) -> None:
         self.url = url
         self.http = requests.Session()
         self.http.auth = (ADMIN_LOGIN, PASSWORD)
+        self.server_log = server_log  # shown when an answer is not the expected one
         self.http.headers["Accept"] = "application/json"
 
     def call(
@@ -106,7 +107,12 @@ class Admin:
         response = self.http.request(
             method, self.url + path, json=body, params=params or None, timeout=30
         )
-        assert response.status_code == expect, (method, path, response.status_code, response.text)
+        if response.status_code != expect:
+            log = self.server_log()[-6000:] if self.server_log else ""
+            raise AssertionError(
+                f"{method} {path}: {response.status_code} (expected {expect}): {response.text}"
+                f"\n--- end of the server's log ---\n{log}"
+            )
         return response.json() if response.content else None
 
     def get(self, path: str, **params: Any) -> Any:
@@ -236,7 +242,7 @@ def platform(
 
 @pytest.fixture
 def operator(platform: Platform) -> Admin:
-    return Admin(platform.url)
+    return Admin(platform.url, server_log=lambda: platform.server.log() if platform.server else "")
 
 
 @pytest.fixture
