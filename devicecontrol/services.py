@@ -36,9 +36,13 @@ from devicecontrol.serializers import (
     operation_json,
 )
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
-from deviceplatform.models import User
 from deviceplatform.realtime.events import publish_on_commit
-from deviceplatform.services import device_user_provision, device_username, validate_device_id
+from deviceplatform.services import (
+    device_user_provision,
+    device_username,
+    non_device_account,
+    validate_device_id,
+)
 from inventory import services as inventory_services
 from inventory.models import ExternalId, ManagedObject, Relation
 from inventory.selectors import device_agent_id, devices_agent_ids, has_parent_q
@@ -561,15 +565,10 @@ def _token_matches(request: NewDeviceRequest, token: str | None) -> bool:
 def _check_device_username(device_id: str) -> None:
     """409 when `device_<id>` is an account that is not a device user: its credentials could
     never be issued (`device_user_provision` refuses to hand a person's account to a device)."""
-    username = device_username(device_id)
-    existing = User.objects.filter(username__iexact=username).first()
-    if existing is not None and (
-        existing.is_superuser
-        or existing.is_staff
-        or not existing.groups.filter(name="devices").exists()
-    ):
+    clash = non_device_account(device_id)
+    if clash is not None:
         raise Conflict(
-            f"The user {existing.username} exists and is not a device user: a device with id "
+            f"The user {clash} exists and is not a device user: a device with id "
             f"'{device_id}' cannot be registered"
         )
 

@@ -16,7 +16,7 @@ from deviceplatform.api.authentication import roles_cache
 from deviceplatform.api.exceptions import Conflict, ValidationFailed
 from deviceplatform.api.lengths import check_length, max_length
 from deviceplatform.hashers import device_password_hash
-from deviceplatform.models import User
+from deviceplatform.models import User, device_user_condition
 from deviceplatform.realtime.rights import credentials_changed
 from deviceplatform.roles import ROLE_APP_LABEL, Role
 
@@ -112,6 +112,17 @@ def bootstrap_user_ensure(password: str) -> User:
     )
 
 
+def non_device_account(device_id: str) -> str | None:
+    """The username of the account `device_<id>` names when it is not a device user (a person,
+    staff, or outside `devices`: `device_user_condition`), else None."""
+    return (
+        User.objects.filter(username__iexact=device_username(device_id))
+        .exclude(device_user_condition())
+        .values_list("username", flat=True)
+        .first()
+    )
+
+
 @transaction.atomic
 def device_user_provision(device_id: str, password: str | None = None) -> tuple[User, str, bool]:
     """Create the device user `device_<id>` in the `devices` group, or give the existing one a
@@ -122,11 +133,10 @@ def device_user_provision(device_id: str, password: str | None = None) -> tuple[
     validate_device_id(device_id)
     username = device_username(device_id)
     existing = User.objects.select_for_update().filter(username__iexact=username).first()
-    if existing is not None and (
-        existing.is_superuser or existing.is_staff or not existing.groups.filter(name="devices")
-    ):
+    clash = non_device_account(device_id) if existing is not None else None
+    if clash is not None:
         # Never hand out a person's account (or any account outside `devices`) to a device.
-        raise Conflict(f"The user {existing.username} exists and is not a device user")
+        raise Conflict(f"The user {clash} exists and is not a device user")
     generated = password is None
     password = generate_password() if password is None else password
     user = user_upsert(
