@@ -67,6 +67,48 @@ class Report:
         print(f"saved {path.relative_to(REPO)}")
 
 
+SUMMARY_PREFIX = "SUMMARY "
+
+
+def summary(
+    report: Callable[[str], None],
+    figure: str,
+    value: float,
+    unit: str,
+    *,
+    ceiling: str = "",
+    ceiling_value: float | None = None,
+    goal: str = "",
+    met: bool | None = None,
+) -> None:
+    """Print one machine-readable headline figure for bench/all's summary table.
+
+    One line `SUMMARY {json}` per figure: what was measured (`figure`, e.g. "operation create"),
+    its `value` and `unit`, the ceiling measured in the same run (`ceiling`, `ceiling_value`; the
+    `ratio` is computed here), the issue's goal in words (e.g. ">= 0.9x bare DRF") and whether this
+    run met it (None: the figure has no goal). bench/all collects these lines from every script.
+    """
+    import json
+
+    ratio = value / ceiling_value if ceiling_value else None
+    report(
+        SUMMARY_PREFIX
+        + json.dumps(
+            {
+                "bench": Path(sys.argv[0]).stem,
+                "figure": figure,
+                "value": round(value, 4),
+                "unit": unit,
+                "ceiling": ceiling,
+                "ceiling_value": None if ceiling_value is None else round(ceiling_value, 4),
+                "ratio": None if ratio is None else round(ratio, 4),
+                "goal": goal,
+                "met": met,
+            }
+        )
+    )
+
+
 def command_line(script: str, argv: list[str]) -> str:
     """The `command:` header line: how this run was started."""
     return f"command: {shlex.join([sys.executable, script, *argv])}"
