@@ -15,7 +15,9 @@ gunicorn (sync workers) and directly in SQL:
 with p50/p99 over requests spread across agents and devices, and prints the SQL the view runs (captured
 from a real request through Django's debug cursor) with its EXPLAIN (ANALYZE, BUFFERS) plan. With 1M
 rows present it then measures create-operation requests/s with 16 concurrent connections as a ratio
-to a raw single-row INSERT into the operations table in the same run (shared/PERFORMANCE.md).
+to a raw single-row INSERT into the operations table in the same run (shared/PERFORMANCE.md), and to a
+bare DRF CreateAPIView inserting the same row in the same server (bench/bare_drf), the two measured
+alternately (bare, product, bare, product, ...).
 
 Usage (see bench/README.md):  .venv/bin/python bench/operations.py [--large 200000] [--reads 100]
 """
@@ -46,6 +48,7 @@ import psycopg
 from _common import (
     BENCH_PASSWORD,
     BENCH_USER,
+    REPO,
     TABLE_HEADER,
     Call,
     Load,
@@ -68,6 +71,7 @@ from _common import (
     recreate_database,
     run_main,
     setup_django,
+    summary,
     time_statement,
     usable_cores,
     wait_for_idle,
@@ -109,7 +113,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--pending-per-device", type=int, default=2, help="queued PENDING operations per device"
     )
     parser.add_argument("--reads", type=int, default=300, help="requests per query and size")
-    parser.add_argument("--creates", type=int, default=3000)
+    parser.add_argument("--creates", type=int, default=3000, help="product creates (all rounds)")
+    parser.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=3,
+        help="creates alternate bare DRF and product phases this many times each",
+    )
     parser.add_argument("--raw-inserts", type=int, default=3000)
     parser.add_argument(
         "--phase-timeout", type=float, default=40.0, help="seconds before a phase stops issuing"
@@ -625,27 +635,85 @@ def count_operations(url: str) -> int:
         return int(conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0])
 
 
+BARE_CREATE_PATH = "/bench-bare/operations"
+
+
+def create_calls(
+    args: argparse.Namespace, fleet: Fleet, rng: random.Random, count: int, *, bare: bool
+) -> list[Call]:
+    """`count` creates on random devices: the product's body, or the bare DRF view's (the same
+    row: device, its agent, the fragments and a pending deadline a week ahead)."""
+    calls = []
+    expires = (datetime.now(UTC) + timedelta(days=7)).isoformat()
+    for number in range(count):
+        device = rng.choice(fleet.devices)
+        description = f"Restart device ({number})"
+        if bare:
+            body: dict[str, Any] = {
+                "device": device,
+                "agent_id": fleet.agent_of[device],
+                "fragments": {"description": description, "c8y_Restart": {}},
+                "expires_at": expires,
+            }
+            calls.append(Call("POST", BARE_CREATE_PATH, orjson.dumps(body)))
+        else:
+            body = {"deviceId": str(device), "description": description, "c8y_Restart": {}}
+            calls.append(Call("POST", "/devicecontrol/operations", orjson.dumps(body)))
+    return calls
+
+
+def combined(name: str, phases: list[PhaseResult]) -> PhaseResult:
+    """Several phases of one kind as one: every latency, the summed wall time, the time-weighted
+    cores."""
+    result = PhaseResult(name=name, planned=sum(p.planned for p in phases))
+    for phase in phases:
+        result.latencies += phase.latencies
+        result.errors += phase.errors
+        result.error_kinds.update(phase.error_kinds)
+        result.elapsed += phase.elapsed
+        result.cut = result.cut or phase.cut
+    for key in ("server", "postgres", "client", "other"):
+        result.cpu[key] = (
+            sum(p.cpu.get(key, 0.0) * p.elapsed for p in phases) / result.elapsed
+            if result.elapsed
+            else math.nan
+        )
+    return result
+
+
 def measure_creates(
     args: argparse.Namespace, fleet: Fleet, base: str, server: Server, database: str
-) -> PhaseResult:
+) -> tuple[PhaseResult, PhaseResult, list[PhaseResult]]:
+    """Bare DRF and product creates, alternately (`--ab-rounds` phases of each, bare first), on
+    the same server and connections: (product, bare, every phase in order)."""
     rng = random.Random(f"{args.seed}-creates")
-    calls = []
-    for number in range(args.creates):
-        body = {
-            "deviceId": str(rng.choice(fleet.devices)),
-            "description": f"Restart device ({number})",
-            "c8y_Restart": {},
-        }
-        calls.append(Call("POST", "/devicecontrol/operations", orjson.dumps(body)))
+    rounds = max(1, args.ab_rounds)
+    per_round = max(1, args.creates // rounds)
 
     def check(payload: bytes) -> str | None:
         return None if orjson.loads(payload).get("status") == "PENDING" else "not PENDING"
 
-    async def drive() -> PhaseResult:
+    async def drive() -> list[PhaseResult]:
+        phases = []
         async with Load(base, args.concurrency, server.pid, database) as http:
-            return await http.run("create (HTTP)", calls, args.phase_timeout, check, error_body=120)
+            for number in range(1, rounds + 1):
+                for bare in (True, False):
+                    phases.append(
+                        await http.run(
+                            f"{'bare DRF' if bare else 'create'} {number}",
+                            create_calls(args, fleet, rng, per_round, bare=bare),
+                            args.phase_timeout,
+                            check,
+                            planned=per_round,
+                            error_body=120,
+                        )
+                    )
+        return phases
 
-    return asyncio.run(drive())
+    phases = asyncio.run(drive())
+    product = combined("create (HTTP)", [p for p in phases if p.name.startswith("create")])
+    bare = combined("bare DRF create", [p for p in phases if p.name.startswith("bare")])
+    return product, bare, phases
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -716,6 +784,63 @@ def side_by_side(small: SizeResult, large: SizeResult, out: Report) -> None:
         )
 
 
+def print_summary(
+    out: Report,
+    create: PhaseResult,
+    bare: PhaseResult,
+    raw: PhaseResult,
+    small: SizeResult,
+    large: SizeResult,
+) -> None:
+    """The headline figures as SUMMARY lines (bench/_common.summary)."""
+    summary(
+        out,
+        "operation create vs bare DRF",
+        create.rate,
+        "req/s",
+        ceiling="bare DRF CreateAPIView, same server, alternate phases",
+        ceiling_value=bare.rate,
+        goal=">= 0.9x bare DRF",
+        met=create.rate >= 0.9 * bare.rate,
+    )
+    summary(
+        out,
+        "operation create vs raw INSERT",
+        create.rate,
+        "req/s",
+        ceiling="raw single-row INSERT, one connection",
+        ceiling_value=raw.rate,
+        goal=">= 0.25x raw INSERT",
+        met=create.rate >= 0.25 * raw.rate,
+    )
+    summary(
+        out,
+        "operation create p99",
+        create.p(0.99),
+        "ms",
+        ceiling="bare DRF create p99",
+        ceiling_value=bare.p(0.99),
+        goal="p99 < 50 ms",
+        met=create.p(0.99) < 50,
+    )
+    for name in ("poll", "history"):
+        for size in (small, large):
+            sample = size.http.get(name)
+            if sample is None:
+                continue
+            p50 = sample.p(0.5)
+            summary(
+                out,
+                f"{name} p50 at {size_label(size.rows)} operations",
+                p50,
+                "ms",
+                ceiling="page query round trip (SQL p50)",
+                ceiling_value=size.sql[name].p(0.5),
+                goal="p50 < 3 ms",
+                met=p50 < 3,
+            )
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = Report()
@@ -723,13 +848,16 @@ def main(argv: list[str]) -> int:
     database = database_name(url)
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
-    command = gunicorn_command(args.workers, port)
+    command = gunicorn_command(args.workers, port) + ["-c", "python:deviceplatform.gunicorn_conf"]
     usable = usable_cores()
     queue = args.agents * args.devices_per_agent * args.pending_per_device + args.agents
 
     out("# bench/operations.py")
     out(command_line("bench/operations.py", argv))
-    out(f"server: gunicorn, {args.workers} sync worker(s), psycopg pool, DEBUG off, no REDIS_URL")
+    out(
+        f"server: gunicorn, {args.workers} sync worker(s), psycopg pool, DEBUG off, no REDIS_URL; "
+        "settings bench.bare_drf.settings (the product's, plus the bare DRF ceiling's URLs)"
+    )
     out(f"server command: {shlex.join(command)}")
     out(machine_line())
     out(f"database: {url} (dropped and re-created)")
@@ -747,7 +875,7 @@ def main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     recreate_database(url, admin_url)
-    env = bench_env(url)
+    env = bench_env(url, DJANGO_SETTINGS_MODULE="bench.bare_drf.settings", PYTHONPATH=str(REPO))
     migrate_and_create_user(env)
     # This process uses the app's own code to seed inventory and to build and capture its SQL.
     os.environ.pop("REDIS_URL", None)
@@ -794,7 +922,7 @@ def main(argv: list[str]) -> int:
         out(wait_idle(args.wait_idle))
         raw = raw_insert_ceiling(url, fleet, args.raw_inserts, random.Random(args.seed))
         before = count_operations(url)
-        create = measure_creates(args, fleet, base, server, database)
+        create, bare, create_phases = measure_creates(args, fleet, base, server, database)
         created = count_operations(url) - before
         if not server.alive():
             raise SystemExit(f"server died during the run:\n{server.log_tail()}")
@@ -805,26 +933,32 @@ def main(argv: list[str]) -> int:
     out()
     out(TABLE_HEADER)
     out("-" * len(TABLE_HEADER))
-    for sample in (create, raw):
+    for sample in (*create_phases, create, bare, raw):
         out(sample.row())
     ratio = create.rate / raw.rate if raw.rate else math.nan
+    bare_ratio = create.rate / bare.rate if bare.rate else math.nan
     out()
     out(
         f"ratio create req/s / raw INSERT rows/s: {create.rate:.1f} / {raw.rate:.1f} = {ratio:.2f}x"
         f"  ({args.concurrency} connections vs one; {args.workers} gunicorn sync workers)"
     )
     out(
+        f"ratio create req/s / bare DRF create req/s: {create.rate:.1f} / {bare.rate:.1f} = "
+        f"{bare_ratio:.2f}x  (alternate phases, same server; bare DRF / raw INSERT = "
+        f"{bare.rate / raw.rate if raw.rate else math.nan:.2f}x)"
+    )
+    out(
         "server/pg/client/other: cores busy during the phase (server processes, postgres, this "
         f"client, everything else); {usable} usable cores"
     )
     failures = 0
-    for sample in [create, *small.http.values(), *large.http.values()]:
+    for sample in [create, bare, *small.http.values(), *large.http.values()]:
         if sample.error_kinds:
             failures += sample.errors
             out(f"errors in {sample.name}: {dict(sample.error_kinds)}")
         if sample.cut:
             out(f"* {sample.name} stopped at --phase-timeout")
-    good_creates = len(create.latencies) - create.errors
+    good_creates = len(create.latencies) - create.errors + len(bare.latencies) - bare.errors
     if created != good_creates:
         failures += 1
         out(f"MISMATCH: {good_creates} creates answered 2xx but {created} rows were added")
@@ -838,6 +972,7 @@ def main(argv: list[str]) -> int:
         f"index use: {'all plans use the expected index' if not missing else 'MISSING in ' + ', '.join(missing)}"
     )
     out(f"total run time {time.perf_counter() - started:.1f} s")
+    print_summary(out, create, bare, raw, small, large)
     if args.save:
         out.save("operations")
     return 1 if failures or missing else 0
