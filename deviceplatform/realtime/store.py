@@ -65,6 +65,8 @@ GONE = -1  # the session no longer exists (expired, or the store lost it)
 ENDED = -2  # the session was disconnected or evicted while this connect held it
 SUPERSEDED = 0  # another connect took over the session
 HELD = 1
+# How long a Redis call of the realtime store waits for a free pooled connection (see _client).
+REDIS_POOL_WAIT_SECONDS = 20
 
 
 @dataclass
@@ -473,8 +475,13 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         entry = self._async_clients.get(loop)
         if entry is None:
-            # Many sockets hold sessions at once; redis-py caps a pool at 100 by default.
-            client = self._redis_asyncio.Redis.from_url(self.url, max_connections=1000)
+            # Many sockets hold sessions at once; redis-py caps a pool at 100 by default. A burst
+            # of more calls than that at once (thousands of held connects ending in the same
+            # second) waits for a free connection instead of failing with MaxConnectionsError.
+            pool = self._redis_asyncio.BlockingConnectionPool.from_url(
+                self.url, max_connections=1000, timeout=REDIS_POOL_WAIT_SECONDS
+            )
+            client = self._redis_asyncio.Redis(connection_pool=pool)
             scripts = {
                 name: client.register_script(_LUA_COMMON + source)
                 for name, source in {

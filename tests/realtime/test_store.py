@@ -352,6 +352,15 @@ async def test_session_record_and_removal(store: Store, peek: Peek) -> None:
     assert await store.get_session(new_client_id()) is None
 
 
+async def test_more_calls_at_once_than_pooled_connections_wait_for_one(store: Store) -> None:
+    # 10,000 idle WebSocket clients on one process: thousands of held connects can end in the same
+    # second, each with a store call; the Redis store's pool (1,000 connections) must queue them,
+    # not fail the calls beyond it (MaxConnectionsError).
+    cid = await new_session(store, "/operations/5")
+    sessions = await asyncio.gather(*(store.get_session(cid) for _ in range(1200)))
+    assert all(session is not None and session["family"] for session in sessions)
+
+
 # --- subscriptions, publishing and queues --------------------------------------------------------
 
 
