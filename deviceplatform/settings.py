@@ -31,6 +31,14 @@ AUTH_FAILURES_PER_ADDRESS = env.int("AUTH_FAILURES_PER_ADDRESS", default=30)
 AUTH_FAILURE_WINDOW_SECONDS = env.float("AUTH_FAILURE_WINDOW_SECONDS", default=60.0)
 AUTH_FAILURE_PREFIX = env.str("AUTH_FAILURE_PREFIX", default="dp:authfail")
 
+# Verified device credentials shared by every process (deviceplatform/api/credential_cache.py), with
+# REDIS_URL: a device user's password checked once is accepted by the other processes, and after a
+# restart, for this many seconds (0: per-process memory only). Redis holds only keyed digests
+# (HMAC with AUTH_VERIFIED_CACHE_KEY, by default derived from SECRET_KEY) under the prefix.
+AUTH_VERIFIED_CACHE_SECONDS = env.float("AUTH_VERIFIED_CACHE_SECONDS", default=43200.0)
+AUTH_VERIFIED_CACHE_PREFIX = env.str("AUTH_VERIFIED_CACHE_PREFIX", default="dp:verified")
+AUTH_VERIFIED_CACHE_KEY = env.str("AUTH_VERIFIED_CACHE_KEY", default="")
+
 # The first superuser `manage.py ensureadmin` (bin/run) creates; no password: a random one, kept in
 # the git-ignored file .admin-password.
 ADMIN_USERNAME = env.str("ADMIN_USERNAME", default="admin")

@@ -54,6 +54,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(limits)
     settings.AUTH_FAILURES_PER_USER = settings.AUTH_FAILURES_PER_ADDRESS = 0
     settings.AUTH_FAILURE_PREFIX = limits["AUTH_FAILURE_PREFIX"]
+    # Verified device credentials shared through Redis (deviceplatform/api/credential_cache.py):
+    # each run and worker under its own prefix, also in the servers tests start.
+    os.environ["AUTH_VERIFIED_CACHE_PREFIX"] = f"test:{RUN_ID}:{worker}:verified"
+    settings.AUTH_VERIFIED_CACHE_PREFIX = os.environ["AUTH_VERIFIED_CACHE_PREFIX"]
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 
 from deviceplatform.api.auth_throttle import check_allowed, client_address, record_failure
+from deviceplatform.api.credential_cache import shared_credentials
 from deviceplatform.roles import Role, user_roles
 
 BAD_CREDENTIALS = "Invalid credentials! : Bad credentials"
@@ -222,15 +223,23 @@ def authenticate_credentials(username: str, password: str, *, client: str | None
     return user
 
 
+def _verified_before(user: Any, password: str) -> bool:
+    """Whether this password was verified against the user's current stored hash before: by this
+    process (memory), or for a device user by any process within AUTH_VERIFIED_CACHE_SECONDS
+    (Redis, `credential_cache`; the entry is then kept in memory too). No hash either way."""
+    if password_cache.is_verified(user.pk, user.password, password):
+        return True
+    if shared_credentials().is_verified(user, password):
+        password_cache.remember(user.pk, user.password, password)
+        return True
+    return False
+
+
 def _check_credentials(username: str, password: str, client: str | None) -> Any:
     """The `authenticate_credentials` check, without the bookkeeping."""
     user_model = get_user_model()
     user = active_user(username)
-    if (
-        user is not None
-        and user.password
-        and password_cache.is_verified(user.pk, user.password, password)
-    ):
+    if user is not None and user.password and _verified_before(user, password):
         return attach_roles(user)
     check_allowed(username, client)
     if user is None or not user.password:
@@ -244,7 +253,9 @@ def _check_credentials(username: str, password: str, client: str | None) -> Any:
             record_failure(username, client)
             return None
         password_cache.remember(user.pk, user.password, password)
-        # A login: the password was checked against its hash (once per process and password).
+        shared_credentials().remember(user, password)  # device users, with REDIS_URL
+        # A login: the password was checked against its hash (once per process and password, or
+        # for a device user with REDIS_URL once per AUTH_VERIFIED_CACHE_SECONDS).
         user.last_login = timezone.now()
         user_model.objects.filter(pk=user.pk).update(last_login=user.last_login)
     return attach_roles(user)
