@@ -16,6 +16,7 @@ from deviceplatform.api.filters import (
     IdFilter,
     StrictBooleanFilter,
 )
+from deviceplatform.api.params import MAX_ID, parse_id
 
 
 class _StatusField(forms.Field):
@@ -69,3 +70,47 @@ class OperationFilter(CumulocityFilterSet):
         data = self.form.cleaned_data
         has_dates = data.get("dateFrom") is not None or data.get("dateTo") is not None
         return ("-id",) if data.get("revert") and has_dates else ("id",)
+
+
+# What the agent's poll and a device's history page send: IDs, a status and paging, nothing else.
+SIMPLE_PARAMS = frozenset(
+    {
+        "status",
+        "deviceId",
+        "agentId",
+        "pageSize",
+        "currentPage",
+        "withTotalPages",
+        "withTotalElements",
+    }
+)
+# The filters among them, in OperationFilter's declaration order (the order of the SQL conditions).
+SIMPLE_FILTERS = (("status", "status"), ("deviceId", "device_id"), ("agentId", "agent_id"))
+
+
+def simple_operations(
+    params: Any, queryset: QuerySet[Operation]
+) -> tuple[QuerySet[Operation], tuple[str, ...]] | None:
+    """(filtered queryset, ordering) for a query that uses only SIMPLE_PARAMS with valid values,
+    the same queryset OperationFilter builds, without building a filter set and its form per
+    request (a third of a history page's CPU here, bench/README.md "operations.py"). None for
+    anything else, invalid values included: OperationFilter then answers, with its own errors."""
+    if not params.keys() <= SIMPLE_PARAMS:
+        return None
+    queryset = queryset.all()
+    for name, column in SIMPLE_FILTERS:
+        value = params.get(name)
+        if value in (None, ""):
+            continue
+        if name == "status":
+            if value not in OperationStatus.values:
+                return None
+        else:
+            try:
+                value = parse_id(value)
+            except Exception:
+                return None
+            if value > MAX_ID:  # as CumulocityFilterSet: an ID beyond bigint matches nothing
+                return queryset.none(), ("id",)
+        queryset = queryset.filter(**{f"{column}__exact": value})
+    return queryset, ("id",)

@@ -9,7 +9,7 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
 from devicecontrol import selectors, services
-from devicecontrol.filters import OperationFilter
+from devicecontrol.filters import OperationFilter, simple_operations
 from devicecontrol.models import NewDeviceRequest, Operation
 from devicecontrol.poll_limits import poll_admit, poll_missed
 from devicecontrol.serializers import (
@@ -36,7 +36,7 @@ from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
 from deviceplatform.services import validate_device_id
-from inventory.models import ManagedObject
+from inventory.selectors import managed_object_by_id
 
 READ = frozenset({Role.DEVICE_CONTROL_READ})
 ADMIN = frozenset({Role.DEVICE_CONTROL_ADMIN})
@@ -63,10 +63,13 @@ class OperationCollectionView(DeviceControlView):
     owner_rule_methods = frozenset({"POST"})
 
     def get(self, request: Any) -> Response:
-        filterset = OperationFilter(
-            request.GET, queryset=selectors.operations_visible_to(request.user)
-        )
-        queryset = filterset.qs.order_by(*filterset.ordering())
+        visible = selectors.operations_visible_to(request.user)
+        simple = simple_operations(request.GET, visible)
+        if simple is not None:
+            queryset = simple[0].order_by(*simple[1])
+        else:
+            filterset = OperationFilter(request.GET, queryset=visible)
+            queryset = filterset.qs.order_by(*filterset.ordering())
         with_external_ids = bool(request.GET.get("agentId"))
         base = self.base
 
@@ -102,7 +105,7 @@ class OperationCollectionView(DeviceControlView):
             raise ValidationFailed(
                 f"Invalid deviceId {body['deviceId']!r}", error="devicecontrol/Invalid Data"
             ) from None
-        device = ManagedObject.objects.filter(pk=device_id).first()
+        device = managed_object_by_id(device_id)
         if device is None:
             raise ValidationFailed(
                 f"Device {device_id} does not exist", error="devicecontrol/Invalid Data"

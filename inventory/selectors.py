@@ -4,18 +4,72 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from functools import cache
+from typing import Any, TypeVar
 
-from django.db.models import CharField, Exists, OuterRef, Q, QuerySet
+from django.db import connections
+from django.db.models import CharField, Exists, Model, OuterRef, Q, QuerySet
 from django.db.models.functions import Cast
 from django.db.models.lookups import StartsWith
 
 from deviceplatform.api.exceptions import NotFound
-from deviceplatform.api.params import parse_id
+from deviceplatform.api.params import MAX_ID, parse_id
 from deviceplatform.api.permissions import has_any_role
 from deviceplatform.roles import Role
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
 from inventory.services import managed_object_not_found
+
+M = TypeVar("M", bound=Model)
+
+
+@cache
+def _select(
+    model: type[Model], alias: str
+) -> tuple[str, list[str], list[tuple[int, Any, list[Any]]]]:
+    """(`SELECT <every column> FROM <table>`, attribute names, converters per column index) of a
+    model, as the ORM's compiler would read its rows."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    fields = model._meta.concrete_fields
+    table = model._meta.db_table
+    converters = []
+    for index, field in enumerate(fields):
+        column = field.get_col(table)
+        found = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        if found:
+            converters.append((index, column, found))
+    columns = ", ".join(quote(field.column) for field in fields)
+    return f"SELECT {columns} FROM {quote(table)}", [f.attname for f in fields], converters  # noqa: S608
+
+
+def instances_where(model: type[M], where: str, params: list[Any]) -> list[M]:
+    """Instances of `model` whose rows match the SQL condition `where` (column names of its own
+    table, `%s` placeholders), built as the ORM builds them (converters, `from_db`) but without
+    compiling a queryset: for the few lookups every request makes, where the query compiler cost
+    more CPU than the database (bench/README.md, operations.py)."""
+    alias = model._default_manager.db
+    connection = connections[alias]
+    select, names, converters = _select(model, alias)
+    with connection.cursor() as cursor:
+        cursor.execute(f"{select} WHERE {where}", params)
+        rows = cursor.fetchall()
+    found = []
+    for row in rows:
+        values = list(row)
+        for index, column, functions in converters:
+            for function in functions:
+                values[index] = function(values[index], column, connection)
+        found.append(model.from_db(alias, names, values))
+    return found
+
+
+def managed_object_by_id(object_id: int) -> ManagedObject | None:
+    """The object with this ID or None (one statement, no queryset). An ID beyond the bigint
+    range names nothing (as the ORM's lookup says; the database would refuse it)."""
+    if not 0 <= object_id <= MAX_ID:
+        return None
+    found = instances_where(ManagedObject, '"id" = %s', [object_id])
+    return found[0] if found else None
 
 
 def managed_object_get(*, pk: object) -> ManagedObject:
@@ -24,7 +78,7 @@ def managed_object_get(*, pk: object) -> ManagedObject:
         object_id = parse_id(pk)
     except Exception:
         raise managed_object_not_found(pk) from None
-    managed_object = ManagedObject.objects.filter(pk=object_id).first()
+    managed_object = managed_object_by_id(object_id)
     if managed_object is None:
         raise managed_object_not_found(pk)
     return managed_object
@@ -165,10 +219,18 @@ def device_agent_id(*, device: ManagedObject) -> int | None:
         return device.pk
     seen = {device.pk}
     frontier = {device.pk}
+    connection = connections[ManagedObjectReference.objects.db]
     while frontier:
-        rows = ManagedObjectReference.objects.filter(
-            child_id__in=frontier, relation=Relation.DEVICE
-        ).values_list("parent_id", "parent__is_agent")
+        # One fixed statement per level (the ORM's compiler cost more than the query).
+        with connection.cursor() as cursor:
+            placeholders = ", ".join(["%s"] * len(frontier))
+            sql = (
+                "SELECT r.parent_id, p.is_agent FROM inventory_managedobjectreference r"  # noqa: S608
+                " JOIN inventory_managedobject p ON p.id = r.parent_id"
+                f" WHERE r.relation = %s AND r.child_id IN ({placeholders})"
+            )
+            cursor.execute(sql, [Relation.DEVICE.value, *sorted(frontier)])
+            rows = cursor.fetchall()
         agents = [parent_id for parent_id, is_agent in rows if is_agent]
         if agents:
             return min(agents)
