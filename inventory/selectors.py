@@ -174,22 +174,34 @@ def references_for(
     )
     if not ids:
         return result
-    if children:
-        rows = (
-            ManagedObjectReference.objects.filter(parent_id__in=ids)
-            .order_by("id")
-            .values_list("parent_id", "relation", "child_id", "child__name")
-        )
-        for parent_id, relation, child_id, child_name in rows:
-            result[parent_id][Relation(relation).children_segment].append((child_id, child_name))
-    if parents:
-        rows = (
-            ManagedObjectReference.objects.filter(child_id__in=ids)
-            .order_by("id")
-            .values_list("child_id", "relation", "parent_id", "parent__name")
-        )
-        for child_id, relation, parent_id, parent_name in rows:
-            result[child_id][Relation(relation).parents_segment].append((parent_id, parent_name))
+    # Fixed statements: the queryset's compiler cost more CPU than the query (a third of a
+    # managed object GET here, bench/README.md "inventory_http.py").
+    placeholders = ", ".join(["%s"] * len(ids))
+    with connections[ManagedObjectReference.objects.db].cursor() as cursor:
+        if children:
+            cursor.execute(
+                "SELECT r.parent_id, r.relation, r.child_id, o.name"  # noqa: S608
+                " FROM inventory_managedobjectreference r"
+                " JOIN inventory_managedobject o ON o.id = r.child_id"
+                f" WHERE r.parent_id IN ({placeholders}) ORDER BY r.id",
+                ids,
+            )
+            for parent_id, relation, child_id, child_name in cursor.fetchall():
+                result[parent_id][Relation(relation).children_segment].append(
+                    (child_id, child_name)
+                )
+        if parents:
+            cursor.execute(
+                "SELECT r.child_id, r.relation, r.parent_id, o.name"  # noqa: S608
+                " FROM inventory_managedobjectreference r"
+                " JOIN inventory_managedobject o ON o.id = r.parent_id"
+                f" WHERE r.child_id IN ({placeholders}) ORDER BY r.id",
+                ids,
+            )
+            for child_id, relation, parent_id, parent_name in cursor.fetchall():
+                result[child_id][Relation(relation).parents_segment].append(
+                    (parent_id, parent_name)
+                )
     return result
 
 
