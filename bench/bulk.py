@@ -74,7 +74,9 @@ from _common import (
     recreate_database,
     run_main,
     setup_django,
+    summary,
     usable_cores,
+    wait_for_idle,
 )
 
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/dp_bench_bulk"
@@ -82,6 +84,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 AWS_IOT_JOBS_PER_MINUTE = 1000
 AIM_PER_MINUTE = 100 * AWS_IOT_JOBS_PER_MINUTE
 PROTOTYPE = {"description": "Restart device", "c8y_Restart": {}}
+REALTIME_PREFIX = "dp-bench-bulk:rt"  # the workers' realtime store keys (Redis DB is ours too)
+IDLE_CORES = 0.3  # --wait-idle: the machine counts as idle below this many busy cores
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -94,15 +98,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ramp", type=float, default=0.05, help="(b) creationRamp, seconds")
     parser.add_argument(
         "--intervals",
-        default="1.0,0.2",
-        help="(b) BULK_RAMP_INTERVAL values (beat), comma-separated",
+        default="0.5",
+        help="(b) BULK_RAMP_INTERVAL values (beat, the safety net), comma-separated",
+    )
+    parser.add_argument(
+        "--ramps",
+        default="0.5,5",
+        help="(b) further creationRamp values after --ramp, each over as many devices as keeps "
+        "the schedule as long as --ramp's (at least 5)",
+    )
+    parser.add_argument("--workers", type=int, default=4, help="(e) workers and bulk operations")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        help="wait up to this many seconds for a quiet machine before (a) and (e); 0: do not",
     )
     parser.add_argument("--profile-devices", type=int, default=10_000, help="(c); 0: skip")
     parser.add_argument("--status-devices", type=int, default=1500, help="(d) children")
     parser.add_argument("--status-concurrency", type=int, default=16, help="(d) agents")
     parser.add_argument("--status-workers", type=int, default=4, help="(d) gunicorn workers")
     parser.add_argument(
-        "--parts", default="a,b,c,d", help="which measurements to run, comma-separated"
+        "--parts", default="a,b,c,d,e", help="which measurements to run, comma-separated"
     )
     parser.add_argument("--ceiling-rows", type=int, default=20_000)
     parser.add_argument("--timeout", type=float, default=300.0, help="per bulk operation, seconds")
@@ -119,8 +136,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.interval_list = [float(x) for x in args.intervals.split(",") if x.strip()]
     args.part_set = {part.strip() for part in args.parts.split(",") if part.strip()}
-    if args.part_set - {"a", "b", "c", "d"}:
-        parser.error("--parts takes a, b, c and/or d")
+    if args.part_set - {"a", "b", "c", "d", "e"}:
+        parser.error("--parts takes a, b, c, d and/or e")
+    ramps = [args.ramp] + [float(x) for x in args.ramps.split(",") if x.strip()]
+    args.ramp_plan = [
+        (ramp, args.ramp_devices if ramp == args.ramp else
+         max(5, round(args.ramp_devices * args.ramp / ramp)))
+        for ramp in dict.fromkeys(ramps)
+    ]  # fmt: skip
+    if max(n for _, n in args.ramp_plan) > args.devices:
+        parser.error("a ramp's device count exceeds --devices")
     if "c" not in args.part_set:
         args.profile_devices = 0
     if "b" not in args.part_set:
@@ -173,13 +198,20 @@ def seed(url: str, args: argparse.Namespace) -> dict[str, Any]:
             ).fetchall()
         ]
         devices.sort()
+        # (name, first device, size): groups of consecutive devices
+        ramp_groups = [(f"ramp-{ramp:g}", 0, n) for ramp, n in args.ramp_plan]
+        quarters = [
+            (f"e{k}", k * args.devices // args.workers, args.devices // args.workers)
+            for k in range(args.workers if "e" in args.part_set else 0)
+        ]
         sizes = (
-            ("all", args.devices),
-            ("ramp", args.ramp_devices),
-            ("profile", args.profile_devices),
-            ("status", args.status_devices),
+            ("all", 0, args.devices),
+            *(ramp_groups if args.ramp_devices else []),
+            ("profile", 0, args.profile_devices),
+            ("status", 0, args.status_devices),
+            *quarters,
         )
-        for name, size in sizes:
+        for name, _, size in sizes:
             if size <= 0:
                 continue
             groups[name] = conn.execute(
@@ -197,8 +229,8 @@ def seed(url: str, args: argparse.Namespace) -> dict[str, Any]:
             buffer = io.StringIO()
             for i, device in enumerate(devices):
                 buffer.write(f"{agents[i % len(agents)]}\t{device}\tdevice\n")
-                for name, size in sizes:
-                    if i < size:
+                for name, first, size in sizes:
+                    if first <= i < first + size:
                         buffer.write(f"{groups[name]}\t{device}\tasset\n")
             copy.write(buffer.getvalue())
     with psycopg.connect(url, autocommit=True) as conn:
@@ -289,12 +321,14 @@ def wait_completed(url: str, bulk_id: int, worker: Process, timeout: float) -> f
     raise SystemExit(f"bulk operation {bulk_id} not COMPLETED after {timeout:.0f} s")
 
 
-def children(url: str, bulk_id: int) -> list[tuple[int, datetime, datetime]]:
-    """(position, creation_time, scheduled time) of every child, by position."""
+def children(url: str, bulk_id: int) -> list[tuple[int, datetime, datetime, int]]:
+    """(position, creation_time, scheduled time, operation id) of every child, by position. The
+    scheduled time as the ramp computes it: whole microseconds of ramp per position."""
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(
             "SELECT t.position, o.creation_time,"
-            " b.effective_start + (t.position - b.first_index) * b.creation_ramp * interval '1 second'"
+            " b.effective_start + (t.position - b.first_index)"
+            " * round(b.creation_ramp * 1000000)::bigint * interval '1 microsecond', o.id"
             " FROM bulkops_bulkoperationtarget t"
             " JOIN bulkops_bulkoperation b ON b.id = t.bulk_operation_id"
             " JOIN devicecontrol_operation o ON o.bulk_operation_id = b.id AND o.device_id = t.device_id"
@@ -321,11 +355,64 @@ def ceiling(url: str, rows: int, devices: list[int], agents: list[int]) -> float
             params: list[Any] = []
             for i in range(first, first + batch):
                 device = devices[i % len(devices)]
-                params += [device, agents[i % len(agents)], body, 1]
+                # A bulk operation ID per round over the devices: (bulk, device) stays unique.
+                params += [device, agents[i % len(agents)], body, 1 + i // len(devices)]
             conn.execute(sql, params)
         elapsed = time.perf_counter() - start
         conn.execute("DROP TABLE bench_ops_ceiling")
     return (rows // batch * batch) / elapsed
+
+
+class EventCounter:
+    """A realtime session in the workers' store (same Redis, same prefix) subscribed to
+    `/operations/*`, as a CometD client's would be: counts the CREATE events of the children it
+    is told about. The workers run with REALTIME_QUEUE_LIMIT above the number of events, so none
+    is dropped from its queue before it is drained."""
+
+    CHANNEL = "/operations/*"
+
+    def __init__(self, redis_url: str, prefix: str, queue_limit: int) -> None:
+        from deviceplatform.realtime.store import RedisStore
+
+        self.store = RedisStore(redis_url, prefix, queue_limit)
+        self.cid = f"benchbulk{os.getpid()}x{int(time.time() * 1000)}"
+        self.seen: dict[int, int] = {}  # operation id -> CREATE events received
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._open())
+
+    async def _open(self) -> None:
+        record = {"family": "realtime", "uid": "bench", "user": "bench", "timeout": "0",
+                  "interval": "0", "base": "http://bench"}  # fmt: skip
+        await self.store.create_session(self.cid, record, ttl_ms=3_600_000, limit=100)
+        await self.store.subscribe(self.cid, [self.CHANNEL], add=True, ttl_ms=3_600_000)
+
+    def drain(self) -> None:
+        attached = self.loop.run_until_complete(
+            self.store.attach(
+                self.cid, hub="bench", token="t", requested_ms=0, max_hold_ms=0,
+                max_interval_ms=3_600_000, immediate=True,
+            )
+        )  # fmt: skip
+        for payload in attached.events if attached else []:
+            message = orjson.loads(payload)
+            if message["data"].get("realtimeAction") == "CREATE":
+                pk = int(message["data"]["data"]["id"])
+                self.seen[pk] = self.seen.get(pk, 0) + 1
+
+    def delivered(self, ids: list[int], wait: float = 10.0) -> tuple[int, int]:
+        """(children with exactly one CREATE event, events in all for them), draining for up to
+        `wait` s while some are missing (the last batch's events follow its commit)."""
+        deadline = time.monotonic() + wait
+        while True:
+            self.drain()
+            once = sum(1 for pk in ids if self.seen.get(pk) == 1)
+            if once == len(ids) or time.monotonic() > deadline:
+                return once, sum(self.seen.get(pk, 0) for pk in ids)
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.store.remove_session(self.cid))
+        self.loop.close()
 
 
 def run_bulk(
@@ -334,25 +421,49 @@ def run_bulk(
     url: str,
     database: str,
     client: Any,
-    group_id: int,
+    group_id: int | list[int],
     ramp: float,
     interval: float,
     env: dict[str, str],
     log_dir: Path,
     timeout: float,
+    workers: int = 1,
+    events: EventCounter | None = None,
 ) -> dict[str, Any]:
-    """Start worker + beat, POST a bulk operation, wait for COMPLETED, stop both; figures."""
+    """Start `workers` workers + beat, POST a bulk operation per group (one after the other, at
+    once), wait until all are COMPLETED, stop them; figures. With one group the rows are a list,
+    with several a list per bulk operation (`rows_per_bulk`)."""
     # The worker's "ready" line is INFO; beat's "Sending due task" is quiet below DEBUG
     # (deviceplatform/logs.py PER_TASK_LOGGERS).
     run_env = {**env, "BULK_RAMP_INTERVAL": str(interval), "LOG_LEVEL": "INFO"}
     schedule = log_dir / f"beat-{label}.schedule"
-    worker = Process(
-        [sys.executable, "-m", "celery", "-A", "deviceplatform", "worker", "--pool", "solo",
-         "--loglevel", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        run_env,
-        log_dir / f"worker-{label}.log",
-        name=f"worker-{label}",
-    )  # fmt: skip
+    groups = group_id if isinstance(group_id, list) else [group_id]
+    started = [
+        Process(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "deviceplatform",
+                "worker",
+                "--pool",
+                "solo",
+                "--loglevel",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"{label}-{n}@%h",
+            ],
+            run_env,
+            log_dir / f"worker-{label}-{n}.log",
+            name=f"worker-{label}-{n}",
+        )  # fmt: skip
+        for n in range(workers)
+    ]
+    worker = started[0]
     beat = None
     try:
         # Beat runs before the POST, as in production: its start-up must not count as lateness.
@@ -363,37 +474,52 @@ def run_bulk(
             log_dir / f"beat-{label}.log",
             name=f"beat-{label}",
         )  # fmt: skip
-        wait_ready(worker)
+        for each in started:
+            wait_ready(each)
         wait_ready(beat, marker="Sending due task")
-        rss_idle = proc_status(worker.pid, "VmRSS")
-        hwm_idle = proc_status(worker.pid, "VmHWM")
-        bulk_id, post_seconds = post_bulk(client, group_id, ramp)
-        posted = time.monotonic()
+        rss_idle = [proc_status(each.pid, "VmRSS") for each in started]
+        hwm_idle = [proc_status(each.pid, "VmHWM") for each in started]
         cpu_before = cpu_totals(worker.pid, database)
-        completed = wait_completed(url, bulk_id, worker, timeout)
-        wall = completed - posted
+        others_before = [cpu_totals(each.pid, database)[0] for each in started[1:]]
+        posted_at = time.monotonic()
+        posts = [post_bulk(client, group, ramp) for group in groups]
+        bulk_ids = [bulk_id for bulk_id, _ in posts]
+        completed = max(wait_completed(url, bulk_id, worker, timeout) for bulk_id in bulk_ids)
+        wall = completed - posted_at
         cpu_after = cpu_totals(worker.pid, database)
-        hwm = proc_status(worker.pid, "VmHWM")
+        others_after = [cpu_totals(each.pid, database)[0] for each in started[1:]]
+        hwm = [proc_status(each.pid, "VmHWM") for each in started]
     finally:
         if beat is not None:
             beat.stop()
-        worker.stop()
-    rows = children(url, bulk_id)
+        for each in started:
+            each.stop()
+    rows_per_bulk = [children(url, bulk_id) for bulk_id in bulk_ids]
     cores = [(a - b) / wall for a, b in zip(cpu_after, cpu_before, strict=True)]
+    workers_cores = cores[0] + sum(
+        (a - b) / wall for a, b in zip(others_after, others_before, strict=True)
+    )
+    delivered = None
+    if events is not None:
+        ids = [row[3] for rows in rows_per_bulk for row in rows]
+        delivered = events.delivered(ids)
     return {
-        "bulk_id": bulk_id,
-        "post": post_seconds,
+        "bulk_id": bulk_ids[0],
+        "bulk_ids": bulk_ids,
+        "post": posts[0][1],
         "wall": wall,
-        "rows": rows,
-        "rss_idle_kb": rss_idle,
-        "hwm_idle_kb": hwm_idle,
-        "hwm_kb": hwm,
-        "worker_cores": cores[0],
+        "rows": rows_per_bulk[0],
+        "rows_per_bulk": rows_per_bulk,
+        "rss_idle_kb": max(rss_idle),
+        "hwm_idle_kb": max(hwm_idle),
+        "hwm_kb": max(hwm),
+        "worker_cores": workers_cores,
         "pg_cores": cores[1],
         "redis_cores": cores[2],
-        "other_cores": max(0.0, cores[3] - cores[0] - cores[1] - cores[2]),
+        "other_cores": max(0.0, cores[3] - workers_cores - cores[1] - cores[2]),
         "worker_cmd": worker.command,
         "beat_cmd": beat.command if beat is not None else [],
+        "delivered": delivered,
     }
 
 
@@ -654,25 +780,51 @@ def main(argv: list[str]) -> int:
     warm = client.get("/devicecontrol/bulkoperations")  # the password hash, once
     if warm.status_code != 200:
         raise SystemExit(f"warm-up GET failed: {warm.status_code} {warm.content[:200]!r}")
-    if "a" in args.part_set:
-        ceiling_rate = ceiling(url, args.ceiling_rows, fleet["devices"], fleet["agents"])
+    ceilings: list[float] = []
+
+    def measure_ceiling(when: str) -> float:
+        rate = ceiling(url, args.ceiling_rows, fleet["devices"], fleet["agents"])
+        ceilings.append(rate)
         out(
-            "ceiling: 500-row multi-row INSERTs into a copy of devicecontrol_operation (same "
-            f"indexes), one transaction each: {ceiling_rate:,.0f} rows/s"
+            f"ceiling ({when}): 500-row multi-row INSERTs into a copy of devicecontrol_operation "
+            f"(same indexes), one transaction each: {rate:,.0f} rows/s"
         )
+        return rate
+
     out(f"setup: {time.perf_counter() - started:.1f} s")
     log_dir = Path(tempfile.mkdtemp(prefix="dp-bench-bulk-"))
     out(f"process logs: {log_dir}")
     failures = 0
+    # Every CREATE event of (a) and (e) is counted by a subscriber of /operations/*.
+    queue_limit = 2 * args.devices + 1000
+    env = {**env, "REALTIME_PREFIX": REALTIME_PREFIX, "REALTIME_QUEUE_LIMIT": str(queue_limit)}
+
+    def quiet() -> None:
+        if args.wait_idle > 0:
+            idle, waited, busy = wait_for_idle(args.wait_idle, IDLE_CORES)
+            out(
+                f"waited {waited:.0f} s for a quiet machine: "
+                + ("quiet" if idle else f"NOT quiet ({busy:.2f} cores busy)")
+            )
 
     # --- (a) throughput ----------------------------------------------------------------------
     if "a" in args.part_set:
         out()
         out(f"=== (a) creationRamp 0 over {args.devices:,} devices, beat every 1.0 s ===")
-        a = run_bulk(
-            "a", url=url, database=database, client=client, group_id=fleet["groups"]["all"], ramp=0,
-            interval=1.0, env=env, log_dir=log_dir, timeout=args.timeout,
-        )  # fmt: skip
+        quiet()
+        measure_ceiling("before (a)")
+        events = EventCounter(redis_url, REALTIME_PREFIX, queue_limit)
+        try:
+            a = run_bulk(
+                "a", url=url, database=database, client=client, group_id=fleet["groups"]["all"],
+                ramp=0, interval=1.0, env=env, log_dir=log_dir, timeout=args.timeout,
+                events=events,
+            )  # fmt: skip
+        finally:
+            events.close()
+        measure_ceiling("after (a)")
+        ceiling_rate = sum(ceilings) / len(ceilings)
+        out(f"ceiling: {ceiling_rate:,.0f} rows/s (mean of before and after)")
         out(f"worker: {shlex.join(a['worker_cmd'])}")
         out(f"beat:   {shlex.join(a['beat_cmd'])}   (BULK_RAMP_INTERVAL=1.0)")
         made = len(a["rows"])
@@ -689,7 +841,7 @@ def main(argv: list[str]) -> int:
         out(f"children created: {made:,} (exactly one per device: {made == args.devices})")
         out(
             f"POST answered -> COMPLETED: {a['wall']:.2f} s = {rate_wall:,.0f} children/s "
-            f"({rate_wall * 60:,.0f}/min; includes waiting up to 1 s for the first beat tick)"
+            f"({rate_wall * 60:,.0f}/min; the POST books the first run, beat is the safety net)"
         )
         out(
             f"first -> last child creationTime: {span:.2f} s = {rate_span:,.0f} children/s "
@@ -700,49 +852,140 @@ def main(argv: list[str]) -> int:
             f"{rate_span * 60 / AWS_IOT_JOBS_PER_MINUTE:.0f}x (creation span); aim 100x = "
             f"{AIM_PER_MINUTE / 60:,.0f}/s"
         )
+        ratio = rate_span / ceiling_rate
         out(
             f"ratio to the multi-row INSERT ceiling: {rate_span:,.0f} / {ceiling_rate:,.0f} = "
-            f"{rate_span / ceiling_rate:.2f}x"
+            f"{ratio:.2f}x (goal >= 0.4x)"
         )
+        once, total_events = a["delivered"]
+        out(
+            f"CREATE events received by a /operations/* subscriber: {once:,} of {made:,} children "
+            f"exactly once ({total_events:,} events for them)"
+        )
+        if once != made:
+            failures += 1
+            out("EVENTS MISSING OR DUPLICATED")
+        growth = (a["hwm_kb"] - a["hwm_idle_kb"]) / 1024
         out(
             f"worker RSS: idle {a['rss_idle_kb'] / 1024:.0f} MiB, peak (VmHWM) {a['hwm_kb'] / 1024:.0f} MiB "
-            f"(+{(a['hwm_kb'] - a['hwm_idle_kb']) / 1024:.0f} MiB over its idle peak)"
+            f"(+{growth:.0f} MiB over its idle peak)"
         )
         out(
             f"cores busy while ramping: worker {a['worker_cores']:.2f}, postgres {a['pg_cores']:.2f}, "
             f"redis {a['redis_cores']:.2f}, other {a['other_cores']:.2f} (of {usable})"
         )
-
-    # --- (b) pace ------------------------------------------------------------------------------
-    for interval in args.interval_list if "b" in args.part_set else []:
-        out()
-        out(
-            f"=== (b) creationRamp {args.ramp} s over {args.ramp_devices:,} devices, beat every "
-            f"{interval} s (BULK_RAMP_INTERVAL={interval}) ==="
-        )
-        b = run_bulk(
-            f"b-{interval}", url=url, database=database, client=client,
-            group_id=fleet["groups"]["ramp"], ramp=args.ramp, interval=interval, env=env,
-            log_dir=log_dir, timeout=args.timeout,
+        summary(
+            out, "bulk ramp creationRamp 0 (1 worker)", rate_span, "children/s",
+            ceiling="500-row multi-row INSERT", ceiling_value=ceiling_rate,
+            goal=">= 0.4x ceiling, every event", met=ratio >= 0.4 and once == made,
         )  # fmt: skip
-        if len(b["rows"]) != args.ramp_devices:
+        summary(out, "bulk ramp worker RSS growth", growth, "MiB")
+        summary(out, "bulk ramp worker cores", a["worker_cores"], "cores")
+
+    # --- (b) lateness ----------------------------------------------------------------------------
+    for interval in args.interval_list if "b" in args.part_set else []:
+        for ramp, count in args.ramp_plan:
+            out()
+            out(
+                f"=== (b) creationRamp {ramp:g} s over {count:,} devices, beat every {interval} s "
+                f"(BULK_RAMP_INTERVAL={interval}; runs booked for each due child) ==="
+            )
+            b = run_bulk(
+                f"b-{interval}-{ramp:g}", url=url, database=database, client=client,
+                group_id=fleet["groups"][f"ramp-{ramp:g}"], ramp=ramp, interval=interval,
+                env=env, log_dir=log_dir, timeout=args.timeout + count * ramp,
+            )  # fmt: skip
+            if len(b["rows"]) != count:
+                failures += 1
+                out(f"MISMATCH: {len(b['rows']):,} children for {count:,} targets")
+            lateness = sorted((created - due).total_seconds() for _, created, due, _ in b["rows"])
+            early = sum(1 for late in lateness if late < 0)
+            worst, p99 = lateness[-1], percentile(lateness, 0.99)
+            met = worst <= 0.2 and early == 0
+            out(
+                f"POST {b['post'] * 1000:.0f} ms; POST -> COMPLETED {b['wall']:.1f} s "
+                f"(schedule length {(count - 1) * ramp:.1f} s)"
+            )
+            out(
+                f"lateness creationTime - scheduled (s): max {worst:.3f}, p99 {p99:.3f}, "
+                f"p50 {percentile(lateness, 0.5):.3f}, min {lateness[0]:+.4f}; early: {early}; "
+                f"goal max <= 0.2 s, none early: {'met' if met else 'NOT met'}"
+            )
+            out(
+                f"worker peak RSS {b['hwm_kb'] / 1024:.0f} MiB; cores: worker {b['worker_cores']:.2f}, "
+                f"postgres {b['pg_cores']:.2f}, redis {b['redis_cores']:.2f}, other {b['other_cores']:.2f}"
+            )
+            name = f"ramp {ramp:g} s x {count} lateness"
+            goal = "max late <= 0.2 s, none early"
+            summary(out, f"{name} max", worst, "s", goal=goal, met=met)
+            summary(out, f"{name} p99", p99, "s")
+            summary(out, f"{name} early creates", early, "children", goal="0", met=early == 0)
+
+    # --- (e) several workers, several bulk operations --------------------------------------------
+    if "e" in args.part_set:
+        out()
+        size = args.devices // args.workers
+        out(
+            f"=== (e) {args.workers} workers ramping {args.workers} bulk operations of {size:,} "
+            "devices at once (creationRamp 0) ==="
+        )
+        quiet()
+        before = measure_ceiling("before (e)")
+        events = EventCounter(redis_url, REALTIME_PREFIX, queue_limit)
+        try:
+            e = run_bulk(
+                "e", url=url, database=database, client=client,
+                group_id=[fleet["groups"][f"e{k}"] for k in range(args.workers)], ramp=0,
+                interval=1.0, env=env, log_dir=log_dir, timeout=args.timeout,
+                workers=args.workers, events=events,
+            )  # fmt: skip
+        finally:
+            events.close()
+        after = measure_ceiling("after (e)")
+        e_ceiling = (before + after) / 2
+        spans = [(min(r[1] for r in rows), max(r[1] for r in rows)) for rows in e["rows_per_bulk"]]
+        made = sum(len(rows) for rows in e["rows_per_bulk"])
+        if any(len(rows) != size for rows in e["rows_per_bulk"]):
             failures += 1
-            out(f"MISMATCH: {len(b['rows']):,} children for {args.ramp_devices:,} targets")
-        deviations = sorted((created - due).total_seconds() for _, created, due in b["rows"])
-        worst = max(deviations, key=abs)
+            out(f"MISMATCH: {[len(rows) for rows in e['rows_per_bulk']]} children, {size} each")
+        first, last = min(s for s, _ in spans), max(t for _, t in spans)
+        total_rate = made / (last - first).total_seconds()
+        # Fairness: children each bulk operation got while all of them were running (until the
+        # first completed), and Jain's index over those counts (1: equal shares, 1/n: one took all).
+        window_end = min(t for _, t in spans)
+        shares = [sum(1 for r in rows if r[1] <= window_end) for rows in e["rows_per_bulk"]]
+        jain = sum(shares) ** 2 / (len(shares) * sum(x * x for x in shares)) if any(shares) else 0
+        for bulk_id, rows, (s0, s1), share in zip(
+            e["bulk_ids"], e["rows_per_bulk"], spans, shares, strict=True
+        ):
+            out(
+                f"bulk operation {bulk_id}: {len(rows):,} children from +{(s0 - first).total_seconds():.2f} s "
+                f"to +{(s1 - first).total_seconds():.2f} s; {share:,} while all ran"
+            )
         out(
-            f"POST {b['post'] * 1000:.0f} ms; POST -> COMPLETED {b['wall']:.1f} s "
-            f"(schedule length {(args.ramp_devices - 1) * args.ramp:.1f} s)"
+            f"total: {made:,} children in {(last - first).total_seconds():.2f} s = {total_rate:,.0f}/s "
+            f"= {total_rate / e_ceiling:.2f}x the ceiling ({e_ceiling:,.0f} rows/s)"
         )
         out(
-            f"deviation creationTime - scheduled (s): max |dev| {abs(worst):.3f} ({worst:+.3f}), "
-            f"p50 {percentile(deviations, 0.5):.3f}, p99 {percentile(deviations, 0.99):.3f}, "
-            f"min {deviations[0]:+.3f}; aim < 1 s: {'met' if abs(worst) < 1 else 'NOT met'}"
+            f"fairness while all ran: Jain's index {jain:.3f}, smallest/largest share "
+            f"{min(shares) / max(max(shares), 1):.2f}"
         )
+        once, total_events = e["delivered"]
+        out(f"CREATE events: {once:,} of {made:,} children exactly once ({total_events:,} events)")
+        if once != made:
+            failures += 1
+            out("EVENTS MISSING OR DUPLICATED")
         out(
-            f"worker peak RSS {b['hwm_kb'] / 1024:.0f} MiB; cores: worker {b['worker_cores']:.2f}, "
-            f"postgres {b['pg_cores']:.2f}, redis {b['redis_cores']:.2f}, other {b['other_cores']:.2f}"
+            f"cores: {args.workers} workers {e['worker_cores']:.2f}, postgres {e['pg_cores']:.2f}, "
+            f"redis {e['redis_cores']:.2f}, other {e['other_cores']:.2f}; largest worker peak RSS "
+            f"{e['hwm_kb'] / 1024:.0f} MiB"
         )
+        summary(
+            out, f"bulk ramp {args.workers} workers x {args.workers} bulk operations", total_rate,
+            "children/s", ceiling="500-row multi-row INSERT", ceiling_value=e_ceiling,
+            goal="every event", met=once == made,
+        )  # fmt: skip
+        summary(out, f"bulk ramp {args.workers} workers fairness (Jain)", jain, "index")
 
     # --- (c) profile ---------------------------------------------------------------------------
     if args.profile_devices:

@@ -14,14 +14,19 @@ touches the bulk operation's row; the beat task folds the deltas into the row
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import queue
+import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
+import orjson
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -33,7 +38,10 @@ from bulkops.models import (
     BulkProgressDelta,
     BulkStatus,
 )
+from devicecontrol.delivery import deliver_by_sms
 from devicecontrol.models import Operation, OperationStatus
+from devicecontrol.realtime import OperationEvent
+from devicecontrol.serializers import operation_json
 from devicecontrol.services import (
     StatusChange,
     operation_prototype_validate,
@@ -42,9 +50,11 @@ from devicecontrol.services import (
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
 from deviceplatform.api.params import parse_id
-from inventory.models import ManagedObject
+from deviceplatform.realtime.events import EventBatch, publish
+from deviceplatform.realtime.store import Order
+from inventory.models import ManagedObject, ManagedObjectReference, Relation
 from inventory.query import parse_query
-from inventory.selectors import has_parent_q
+from inventory.selectors import devices_agent_ids, has_parent_q
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +66,8 @@ READ_ONLY_KEYS = frozenset({"id", "self", "status", "generalStatus", "progress",
 RAMP_RETRY_FIRST_SECONDS = 5
 RAMP_RETRY_MAX_SECONDS = 600
 RAMP_ERROR_MAX_CHARS = 1000
+# Children per ramp transaction: one INSERT, one event batch (see bench/README.md, bulk.py).
+RAMP_BATCH_SIZE = 2000
 SELECTOR_KEYS = ("groupId", "failedParentId", "failedBulkOperationId")
 KNOWN_KEYS = frozenset(
     {*READ_ONLY_KEYS, *SELECTOR_KEYS, "startDate", "creationRamp", "operationPrototype"}
@@ -285,7 +297,18 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     bulk.save(force_insert=True)
     _replace_targets(bulk, device_ids, skip=set())
     bulk.save(update_fields=["target_count"])
+    _wake_ramp_on_commit(bulk)
     return bulk
+
+
+def _wake_ramp_on_commit(bulk: BulkOperation) -> None:
+    """Book a ramp run for the bulk operation's first due child once this commits, instead of
+    waiting for the next beat tick (bulkops.tasks.ramp_wake)."""
+    from bulkops.tasks import ramp_wake  # the tasks module imports this one
+
+    if bulk.next_due_at is not None:
+        due = bulk.next_due_at
+        transaction.on_commit(lambda: ramp_wake(due))
 
 
 def _lock_running(
@@ -342,6 +365,7 @@ def bulk_operation_update(
         _schedule(bulk, now)
         bulk.last_updated = now
         bulk.save()
+        _wake_ramp_on_commit(bulk)
     return bulk
 
 
@@ -376,11 +400,208 @@ def _due_end(bulk: BulkOperation, now: datetime) -> int:
     return min(bulk.target_count, bulk.first_index + elapsed // step + 1)
 
 
-def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
-    end = min(_due_end(bulk, now), bulk.next_index + batch_size)
+# --- the ramp's batch -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Child:
+    """What `operation_json` reads of a child operation the ramp just inserted: the row as
+    written, without a model instance per child."""
+
+    pk: int
+    device_id: int
+    agent_id: int | None
+    status: str
+    failure_reason: str | None
+    creation_time: datetime
+    bulk_operation_id: int
+    fragments: dict[str, Any]
+    retry_of_id: None = None
+
+
+class _Publisher:
+    """Publishes the realtime events of the ramp's committed batches from a thread of its own, in
+    commit order, while the ramp goes on with its next batch. At most `depth` batches wait, so a
+    slow store slows the ramp down instead of piling events up in memory."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.queue: queue.Queue[tuple[list[Any], list[Order]] | None] = queue.Queue(depth)
+        self.thread = threading.Thread(target=self._run, name="bulk-ramp-publisher", daemon=True)
+        self.thread.start()
+
+    def submit(self, events: list[Any], order: list[Order]) -> None:
+        self.queue.put((events, order))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            publish(*item)  # logs a store outage itself, never raises
+
+    def close(self) -> None:
+        """Return once every submitted batch is published."""
+        self.queue.put(None)
+        self.thread.join()
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _background_publishing() -> Iterator[None]:
+    """Within: the ramp's batches publish their events from a `_Publisher` (started by the first
+    batch); all of them are out when the block ends (a run's events never outlive it)."""
+    _local.active, _local.publisher = True, None
+    try:
+        yield
+    finally:
+        publisher, _local.active, _local.publisher = _local.publisher, False, None
+        if publisher is not None:
+            publisher.close()
+
+
+@dataclass(eq=False)
+class _RampEvents(EventBatch):
+    """The on-commit callback of a ramp batch's CREATE events: numbered for commit order like any
+    `EventBatch` (`take_order`), then handed to the background publisher when there is one."""
+
+    def __call__(self) -> None:
+        if not self.lead:
+            return
+        events = [*self.events, *(event for batch in self.joined for event in batch.events)]
+        if not getattr(_local, "active", False):
+            publish(events, self.order)
+            return
+        if _local.publisher is None:
+            _local.publisher = _Publisher()
+        _local.publisher.submit(events, self.order)
+
+
+def _int_array(values: Sequence[int | None]) -> str:
+    """A bigint[] literal (psycopg's own adaptation of a list costs ~3 µs per element)."""
+    return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
+
+
+# The batch's targets in order, with what the children need of each device: whether it still
+# exists, is an agent itself, wants SMS delivery (devicecontrol.delivery.is_sms), and the agent
+# among its direct `device` parents (the lowest ID, as `device_agent_id`).
+_TARGETS_SQL = """SELECT t.device_id, m.id IS NOT NULL, COALESCE(m.is_agent, false),
+       COALESCE(jsonb_typeof(m.fragments -> 'c8y_CommunicationMode') = 'object'
+                AND m.fragments -> 'c8y_CommunicationMode' ->> 'mode' = 'SMS', false),
+       (SELECT min(r.parent_id) FROM {reference} r JOIN {mo} p ON p.id = r.parent_id
+         WHERE r.child_id = t.device_id AND r.relation = %s AND p.is_agent)
+  FROM {target} t LEFT JOIN {mo} m ON m.id = t.device_id
+ WHERE t.bulk_operation_id = %s AND t.position >= %s AND t.position < %s
+ ORDER BY t.position"""
+
+# One INSERT for the batch; IDs are drawn in target order (FIFO per agent).
+_INSERT_SQL = """INSERT INTO {operation} (device_id, agent_id, status, creation_time, status_changed_at,
+                         failure_reason, fragments, bulk_operation_id, expires_at,
+                         execution_timeout, superseded)
+SELECT u.device_id, u.agent_id,
+       CASE WHEN u.agent_id IS NULL THEN %s ELSE %s END, %s, %s,
+       CASE WHEN u.agent_id IS NULL THEN %s END,
+       CASE WHEN u.sms THEN %s::jsonb ELSE %s::jsonb END, %s,
+       CASE WHEN u.agent_id IS NULL THEN NULL ELSE %s::timestamptz END, %s, false
+  FROM unnest(%s::bigint[], %s::bigint[], %s::boolean[]) WITH ORDINALITY
+       AS u(device_id, agent_id, sms, ord)
+ ORDER BY u.ord
+RETURNING id, device_id"""
+
+
+def _table(model: Any) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+def _create_children(bulk: BulkOperation, start: int, end: int, now: datetime) -> int:
+    """PostgreSQL: the children of positions [start, end) in one INSERT, their progress added to
+    the (locked) bulk operation's counters, their CREATE events and SMS hand-offs registered for
+    the commit. The same rows, events and hand-offs as `operations_create_many`, without a
+    model instance or an ORM-compiled value per child. Returns the targets processed."""
+    sql = _TARGETS_SQL.format(
+        reference=_table(ManagedObjectReference),
+        mo=_table(ManagedObject),
+        target=_table(BulkOperationTarget),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [Relation.DEVICE.value, bulk.pk, start, end])
+        rows = cursor.fetchall()
+    found = [row for row in rows if row[1]]
+    bulk.dropped += len(rows) - len(found)  # devices deleted since the snapshot
+    if not found:
+        return len(rows)
+    agents: dict[int, int | None] = {}
+    walk = []
+    for device_id, _, is_agent, _, direct in found:
+        if is_agent:
+            agents[device_id] = device_id
+        elif direct is not None:
+            agents[device_id] = direct
+        else:
+            walk.append(ManagedObject(pk=device_id, is_agent=False))
+    if walk:  # no agent right above: walk the hierarchy further up (rare)
+        agents.update(devices_agent_ids(devices=walk))
+    fragments = {
+        key: value
+        for key, value in operation_prototype_validate(bulk.operation_prototype).items()
+        if value is not None
+    }
+    sms_fragments = {**fragments}
+    sms_fragments.setdefault("deliveryType", "SMS")
+    seconds = fragments.get("pendingTimeout") or settings.OPERATION_PENDING_TIMEOUT
+    expires = now + timedelta(seconds=seconds) if seconds else None
+    device_ids = [row[0] for row in found]
+    agent_ids = [agents.get(device_id) for device_id in device_ids]
+    sms = [bool(row[3]) or fragments.get("deliveryType") == "SMS" for row in found]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _INSERT_SQL.format(operation=_table(Operation)),
+            [
+                OperationStatus.FAILED.value,
+                OperationStatus.PENDING.value,
+                now,
+                now,
+                NO_AGENT_REASON,
+                orjson.dumps(sms_fragments).decode(),
+                orjson.dumps(fragments).decode(),
+                bulk.pk,
+                expires,
+                fragments.get("executionTimeout"),
+                _int_array(device_ids),
+                _int_array(agent_ids),
+                "{" + ",".join("t" if flag else "f" for flag in sms) + "}",
+            ],
+        )
+        ids = dict((device_id, pk) for pk, device_id in cursor.fetchall())
+    events = []
+    failed = 0
+    for device_id, agent_id, flag in zip(device_ids, agent_ids, sms, strict=True):
+        if agent_id is None:
+            failed += 1
+        child = _Child(
+            pk=ids[device_id],
+            device_id=device_id,
+            agent_id=agent_id,
+            status=OperationStatus.FAILED if agent_id is None else OperationStatus.PENDING,
+            failure_reason=NO_AGENT_REASON if agent_id is None else None,
+            creation_time=now,
+            bulk_operation_id=bulk.pk,
+            fragments=sms_fragments if flag else fragments,
+        )
+        data = operation_json(cast(Operation, child), base="")
+        events.append(OperationEvent("CREATE", child.pk, device_id, agent_id, data))
+        if child.fragments.get("deliveryType") == "SMS" and agent_id is not None:
+            payload = operation_json(cast(Operation, child), base="")
+            transaction.on_commit(lambda payload=payload: deliver_by_sms(payload))
+    transaction.on_commit(_RampEvents(events))
+    # One delta for the batch, as devicecontrol's hooks would record (bulk_progress_apply).
+    _insert_delta(bulk.pk, {"pending": len(found) - failed, "failed": failed})
+    return len(rows)
+
+
+def _create_children_orm(bulk: BulkOperation, start: int, end: int, now: datetime) -> int:
+    """Any other database (SQLite): the children through devicecontrol's batched create."""
     device_ids = list(
         BulkOperationTarget.objects.filter(
-            bulk_operation=bulk, position__gte=bulk.next_index, position__lt=end
+            bulk_operation=bulk, position__gte=start, position__lt=end
         )
         .order_by("position")
         .values_list("device_id", flat=True)
@@ -396,6 +617,13 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
             no_agent_reason=NO_AGENT_REASON,
             now=now,
         )
+    return len(device_ids)
+
+
+def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
+    end = min(_due_end(bulk, now), bulk.next_index + batch_size)
+    create = _create_children if connection.vendor == "postgresql" else _create_children_orm
+    count = create(bulk, bulk.next_index, end, now)
     bulk.next_index = end
     if bulk.next_index >= bulk.target_count:
         bulk.status = BulkStatus.COMPLETED
@@ -416,7 +644,7 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
             "ramp_error_count",
         ]
     )
-    return len(device_ids)
+    return count
 
 
 def ramp_retry_delay(attempts: int) -> timedelta:
@@ -457,17 +685,13 @@ def _record_ramp_error(
     return delay
 
 
-def bulk_operations_advance(*, now: datetime | None = None, batch_size: int = 500) -> int:
-    """Create every child operation due at `now`, `batch_size` per transaction. Returns the number
-    of targets processed. Safe to run in several workers at once (SKIP LOCKED).
-
-    Each batch is a transaction of its own. One that fails, for any reason (a stored prototype
-    that today's validation refuses, a device deleted while its child was being inserted, ...),
-    is rolled back and recorded on its bulk operation (`c8y_RampError`), which is then left alone
-    for `ramp_retry_delay` and skipped for the rest of this run: it never stops the others."""
-    processed: Counter[int] = Counter()  # targets processed per bulk operation in this run
-    latest: dict[int, BulkOperation] = {}
-    failed: set[int] = set()
+def _advance_all(
+    now: datetime | None,
+    batch_size: int,
+    processed: Counter[int],
+    latest: dict[int, BulkOperation],
+    failed: set[int],
+) -> None:
     while True:
         moment = now or timezone.now()
         claimed: int | None = None
@@ -484,7 +708,7 @@ def bulk_operations_advance(*, now: datetime | None = None, batch_size: int = 50
                     .first()
                 )
                 if claimed is None:
-                    break
+                    return
                 bulk = BulkOperation.objects.get(pk=claimed)  # locked by the claim
                 tried_index = bulk.next_index
                 count = _advance_one(bulk, moment, batch_size)
@@ -503,6 +727,25 @@ def bulk_operations_advance(*, now: datetime | None = None, batch_size: int = 50
             continue
         processed[claimed] += count
         latest[claimed] = bulk
+
+
+def bulk_operations_advance(
+    *, now: datetime | None = None, batch_size: int = RAMP_BATCH_SIZE
+) -> int:
+    """Create every child operation due at `now`, `batch_size` per transaction. Returns the number
+    of targets processed. Safe to run in several workers at once (SKIP LOCKED).
+
+    Each batch is a transaction of its own. One that fails, for any reason (a stored prototype
+    that today's validation refuses, a device deleted while its child was being inserted, ...),
+    is rolled back and recorded on its bulk operation (`c8y_RampError`), which is then left alone
+    for `ramp_retry_delay` and skipped for the rest of this run: it never stops the others.
+    A committed batch's events are published while the next batch is being written; all of them
+    are out when this returns."""
+    processed: Counter[int] = Counter()  # targets processed per bulk operation in this run
+    latest: dict[int, BulkOperation] = {}
+    failed: set[int] = set()
+    with _background_publishing():
+        _advance_all(now, batch_size, processed, latest, failed)
     total = processed.total()
     # One line per run that did something; an idle tick (every BULK_RAMP_INTERVAL) logs nothing.
     if latest:
@@ -516,6 +759,25 @@ def bulk_operations_advance(*, now: datetime | None = None, batch_size: int = 50
             ),
         )
     return total
+
+
+def bulk_operations_due_count(*, now: datetime | None = None, limit: int = 100) -> int:
+    """How many running bulk operations are due at `now`, counting up to `limit`."""
+    due = BulkOperation.objects.filter(
+        status__in=RUNNING_STATUSES, next_due_at__lte=now or timezone.now()
+    )
+    return len(due.values_list("pk", flat=True)[:limit])
+
+
+def bulk_operations_next_due() -> datetime | None:
+    """When the ramp next has something to do: the earliest due time of a running bulk operation
+    (its partial index answers this), None when none is running."""
+    return (
+        BulkOperation.objects.filter(status__in=RUNNING_STATUSES, next_due_at__isnull=False)
+        .order_by("next_due_at")
+        .values_list("next_due_at", flat=True)
+        .first()
+    )
 
 
 # --- progress ----------------------------------------------------------------------------------
@@ -539,11 +801,20 @@ def bulk_progress_apply(changes: list[StatusChange]) -> None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.old]] -= 1
         if change.new is not None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.new]] += 1
-    rows = [
-        (bulk_id, *(delta[field] for field in COUNTER_FIELDS.values()))
-        for bulk_id, delta in sorted(deltas.items())
-        if any(delta.values())
-    ]
+    _insert_deltas(
+        [
+            (bulk_id, *(delta[field] for field in COUNTER_FIELDS.values()))
+            for bulk_id, delta in sorted(deltas.items())
+            if any(delta.values())
+        ]
+    )
+
+
+def _insert_delta(bulk_id: int, delta: dict[str, int]) -> None:
+    _insert_deltas([(bulk_id, *(delta.get(field, 0) for field in COUNTER_FIELDS.values()))])
+
+
+def _insert_deltas(rows: list[tuple[int, ...]]) -> None:
     if rows:
         # A plain multi-row INSERT: this runs in every status change of a bulk child, and the
         # ORM's bulk_create cost about 1 ms of CPU more per change.

@@ -1,19 +1,139 @@
-"""The beat-driven ramp: a thin task that creates every due child operation and folds progress."""
+"""The ramp's task: creates every due child operation, folds progress, and books its next run.
+
+On time without a fine beat: when a run ends it books the next one for the moment the next child
+is due (`ramp_wake`): a Celery task with that ETA when there is a broker, the in-process
+scheduler's ramp entry otherwise. Creating or rescheduling a bulk operation books a run for its
+start the same way. Beat (every BULK_RAMP_INTERVAL) stays the safety net: a booked run that is
+lost (a worker killed, a broker restart) is caught up by the next tick, which books again."""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
+
 from celery import shared_task
+from django.conf import settings
+from django.utils import timezone
 
 from bulkops import services
 
+logger = logging.getLogger(__name__)
 
-@shared_task(acks_late=True)
-def advance_bulk_operations(batch_size: int = 500) -> int:
+RAMP_TASK = "bulkops.tasks.advance_bulk_operations"
+# Runs further ahead than this are left to beat, which books them once they are this close: an
+# ETA task sits unacknowledged in a worker meanwhile, and the Redis transport redelivers those
+# after its visibility timeout (one hour).
+ETA_HORIZON = timedelta(minutes=5)
+# The booked run's due time in ms (the broker's Redis): a run is booked only when none is booked
+# for that moment or earlier. Whichever run starts after it re-books, so the key may lag behind.
+_BOOKED_KEY = "bulkops:ramp:booked"
+# KEYS[1] booked key; ARGV: due ms, now ms, ttl ms. Returns 1 if the caller must send the task.
+_BOOK_LUA = """
+local booked = tonumber(redis.call('GET', KEYS[1]) or '')
+local due, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+if booked and booked <= due and booked >= now then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+# KEYS[1] booked key; ARGV[1] the starting run's booking: it is no longer ahead.
+_UNBOOK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Runs a booked run sends at most for other bulk operations due at the same time (`_fan_out`).
+MAX_FAN_OUT = 7
+# A booked run the worker's timer starts a little early waits for its moment up to this long.
+EARLY_WAIT_SECONDS = 0.25
+
+
+@shared_task(acks_late=True, bind=True)
+def advance_bulk_operations(
+    self: Any, batch_size: int = services.RAMP_BATCH_SIZE, booked_ms: int | None = None
+) -> int:
     """Idempotent: the claimed bulk operation's `next_index` moves in the same transaction as its
     children are created, so a rerun after a crash continues where the last commit left off.
     `batch_size` is the number of children per transaction. Then the progress deltas of the
     children's status changes are folded into their bulk operations' rows (also idempotent: a
-    delta is deleted in the transaction that adds it to its row)."""
+    delta is deleted in the transaction that adds it to its row), and the next run is booked for
+    the next due child. `booked_ms`: this is the run booked for that moment (ms since the epoch)."""
+    # The next run goes where this one came from (a worker consuming its own queue keeps it).
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    if booked_ms is not None:
+        _unbook(booked_ms)
+        _fan_out(queue)
     created = services.bulk_operations_advance(batch_size=batch_size)
     services.bulk_progress_fold()
+    ramp_wake(services.bulk_operations_next_due(), queue=queue)
     return created
+
+
+@cache
+def _scripts() -> tuple[Any, Any]:
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    return client.register_script(_BOOK_LUA), client.register_script(_UNBOOK_LUA)
+
+
+def _unbook(booked_ms: int) -> None:
+    """The booked run starts: wait for its moment if the timer fired early (a child is never
+    created early anyway: this spares a run that would find nothing due), and clear the booking
+    so that the next one is booked however soon it is due."""
+    early = booked_ms / 1000 - time.time()
+    if 0 < early <= EARLY_WAIT_SECONDS:
+        time.sleep(early)
+    try:
+        _scripts()[1](keys=[_BOOKED_KEY], args=[booked_ms])
+    except Exception:
+        logger.warning("Bulk ramp: could not clear the booking of %s ms", booked_ms, exc_info=True)
+
+
+def _fan_out(queue: str | None) -> None:
+    """A booked run that finds several bulk operations due sends a run for each other one (at
+    most MAX_FAN_OUT), so that idle workers take them in parallel: each claims a different one
+    (SKIP LOCKED). Those runs book the next run when they end but fan out no further."""
+    if app_is_eager():
+        return
+    due = services.bulk_operations_due_count(limit=MAX_FAN_OUT + 1)
+    for _ in range(due - 1):
+        advance_bulk_operations.apply_async(queue=queue)
+
+
+def app_is_eager() -> bool:
+    from deviceplatform.celery import app
+
+    return bool(app.conf.task_always_eager) or not settings.REDIS_URL
+
+
+def ramp_wake(due: datetime | None, *, queue: str | None = None) -> None:
+    """Make sure a ramp run starts at `due` (at once when it is past; nothing for None), sent to
+    `queue` (None: the default queue). Never raises: beat catches up whatever this could not
+    book. Nothing with BULK_RAMP_BOOKING off."""
+    if due is None or not settings.BULK_RAMP_BOOKING:
+        return
+    try:
+        _book(due, queue)
+    except Exception:
+        logger.warning("Bulk ramp: could not book a run for %s", due.isoformat(), exc_info=True)
+
+
+def _book(due: datetime, queue: str | None) -> None:
+    from deviceplatform.scheduler import wake_entry
+
+    if app_is_eager():
+        # No broker: the in-process scheduler (if this process runs one) runs the ramp entry then.
+        wake_entry(RAMP_TASK, due)
+        return
+    now = timezone.now()
+    if due - now > ETA_HORIZON:
+        return
+    due_ms, now_ms = math.ceil(due.timestamp() * 1000), int(now.timestamp() * 1000)
+    ttl_ms = max(due_ms - now_ms, 0) + 60_000
+    if _scripts()[0](keys=[_BOOKED_KEY], args=[due_ms, now_ms, ttl_ms]):
+        advance_bulk_operations.apply_async(
+            kwargs={"booked_ms": due_ms}, eta=due if due > now else None, queue=queue
+        )

@@ -7,15 +7,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
 from celery.schedules import schedule as celery_interval
 from django.conf import settings
 from django.db import close_old_connections
+from django.utils import timezone
 
 logger = logging.getLogger(__name__)
+
+# The scheduler `start()` ran in this process (`wake_entry`).
+_running: Scheduler | None = None
 
 # Upper bound on one sleep of the loop, so stop() is honoured and clock jumps are noticed quickly.
 MAX_SLEEP_SECONDS = 1.0
@@ -73,6 +77,16 @@ def entries_from_schedule(beat_schedule: Mapping[str, Mapping[str, Any]]) -> lis
     return entries
 
 
+def wake_entry(task: str, at: datetime) -> bool:
+    """Run the beat entries of `task` at `at` in this process's embedded scheduler, if it runs
+    one and that is before they are due (see `Scheduler.wake`). False if there is none to wake."""
+    scheduler = _running
+    if scheduler is None:
+        return False
+    seconds = (at - timezone.now()).total_seconds()
+    return scheduler.wake(task, scheduler.clock() + seconds)
+
+
 class Scheduler:
     """Runs interval entries of a beat schedule by executing their Celery tasks locally.
 
@@ -97,6 +111,8 @@ class Scheduler:
             settings.CELERY_BEAT_SCHEDULE if beat_schedule is None else beat_schedule
         )
         self._stop = threading.Event()
+        self._woken = threading.Event()  # an entry's due time moved earlier (wake)
+        self._lock = threading.Lock()  # entries' due times: this thread and wake()'s callers
         self._thread: threading.Thread | None = None
         self._tasks_loaded = False
 
@@ -116,16 +132,29 @@ class Scheduler:
         self._load_tasks()
         ran = []
         for entry in self.entries:
-            if entry.due is None:
-                entry.due = now + entry.interval
-                continue
-            if now < entry.due:
-                continue
-            missed = int((now - entry.due) // entry.interval)
-            entry.due += (missed + 1) * entry.interval
+            with self._lock:
+                if entry.due is None:
+                    entry.due = now + entry.interval
+                    continue
+                if now < entry.due:
+                    continue
+                missed = int((now - entry.due) // entry.interval)
+                entry.due += (missed + 1) * entry.interval
             self._run(entry)
             ran.append(entry.name)
         return ran
+
+    def wake(self, task: str, at: float) -> bool:
+        """Run the entries of `task` at `at` (scheduler clock) if that is before they are due;
+        they go on every interval from then. False if no entry runs `task`. Any thread."""
+        entries = [entry for entry in self.entries if entry.task == task]
+        with self._lock:
+            for entry in entries:
+                if entry.due is None or at < entry.due:
+                    entry.due = at
+        if entries:
+            self._woken.set()
+        return bool(entries)
 
     def _run(self, entry: Entry) -> None:
         try:
@@ -140,7 +169,8 @@ class Scheduler:
             )
 
     def seconds_until_next_due(self, now: float) -> float:
-        pending = [entry.due for entry in self.entries if entry.due is not None]
+        with self._lock:
+            pending = [entry.due for entry in self.entries if entry.due is not None]
         if not pending:
             return MAX_SLEEP_SECONDS
         return max(0.0, min(pending) - now)
@@ -156,6 +186,8 @@ class Scheduler:
             return None
         self._thread = threading.Thread(target=self._loop, name="embedded-scheduler", daemon=True)
         self._thread.start()
+        global _running
+        _running = self
         logger.info(
             "Embedded scheduler started: %s",
             ", ".join(f"{entry.name} every {entry.interval:g}s" for entry in self.entries),
@@ -164,11 +196,14 @@ class Scheduler:
 
     def stop(self, timeout: float | None = 10.0) -> None:
         self._stop.set()
+        self._woken.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            # Cleared before the tick: a wake() during the tick or after it cuts the next wait.
+            self._woken.clear()
             # Tasks run on this thread with its own database connection: drop it when it is too old
             # or broken, as the Celery worker does around each task.
             close_old_connections()
@@ -179,4 +214,4 @@ class Scheduler:
                 logger.exception("Embedded scheduler tick failed")
             finally:
                 close_old_connections()
-            self._stop.wait(min(MAX_SLEEP_SECONDS, self.seconds_until_next_due(self.clock())))
+            self._woken.wait(min(MAX_SLEEP_SECONDS, self.seconds_until_next_due(self.clock())))

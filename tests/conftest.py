@@ -58,6 +58,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # each run and worker under its own prefix, also in the servers tests start.
     os.environ["AUTH_VERIFIED_CACHE_PREFIX"] = f"test:{RUN_ID}:{worker}:verified"
     settings.AUTH_VERIFIED_CACHE_PREFIX = os.environ["AUTH_VERIFIED_CACHE_PREFIX"]
+    # Booked ramp runs (bulkops/tasks.py) would pile up in the shared Redis's default queue, which
+    # no worker of the suite consumes: off here and in the processes tests start; the tests of
+    # booking turn it on with a queue of their own.
+    os.environ["BULK_RAMP_BOOKING"] = "0"
+    settings.BULK_RAMP_BOOKING = False
 
 
 @pytest.fixture(scope="session")

@@ -180,8 +180,13 @@ def test_a_device_deleted_while_its_child_is_being_inserted_fails_only_its_bulk_
 
     def delete_victim_after_the_ramp_read_it(execute, sql, params, many, context):  # noqa: ANN001, ANN202
         result = execute(sql, params, many, context)
-        reads_devices = sql.startswith("SELECT") and '"inventory_managedobject"."id" IN' in sql
-        if reads_devices and not deleted and victim.pk in (params or ()):
+        # The ramp's batch reads its targets' devices in one query (bulkops.services).
+        reads_devices = (
+            sql.startswith("SELECT")
+            and '"bulkops_bulkoperationtarget"' in sql
+            and '"inventory_managedobject"' in sql
+        )
+        if reads_devices and not deleted and victim_bulk.pk in (params or ()):
             thread = threading.Thread(target=delete, args=(victim,))
             thread.start()
             thread.join(timeout=30)
