@@ -85,6 +85,19 @@ def main(argv: list[str]) -> int:
         name="device", owner=BENCH_USER, fragments={"c8y_IsDevice": {}}, is_device=True
     )
     ManagedObjectReference.objects.create(parent=agent, child=device, relation=Relation.DEVICE)
+    # Creates go to another agent's device, so the poll and history pages keep their size.
+    other_agent = ManagedObject.objects.create(
+        name="agent 2",
+        owner=BENCH_USER,
+        fragments={"com_cumulocity_model_Agent": {}},
+        is_agent=True,
+    )
+    target = ManagedObject.objects.create(
+        name="device 2", owner=BENCH_USER, fragments={"c8y_IsDevice": {}}, is_device=True
+    )
+    ManagedObjectReference.objects.create(
+        parent=other_agent, child=target, relation=Relation.DEVICE
+    )
     from devicecontrol.models import Operation
 
     # The bench's queue: 20 PENDING operations for the agent (its 10 devices x 2 there).
@@ -106,12 +119,12 @@ def main(argv: list[str]) -> int:
         return status[0], body
 
     op_body = orjson.dumps(
-        {"deviceId": str(device.pk), "description": "Restart", "c8y_Restart": {}}
+        {"deviceId": str(target.pk), "description": "Restart", "c8y_Restart": {}}
     )
     bare_op_body = orjson.dumps(
         {
-            "device": device.pk,
-            "agent_id": agent.pk,
+            "device": target.pk,
+            "agent_id": other_agent.pk,
             "fragments": {"description": "Restart", "c8y_Restart": {}},
             "expires_at": "2030-01-01T00:00:00Z",
         }
