@@ -4,7 +4,9 @@ Creates a dedicated PostgreSQL database, migrates it, starts gunicorn (sync work
 (ASGI) on a loopback port, then drives N keep-alive connections from asyncio + aiohttp through three
 phases (create, get by id, list) and prints requests/s, p50, p99 and errors per phase. In the same run
 it measures one psycopg connection doing prepared single-row INSERTs (autocommit) and prints the
-ratio create-rps / raw-insert-rps, the figure to compare across machines (shared/PERFORMANCE.md).
+ratio create-rps / raw-insert-rps, the figure to compare across machines (shared/PERFORMANCE.md), and
+creates and gets against a bare DRF CreateAPIView / RetrieveAPIView on the same model served by the
+same server (bench/bare_drf), measured alternately (bare, product, bare, product, ...).
 
 Usage (see bench/README.md):  .venv/bin/python bench/inventory_http.py [--server uvicorn] [--scale 0.5]
 """
@@ -25,6 +27,8 @@ import aiohttp
 import orjson
 import psycopg
 from _common import (
+    BENCH_USER,
+    REPO,
     TABLE_HEADER,
     Call,
     Load,
@@ -43,6 +47,7 @@ from _common import (
     recreate_database,
     redacted,
     run_main,
+    summary,
     time_statement,
     usable_cores,
     uvicorn_command,
@@ -77,6 +82,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lists", type=int, default=1000)
     parser.add_argument("--list-page-size", type=int, default=20)
     parser.add_argument("--raw-inserts", type=int, default=3000)
+    parser.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=3,
+        help="creates and gets alternate bare DRF and product phases this many times each",
+    )
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiplies every request and row count"
     )
@@ -159,7 +170,8 @@ def wait_until_idle(limit: float, out: Report) -> None:
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
     if args.server == "gunicorn":
-        return gunicorn_command(args.workers, port)
+        # The production layout's configuration (Procfile `rest`).
+        return gunicorn_command(args.workers, port) + ["-c", "python:deviceplatform.gunicorn_conf"]
     return uvicorn_command(args.workers, port)
 
 
@@ -193,6 +205,38 @@ def device_body(number: int) -> dict[str, Any]:
     }
 
 
+def bare_device_body(number: int) -> dict[str, Any]:
+    """The same row for the bare DRF view's ModelSerializer: columns, and fragments as one field."""
+    body = device_body(number)
+    return {
+        "name": body.pop("name"),
+        "type": body.pop("type"),
+        "owner": BENCH_USER,
+        "is_device": True,
+        "fragments": body,
+    }
+
+
+def combined(name: str, phases: list[PhaseResult]) -> PhaseResult:
+    """Several phases of one kind as one: every latency, the summed wall time, the time-weighted
+    cores, the per-process cores of the first."""
+    result = PhaseResult(name=name, planned=sum(p.planned for p in phases))
+    for phase in phases:
+        result.latencies += phase.latencies
+        result.errors += phase.errors
+        result.error_kinds.update(phase.error_kinds)
+        result.elapsed += phase.elapsed
+        result.cut = result.cut or phase.cut
+    for key in ("server", "postgres", "client", "other"):
+        result.cpu[key] = (
+            sum(p.cpu.get(key, 0.0) * p.elapsed for p in phases) / result.elapsed
+            if result.elapsed
+            else math.nan
+        )
+    result.per_process = phases[0].per_process if phases else []
+    return result
+
+
 async def drive(args: argparse.Namespace, base: str, server: Server, out: Report) -> list[Any]:
     rng = random.Random(args.seed)
     created: list[str] = []
@@ -214,34 +258,88 @@ async def drive(args: argparse.Namespace, base: str, server: Server, out: Report
         )
         if serving < min(args.workers, args.concurrency):
             out("WARNING: some workers own no connection; the figures reflect fewer workers")
-        create = await load.run(
-            "create",
-            (
-                Call("POST", "/inventory/managedObjects", orjson.dumps(device_body(n)))
-                for n in range(args.creates)
-            ),
-            args.phase_timeout,
-            remember,
-            planned=args.creates,
-        )
+        rounds = max(1, args.ab_rounds)
+        phases: list[PhaseResult] = []
+        numbers = iter(range(10**9))
+        bare_created: list[str] = []
+
+        def remember_bare(payload: bytes) -> None:
+            bare_created.append(str(orjson.loads(payload)["id"]))
+
+        # Creates, then gets: bare DRF and product alternately, bare first.
+        for number in range(1, rounds + 1):
+            count = max(1, args.creates // rounds)
+            phases.append(
+                await load.run(
+                    f"bare create {number}",
+                    (
+                        Call(
+                            "POST",
+                            "/bench-bare/managedObjects",
+                            orjson.dumps(bare_device_body(next(numbers))),
+                        )
+                        for _ in range(count)
+                    ),
+                    args.phase_timeout,
+                    remember_bare,
+                    planned=count,
+                )
+            )
+            phases.append(
+                await load.run(
+                    f"create {number}",
+                    (
+                        Call(
+                            "POST",
+                            "/inventory/managedObjects",
+                            orjson.dumps(device_body(next(numbers))),
+                        )
+                        for _ in range(count)
+                    ),
+                    args.phase_timeout,
+                    remember,
+                    planned=count,
+                )
+            )
         if not created:
-            raise SystemExit(f"no create succeeded: {dict(create.error_kinds)}")
-        get = await load.run(
-            "get by id",
-            (
-                Call("GET", f"/inventory/managedObjects/{rng.choice(created)}")
-                for _ in range(args.gets)
-            ),
-            args.phase_timeout,
-            planned=args.gets,
+            raise SystemExit(f"no create succeeded: {[dict(p.error_kinds) for p in phases]}")
+        for number in range(1, rounds + 1):
+            count = max(1, args.gets // rounds)
+            phases.append(
+                await load.run(
+                    f"bare get {number}",
+                    (
+                        Call("GET", f"/bench-bare/managedObjects/{rng.choice(created)}")
+                        for _ in range(count)
+                    ),
+                    args.phase_timeout,
+                    planned=count,
+                )
+            )
+            phases.append(
+                await load.run(
+                    f"get by id {number}",
+                    (
+                        Call("GET", f"/inventory/managedObjects/{rng.choice(created)}")
+                        for _ in range(count)
+                    ),
+                    args.phase_timeout,
+                    planned=count,
+                )
+            )
+        create = combined("create", [p for p in phases if p.name.startswith("create")])
+        bare_create = combined(
+            "bare DRF create", [p for p in phases if p.name.startswith("bare c")]
         )
+        get = combined("get by id", [p for p in phases if p.name.startswith("get")])
+        bare_get = combined("bare DRF get", [p for p in phases if p.name.startswith("bare g")])
         listing = await load.run(
             f"list ({args.list_page_size}/page)",
             (Call("GET", list_path) for _ in range(args.lists)),
             args.phase_timeout,
             planned=args.lists,
         )
-    return [create, get, listing, len(created)]
+    return [create, get, listing, len(created) + len(bare_created), bare_create, bare_get, phases]
 
 
 def count_rows(url: str) -> int:
@@ -280,7 +378,7 @@ def main(argv: list[str]) -> int:
         wait_until_idle(args.wait_idle, out)
     started = time.perf_counter()
     recreate_database(url, admin_url)
-    env = bench_env(url)
+    env = bench_env(url, DJANGO_SETTINGS_MODULE="bench.bare_drf.settings", PYTHONPATH=str(REPO))
     if args.no_pool:
         env["DATABASE_POOL"] = "false"
     migrate_and_create_user(env)
@@ -301,7 +399,9 @@ def main(argv: list[str]) -> int:
         except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop
             runner, loop_name = asyncio.run, "asyncio"
         out(f"client: aiohttp {aiohttp.__version__} on {loop_name}")
-        create, get, listing, created = runner(drive(args, base, server, out))
+        create, get, listing, created, bare_create, bare_get, phases = runner(
+            drive(args, base, server, out)
+        )
         if not server.alive():
             raise SystemExit(f"server died during the run:\n{server.log_tail()}")
     finally:
@@ -311,10 +411,10 @@ def main(argv: list[str]) -> int:
     out()
     out(TABLE_HEADER)
     out("-" * len(TABLE_HEADER))
-    for result in (create, get, listing, raw):
+    for result in (*phases, create, bare_create, get, bare_get, listing, raw):
         out(result.row())
     out()
-    for result in (create, get, listing):
+    for result in (create, bare_create, get, bare_get, listing):
         split = " ".join(f"{cores:.2f}" for cores in result.per_process)
         out(f"server cores per process, {result.name}: {split}")
     ratio = create.rate / raw.rate if raw.rate else math.nan
@@ -322,26 +422,45 @@ def main(argv: list[str]) -> int:
         f"ratio create req/s / raw INSERT rows/s: {create.rate:.1f} / {raw.rate:.1f} = {ratio:.2f}x"
     )
     out(
+        f"ratio create / bare DRF create: {create.rate:.1f} / {bare_create.rate:.1f} = "
+        f"{create.rate / bare_create.rate if bare_create.rate else math.nan:.2f}x; get by id / bare "
+        f"DRF get: {get.rate:.1f} / {bare_get.rate:.1f} = "
+        f"{get.rate / bare_get.rate if bare_get.rate else math.nan:.2f}x (alternate phases, same server)"
+    )
+    out(
         "server/pg/client/other: cores busy during the phase (server processes, all postgres "
         f"processes, this client, everything else on the machine); {usable} usable cores"
     )
-    noisy = [r.name for r in (create, get, listing, raw) if r.cpu.get("other", 0) > NOISY_CORES]
+    noisy = [
+        r.name
+        for r in (create, bare_create, get, bare_get, listing, raw)
+        if r.cpu.get("other", 0) > NOISY_CORES
+    ]
     if noisy:
         out(
             f"WARNING: other processes used more than {NOISY_CORES} cores during {', '.join(noisy)}; "
             "these figures are not comparable (rerun, e.g. with --wait-idle 300)"
         )
-    if any(r.cut for r in (create, get, listing)):
+    if any(r.cut for r in (create, bare_create, get, bare_get, listing)):
         out("* phase stopped at --phase-timeout before all planned requests were sent")
-    for result in (create, get, listing):
+    for result in (create, bare_create, get, bare_get, listing):
         if result.error_kinds:
             out(f"errors in {result.name}: {dict(result.error_kinds)}")
     if rows != created:
         out(f"MISMATCH: {created} creates answered 2xx but {rows} rows exist")
     out(f"rows created: {rows}; total run time {time.perf_counter() - started:.1f} s")
+    for figure, value, ceiling, ceiling_value, goal, met in (
+        ("managed object create vs bare DRF", create.rate, "bare DRF CreateAPIView, same server, alternate phases", bare_create.rate, ">= 0.9x bare DRF", create.rate >= 0.9 * bare_create.rate),
+        ("managed object create vs raw INSERT", create.rate, "raw single-row INSERT, one connection", raw.rate, ">= 0.25x raw INSERT", create.rate >= 0.25 * raw.rate),
+        ("managed object create p99", create.p(0.99), "bare DRF create p99", bare_create.p(0.99), "p99 < 50 ms", create.p(0.99) < 50),
+        ("managed object get vs bare DRF", get.rate, "bare DRF RetrieveAPIView, same server, alternate phases", bare_get.rate, ">= 0.9x bare DRF", get.rate >= 0.9 * bare_get.rate),
+        ("managed object get p99", get.p(0.99), "bare DRF get p99", bare_get.p(0.99), "p99 < 50 ms", get.p(0.99) < 50),
+    ):  # fmt: skip
+        summary(out, figure, value, "req/s" if "p99" not in figure else "ms", ceiling=ceiling,
+                ceiling_value=ceiling_value, goal=goal, met=met)  # fmt: skip
     if args.save:
         out.save(f"inventory_http-{args.server}")
-    errors = sum(r.errors for r in (create, get, listing))
+    errors = sum(r.errors for r in (create, bare_create, get, bare_get, listing))
     return 1 if errors or rows != created else 0
 
 
