@@ -30,6 +30,10 @@ AUTH_FAILURES_PER_USER = env.int("AUTH_FAILURES_PER_USER", default=10)
 AUTH_FAILURES_PER_ADDRESS = env.int("AUTH_FAILURES_PER_ADDRESS", default=30)
 AUTH_FAILURE_WINDOW_SECONDS = env.float("AUTH_FAILURE_WINDOW_SECONDS", default=60.0)
 AUTH_FAILURE_PREFIX = env.str("AUTH_FAILURE_PREFIX", default="dp:authfail")
+# A failed check against a slow hash (PBKDF2, ~0.3 s of CPU) counts this many failures against the
+# client address (1 against the username): one address can make the server run only
+# AUTH_FAILURES_PER_ADDRESS / this many slow checks a window, whatever usernames it tries.
+AUTH_SLOW_FAILURE_WEIGHT = env.int("AUTH_SLOW_FAILURE_WEIGHT", default=3)
 
 # Verified device credentials shared by every process (deviceplatform/api/credential_cache.py), with
 # REDIS_URL: a device user's password checked once is accepted by the other processes, and after a

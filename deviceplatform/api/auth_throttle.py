@@ -65,14 +65,17 @@ class MemoryCounters:
                     longest = max(longest, end - now)
         return longest
 
-    def record(self, counters: Sequence[Counter], window: float) -> None:
+    def record(
+        self, counters: Sequence[Counter], window: float, amounts: Sequence[int] = ()
+    ) -> None:
+        """Add 1 to each counter (or its entry in `amounts`)."""
         now = self._clock()
         with self._lock:
-            for key, _ in counters:
+            for index, (key, _) in enumerate(counters):
                 count, end = self._entries.get(key, (0, now))
                 if end <= now:
                     count, end = 0, now + window
-                self._entries[key] = (count + 1, end)
+                self._entries[key] = (count + (amounts[index] if amounts else 1), end)
                 self._entries.move_to_end(key)
             if len(self._entries) > self._max_keys:
                 for key in [k for k, (_, end) in self._entries.items() if end <= now]:
@@ -109,12 +112,15 @@ class RedisCounters:
                 longest = max(longest, ttl / 1000)
         return longest
 
-    def record(self, counters: Sequence[Counter], window: float) -> None:
+    def record(
+        self, counters: Sequence[Counter], window: float, amounts: Sequence[int] = ()
+    ) -> None:
+        """Add 1 to each counter (or its entry in `amounts`)."""
         pipe = self._client.pipeline(transaction=True)
-        for key, _ in counters:
+        for index, (key, _) in enumerate(counters):
             # The window starts with the first failure: SET NX gives the key its expiry once.
             pipe.set(self._prefix + key, 0, px=max(1, int(window * 1000)), nx=True)
-            pipe.incr(self._prefix + key)
+            pipe.incrby(self._prefix + key, amounts[index] if amounts else 1)
         pipe.execute()
 
     def clear(self) -> None:
@@ -167,12 +173,17 @@ def check_allowed(username: str, client: str | None) -> None:
         raise TooManyFailures(wait)
 
 
-def record_failure(username: str, client: str | None) -> None:
+def record_failure(username: str, client: str | None, *, slow: bool = False) -> None:
+    """Count a failed login against the username (1) and the client address: 1, or
+    AUTH_SLOW_FAILURE_WEIGHT when a slow hash (PBKDF2) was checked, so that one address can make
+    the server run only a few slow checks a window, however many usernames it tries."""
     counters = _counters_for(username, client)
     if not counters:
         return
+    weight = max(1, settings.AUTH_SLOW_FAILURE_WEIGHT) if slow else 1
+    amounts = [weight if key.startswith("a:") else 1 for key, _ in counters]
     try:
-        get_counters().record(counters, settings.AUTH_FAILURE_WINDOW_SECONDS)
+        get_counters().record(counters, settings.AUTH_FAILURE_WINDOW_SECONDS, amounts)
     except Exception:
         logger.warning("failed-login limiter unavailable; a failed login was not counted")
 

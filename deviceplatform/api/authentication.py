@@ -23,6 +23,7 @@ from rest_framework.authentication import BaseAuthentication
 
 from deviceplatform.api.auth_throttle import check_allowed, client_address, record_failure
 from deviceplatform.api.credential_cache import shared_credentials
+from deviceplatform.hashers import is_device_hash
 from deviceplatform.roles import Role, user_roles
 
 BAD_CREDENTIALS = "Invalid credentials! : Bad credentials"
@@ -250,7 +251,7 @@ def _check_credentials(username: str, password: str, client: str | None) -> Any:
         if password_cache.is_verified(user.pk, user.password, password):
             return attach_roles(user)
         if not user.check_password(password):  # may upgrade the hash (changes user.password)
-            record_failure(username, client)
+            record_failure(username, client, slow=not is_device_hash(user.password))
             return None
         password_cache.remember(user.pk, user.password, password)
         shared_credentials().remember(user, password)  # device users, with REDIS_URL

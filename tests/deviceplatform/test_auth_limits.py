@@ -170,6 +170,7 @@ def test_credentials_verified_before_still_work_while_the_username_is_limited(
 def test_failures_per_address_limit_many_usernames(make_user: Any, limits: Any) -> None:
     limits.AUTH_FAILURES_PER_USER = 0
     limits.AUTH_FAILURES_PER_ADDRESS = 4
+    limits.AUTH_SLOW_FAILURE_WEIGHT = 1  # every failure counts one (weights: the next test)
     for index in range(6):
         make_user(f"user-{index}")
 
@@ -181,6 +182,45 @@ def test_failures_per_address_limit_many_usernames(make_user: Any, limits: Any) 
     assert attempt(5, "198.51.100.1") == 401  # another address is counted apart
     unknown = Client(HTTP_AUTHORIZATION=basic("nobody-at-all", "x"), REMOTE_ADDR="203.0.113.7")
     assert unknown.get("/platform").status_code == 429  # unknown names count and are refused
+
+
+def test_slow_hash_failures_weigh_more_against_the_address(
+    make_user: Any, limits: Any, hashes: Any
+) -> None:
+    """A failed check against a slow hash (anything but the device hash: PBKDF2 in production,
+    the counting MD5 here) counts AUTH_SLOW_FAILURE_WEIGHT against the address, so one address
+    gets a third as many slow checks; a device-hash failure and the per-user count stay at one."""
+    from deviceplatform.hashers import device_password_hash
+    from deviceplatform.models import User
+    from deviceplatform.services import generate_password
+
+    limits.AUTH_FAILURES_PER_USER = 100  # counted, never reached here
+    limits.AUTH_FAILURES_PER_ADDRESS = 9
+    limits.AUTH_SLOW_FAILURE_WEIGHT = 3
+    limits.PASSWORD_HASHERS = [
+        *limits.PASSWORD_HASHERS,
+        "deviceplatform.hashers.DevicePasswordHasher",
+    ]
+    for index in range(4):
+        make_user(f"person-{index}")
+        device = make_user(f"device_w-{index}", groups=["devices"])
+        User.objects.filter(pk=device.pk).update(password=device_password_hash(generate_password()))
+
+    def attempt(login: str, address: str) -> int:
+        client = Client(HTTP_AUTHORIZATION=basic(login, "wrong"), REMOTE_ADDR=address)
+        return client.get("/platform").status_code
+
+    slow = [attempt(f"person-{i % 4}", "203.0.113.8") for i in range(5)]
+    fast = [attempt(f"device_w-{i % 4}", "203.0.113.9") for i in range(11)]
+
+    assert slow == [401] * 3 + [429] * 2  # 3 slow checks x 3 = the address's 9
+    assert hashes.checks == 3
+    assert fast == [401] * 9 + [429] * 2
+    # Each checked username was charged one, not the weight: person-0 was checked once (its
+    # second try was refused unchecked), so with a per-user limit of 2 it gets one more check.
+    limits.AUTH_FAILURES_PER_USER = 2
+    assert attempt("person-0", "198.51.100.2") == 401
+    assert attempt("person-0", "198.51.100.3") == 429
 
 
 @pytest.mark.django_db(transaction=True)
