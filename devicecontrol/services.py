@@ -157,11 +157,15 @@ def operation_create(
     retry_of: Operation | None = None,
     notify: bool = True,
     now: datetime | None = None,
+    agent_id: int | None = None,
 ) -> Operation:
     """Create a PENDING operation for `device`, routed to the agent above it (devicecontrol.md §4,
-    §6): 422 when no agent is found. `status` and other read-only keys in `data` are ignored."""
+    §6): 422 when no agent is found. `status` and other read-only keys in `data` are ignored.
+    `agent_id`: that agent when the caller read it with the device already
+    (`inventory.selectors.managed_object_with_agent`); None: resolved here."""
     fragments = _fragments(data)
-    agent_id = device_agent_id(device=device)
+    if agent_id is None:
+        agent_id = device_agent_id(device=device)
     if agent_id is None:
         raise ValidationFailed(
             f"Device {device.pk} is not in the childDevices hierarchy of any agent "

@@ -36,7 +36,7 @@ from deviceplatform.api.permissions import has_any_role, is_owner
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
 from deviceplatform.services import validate_device_id
-from inventory.selectors import managed_object_by_id
+from inventory.selectors import managed_object_with_agent
 
 READ = frozenset({Role.DEVICE_CONTROL_READ})
 ADMIN = frozenset({Role.DEVICE_CONTROL_ADMIN})
@@ -105,14 +105,17 @@ class OperationCollectionView(DeviceControlView):
             raise ValidationFailed(
                 f"Invalid deviceId {body['deviceId']!r}", error="devicecontrol/Invalid Data"
             ) from None
-        device = managed_object_by_id(device_id)
-        if device is None:
+        found = managed_object_with_agent(device_id)
+        if found is None:
             raise ValidationFailed(
                 f"Device {device_id} does not exist", error="devicecontrol/Invalid Data"
             )
+        device, agent_id = found
         if not (has_any_role(request.user, ADMIN) or is_owner(request.user, device.owner)):
             raise PermissionDenied()
-        operation = services.operation_create(device=device, data=body, notify=self.notify)
+        operation = services.operation_create(
+            device=device, data=body, notify=self.notify, agent_id=agent_id
+        )
         return self.respond(
             lambda: operation_json(operation, base=self.base),
             MediaType.OPERATION,

@@ -66,8 +66,8 @@ def test_statements_per_request(
     with django_assert_num_queries(3):
         response = admin.get(OPERATIONS, {"deviceId": world.device.pk, "pageSize": 20}, **ACCEPT)
     assert len(response.json()["operations"]) == 2
-    # user row, device, BEGIN, one agent level, INSERT, event order, COMMIT
-    with django_assert_num_queries(7):
+    # user row, device with its nearest agent, BEGIN, INSERT, event order, COMMIT
+    with django_assert_num_queries(6):
         response = admin.post(
             OPERATIONS,
             {"deviceId": str(world.device.pk), "c8y_Restart": {}},
@@ -76,7 +76,7 @@ def test_statements_per_request(
         )
     assert response.status_code == 201, response.content
     assert response.json()["status"] == "PENDING"
-    # the grandchild's agent is two levels up: one more statement
+    # the grandchild's agent is two levels up: the walk reads both levels
     with django_assert_num_queries(8):
         response = admin.post(
             OPERATIONS, {"deviceId": str(world.grandchild.pk), "c8y_Restart": {}}, format="json"
@@ -116,6 +116,29 @@ def test_agent_resolution_walks_levels_and_takes_the_smallest_agent(hierarchy: H
     assert device_agent_id(device=hierarchy.grandchild) == other.pk
     orphan = make_device("Orphan")
     assert device_agent_id(device=orphan) is None
+
+
+def test_the_device_is_read_with_its_nearest_agent(hierarchy: Hierarchy) -> None:
+    from inventory.selectors import managed_object_with_agent
+
+    device, agent = managed_object_with_agent(hierarchy.device.pk)
+    assert (device.pk, device.name, device.fragments, agent) == (
+        hierarchy.device.pk,
+        "Device D",
+        {"c8y_IsDevice": {}},
+        hierarchy.agent.pk,
+    )
+    assert device.creation_time == ManagedObject.objects.get(pk=device.pk).creation_time
+    assert managed_object_with_agent(hierarchy.agent.pk)[1] == hierarchy.agent.pk
+    # two levels up: the walk (device_agent_id) decides, not this statement
+    assert managed_object_with_agent(hierarchy.grandchild.pk)[1] is None
+    second = make_device("Second agent", agent=True)
+    first = make_device("Third agent", agent=True)
+    add_child_devices(first, hierarchy.grandchild)
+    add_child_devices(second, hierarchy.grandchild)
+    assert managed_object_with_agent(hierarchy.grandchild.pk)[1] == min(first.pk, second.pk)
+    assert managed_object_with_agent(10**12) is None
+    assert managed_object_with_agent(2**63) is None
 
 
 @pytest.mark.parametrize(
