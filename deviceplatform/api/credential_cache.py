@@ -28,6 +28,7 @@ import logging
 from functools import cache
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.core.signals import setting_changed
 
@@ -66,8 +67,6 @@ class SharedVerifiedCredentials:
     timeouts: an unreachable Redis must not stall logins (every error is a miss, logged)."""
 
     def __init__(self, url: str, prefix: str, secret: bytes, ttl: float) -> None:
-        import redis
-
         self._client = redis.Redis.from_url(
             url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=30
         )
