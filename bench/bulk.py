@@ -1,16 +1,21 @@
-"""Bulk operations: ramp throughput over 100,000 devices and pace accuracy of a 0.05 s ramp.
+"""Bulk operations: ramp throughput over 100,000 devices, on-time ramps, several workers at once.
 
 Creates a dedicated PostgreSQL database and uses a dedicated Redis DB index, seeds agents, devices
-and groups with multi-row INSERTs, then runs a real Celery worker (`--pool solo`) driven by a real
-`celery beat` (BULK_RAMP_INTERVAL), exactly as production would:
+and groups with multi-row INSERTs, then runs real Celery workers (`--pool solo`) and a real
+`celery beat` (BULK_RAMP_INTERVAL), exactly as production would (runs booked for each next due
+child included: bulkops/tasks.py):
 
   (a) throughput: one group of --devices devices under --agents agents, a bulk operation with
       creationRamp 0 created by POST /devicecontrol/bulkoperations (Django test client, in-process:
-      the POST snapshots every target); time until COMPLETED, child operations per second, the
-      worker's peak RSS (VmHWM), compared with AWS IoT Jobs' 1,000 devices/minute;
-  (b) pace: a group of --ramp-devices devices with creationRamp --ramp, once per beat interval in
-      --intervals; after COMPLETED, the deviation of each child's creationTime from its scheduled
-      time (effective_start + k * ramp): max, p50, p99;
+      the POST snapshots every target); time until COMPLETED, child operations per second beside
+      the multi-row INSERT ceiling measured before and after, the worker's RSS (VmRSS idle, VmHWM
+      peak), and the CREATE events a realtime session subscribed to /operations/* received (each
+      child exactly once), compared with AWS IoT Jobs' 1,000 devices/minute;
+  (b) lateness: for each beat interval in --intervals (default 0.5, the default), bulk operations
+      with creationRamp --ramp over --ramp-devices devices and each of --ramps over as many devices
+      as keeps the schedule as long; after COMPLETED, each child's creationTime minus its due time
+      (effective_start + k * ramp, in whole microseconds as the ramp computes it): max, p99, p50,
+      and the number created early (goal: max <= 0.2 s, none early);
   (c) profile: cProfile of one in-process `bulk_operations_advance()` over a --profile-devices
       group (same database, same Redis channel layer as the worker), top functions;
   (d) status updates: the children of one bulk operation over --status-devices devices, PUT
@@ -19,12 +24,15 @@ and groups with multi-row INSERTs, then runs a real Celery worker (`--pool solo`
       beat running as in production); updates per second beside a ceiling measured in the same
       run: the same PUTs on as many operations that belong to no bulk operation, each step in
       ABBA order; with the mean number of PostgreSQL backends waiting for a lock. Ends with a
-      check that the bulk operation's progress is exact (every child SUCCESSFUL).
+      check that the bulk operation's progress is exact (every child SUCCESSFUL);
+  (e) several workers: --workers workers and as many creationRamp 0 bulk operations over
+      disjoint quarters of the devices, all starting at the same moment; total children/s beside
+      the ceiling, and fairness while all of them ran (Jain's index of the children each got).
 
 Ceiling (shared/PERFORMANCE.md: report ratios): 500-row multi-row INSERTs into a scratch copy of
 the operations table (same columns, indexes and id default), one transaction per batch.
 
-Usage (see bench/README.md):  .venv/bin/python bench/bulk.py [--devices 20000] [--intervals 1.0]
+Usage (see bench/README.md):  .venv/bin/python bench/bulk.py [--devices 20000] [--wait-idle 60]
                               .venv/bin/python bench/bulk.py --parts d --devices 4000
 """
 
@@ -42,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -285,10 +293,12 @@ def wait_ready(worker: Process, seconds: float = 60.0, marker: str = "ready") ->
 # --- measurements ---------------------------------------------------------------------------------
 
 
-def post_bulk(client: Any, group_id: int, ramp: float) -> tuple[int, float]:
+def post_bulk(
+    client: Any, group_id: int, ramp: float, start: datetime | None = None
+) -> tuple[int, float]:
     body = {
         "groupId": str(group_id),
-        "startDate": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "startDate": (start or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
         "creationRamp": ramp,
         "operationPrototype": PROTOTYPE,
     }
@@ -429,6 +439,7 @@ def run_bulk(
     timeout: float,
     workers: int = 1,
     events: EventCounter | None = None,
+    start_in: float = 0.0,
 ) -> dict[str, Any]:
     """Start `workers` workers + beat, POST a bulk operation per group (one after the other, at
     once), wait until all are COMPLETED, stop them; figures. With one group the rows are a list,
@@ -482,7 +493,9 @@ def run_bulk(
         cpu_before = cpu_totals(worker.pid, database)
         others_before = [cpu_totals(each.pid, database)[0] for each in started[1:]]
         posted_at = time.monotonic()
-        posts = [post_bulk(client, group, ramp) for group in groups]
+        # start_in > 0: every bulk operation starts at the same moment, after all the POSTs.
+        start = datetime.now(UTC) + timedelta(seconds=start_in) if start_in else None
+        posts = [post_bulk(client, group, ramp, start) for group in groups]
         bulk_ids = [bulk_id for bulk_id, _ in posts]
         completed = max(wait_completed(url, bulk_id, worker, timeout) for bulk_id in bulk_ids)
         wall = completed - posted_at
@@ -931,13 +944,16 @@ def main(argv: list[str]) -> int:
         )
         quiet()
         before = measure_ceiling("before (e)")
+        # All start together once every POST (each snapshots its targets) is answered.
+        start_in = 3.0 + 0.0001 * args.devices
+        out(f"every bulk operation starts {start_in:.1f} s after the first POST")
         events = EventCounter(redis_url, REALTIME_PREFIX, queue_limit)
         try:
             e = run_bulk(
                 "e", url=url, database=database, client=client,
                 group_id=[fleet["groups"][f"e{k}"] for k in range(args.workers)], ramp=0,
                 interval=1.0, env=env, log_dir=log_dir, timeout=args.timeout,
-                workers=args.workers, events=events,
+                workers=args.workers, events=events, start_in=start_in,
             )  # fmt: skip
         finally:
             events.close()

@@ -28,9 +28,9 @@ RAMP_TASK = "bulkops.tasks.advance_bulk_operations"
 # ETA task sits unacknowledged in a worker meanwhile, and the Redis transport redelivers those
 # after its visibility timeout (one hour).
 ETA_HORIZON = timedelta(minutes=5)
-# The booked run's due time in ms (the broker's Redis): a run is booked only when none is booked
-# for that moment or earlier. Whichever run starts after it re-books, so the key may lag behind.
-_BOOKED_KEY = "bulkops:ramp:booked"
+# The booked run's due time in ms, per queue (the broker's Redis): a run is booked only when none
+# is booked for that moment or earlier. Whichever run starts after it re-books.
+_BOOKED_KEY = "bulkops:ramp:booked:{queue}"
 # KEYS[1] booked key; ARGV: due ms, now ms, ttl ms. Returns 1 if the caller must send the task.
 _BOOK_LUA = """
 local booked = tonumber(redis.call('GET', KEYS[1]) or '')
@@ -63,7 +63,7 @@ def advance_bulk_operations(
     # The next run goes where this one came from (a worker consuming its own queue keeps it).
     queue = (self.request.delivery_info or {}).get("routing_key")
     if booked_ms is not None:
-        _unbook(booked_ms)
+        _unbook(booked_ms, queue)
         _fan_out(queue)
     created = services.bulk_operations_advance(batch_size=batch_size)
     services.bulk_progress_fold()
@@ -79,7 +79,11 @@ def _scripts() -> tuple[Any, Any]:
     return client.register_script(_BOOK_LUA), client.register_script(_UNBOOK_LUA)
 
 
-def _unbook(booked_ms: int) -> None:
+def _booked_key(queue: str | None) -> str:
+    return _BOOKED_KEY.format(queue=queue or "")
+
+
+def _unbook(booked_ms: int, queue: str | None) -> None:
     """The booked run starts: wait for its moment if the timer fired early (a child is never
     created early anyway: this spares a run that would find nothing due), and clear the booking
     so that the next one is booked however soon it is due."""
@@ -87,7 +91,7 @@ def _unbook(booked_ms: int) -> None:
     if 0 < early <= EARLY_WAIT_SECONDS:
         time.sleep(early)
     try:
-        _scripts()[1](keys=[_BOOKED_KEY], args=[booked_ms])
+        _scripts()[1](keys=[_booked_key(queue)], args=[booked_ms])
     except Exception:
         logger.warning("Bulk ramp: could not clear the booking of %s ms", booked_ms, exc_info=True)
 
@@ -133,7 +137,7 @@ def _book(due: datetime, queue: str | None) -> None:
         return
     due_ms, now_ms = math.ceil(due.timestamp() * 1000), int(now.timestamp() * 1000)
     ttl_ms = max(due_ms - now_ms, 0) + 60_000
-    if _scripts()[0](keys=[_BOOKED_KEY], args=[due_ms, now_ms, ttl_ms]):
+    if _scripts()[0](keys=[_booked_key(queue)], args=[due_ms, now_ms, ttl_ms]):
         advance_bulk_operations.apply_async(
             kwargs={"booked_ms": due_ms}, eta=due if due > now else None, queue=queue
         )

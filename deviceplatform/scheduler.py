@@ -195,6 +195,9 @@ class Scheduler:
         return self._thread
 
     def stop(self, timeout: float | None = 10.0) -> None:
+        global _running
+        if _running is self:
+            _running = None
         self._stop.set()
         self._woken.set()
         if self._thread is not None:
