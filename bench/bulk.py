@@ -76,6 +76,7 @@ from _common import (
     gunicorn_command,
     load_average_line,
     machine_line,
+    manage,
     migrate_and_create_user,
     percentile,
     process_cpu_seconds,
@@ -117,6 +118,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=4, help="(e) workers and bulk operations")
     parser.add_argument(
+        "--embedded-devices", type=int, default=200,
+        help="(f) the 0.05 s ramp's devices in the embedded server (the others: as long a schedule)",
+    )  # fmt: skip
+    parser.add_argument(
         "--wait-idle",
         type=float,
         default=0,
@@ -127,7 +132,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--status-concurrency", type=int, default=16, help="(d) agents")
     parser.add_argument("--status-workers", type=int, default=4, help="(d) gunicorn workers")
     parser.add_argument(
-        "--parts", default="a,b,c,d,e", help="which measurements to run, comma-separated"
+        "--parts", default="a,b,c,d,e,f", help="which measurements to run, comma-separated"
     )
     parser.add_argument("--ceiling-rows", type=int, default=20_000)
     parser.add_argument("--timeout", type=float, default=300.0, help="per bulk operation, seconds")
@@ -144,8 +149,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.interval_list = [float(x) for x in args.intervals.split(",") if x.strip()]
     args.part_set = {part.strip() for part in args.parts.split(",") if part.strip()}
-    if args.part_set - {"a", "b", "c", "d", "e"}:
-        parser.error("--parts takes a, b, c, d and/or e")
+    if args.part_set - {"a", "b", "c", "d", "e", "f"}:
+        parser.error("--parts takes a, b, c, d, e and/or f")
     ramps = [args.ramp] + [float(x) for x in args.ramps.split(",") if x.strip()]
     args.ramp_plan = [
         (ramp, args.ramp_devices if ramp == args.ramp else
@@ -492,10 +497,10 @@ def run_bulk(
         hwm_idle = [proc_status(each.pid, "VmHWM") for each in started]
         cpu_before = cpu_totals(worker.pid, database)
         others_before = [cpu_totals(each.pid, database)[0] for each in started[1:]]
-        posted_at = time.monotonic()
         # start_in > 0: every bulk operation starts at the same moment, after all the POSTs.
         start = datetime.now(UTC) + timedelta(seconds=start_in) if start_in else None
         posts = [post_bulk(client, group, ramp, start) for group in groups]
+        posted_at = time.monotonic()  # the POSTs answered (each snapshots its targets first)
         bulk_ids = [bulk_id for bulk_id, _ in posts]
         completed = max(wait_completed(url, bulk_id, worker, timeout) for bulk_id in bulk_ids)
         wall = completed - posted_at
@@ -611,6 +616,122 @@ def ramp_processes(label: str, env: dict[str, str], log_dir: Path) -> tuple[Proc
     wait_ready(worker)
     wait_ready(beat, marker="Sending due task")
     return worker, beat
+
+
+def lateness_summary(out: Report, name: str, lateness: list[float], tolerance: float = 0.0) -> bool:
+    """Print max, p99, p50, min and early creates (below -`tolerance`) and their SUMMARY lines;
+    whether the goal (max <= 0.2 s, none early) was met."""
+    early = sum(1 for late in lateness if late < -tolerance)
+    worst, p99 = lateness[-1], percentile(lateness, 0.99)
+    met = worst <= 0.2 and early == 0
+    out(
+        f"lateness creationTime - scheduled (s): max {worst:.3f}, p99 {p99:.3f}, "
+        f"p50 {percentile(lateness, 0.5):.3f}, min {lateness[0]:+.4f}; early: {early}; "
+        f"goal max <= 0.2 s, none early: {'met' if met else 'NOT met'}"
+    )
+    goal = "max late <= 0.2 s, none early"
+    summary(out, f"{name} max", worst, "s", goal=goal, met=met)
+    summary(out, f"{name} p99", p99, "s")
+    summary(out, f"{name} early creates", early, "children", goal="0", met=early == 0)
+    return met
+
+
+EMBEDDED_ADMIN_PASSWORD = "bench-embedded-pw:not-secret"
+
+
+def embedded_lateness(args: argparse.Namespace, log_dir: Path, out: Report) -> int:
+    """(f): `manage.py serve` on SQLite without Redis (what `bin/run` starts without REDIS_URL: the
+    beat schedule runs in the server's embedded scheduler, woken by the ramp's bookings), default
+    settings; a fleet made over HTTP; each ramp of (b) over fewer devices; lateness from the
+    children's creationTime (whole milliseconds, truncated: "early" allows 1 ms)."""
+    import urllib.request
+
+    folder = Path(tempfile.mkdtemp(prefix="dp-bench-bulk-embedded-"))
+    env = bench_env(
+        f"sqlite:///{folder / 'db.sqlite3'}",
+        drop=("BULK_RAMP_INTERVAL", "BULK_RAMP_BOOKING", "REALTIME_PREFIX"),
+        ADMIN_USERNAME="admin",
+        ADMIN_PASSWORD=EMBEDDED_ADMIN_PASSWORD,
+    )
+    manage(env, "migrate", "--noinput")
+    manage(env, "ensureadmin")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    out(f"server: {shlex.join(command)} (DATABASE_URL=sqlite:///…, no REDIS_URL)")
+    server = Server(command, env, log_dir / "server-f.log", name="embedded")
+    auth = basic_auth("admin", EMBEDDED_ADMIN_PASSWORD)
+    failures = 0
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        request = urllib.request.Request(  # noqa: S310 (loopback)
+            base + path, method=method, data=None if body is None else orjson.dumps(body),
+            headers={"Authorization": auth, "Accept": "application/json",
+                     "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            return orjson.loads(response.read() or b"{}")
+
+    try:
+        server.wait_ready(f"{base}/tenant/loginOptions")
+        plan = [
+            (ramp, max(5, round(args.embedded_devices * args.ramp / ramp)))
+            for ramp, _ in args.ramp_plan
+        ]
+        size = max(n for _, n in plan)
+        t0 = time.perf_counter()
+        agent = call("POST", "/inventory/managedObjects",
+                     {"name": "agent", "c8y_IsDevice": {}, "com_cumulocity_model_Agent": {}})  # fmt: skip
+        devices = []
+        for i in range(size):
+            device = call(
+                "POST", "/inventory/managedObjects", {"name": f"d{i}", "c8y_IsDevice": {}}
+            )
+            call("POST", f"/inventory/managedObjects/{agent['id']}/childDevices",
+                 {"managedObject": {"id": device["id"]}})  # fmt: skip
+            devices.append(device["id"])
+        out(f"seeded 1 agent and {size} devices over HTTP in {time.perf_counter() - t0:.1f} s")
+        for ramp, count in plan:
+            group = call("POST", "/inventory/managedObjects",
+                         {"name": f"ramp-{ramp:g}", "c8y_IsDeviceGroup": {}})  # fmt: skip
+            for device_id in devices[:count]:
+                call("POST", f"/inventory/managedObjects/{group['id']}/childAssets",
+                     {"managedObject": {"id": device_id}})  # fmt: skip
+            out()
+            out(f"--- (f) embedded: creationRamp {ramp:g} s over {count} devices ---")
+            # A start ahead of the POST: the schedule is then exactly startDate + k * ramp.
+            start = datetime.now(UTC) + timedelta(seconds=2)
+            bulk = call("POST", "/devicecontrol/bulkoperations", {
+                "groupId": group["id"], "startDate": start.isoformat().replace("+00:00", "Z"),
+                "creationRamp": ramp, "operationPrototype": PROTOTYPE,
+            })  # fmt: skip
+            deadline = time.monotonic() + args.timeout + 2 + count * ramp
+            while (
+                call("GET", f"/devicecontrol/bulkoperations/{bulk['id']}")["status"] != "COMPLETED"
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"(f) bulk operation {bulk['id']} not COMPLETED:\n{server.log_tail()}"
+                    )
+                time.sleep(0.2)
+            listed = call(
+                "GET", f"/devicecontrol/operations?bulkOperationId={bulk['id']}&pageSize=2000"
+            )["operations"]
+            created = sorted(
+                datetime.fromisoformat(op["creationTime"].replace("Z", "+00:00")) for op in listed
+            )
+            if len(created) != count:
+                failures += 1
+                out(f"MISMATCH: {len(created)} children for {count} targets")
+            lateness = sorted(
+                (moment - start).total_seconds() - k * ramp for k, moment in enumerate(created)
+            )
+            lateness_summary(
+                out, f"embedded ramp {ramp:g} s x {count} lateness", lateness, tolerance=0.001
+            )
+    finally:
+        server.stop()
+    return failures
 
 
 def copy_without_bulk(url: str, bulk_id: int) -> list[int]:
@@ -912,27 +1033,15 @@ def main(argv: list[str]) -> int:
                 failures += 1
                 out(f"MISMATCH: {len(b['rows']):,} children for {count:,} targets")
             lateness = sorted((created - due).total_seconds() for _, created, due, _ in b["rows"])
-            early = sum(1 for late in lateness if late < 0)
-            worst, p99 = lateness[-1], percentile(lateness, 0.99)
-            met = worst <= 0.2 and early == 0
             out(
                 f"POST {b['post'] * 1000:.0f} ms; POST -> COMPLETED {b['wall']:.1f} s "
                 f"(schedule length {(count - 1) * ramp:.1f} s)"
             )
-            out(
-                f"lateness creationTime - scheduled (s): max {worst:.3f}, p99 {p99:.3f}, "
-                f"p50 {percentile(lateness, 0.5):.3f}, min {lateness[0]:+.4f}; early: {early}; "
-                f"goal max <= 0.2 s, none early: {'met' if met else 'NOT met'}"
-            )
+            lateness_summary(out, f"ramp {ramp:g} s x {count} lateness", lateness)
             out(
                 f"worker peak RSS {b['hwm_kb'] / 1024:.0f} MiB; cores: worker {b['worker_cores']:.2f}, "
                 f"postgres {b['pg_cores']:.2f}, redis {b['redis_cores']:.2f}, other {b['other_cores']:.2f}"
             )
-            name = f"ramp {ramp:g} s x {count} lateness"
-            goal = "max late <= 0.2 s, none early"
-            summary(out, f"{name} max", worst, "s", goal=goal, met=met)
-            summary(out, f"{name} p99", p99, "s")
-            summary(out, f"{name} early creates", early, "children", goal="0", met=early == 0)
 
     # --- (e) several workers, several bulk operations --------------------------------------------
     if "e" in args.part_set:
@@ -1031,6 +1140,15 @@ def main(argv: list[str]) -> int:
             args, url=url, database=database, client=client, group_id=fleet["groups"]["status"],
             env=env, log_dir=log_dir, out=out,
         )  # fmt: skip
+
+    # --- (f) the embedded mode ------------------------------------------------------------------
+    if "f" in args.part_set:
+        out()
+        out(
+            "=== (f) on-time ramps in the embedded mode: manage.py serve on SQLite without Redis, "
+            "default settings ==="
+        )
+        failures += embedded_lateness(args, log_dir, out)
 
     flush_redis(redis_url)
     out()

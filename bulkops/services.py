@@ -434,7 +434,10 @@ class _Publisher:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            publish(*item)  # logs a store outage itself, never raises
+            try:
+                publish(*item)  # logs a store outage itself
+            except Exception:  # never leave the ramp blocked on a full queue
+                logger.exception("Bulk ramp: could not publish %d event(s)", len(item[0]))
 
     def close(self) -> None:
         """Return once every submitted batch is published."""
