@@ -58,15 +58,19 @@ def advance_bulk_operations(
     children are created, so a rerun after a crash continues where the last commit left off.
     `batch_size` is the number of children per transaction. Then the progress deltas of the
     children's status changes are folded into their bulk operations' rows (also idempotent: a
-    delta is deleted in the transaction that adds it to its row), and the next run is booked for
-    the next due child. `booked_ms`: this is the run booked for that moment (ms since the epoch)."""
+    delta is deleted in the transaction that adds it to its row; beat's runs only), and the next
+    run is booked for the next due child. `booked_ms`: this is the run booked for that moment (ms
+    since the epoch)."""
     # The next run goes where this one came from (a worker consuming its own queue keeps it).
     queue = (self.request.delivery_info or {}).get("routing_key")
     if booked_ms is not None:
         _unbook(booked_ms, queue)
         _fan_out(queue)
     created = services.bulk_operations_advance(batch_size=batch_size)
-    services.bulk_progress_fold()
+    if booked_ms is None:
+        # Beat's runs fold; booked runs, many a second on a fine ramp, leave it to them (reads
+        # add the deltas not folded yet: progress is exact either way).
+        services.bulk_progress_fold()
     ramp_wake(services.bulk_operations_next_due(), queue=queue)
     return created
 
