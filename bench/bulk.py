@@ -495,12 +495,14 @@ def run_bulk(
         wait_ready(beat, marker="Sending due task")
         rss_idle = [proc_status(each.pid, "VmRSS") for each in started]
         hwm_idle = [proc_status(each.pid, "VmHWM") for each in started]
-        cpu_before = cpu_totals(worker.pid, database)
-        others_before = [cpu_totals(each.pid, database)[0] for each in started[1:]]
         # start_in > 0: every bulk operation starts at the same moment, after all the POSTs.
         start = datetime.now(UTC) + timedelta(seconds=start_in) if start_in else None
         posts = [post_bulk(client, group, ramp, start) for group in groups]
+        if start is not None:  # the clock (and the CPU count) start when the ramps do
+            time.sleep(max(0.0, (start - datetime.now(UTC)).total_seconds()))
         posted_at = time.monotonic()  # the POSTs answered (each snapshots its targets first)
+        cpu_before = cpu_totals(worker.pid, database)
+        others_before = [cpu_totals(each.pid, database)[0] for each in started[1:]]
         bulk_ids = [bulk_id for bulk_id, _ in posts]
         completed = max(wait_completed(url, bulk_id, worker, timeout) for bulk_id in bulk_ids)
         wall = completed - posted_at
