@@ -30,8 +30,9 @@ layout starts `bin/run` there as a real process and walks through:
                SIGTERM (production); no process is left behind
 
 The layouts: `embedded` (no DATABASE_URL, no REDIS_URL: SQLite and the in-process scheduler),
-`redis` (PostgreSQL and Redis: server, worker, beat) and `production` (`bin/run --production`:
-gunicorn, uvicorn, worker, beat behind nginx). A failure names the layout and the step and shows
+`redis` (PostgreSQL and Redis, `bin/run --one-server`: server, worker, beat; plain `bin/run` starts
+the production layout where nginx is installed) and `production` (`bin/run --production`: gunicorn,
+uvicorn, worker, beat behind nginx). A failure names the layout and the step and shows
 the end of the platform's log. Uses the dev venv's clients (requests, aiocometd-ng)."""
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ class Platform:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = ["bin/run", "--production"] if self.layout == "production" else ["bin/run"]
+        options = {"production": ["--production"], "redis": ["--one-server"]}
+        args = ["bin/run", *options.get(self.layout, [])]
         self.log_file = self.log_path.open("wb")
         # A session of its own, as a terminal would give it: Ctrl-C is a SIGINT to its group.
         self.process = subprocess.Popen(
