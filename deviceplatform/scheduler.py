@@ -92,7 +92,9 @@ class Scheduler:
 
     Like Celery beat, an entry is first due one interval after the first tick. A late tick runs a due
     entry once (no catch-up burst) and keeps its cadence: the next due time stays on the grid
-    `first due + k * interval`. `tick(now)` takes the time as an argument so tests never sleep."""
+    `first due + k * interval`. `wake` (any thread) makes an entry due earlier, e.g. the bulk ramp
+    booking its next run for the next due child; the grid then goes on from that run.
+    `tick(now)` takes the time as an argument so tests never sleep."""
 
     def __init__(
         self,
