@@ -69,19 +69,45 @@ class MemoryCounters:
         self, counters: Sequence[Counter], window: float, amounts: Sequence[int] = ()
     ) -> None:
         """Add 1 to each counter (or its entry in `amounts`)."""
+        with self._lock:
+            self._add(counters, window, amounts, self._clock())
+
+    def reserve(self, counters: Sequence[Counter], window: float, amounts: Sequence[int]) -> float:
+        """`record` at once unless a counter is used up: 0.0 when recorded, else the wait."""
         now = self._clock()
         with self._lock:
-            for index, (key, _) in enumerate(counters):
+            longest = 0.0
+            for key, limit in counters:
                 count, end = self._entries.get(key, (0, now))
-                if end <= now:
-                    count, end = 0, now + window
-                self._entries[key] = (count + (amounts[index] if amounts else 1), end)
-                self._entries.move_to_end(key)
-            if len(self._entries) > self._max_keys:
-                for key in [k for k, (_, end) in self._entries.items() if end <= now]:
-                    del self._entries[key]
-                while len(self._entries) > self._max_keys:  # a flood of distinct keys
-                    self._entries.popitem(last=False)
+                if end > now and count >= limit:
+                    longest = max(longest, end - now)
+            if longest == 0.0:
+                self._add(counters, window, amounts, now)
+            return longest
+
+    def refund(self, counters: Sequence[Counter], amounts: Sequence[int]) -> None:
+        """Take back a reservation (the windows it started, if any, stay)."""
+        now = self._clock()
+        with self._lock:
+            for (key, _), amount in zip(counters, amounts, strict=True):
+                count, end = self._entries.get(key, (0, now))
+                if end > now:
+                    self._entries[key] = (max(0, count - amount), end)
+
+    def _add(
+        self, counters: Sequence[Counter], window: float, amounts: Sequence[int], now: float
+    ) -> None:
+        for index, (key, _) in enumerate(counters):
+            count, end = self._entries.get(key, (0, now))
+            if end <= now:
+                count, end = 0, now + window
+            self._entries[key] = (count + (amounts[index] if amounts else 1), end)
+            self._entries.move_to_end(key)
+        if len(self._entries) > self._max_keys:
+            for key in [k for k, (_, end) in self._entries.items() if end <= now]:
+                del self._entries[key]
+            while len(self._entries) > self._max_keys:  # a flood of distinct keys
+                self._entries.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
@@ -123,11 +149,52 @@ class RedisCounters:
             pipe.incrby(self._prefix + key, amounts[index] if amounts else 1)
         pipe.execute()
 
+    def reserve(self, counters: Sequence[Counter], window: float, amounts: Sequence[int]) -> float:
+        """`record` at once unless a counter is used up: 0.0 when recorded, else the wait. One
+        script, so that concurrent attempts cannot all pass the check before any is counted."""
+        keys = [self._prefix + key for key, _ in counters]
+        limits = [limit for _, limit in counters]
+        wait_ms = self._client.register_script(RESERVE_SCRIPT)(
+            keys=keys, args=[max(1, int(window * 1000)), *limits, *amounts]
+        )
+        return int(wait_ms) / 1000
+
+    def refund(self, counters: Sequence[Counter], amounts: Sequence[int]) -> None:
+        """Take back a reservation from the counters that still exist."""
+        keys = [self._prefix + key for key, _ in counters]
+        self._client.register_script(REFUND_SCRIPT)(keys=keys, args=list(amounts))
+
     def clear(self) -> None:
         keys = list(self._client.scan_iter(match=f"{self._prefix}*", count=1000))
         if keys:
             self._client.delete(*keys)
 
+
+# KEYS: the counters; ARGV: window (ms), then each counter's limit, then each one's amount.
+RESERVE_SCRIPT = """
+local n = #KEYS
+local longest = 0
+for i = 1, n do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if count >= tonumber(ARGV[1 + i]) then
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl > longest then longest = ttl end
+  end
+end
+if longest > 0 then return longest end
+for i = 1, n do
+  redis.call('SET', KEYS[i], 0, 'PX', ARGV[1], 'NX')
+  redis.call('INCRBY', KEYS[i], ARGV[1 + n + i])
+end
+return 0
+"""
+# KEYS: the counters; ARGV: each one's amount. A counter that expired meanwhile stays gone.
+REFUND_SCRIPT = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], ARGV[i]) end
+end
+return 0
+"""
 
 Counters = MemoryCounters | RedisCounters
 
@@ -173,6 +240,40 @@ def check_allowed(username: str, client: str | None) -> None:
         raise TooManyFailures(wait)
 
 
+def _amounts(counters: Sequence[Counter], slow: bool) -> list[int]:
+    weight = max(1, settings.AUTH_SLOW_FAILURE_WEIGHT) if slow else 1
+    return [weight if key.startswith("a:") else 1 for key, _ in counters]
+
+
+def reserve_slow_check(username: str, client: str | None) -> None:
+    """Count a slow check (PBKDF2) as a failure before it runs, atomically with the test of the
+    limits: raises TooManyFailures when the username or address is used up, so concurrent
+    attempts cannot run more slow checks than the limits allow. `refund_slow_check` takes it
+    back when the password was right."""
+    counters = _counters_for(username, client)
+    if not counters:
+        return
+    try:
+        wait = get_counters().reserve(
+            counters, settings.AUTH_FAILURE_WINDOW_SECONDS, _amounts(counters, slow=True)
+        )
+    except Exception:
+        logger.warning("failed-login limiter unavailable; checking the password anyway")
+        return
+    if wait > 0:
+        raise TooManyFailures(wait)
+
+
+def refund_slow_check(username: str, client: str | None) -> None:
+    counters = _counters_for(username, client)
+    if not counters:
+        return
+    try:
+        get_counters().refund(counters, _amounts(counters, slow=True))
+    except Exception:
+        logger.warning("failed-login limiter unavailable; a right password stays counted")
+
+
 def record_failure(username: str, client: str | None, *, slow: bool = False) -> None:
     """Count a failed login against the username (1) and the client address: 1, or
     AUTH_SLOW_FAILURE_WEIGHT when a slow hash (PBKDF2) was checked, so that one address can make
@@ -180,8 +281,7 @@ def record_failure(username: str, client: str | None, *, slow: bool = False) -> 
     counters = _counters_for(username, client)
     if not counters:
         return
-    weight = max(1, settings.AUTH_SLOW_FAILURE_WEIGHT) if slow else 1
-    amounts = [weight if key.startswith("a:") else 1 for key, _ in counters]
+    amounts = _amounts(counters, slow)
     try:
         get_counters().record(counters, settings.AUTH_FAILURE_WINDOW_SECONDS, amounts)
     except Exception:

@@ -21,7 +21,13 @@ from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 
-from deviceplatform.api.auth_throttle import check_allowed, client_address, record_failure
+from deviceplatform.api.auth_throttle import (
+    check_allowed,
+    client_address,
+    record_failure,
+    refund_slow_check,
+    reserve_slow_check,
+)
 from deviceplatform.api.credential_cache import shared_credentials
 from deviceplatform.hashers import is_device_hash
 from deviceplatform.roles import Role, user_roles
@@ -250,9 +256,17 @@ def _check_credentials(username: str, password: str, client: str | None) -> Any:
         # A concurrent request with the same credentials may have verified them meanwhile.
         if password_cache.is_verified(user.pk, user.password, password):
             return attach_roles(user)
+        # A slow check (PBKDF2) counts as a failure before it runs, atomically with the limits'
+        # test, so concurrent wrong passwords cannot run more of them than the limits allow.
+        slow = not is_device_hash(user.password)
+        if slow:
+            reserve_slow_check(username, client)  # raises TooManyFailures
         if not user.check_password(password):  # may upgrade the hash (changes user.password)
-            record_failure(username, client, slow=not is_device_hash(user.password))
+            if not slow:
+                record_failure(username, client)
             return None
+        if slow:
+            refund_slow_check(username, client)
         password_cache.remember(user.pk, user.password, password)
         shared_credentials().remember(user, password)  # device users, with REDIS_URL
         # A login: the password was checked against its hash (once per process and password, or

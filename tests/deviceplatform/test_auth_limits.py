@@ -167,6 +167,74 @@ def test_credentials_verified_before_still_work_while_the_username_is_limited(
     assert hashes.checks == 1 + 3
 
 
+@pytest.mark.django_db(transaction=True)  # the threads read the users over their own connections
+def test_concurrent_slow_checks_from_one_address_stay_within_its_limit(
+    make_user: Any, limits: Any, hashes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight wrong passwords for eight users from one address arrive at once, each check slow:
+    a slow check is counted before it runs, so the address's budget (9, weight 3: three slow
+    checks) holds; counted after, all eight would have passed the test first."""
+    import threading
+    import time
+
+    from django.db import connection
+
+    from deviceplatform.api.auth_throttle import TooManyFailures
+    from deviceplatform.api.authentication import authenticate_credentials
+    from deviceplatform.models import User
+
+    limits.AUTH_FAILURES_PER_USER = 0
+    limits.AUTH_FAILURES_PER_ADDRESS = 9
+    limits.AUTH_SLOW_FAILURE_WEIGHT = 3
+    for index in range(8):
+        make_user(f"slow-{index}")
+    original = User.check_password
+
+    def slow_check(user: Any, raw_password: str) -> bool:
+        time.sleep(0.2)  # every thread arrives while the first ones check
+        return original(user, raw_password)
+
+    monkeypatch.setattr(User, "check_password", slow_check)
+    barrier = threading.Barrier(8)
+    outcomes: dict[int, str] = {}
+
+    def attempt(index: int) -> None:
+        barrier.wait()
+        try:
+            user = authenticate_credentials(f"slow-{index}", "wrong", client="203.0.113.10")
+            outcomes[index] = "refused" if user is None else "in"
+        except TooManyFailures:
+            outcomes[index] = "limited"
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=attempt, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(outcomes.values()) == ["limited"] * 5 + ["refused"] * 3
+    assert hashes.checks == 3
+
+
+def test_a_right_slow_password_is_not_counted_as_a_failure(
+    make_user: Any, limits: Any, hashes: Any
+) -> None:
+    """The slow check counted before it ran is taken back when the password was right: with a
+    limit of one failure per user, logins keep working in every (new) process."""
+    from deviceplatform.api.authentication import password_cache
+
+    limits.AUTH_FAILURES_PER_USER = 1
+    make_user("person")
+    for _ in range(3):
+        password_cache._entries.clear()  # a process that has not verified it yet
+        assert Client(HTTP_AUTHORIZATION=basic("t100/person")).get("/platform").status_code == 200
+    assert hashes.checks == 3
+    wrong = Client(HTTP_AUTHORIZATION=basic("t100/person", "wrong"))
+    assert [wrong.get("/platform").status_code for _ in range(2)] == [401, 429]
+
+
 def test_failures_per_address_limit_many_usernames(make_user: Any, limits: Any) -> None:
     limits.AUTH_FAILURES_PER_USER = 0
     limits.AUTH_FAILURES_PER_ADDRESS = 4
@@ -277,6 +345,22 @@ def test_the_window_ends_and_the_count_starts_again() -> None:
     assert counters.wait(limited) == 0
     counters.record(limited, window=60)
     assert counters.wait(limited) == 0  # one failure in the new window
+
+
+def test_memory_counters_reserve_within_the_limits_and_refund() -> None:
+    """The per-process counters (no REDIS_URL) reserve and refund as the Redis script does."""
+    now = [1000.0]
+    counters = MemoryCounters(clock=lambda: now[0])
+    pair = [("u:x", 10), ("a:1", 9)]
+
+    assert [counters.reserve(pair, 60, [1, 3]) for _ in range(4)] == [0, 0, 0, pytest.approx(60)]
+    counters.refund(pair, [1, 3])  # a right password: 2 and 6 left, one more fits
+    now[0] += 10
+    assert counters.reserve(pair, 60, [1, 3]) == 0
+    assert counters.reserve(pair, 60, [1, 3]) == pytest.approx(50)  # the first window's end
+    now[0] += 50
+    counters.refund(pair, [1, 3])  # the window ended meanwhile: nothing to take back
+    assert counters.reserve(pair, 60, [1, 3]) == 0
 
 
 def test_memory_counters_stay_bounded_under_a_flood_of_names() -> None:
