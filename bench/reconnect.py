@@ -387,17 +387,21 @@ def main(argv: list[str]) -> int:
                 measure("good alone", f"good x{len(mixed)} alone", server, good(mixed))
 
                 async def both(result: PhaseResult) -> None:
+                    """The good clients, with the flood beside them until they are done (the
+                    flood is stopped then, so the phase lasts as long as the good clients)."""
                     flood_result = PhaseResult(name="flood", planned=args.flood)
-                    await asyncio.gather(
-                        send_all(server, good(mixed), args, result, connections=args.concurrency),
+                    flooding = asyncio.create_task(
                         send_all(
                             server,
                             flood([n for n, _ in mixed], args.flood, FLOOD_SOURCES["mixed"]),
                             args,
                             flood_result,
                             **flood_args,
-                        ),
+                        )
                     )
+                    await send_all(server, good(mixed), args, result, connections=args.concurrency)
+                    flooding.cancel()
+                    await asyncio.gather(flooding, return_exceptions=True)
                     result.error_kinds.update(
                         {f"flood {k}": v for k, v in flood_result.error_kinds.items()}
                     )
@@ -492,9 +496,10 @@ def summarize(
         )
     if "good + flood" in results:
         alone, mixed = results["good alone"], results["good + flood"]
+        flooded = sum(v for k, v in mixed.error_kinds.items() if k.startswith("flood"))
         report(
             f"good clients beside a flood: {mixed.rate:.0f} req/s against {alone.rate:.0f} "
-            f"alone ({mixed.rate / alone.rate:.2f}x)"
+            f"alone ({mixed.rate / alone.rate:.2f}x; {flooded} flood requests meanwhile)"
         )
         summary(
             report,
