@@ -314,109 +314,118 @@ def main(argv: list[str]) -> int:
     slow_logins = [(name, PBKDF2_PASSWORD) for name in slow]
     mixed = fast[: max(1, min(MIXED_USERS, len(fast) // 2))]
     results: dict[str, PhaseResult] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-reconnect-") as tmp:
-        log_dir = Path(tmp)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-reconnect-") as tmp:
+            log_dir = Path(tmp)
 
-        def measure(
-            key: str,
-            name: str,
-            server: Server,
-            requests: list[tuple[Login, str]],
-            *,
-            connections: int = args.concurrency,
-            expected: frozenset[int] = frozenset({200}),
-            rate: float = 0.0,
-        ) -> PhaseResult:
-            async def run(result: PhaseResult) -> None:
-                await send_all(
-                    server,
-                    requests,
-                    args,
-                    result,
-                    connections=connections,
-                    expected=expected,
-                    rate=rate,
-                )
-
-            result = measure_phase(name, server, db, run, len(requests))
-            results[key] = result
-            report(row(result))
-            if result.error_kinds:
-                report(f"  answers other than 200: {dict(result.error_kinds.most_common(5))}")
-            return result
-
-        report()
-        report(HEADER)
-        server = start_server(args, env, log_dir)
-        try:
-            measure("first", f"device x{args.users} first", server, good(fast))
-            if slow_logins:
-                measure("pbkdf2 first", f"pbkdf2 x{len(slow)} first", server, good(slow_logins))
-        finally:
-            server.stop()
-        report("-- restart: every web process new --")
-        server = start_server(args, env, log_dir)
-        try:
-            measure("restart", f"device x{args.users} restart", server, good(fast))
-            measure("again", f"device x{args.users} again", server, good(fast))
-            if slow_logins:
-                measure("pbkdf2 restart", f"pbkdf2 x{len(slow)} restart", server, good(slow_logins))
-            if args.flood > 0:
-                refused = frozenset({401, 429})
-                flood_args = {
-                    "connections": args.flood_connections,
-                    "expected": refused,
-                    "rate": args.flood_rate,
-                }
-                names = [name for name, _ in fast]
-                measure(
-                    "flood fleet",
-                    f"flood x{args.flood} fleet",
-                    server,
-                    flood(names, args.flood, FLOOD_SOURCES["fleet"]),
-                    **flood_args,
-                )
-                if slow:
-                    measure(
-                        "flood pbkdf2",
-                        f"flood x{args.flood} pbkdf2",
+            def measure(
+                key: str,
+                name: str,
+                server: Server,
+                requests: list[tuple[Login, str]],
+                *,
+                connections: int = args.concurrency,
+                expected: frozenset[int] = frozenset({200}),
+                rate: float = 0.0,
+            ) -> PhaseResult:
+                async def run(result: PhaseResult) -> None:
+                    await send_all(
                         server,
-                        flood(slow, args.flood, FLOOD_SOURCES["pbkdf2"]),
+                        requests,
+                        args,
+                        result,
+                        connections=connections,
+                        expected=expected,
+                        rate=rate,
+                    )
+
+                result = measure_phase(name, server, db, run, len(requests))
+                results[key] = result
+                report(row(result))
+                if result.error_kinds:
+                    report(f"  answers other than 200: {dict(result.error_kinds.most_common(5))}")
+                return result
+
+            report()
+            report(HEADER)
+            server = start_server(args, env, log_dir)
+            try:
+                measure("first", f"device x{args.users} first", server, good(fast))
+                if slow_logins:
+                    measure("pbkdf2 first", f"pbkdf2 x{len(slow)} first", server, good(slow_logins))
+            finally:
+                server.stop()
+            report("-- restart: every web process new --")
+            server = start_server(args, env, log_dir)
+            try:
+                measure("restart", f"device x{args.users} restart", server, good(fast))
+                measure("again", f"device x{args.users} again", server, good(fast))
+                if slow_logins:
+                    measure(
+                        "pbkdf2 restart", f"pbkdf2 x{len(slow)} restart", server, good(slow_logins)
+                    )
+                if args.flood > 0:
+                    refused = frozenset({401, 429})
+                    flood_args = {
+                        "connections": args.flood_connections,
+                        "expected": refused,
+                        "rate": args.flood_rate,
+                    }
+                    names = [name for name, _ in fast]
+                    measure(
+                        "flood fleet",
+                        f"flood x{args.flood} fleet",
+                        server,
+                        flood(names, args.flood, FLOOD_SOURCES["fleet"]),
                         **flood_args,
                     )
-                measure("good alone", f"good x{len(mixed)} alone", server, good(mixed))
-
-                async def both(result: PhaseResult) -> None:
-                    """The good clients, with the flood beside them until they are done (the
-                    flood is stopped then, so the phase lasts as long as the good clients)."""
-                    flood_result = PhaseResult(name="flood", planned=args.flood)
-                    flooding = asyncio.create_task(
-                        send_all(
+                    if slow:
+                        measure(
+                            "flood pbkdf2",
+                            f"flood x{args.flood} pbkdf2",
                             server,
-                            flood([n for n, _ in mixed], args.flood, FLOOD_SOURCES["mixed"]),
-                            args,
-                            flood_result,
+                            flood(slow, args.flood, FLOOD_SOURCES["pbkdf2"]),
                             **flood_args,
                         )
-                    )
-                    await send_all(server, good(mixed), args, result, connections=args.concurrency)
-                    flooding.cancel()
-                    await asyncio.gather(flooding, return_exceptions=True)
-                    result.error_kinds.update(
-                        {f"flood {k}": v for k, v in flood_result.error_kinds.items()}
-                    )
-                    result.errors += flood_result.errors
+                    measure("good alone", f"good x{len(mixed)} alone", server, good(mixed))
 
-                mixed_result = measure_phase(
-                    f"good x{len(mixed)} + flood", server, db, both, len(mixed)
-                )
-                results["good + flood"] = mixed_result
-                report(row(mixed_result) + "  (server CPU includes the flood's)")
-                report(f"  answers other than 200: {dict(mixed_result.error_kinds.most_common(5))}")
-        finally:
-            server.stop()
-    report()
-    summarize(report, args, results, window)
+                    async def both(result: PhaseResult) -> None:
+                        """The good clients, with the flood beside them until they are done (the
+                        flood is stopped then, so the phase lasts as long as the good clients)."""
+                        flood_result = PhaseResult(name="flood", planned=args.flood)
+                        flooding = asyncio.create_task(
+                            send_all(
+                                server,
+                                flood([n for n, _ in mixed], args.flood, FLOOD_SOURCES["mixed"]),
+                                args,
+                                flood_result,
+                                **flood_args,
+                            )
+                        )
+                        await send_all(
+                            server, good(mixed), args, result, connections=args.concurrency
+                        )
+                        flooding.cancel()
+                        await asyncio.gather(flooding, return_exceptions=True)
+                        result.error_kinds.update(
+                            {f"flood {k}": v for k, v in flood_result.error_kinds.items()}
+                        )
+                        result.errors += flood_result.errors
+
+                    mixed_result = measure_phase(
+                        f"good x{len(mixed)} + flood", server, db, both, len(mixed)
+                    )
+                    results["good + flood"] = mixed_result
+                    report(row(mixed_result) + "  (server CPU includes the flood's)")
+                    report(
+                        f"  answers other than 200: {dict(mixed_result.error_kinds.most_common(5))}"
+                    )
+            finally:
+                server.stop()
+    finally:
+        # Also when stopped (bench/all's time limit: SIGTERM): the figures of the rounds done.
+        report()
+        summarize(report, args, results, window)
     failed = [
         key
         for key, result in results.items()
@@ -432,6 +441,9 @@ def main(argv: list[str]) -> int:
 def summarize(
     report: Report, args: argparse.Namespace, results: dict[str, PhaseResult], window: float
 ) -> None:
+    """The figures of the rounds that ran (all of them, or those done before a stop)."""
+    if not {"first", "restart", "again"} <= results.keys():
+        return
     first, restart, again = results["first"], results["restart"], results["again"]
     report(
         f"{args.users:,} device users after a restart of every web process: all served in "
@@ -460,7 +472,7 @@ def summarize(
         ceiling_value=cpu_per_request(again),
     )
     check_seconds = math.nan
-    if "pbkdf2 first" in results:
+    if {"pbkdf2 first", "pbkdf2 restart"} <= results.keys():
         slow_first, slow_restart = results["pbkdf2 first"], results["pbkdf2 restart"]
         check_seconds = server_cpu_seconds(slow_first) / max(1, slow_first.done)
         report(
@@ -494,7 +506,7 @@ def summarize(
             goal=f"<= {GOAL_FLOOD_SHARE:.0f} % of a core",
             met=share <= GOAL_FLOOD_SHARE and not flooded.errors,
         )
-    if "good + flood" in results:
+    if {"good alone", "good + flood"} <= results.keys():
         alone, mixed = results["good alone"], results["good + flood"]
         flooded = sum(v for k, v in mixed.error_kinds.items() if k.startswith("flood"))
         report(
