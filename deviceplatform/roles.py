@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -109,19 +110,56 @@ def user_roles(user: User) -> frozenset[Role]:
     elif user.is_superuser:
         roles = ALL_ROLES
     else:
-        from django.contrib.auth.models import Permission
+        from django.db import connections, router
 
-        # Two plain joins in a UNION: an OR across both many-to-many paths with DISTINCT (what
-        # Django's own get_all_permissions amounts to) costs several times more per request.
-        roles_only = Permission.objects.filter(content_type__app_label=ROLE_APP_LABEL).order_by()
-        granted = set(
-            roles_only.filter(user=user)
-            .values_list("codename", flat=True)
-            .union(roles_only.filter(group__user=user).values_list("codename", flat=True))
-        )
+        alias = router.db_for_read(type(user), instance=user)
+        with connections[alias].cursor() as cursor:
+            cursor.execute(_roles_statement(type(user), alias), [user.pk, user.pk])
+            granted = {codename for (codename,) in cursor.fetchall()}
         roles = expand_roles(granted)
     user._c8y_roles = roles  # type: ignore[attr-defined]
     return roles
+
+
+@cache
+def _roles_statement(user_model: Any, alias: str) -> str:
+    """The role names granted to a user directly or through a group: two plain joins in a UNION.
+
+    An OR across both many-to-many paths with DISTINCT (what Django's own get_all_permissions
+    amounts to) costs several times more per request; and building the same UNION as a queryset
+    cost more client CPU (the ORM's compiler) than PostgreSQL spent answering it: a device's first
+    request to each process after a restart pays it (bench/reconnect.py). Only the role
+    permissions count: those of our app label."""
+    from django.contrib.auth.models import Group, Permission
+    from django.contrib.contenttypes.models import ContentType
+    from django.db import connections
+
+    quote = connections[alias].ops.quote_name
+
+    def table(model: Any) -> str:
+        return quote(model._meta.db_table)
+
+    def column(model: Any, name: str) -> str:
+        return quote(model._meta.get_field(name).column)
+
+    user_perms = user_model.user_permissions.through
+    user_groups = user_model.groups.through
+    group_perms = Group.permissions.through
+    perm, ctype = table(Permission), table(ContentType)
+    roles_only = (
+        f"FROM {perm} p JOIN {ctype} ct ON ct.{column(ContentType, 'id')} = "
+        f"p.{column(Permission, 'content_type')} AND ct.{column(ContentType, 'app_label')} = "
+        f"'{ROLE_APP_LABEL}' "
+    )
+    return (
+        f"SELECT p.{column(Permission, 'codename')} {roles_only}"  # noqa: S608 - our names
+        f"JOIN {table(user_perms)} up ON up.{column(user_perms, 'permission')} = p.{column(Permission, 'id')} "
+        f"WHERE up.{column(user_perms, 'user')} = %s "
+        f"UNION SELECT p.{column(Permission, 'codename')} {roles_only}"
+        f"JOIN {table(group_perms)} gp ON gp.{column(group_perms, 'permission')} = p.{column(Permission, 'id')} "
+        f"JOIN {table(user_groups)} ug ON ug.{column(user_groups, 'group')} = gp.{column(group_perms, 'group')} "
+        f"WHERE ug.{column(user_groups, 'user')} = %s"
+    )
 
 
 def is_bootstrap(roles: frozenset[Role]) -> bool:

@@ -557,3 +557,48 @@ def test_roles_cache_expires_and_is_forgotten_on_upsert(
     # user_upsert (createuser) forgets the entry at once.
     make_user("carol", groups=["devices"])
     assert Role.INVENTORY_READ not in login("carol", PASSWORD)._c8y_roles
+
+
+def test_user_roles_statement_reads_direct_and_group_grants_of_role_permissions_only(
+    make_user: Callable[..., Any], django_assert_num_queries: Any
+) -> None:
+    """user_roles's fixed statement: grants on the user and through any of its groups count,
+    permissions of other apps (Django's own view/change ones) do not, each user sees only its own."""
+    from django.contrib.auth.models import Group, Permission
+
+    from deviceplatform.roles import user_roles
+
+    def role(name: str) -> Permission:
+        return Permission.objects.get(content_type__app_label="deviceplatform", codename=name)
+
+    user = make_user("mixed-grants")
+    user.groups.clear()
+    user.user_permissions.set([role("ROLE_IDENTITY_READ")])
+    group = Group.objects.create(name="operators-for-roles-test")
+    group.permissions.set(
+        [role("ROLE_BULK_OPERATION_ADMIN"), Permission.objects.get(codename="view_group")]
+    )
+    user.groups.add(group)
+    user.user_permissions.add(Permission.objects.get(codename="change_group"))
+    other = make_user("other-grants")
+    other.groups.clear()
+    other.user_permissions.set([role("ROLE_INVENTORY_ADMIN")])
+
+    fresh = User.objects.get(pk=user.pk)
+    with django_assert_num_queries(1):
+        roles = user_roles(fresh)
+    assert roles == {
+        Role.IDENTITY_READ,
+        Role.BULK_OPERATION_ADMIN,
+        Role.BULK_OPERATION_READ,
+        Role.USER_MANAGEMENT_OWN_READ,
+    }
+    assert user_roles(User.objects.get(pk=other.pk)) == {
+        Role.INVENTORY_ADMIN,
+        Role.INVENTORY_READ,
+        Role.INVENTORY_CREATE,
+        Role.USER_MANAGEMENT_OWN_READ,
+    }
+    group.permissions.clear()
+    user.user_permissions.clear()
+    assert user_roles(User.objects.get(pk=user.pk)) == {Role.USER_MANAGEMENT_OWN_READ}
