@@ -772,3 +772,24 @@ class Load:
             ):
                 break
         return sent, slowest
+
+
+def combined(name: str, phases: list[PhaseResult]) -> PhaseResult:
+    """Several phases of one kind as one (the alternating bare/product phases of inventory_http.py
+    and operations.py): every latency, the summed wall time, the time-weighted cores, the
+    per-process cores of the first."""
+    result = PhaseResult(name=name, planned=sum(p.planned for p in phases))
+    for phase in phases:
+        result.latencies += phase.latencies
+        result.errors += phase.errors
+        result.error_kinds.update(phase.error_kinds)
+        result.elapsed += phase.elapsed
+        result.cut = result.cut or phase.cut
+    for key in ("server", "postgres", "client", "other"):
+        result.cpu[key] = (
+            sum(p.cpu.get(key, 0.0) * p.elapsed for p in phases) / result.elapsed
+            if result.elapsed
+            else math.nan
+        )
+    result.per_process = phases[0].per_process if phases else []
+    return result

@@ -37,6 +37,7 @@ from _common import (
     Server,
     bench_env,
     checked_database_url,
+    combined,
     command_line,
     database_name,
     free_port,
@@ -215,26 +216,6 @@ def bare_device_body(number: int) -> dict[str, Any]:
         "is_device": True,
         "fragments": body,
     }
-
-
-def combined(name: str, phases: list[PhaseResult]) -> PhaseResult:
-    """Several phases of one kind as one: every latency, the summed wall time, the time-weighted
-    cores, the per-process cores of the first."""
-    result = PhaseResult(name=name, planned=sum(p.planned for p in phases))
-    for phase in phases:
-        result.latencies += phase.latencies
-        result.errors += phase.errors
-        result.error_kinds.update(phase.error_kinds)
-        result.elapsed += phase.elapsed
-        result.cut = result.cut or phase.cut
-    for key in ("server", "postgres", "client", "other"):
-        result.cpu[key] = (
-            sum(p.cpu.get(key, 0.0) * p.elapsed for p in phases) / result.elapsed
-            if result.elapsed
-            else math.nan
-        )
-    result.per_process = phases[0].per_process if phases else []
-    return result
 
 
 async def drive(args: argparse.Namespace, base: str, server: Server, out: Report) -> list[Any]:

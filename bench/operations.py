@@ -58,6 +58,7 @@ from _common import (
     basic_auth,
     bench_env,
     checked_database_url,
+    combined,
     command_line,
     cores_used,
     cpu_sample,
@@ -660,25 +661,6 @@ def create_calls(
             body = {"deviceId": str(device), "description": description, "c8y_Restart": {}}
             calls.append(Call("POST", "/devicecontrol/operations", orjson.dumps(body)))
     return calls
-
-
-def combined(name: str, phases: list[PhaseResult]) -> PhaseResult:
-    """Several phases of one kind as one: every latency, the summed wall time, the time-weighted
-    cores."""
-    result = PhaseResult(name=name, planned=sum(p.planned for p in phases))
-    for phase in phases:
-        result.latencies += phase.latencies
-        result.errors += phase.errors
-        result.error_kinds.update(phase.error_kinds)
-        result.elapsed += phase.elapsed
-        result.cut = result.cut or phase.cut
-    for key in ("server", "postgres", "client", "other"):
-        result.cpu[key] = (
-            sum(p.cpu.get(key, 0.0) * p.elapsed for p in phases) / result.elapsed
-            if result.elapsed
-            else math.nan
-        )
-    return result
 
 
 def measure_creates(
