@@ -11,6 +11,7 @@ from bulkops.filters import bulk_operations_filter
 from bulkops.models import BulkOperation
 from bulkops.selectors import bulk_operations_with_progress
 from bulkops.serializers import bulk_operation_json, bulk_operation_url
+from deviceplatform.api.idempotency import idempotent_create
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.pagination import paginated
 from deviceplatform.api.params import parse_id
@@ -50,6 +51,7 @@ class BulkOperationCollectionView(BulkOperationView):
             MediaType.BULK_OPERATION_COLLECTION,
         )
 
+    @idempotent_create
     def post(self, request: Any) -> Response:
         bulk = services.bulk_operation_create(data=self.request_object())
         bulk = self.get_bulk_operation(bulk.pk)  # as it is now, progress included

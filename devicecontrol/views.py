@@ -28,6 +28,7 @@ from devicecontrol.serializers import (
 )
 from deviceplatform.api.auth_throttle import client_address
 from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
+from deviceplatform.api.idempotency import idempotent_create
 from deviceplatform.api.media_types import MediaType, response_content_type
 from deviceplatform.api.pagination import paginated
 from deviceplatform.api.params import parse_id
@@ -94,6 +95,7 @@ class OperationCollectionView(DeviceControlView):
             MediaType.OPERATION_COLLECTION,
         )
 
+    @idempotent_create
     def post(self, request: Any) -> Response:
         body = self.request_object()
         # Check order (devicecontrol.md §6): deviceId present, device exists, permission, agent.

@@ -100,3 +100,26 @@ class EventSequence(models.Model):
     seq = models.BigIntegerField()
     taken_ms = models.BigIntegerField()
     after_ms = models.BigIntegerField(null=True)
+
+
+class IdempotencyKey(models.Model):
+    """One `Idempotency-Key` a user sent with a create (deviceplatform/api/idempotency.py): the
+    request it came with (a SHA-256 of method, path and canonical JSON body) and the 2xx answer,
+    replayed to a retry with the same key and body until IDEMPOTENCY_KEY_TTL_SECONDS have passed.
+    The row is inserted in the same transaction as the object it answers for, so it exists (is
+    visible) exactly when that object does; (user, key) is unique."""
+
+    user = models.ForeignKey("User", on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    created_at = models.DateTimeField(db_index=True)
+    status = models.PositiveSmallIntegerField()
+    location = models.TextField(blank=True)
+    etag = models.CharField(max_length=255, blank=True)
+    content_type = models.CharField(max_length=255, blank=True)
+    body = models.BinaryField(blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="idempotency_user_key_unique"),
+        ]

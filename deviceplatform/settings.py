@@ -284,7 +284,14 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "devicecontrol.tasks.purge_old_operations",
         "schedule": env.float("OPERATION_PURGE_INTERVAL", default=3600.0),
     },
+    "purge-idempotency-keys": {
+        "task": "deviceplatform.tasks.purge_idempotency_keys",
+        "schedule": env.float("IDEMPOTENCY_PURGE_INTERVAL", default=3600.0),
+    },
 }
+# How long an `Idempotency-Key` answers with its first result (deviceplatform/api/idempotency.py);
+# after that the key is new again. Expired keys are deleted by `purge-idempotency-keys`.
+IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=24 * 3600)
 # Each ramp run books the next one for the moment the next child is due (a Celery task with that
 # ETA, or the embedded scheduler's ramp entry), so ramps keep their pace between beat ticks
 # (bulkops/tasks.py). Off: beat alone drives the ramp (the test suite, whose Redis has no worker).

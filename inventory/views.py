@@ -7,6 +7,7 @@ from typing import Any
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
+from deviceplatform.api.idempotency import idempotent_create
 from deviceplatform.api.media_types import PLAIN_JSON, MediaType
 from deviceplatform.api.pagination import paginated
 from deviceplatform.api.params import MAX_ID, get_bool
@@ -105,6 +106,7 @@ class ManagedObjectCollectionView(InventoryView):
             MediaType.MANAGED_OBJECT_COLLECTION,
         )
 
+    @idempotent_create
     def post(self, request: Any) -> Response:
         managed_object = services.managed_object_create(
             owner=request.user.username,
