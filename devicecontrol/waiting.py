@@ -113,7 +113,8 @@ async def _create(request: HttpRequest) -> HttpResponse:
 
     def run_create() -> HttpResponse:
         response = create(request)
-        response.render()
+        if hasattr(response, "render"):  # not a replayed Idempotency-Key answer (already bytes)
+            response.render()
         # Hand the connection back (to the pool) before waiting: otherwise it stays checked out by
         # this request's thread until the request ends. Not inside an enclosing transaction (the
         # test client's), which closing would break.

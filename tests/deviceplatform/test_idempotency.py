@@ -217,6 +217,18 @@ def test_the_sweep_runs_from_the_beat_schedule(users: dict, settings: Any) -> No
     assert IdempotencyKey.objects.count() == 0
 
 
+@pytest.mark.django_db
+def test_wait_with_a_key_waits_for_the_first_requests_operation(users: dict) -> None:
+    ann = users["ann"]
+    _agent, device = agent_with_device()
+    body = {"deviceId": str(device.pk), "c8y_Restart": {}}
+    answers = [post(ann, f"{OPS}/wait?timeout=0", body, key="w") for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 202]
+    assert answers[0]["Location"] == answers[1]["Location"]
+    assert answers[0].json()["id"] == answers[1].json()["id"]
+    assert Operation.objects.filter(device=device).count() == 1
+
+
 # --- concurrency: real HTTP clients against a live server, each request on its own connection --
 
 
