@@ -136,14 +136,18 @@ class OperationPage:
         self.where = f" WHERE {' AND '.join(where)}" if where else ""
         self.join_needed = owner is not None
 
-    def __getitem__(self, page: slice) -> list[tuple[Any, ...]]:
-        offset, stop = page.start or 0, page.stop
+    def statement(self, offset: int, limit: int) -> tuple[str, list[Any]]:
+        """(SQL, parameters) of the page at `offset` (what bench/operations.py times)."""
         sql = (
             f"SELECT {PAGE_COLUMNS}{PAGE_FROM}{self.where}"  # noqa: S608
             ' ORDER BY "devicecontrol_operation"."id" ASC LIMIT %s OFFSET %s'
         )
+        return sql, [*self.params, limit, offset]
+
+    def __getitem__(self, page: slice) -> list[tuple[Any, ...]]:
+        offset = page.start or 0
         with connections[Operation.objects.db].cursor() as cursor:
-            cursor.execute(sql, [*self.params, stop - offset, offset])
+            cursor.execute(*self.statement(offset, page.stop - offset))
             rows = cursor.fetchall()
         decode = Operation._meta.get_field("fragments").from_db_value
         connection = connections[Operation.objects.db]
