@@ -92,17 +92,24 @@ def new_device_requests(params: Any) -> QuerySet[NewDeviceRequest]:
 
 # --- the agent's poll and a device's history page: one fixed statement --------------------------
 
-# The columns an operation's collection item shows, then its device's name (one join instead of a
-# second statement), in the order `serializers.operation_row_json` reads them.
+# The columns an operation's collection item shows, then its device's name (in the same statement
+# instead of a second one), in the order `serializers.operation_row_json` reads them.
 PAGE_COLUMNS = (
     '"devicecontrol_operation"."id", "devicecontrol_operation"."device_id", '
     '"devicecontrol_operation"."status", "devicecontrol_operation"."creation_time", '
     '"devicecontrol_operation"."failure_reason", "devicecontrol_operation"."bulk_operation_id", '
     '"devicecontrol_operation"."retry_of_id", "devicecontrol_operation"."fragments", '
-    '"inventory_managedobject"."name"'
 )
-PAGE_FROM = (
-    ' FROM "devicecontrol_operation" INNER JOIN "inventory_managedobject"'
+# Without the owner condition the name is a primary-key lookup per row of the page (a join let the
+# planner hash the whole inventory); with it, the join the owner condition needs gives the name.
+NAME_LOOKUP = (
+    '(SELECT "inventory_managedobject"."name" FROM "inventory_managedobject"'
+    ' WHERE "inventory_managedobject"."id" = "devicecontrol_operation"."device_id")'
+)
+NAME_JOINED = '"inventory_managedobject"."name"'
+PAGE_FROM = ' FROM "devicecontrol_operation"'
+OWNER_JOIN = (
+    ' INNER JOIN "inventory_managedobject"'
     ' ON ("devicecontrol_operation"."device_id" = "inventory_managedobject"."id")'
 )
 # The owner condition exactly as the ORM writes `device__owner__iexact` on PostgreSQL.
@@ -134,12 +141,13 @@ class OperationPage:
             where.append(OWNER_CONDITION)
             self.params.append(owner)
         self.where = f" WHERE {' AND '.join(where)}" if where else ""
-        self.join_needed = owner is not None
+        self.source = PAGE_FROM + (OWNER_JOIN if owner is not None else "")
+        self.name = NAME_JOINED if owner is not None else NAME_LOOKUP
 
     def statement(self, offset: int, limit: int) -> tuple[str, list[Any]]:
         """(SQL, parameters) of the page at `offset` (what bench/operations.py times)."""
         sql = (
-            f"SELECT {PAGE_COLUMNS}{PAGE_FROM}{self.where}"  # noqa: S608
+            f"SELECT {PAGE_COLUMNS}{self.name}{self.source}{self.where}"  # noqa: S608
             ' ORDER BY "devicecontrol_operation"."id" ASC LIMIT %s OFFSET %s'
         )
         return sql, [*self.params, limit, offset]
@@ -154,7 +162,6 @@ class OperationPage:
         return [(*row[:7], decode(row[7], None, connection), row[8]) for row in rows]
 
     def count(self) -> int:
-        join = PAGE_FROM if self.join_needed else ' FROM "devicecontrol_operation"'
         with connections[Operation.objects.db].cursor() as cursor:
-            cursor.execute(f"SELECT COUNT(*){join}{self.where}", self.params)  # noqa: S608
+            cursor.execute(f"SELECT COUNT(*){self.source}{self.where}", self.params)  # noqa: S608
             return cursor.fetchone()[0]
