@@ -150,3 +150,38 @@ def _id_beyond_bigint(params: Any) -> bool:
         if value > MAX_ID:
             return True
     return False
+
+
+# The history page newest first (c8y-api's `get_last`): the simple shape with dates and `revert`.
+DATED_PARAMS = SIMPLE_PARAMS | {"dateFrom", "dateTo", "revert"}
+
+
+def page_query(params: Any) -> tuple[list[tuple[str, str, Any]], bool] | None:
+    """((column, operator, value) conditions, newest first) of a query that uses only
+    DATED_PARAMS with valid values and IDs within bigint: OperationFilter's conditions and
+    ordering, read without a filter set (selectors.OperationPage). None for anything else: the
+    queryset path then answers, with its own errors."""
+    if not params.keys() <= DATED_PARAMS:
+        return None
+    conditions = simple_conditions({k: v for k, v in params.items() if k in SIMPLE_PARAMS})
+    if conditions is None:
+        return None
+    where = [(column, "=", value) for column, value in conditions]
+    try:
+        date_from = DateTimeFilter.field_class(required=False).clean(params.get("dateFrom"))
+        date_to = DateTimeFilter.field_class(required=False).clean(params.get("dateTo"))
+        revert = StrictBooleanFilter.field_class(required=False).clean(params.get("revert"))
+    except Exception:
+        return None
+    if date_from is not None:
+        where.append(("creation_time", ">=", date_from))
+    if date_to is not None:
+        try:  # as OperationFilter.filter_date_to
+            end = date_to.replace(microsecond=date_to.microsecond // 1000 * 1000)
+            end += timedelta(milliseconds=1)
+        except OverflowError:
+            pass
+        else:
+            where.append(("creation_time", "<", end))
+    has_dates = date_from is not None or date_to is not None
+    return where, bool(revert and has_dates)

@@ -127,16 +127,22 @@ def fixed_page_available() -> bool:
 
 
 class OperationPage:
-    """The operations matching `conditions` ((column, value) pairs of the operation table, all
-    `=`), restricted to devices `owner` owns unless None, in ID order, as tuples: what
+    """The operations matching `conditions` ((column, operator, value) of the operation table), restricted to devices `owner` owns unless None, in ID order, as tuples: what
     `operations_visible_to(user)` filtered by `filters.simple_operations` selects, read with one
     statement written once instead of a compiled queryset and model instances (the compiler and
     the instances were over half of a poll's CPU, bench/README.md "operations.py"). Sliced by
     `deviceplatform.api.pagination.paginated`; `count()` is its total."""
 
-    def __init__(self, conditions: list[tuple[str, Any]], *, owner: str | None) -> None:
-        where = [f'"devicecontrol_operation"."{column}" = %s' for column, _ in conditions]
-        self.params: list[Any] = [value for _, value in conditions]
+    def __init__(
+        self,
+        conditions: list[tuple[str, str, Any]],
+        *,
+        owner: str | None,
+        descending: bool = False,
+    ) -> None:
+        where = [f'"devicecontrol_operation"."{column}" {op} %s' for column, op, _ in conditions]
+        self.params: list[Any] = [value for _, _, value in conditions]
+        self.order = "DESC" if descending else "ASC"
         if owner is not None:
             where.append(OWNER_CONDITION)
             self.params.append(owner)
@@ -148,7 +154,7 @@ class OperationPage:
         """(SQL, parameters) of the page at `offset` (what bench/operations.py times)."""
         sql = (
             f"SELECT {PAGE_COLUMNS}{self.name}{self.source}{self.where}"  # noqa: S608
-            ' ORDER BY "devicecontrol_operation"."id" ASC LIMIT %s OFFSET %s'
+            f' ORDER BY "devicecontrol_operation"."id" {self.order} LIMIT %s OFFSET %s'
         )
         return sql, [*self.params, limit, offset]
 

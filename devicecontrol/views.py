@@ -9,7 +9,7 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
 from devicecontrol import selectors, services
-from devicecontrol.filters import OperationFilter, simple_conditions, simple_operations
+from devicecontrol.filters import OperationFilter, page_query, simple_operations
 from devicecontrol.models import NewDeviceRequest, Operation
 from devicecontrol.poll_limits import poll_admit, poll_missed
 from devicecontrol.serializers import (
@@ -64,9 +64,9 @@ class OperationCollectionView(DeviceControlView):
     owner_rule_methods = frozenset({"POST"})
 
     def get(self, request: Any) -> Response:
-        conditions = simple_conditions(request.GET)
-        if conditions is not None and selectors.fixed_page_available():
-            return self.fixed_page(request, conditions)
+        query = page_query(request.GET)
+        if query is not None and selectors.fixed_page_available():
+            return self.fixed_page(request, *query)
         return self.queryset_page(request)
 
     def queryset_page(self, request: Any) -> Response:
@@ -103,12 +103,16 @@ class OperationCollectionView(DeviceControlView):
             MediaType.OPERATION_COLLECTION,
         )
 
-    def fixed_page(self, request: Any, conditions: list[tuple[str, Any]]) -> Response:
+    def fixed_page(
+        self, request: Any, conditions: list[tuple[str, str, Any]], descending: bool
+    ) -> Response:
         """The agent's poll and a device's history page (PostgreSQL): the same document as the
         queryset path, from one fixed statement's tuples (selectors.OperationPage)."""
         user = request.user
         rows = selectors.OperationPage(
-            conditions, owner=None if selectors.sees_all_operations(user) else user.username
+            conditions,
+            owner=None if selectors.sees_all_operations(user) else user.username,
+            descending=descending,
         )
         with_external_ids = bool(request.GET.get("agentId"))
         base = self.base

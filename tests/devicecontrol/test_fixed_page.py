@@ -93,6 +93,20 @@ def test_fixed_page_is_the_queryset_page(api: Clients, rows: Hierarchy, user: st
         {"deviceId": device, "agentId": agent, "status": "SUCCESSFUL"},
         {"deviceId": str(2**63 - 1)},
         {"agentId": agent, "status": "PENDING", "pageSize": 100, "currentPage": 9},
+        # the history page newest first (c8y-api's get_last) and the other date shapes
+        {"deviceId": device, "dateFrom": "1970-01-01", "revert": "true", "pageSize": 20},
+        {
+            "deviceId": device,
+            "dateFrom": "1970-01-01",
+            "revert": "TRUE",
+            "pageSize": 2,
+            "currentPage": 2,
+            "withTotalPages": "true",
+        },
+        {"deviceId": device, "revert": "true", "pageSize": 20},
+        {"agentId": agent, "dateTo": "9999-12-31T23:59:59.999Z", "revert": "true"},
+        {"agentId": agent, "dateFrom": "2999-01-01", "withTotalElements": "true"},
+        {"agentId": agent, "dateTo": "1970-01-01T00:00:00Z", "revert": "false"},
     ]
     seen_items = 0
     for params in shapes:
@@ -127,6 +141,9 @@ def test_fixed_page_shows_every_item_shape(api: Clients, rows: Hierarchy) -> Non
 @pytest.mark.parametrize(
     "params",
     [
+        {"deviceId": "1", "dateFrom": "yesterday", "revert": "true"},
+        {"deviceId": "1", "dateFrom": "1970-01-01", "revert": "maybe"},
+        {"deviceId": "1", "dateTo": "2024-13-01"},
         {"agentId": "1", "pageSize": "0"},
         {"agentId": "1", "pageSize": "x"},
         {"deviceId": "1", "currentPage": "0"},
@@ -139,3 +156,17 @@ def test_fixed_page_keeps_the_paging_errors(
 ) -> None:
     fast, slow, _ = both(api, "admin", params, status=422)
     assert fast == slow
+
+
+@pytest.mark.django_db
+def test_fixed_page_date_to_is_inclusive_at_milliseconds(api: Clients, rows: Hierarchy) -> None:
+    """dateTo set to an operation's own creationTime finds it, newest first, on both paths."""
+    newest = Operation.objects.filter(device=rows.device).order_by("-id").first()
+    assert newest is not None
+    stamp = newest.creation_time.strftime("%Y-%m-%dT%H:%M:%S.") + (
+        f"{newest.creation_time.microsecond // 1000:03d}Z"
+    )
+    params = {"deviceId": rows.device.pk, "dateTo": stamp, "revert": "true", "pageSize": 1}
+    fast, slow, _ = both(api, "admin", params)
+    assert fast == slow
+    assert f'"id":"{newest.pk}"'.encode() in fast
