@@ -410,11 +410,20 @@ def view_sql(params: dict[str, str], user: Any) -> tuple[str, tuple[Any, ...]]:
     from django.http import QueryDict
 
     from devicecontrol import selectors
-    from devicecontrol.filters import OperationFilter
+    from devicecontrol.filters import OperationFilter, page_query
     from deviceplatform.api.pagination import PageRequest
 
     query = QueryDict(mutable=True)
     query.update(params)
+    fixed = page_query(query)
+    if fixed is not None and selectors.fixed_page_available():
+        # the poll and history shapes: the view's fixed statement (selectors.OperationPage)
+        page = PageRequest.from_params(query)
+        owner = None if selectors.sees_all_operations(user) else user.username
+        sql, sql_params = selectors.OperationPage(
+            fixed[0], owner=owner, descending=fixed[1]
+        ).statement(page.offset, page.page_size)
+        return sql, tuple(sql_params)
     filterset = OperationFilter(query, queryset=selectors.operations_visible_to(user))
     queryset = filterset.qs.order_by(*filterset.ordering())
     page = PageRequest.from_params(query)

@@ -88,16 +88,13 @@ SIMPLE_PARAMS = frozenset(
 SIMPLE_FILTERS = (("status", "status"), ("deviceId", "device_id"), ("agentId", "agent_id"))
 
 
-def simple_operations(
-    params: Any, queryset: QuerySet[Operation]
-) -> tuple[QuerySet[Operation], tuple[str, ...]] | None:
-    """(filtered queryset, ordering) for a query that uses only SIMPLE_PARAMS with valid values,
-    the same queryset OperationFilter builds, without building a filter set and its form per
-    request (a third of a history page's CPU here, bench/README.md "operations.py"). None for
-    anything else, invalid values included: OperationFilter then answers, with its own errors."""
+def simple_conditions(params: Any) -> list[tuple[str, Any]] | None:
+    """The (column, value) conditions of a query that uses only SIMPLE_PARAMS with valid values
+    and IDs within bigint, in OperationFilter's order; None for anything else (invalid values, an
+    ID beyond bigint, any other parameter)."""
     if not params.keys() <= SIMPLE_PARAMS:
         return None
-    queryset = queryset.all()
+    conditions: list[tuple[str, Any]] = []
     for name, column in SIMPLE_FILTERS:
         value = params.get(name)
         if value in (None, ""):
@@ -110,7 +107,81 @@ def simple_operations(
                 value = parse_id(value)
             except Exception:
                 return None
-            if value > MAX_ID:  # as CumulocityFilterSet: an ID beyond bigint matches nothing
-                return queryset.none(), ("id",)
+            if value > MAX_ID:
+                return None
+        conditions.append((column, value))
+    return conditions
+
+
+def simple_operations(
+    params: Any, queryset: QuerySet[Operation]
+) -> tuple[QuerySet[Operation], tuple[str, ...]] | None:
+    """(filtered queryset, ordering) for a query that uses only SIMPLE_PARAMS with valid values,
+    the same queryset OperationFilter builds, without building a filter set and its form per
+    request (a third of a history page's CPU here, bench/README.md "operations.py"). None for
+    anything else, invalid values included: OperationFilter then answers, with its own errors."""
+    conditions = simple_conditions(params)
+    if conditions is None:
+        if params.keys() <= SIMPLE_PARAMS and _id_beyond_bigint(params):
+            # as CumulocityFilterSet: an ID beyond bigint matches nothing
+            return queryset.none(), ("id",)
+        return None
+    queryset = queryset.all()
+    for column, value in conditions:
         queryset = queryset.filter(**{f"{column}__exact": value})
     return queryset, ("id",)
+
+
+def _id_beyond_bigint(params: Any) -> bool:
+    """Whether a query of SIMPLE_PARAMS reaches, checked in SIMPLE_FILTERS order, an ID beyond
+    bigint before any invalid value."""
+    for name, _ in SIMPLE_FILTERS:
+        value = params.get(name)
+        if value in (None, ""):
+            continue
+        if name == "status":
+            if value not in OperationStatus.values:
+                return False
+            continue
+        try:
+            value = parse_id(value)
+        except Exception:
+            return False
+        if value > MAX_ID:
+            return True
+    return False
+
+
+# The history page newest first (c8y-api's `get_last`): the simple shape with dates and `revert`.
+DATED_PARAMS = SIMPLE_PARAMS | {"dateFrom", "dateTo", "revert"}
+
+
+def page_query(params: Any) -> tuple[list[tuple[str, str, Any]], bool] | None:
+    """((column, operator, value) conditions, newest first) of a query that uses only
+    DATED_PARAMS with valid values and IDs within bigint: OperationFilter's conditions and
+    ordering, read without a filter set (selectors.OperationPage). None for anything else: the
+    queryset path then answers, with its own errors."""
+    if not params.keys() <= DATED_PARAMS:
+        return None
+    conditions = simple_conditions({k: v for k, v in params.items() if k in SIMPLE_PARAMS})
+    if conditions is None:
+        return None
+    where = [(column, "=", value) for column, value in conditions]
+    try:
+        date_from = DateTimeFilter.field_class(required=False).clean(params.get("dateFrom"))
+        date_to = DateTimeFilter.field_class(required=False).clean(params.get("dateTo"))
+        revert = StrictBooleanFilter.field_class(required=False).clean(params.get("revert"))
+    except Exception:
+        return None
+    if date_from is not None:
+        where.append(("creation_time", ">=", date_from))
+    if date_to is not None:
+        try:  # as OperationFilter.filter_date_to
+            end = date_to.replace(microsecond=date_to.microsecond // 1000 * 1000)
+            end += timedelta(milliseconds=1)
+        except OverflowError:
+            pass
+        else:
+            where.append(("creation_time", "<", end))
+    has_dates = date_from is not None or date_to is not None
+    return where, bool(revert and has_dates)

@@ -93,6 +93,39 @@ def operation_json(
     return body
 
 
+def operation_row_json(
+    row: tuple[Any, ...], *, base: str, external_ids: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`operation_json` of a collection item from a `selectors.OperationPage` tuple (id, device_id,
+    status, creation_time, failure_reason, bulk_operation_id, retry_of_id, fragments, device
+    name): the same document, key for key, without a model instance."""
+    pk, device_id, status, creation_time, failure_reason, bulk_id, retry_of_id, fragments, name = (
+        row
+    )
+    body: dict[str, Any] = {
+        "id": str(pk),
+        "self": f"{base}/devicecontrol/operations/{pk}",
+        "deviceId": str(device_id),
+    }
+    if name is not None:
+        body["deviceName"] = name
+    body["status"] = status
+    body["creationTime"] = format_datetime(creation_time)
+    if status == OperationStatus.FAILED and failure_reason is not None:
+        body["failureReason"] = failure_reason
+    if bulk_id is not None:
+        body["bulkOperationId"] = str(bulk_id)
+    if retry_of_id is not None:
+        body["retryOf"] = str(retry_of_id)
+    body.update(fragments)
+    if external_ids is not None:
+        body["deviceExternalIDs"] = {
+            "self": f"{base}/identity/globalIds/{device_id}/externalIds",
+            "externalIds": external_ids,
+        }
+    return body
+
+
 # --- device registration (newDeviceRequests) and device credentials ----------------------------
 
 # Keys of a newDeviceRequest the server owns: ignored in a request body (docs/api/conventions.md).

@@ -9,7 +9,7 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
 from devicecontrol import selectors, services
-from devicecontrol.filters import OperationFilter, simple_operations
+from devicecontrol.filters import OperationFilter, page_query, simple_operations
 from devicecontrol.models import NewDeviceRequest, Operation
 from devicecontrol.poll_limits import poll_admit, poll_missed
 from devicecontrol.serializers import (
@@ -23,6 +23,7 @@ from devicecontrol.serializers import (
     new_device_request_update_input,
     new_device_request_url,
     operation_json,
+    operation_row_json,
     operation_url,
     security_token_input,
 )
@@ -64,6 +65,14 @@ class OperationCollectionView(DeviceControlView):
     owner_rule_methods = frozenset({"POST"})
 
     def get(self, request: Any) -> Response:
+        query = page_query(request.GET)
+        if query is not None and selectors.fixed_page_available():
+            return self.fixed_page(request, *query)
+        return self.queryset_page(request)
+
+    def queryset_page(self, request: Any) -> Response:
+        """Any query (SQLite: every one) through the ORM: the filter set, or for the simple
+        shapes the same queryset built without it (filters.simple_operations)."""
         visible = selectors.operations_visible_to(request.user)
         simple = simple_operations(request.GET, visible)
         if simple is not None:
@@ -92,6 +101,34 @@ class OperationCollectionView(DeviceControlView):
 
         return self.respond(
             paginated(request, queryset, key="operations", render=render),
+            MediaType.OPERATION_COLLECTION,
+        )
+
+    def fixed_page(
+        self, request: Any, conditions: list[tuple[str, str, Any]], descending: bool
+    ) -> Response:
+        """The agent's poll and a device's history page (PostgreSQL): the same document as the
+        queryset path, from one fixed statement's tuples (selectors.OperationPage)."""
+        user = request.user
+        rows = selectors.OperationPage(
+            conditions,
+            owner=None if selectors.sees_all_operations(user) else user.username,
+            descending=descending,
+        )
+        with_external_ids = bool(request.GET.get("agentId"))
+        base = self.base
+
+        def render(page: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+            if not with_external_ids:
+                return [operation_row_json(row, base=base) for row in page]
+            external = selectors.device_external_ids([row[1] for row in page], base=base)
+            return [
+                operation_row_json(row, base=base, external_ids=external.get(row[1], []))
+                for row in page
+            ]
+
+        return self.respond(
+            paginated(request, rows, key="operations", render=render, count=rows.count),
             MediaType.OPERATION_COLLECTION,
         )
 

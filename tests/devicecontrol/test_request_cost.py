@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.http import QueryDict
 from rest_framework.test import APIClient
 
@@ -49,8 +50,11 @@ def test_statements_per_request(
     admin: APIClient, world: Hierarchy, django_assert_num_queries: Any
 ) -> None:
     warm(admin, OPERATIONS)
-    # user row, page, device names, external IDs
-    with django_assert_num_queries(4):
+    # PostgreSQL: the page's fixed statement reads the device names too (a join); SQLite's
+    # queryset reads them with a second statement.
+    page = 1 if connection.vendor == "postgresql" else 2
+    # user row, page (with device names), external IDs
+    with django_assert_num_queries(page + 2):
         response = admin.get(
             OPERATIONS, {"agentId": world.agent.pk, "status": "PENDING", "pageSize": 100}, **ACCEPT
         )
@@ -62,8 +66,8 @@ def test_statements_per_request(
     ]
     assert body["operations"][0]["deviceName"] == "Device D"
     assert body["operations"][0]["deviceExternalIDs"]["externalIds"][0]["externalId"] == "serial-D"
-    # user row, page, device names
-    with django_assert_num_queries(3):
+    # user row, page (with device names)
+    with django_assert_num_queries(page + 1):
         response = admin.get(OPERATIONS, {"deviceId": world.device.pk, "pageSize": 20}, **ACCEPT)
     assert len(response.json()["operations"]) == 2
     # user row, device with its nearest agent, BEGIN, INSERT, event order, COMMIT
