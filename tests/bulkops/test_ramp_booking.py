@@ -135,8 +135,8 @@ def queued(name: str) -> list[bytes]:
         client.close()
 
 
-@pytest.mark.skipif(not settings.REDIS_URL, reason="needs the broker")
 def test_one_booking_per_moment_and_an_earlier_one_replaces_it(queue: str, settings: Any) -> None:
+    assert settings.REDIS_URL, "bookings go through the broker: bin/test sets REDIS_URL"
     settings.BULK_RAMP_BOOKING = True
     soon = timezone.now() + timedelta(seconds=30)
     tasks.ramp_wake(soon, queue=queue)
@@ -153,13 +153,13 @@ def test_one_booking_per_moment_and_an_earlier_one_replaces_it(queue: str, setti
     assert len(queued(queue)) == 2
 
 
-@pytest.mark.skipif(not settings.REDIS_URL, reason="needs the broker")
 @pytest.mark.django_db(transaction=True)
 def test_one_run_paces_a_whole_ramp_through_its_bookings_with_no_child_early(
     tmp_path: Path,
 ) -> None:
     """One task (one beat tick) and no more: the worker's booked runs create every child, each
     at or after its due time. Without bookings the ramp would stop after the first child."""
+    assert settings.REDIS_URL, "a real worker needs the broker: bin/test sets REDIS_URL"
     fleet = make_fleet(4)
     pool = Workers(tmp_path)
     pool.queue = f"test-booking-{uuid.uuid4().hex[:12]}"
