@@ -211,31 +211,23 @@ def references_for(
     # Fixed statements: the queryset's compiler cost more CPU than the query (a third of a
     # managed object GET here, bench/README.md "inventory_http.py").
     placeholders = ", ".join(["%s"] * len(ids))
+    # (own side, other side, collection key) per wanted direction.
+    directions = [
+        ("parent_id", "child_id", "children_segment"),
+        ("child_id", "parent_id", "parents_segment"),
+    ]
+    wanted = [d for d, on in zip(directions, (children, parents), strict=True) if on]
     with connections[ManagedObjectReference.objects.db].cursor() as cursor:
-        if children:
+        for own, other, segment in wanted:
             cursor.execute(
-                "SELECT r.parent_id, r.relation, r.child_id, o.name"  # noqa: S608
+                f"SELECT r.{own}, r.relation, r.{other}, o.name"  # noqa: S608 - fixed names
                 " FROM inventory_managedobjectreference r"
-                " JOIN inventory_managedobject o ON o.id = r.child_id"
-                f" WHERE r.parent_id IN ({placeholders}) ORDER BY r.id",
+                f" JOIN inventory_managedobject o ON o.id = r.{other}"
+                f" WHERE r.{own} IN ({placeholders}) ORDER BY r.id",
                 ids,
             )
-            for parent_id, relation, child_id, child_name in cursor.fetchall():
-                result[parent_id][Relation(relation).children_segment].append(
-                    (child_id, child_name)
-                )
-        if parents:
-            cursor.execute(
-                "SELECT r.child_id, r.relation, r.parent_id, o.name"  # noqa: S608
-                " FROM inventory_managedobjectreference r"
-                " JOIN inventory_managedobject o ON o.id = r.parent_id"
-                f" WHERE r.child_id IN ({placeholders}) ORDER BY r.id",
-                ids,
-            )
-            for child_id, relation, parent_id, parent_name in cursor.fetchall():
-                result[child_id][Relation(relation).parents_segment].append(
-                    (parent_id, parent_name)
-                )
+            for own_id, relation, other_id, other_name in cursor.fetchall():
+                result[own_id][getattr(Relation(relation), segment)].append((other_id, other_name))
     return result
 
 
