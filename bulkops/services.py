@@ -45,6 +45,7 @@ from devicecontrol.serializers import operation_json
 from devicecontrol.services import (
     StatusChange,
     operation_prototype_validate,
+    operations_cancel_pending,
     operations_create_many,
 )
 from deviceplatform.api.dates import parse_datetime
@@ -311,6 +312,18 @@ def _wake_ramp_on_commit(bulk: BulkOperation) -> None:
         transaction.on_commit(lambda: ramp_wake(due))
 
 
+def _locked(
+    bulk_operation_id: int, precondition: Callable[[BulkOperation], None] | None = None
+) -> BulkOperation:
+    """The bulk operation, row-locked; 404 if unknown, then `precondition` (`If-Match`)."""
+    bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
+    if bulk is None:
+        raise bulk_operation_not_found(bulk_operation_id)
+    if precondition is not None:
+        precondition(bulk)
+    return bulk
+
+
 def _lock_running(
     bulk_operation_id: int,
     verb: str,
@@ -318,11 +331,7 @@ def _lock_running(
 ) -> BulkOperation:
     """The bulk operation, row-locked; 404 if unknown, then `precondition` (`If-Match`), then
     422 unless ACTIVE or IN_PROGRESS."""
-    bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
-    if bulk is None:
-        raise bulk_operation_not_found(bulk_operation_id)
-    if precondition is not None:
-        precondition(bulk)
+    bulk = _locked(bulk_operation_id, precondition)
     if bulk.status not in RUNNING_STATUSES:
         raise ValidationFailed(
             f"Only ACTIVE or IN_PROGRESS bulk operations can be {verb}; {bulk.pk} is {bulk.status}",
@@ -374,14 +383,33 @@ def bulk_operation_cancel(
     bulk_operation_id: int,
     now: datetime | None = None,
     precondition: Callable[[BulkOperation], None] | None = None,
+    cancel_pending: bool = False,
+    by: str = "",
+    notify: bool = True,
 ) -> BulkOperation:
-    """DELETE (bulkoperations.md §10): no further children; existing ones keep their status."""
+    """DELETE (bulkoperations.md §10): no further children; existing ones keep their status.
+    `cancel_pending` (`?cancelPending=true`, README "Cancel that reaches the device"): its
+    PENDING children (latest attempts) are also cancelled, "Cancelled by <by>", in the same
+    transaction, in batches; and a bulk operation that is COMPLETED or DELETED already is not
+    refused: its status stays, only its PENDING children are cancelled."""
+    now = now or timezone.now()
     with transaction.atomic():
-        bulk = _lock_running(bulk_operation_id, "cancelled", precondition)
-        bulk.status = BulkStatus.DELETED
-        bulk.next_due_at = None
-        bulk.last_updated = now or timezone.now()
-        bulk.save(update_fields=["status", "next_due_at", "last_updated"])
+        if cancel_pending:
+            bulk = _locked(bulk_operation_id, precondition)
+        else:
+            bulk = _lock_running(bulk_operation_id, "cancelled", precondition)
+        if bulk.status in RUNNING_STATUSES:
+            bulk.status = BulkStatus.DELETED
+            bulk.next_due_at = None
+            bulk.last_updated = now
+            bulk.save(update_fields=["status", "next_due_at", "last_updated"])
+        if cancel_pending:
+            operations_cancel_pending(
+                queryset=Operation.objects.filter(bulk_operation_id=bulk.pk, superseded=False),
+                by=by,
+                notify=notify,
+                now=now,
+            )
     return bulk
 
 

@@ -35,6 +35,7 @@ from devicecontrol.serializers import (
     BulkDeviceRow,
     operation_json,
 )
+from deviceplatform.api.dates import format_datetime
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
 from deviceplatform.realtime.events import publish_on_commit
 from deviceplatform.services import (
@@ -53,6 +54,10 @@ FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
 MAX_TIMEOUT_SECONDS = 2**31 - 1  # Operation.execution_timeout is a PostgreSQL integer
 EXPIRED_REASON = "Operation expired: it was still PENDING after {seconds} seconds"
 TIMED_OUT_REASON = "Operation timed out: it was EXECUTING for more than {seconds} seconds"
+# Cancel (README "Cancel that reaches the device"): a PENDING operation fails at once with this
+# reason; an EXECUTING one gets the request fragment and its agent decides.
+CANCELLED_REASON = "Cancelled by {by}"
+CANCEL_REQUESTED = "c8y_CancelRequested"
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def _status(value: object) -> OperationStatus:
     return OperationStatus(value)
 
 
-def _event(action: str, operation: Operation) -> OperationEvent:
+def _event(action: str, operation: Operation, *, to_agent: bool = False) -> OperationEvent:
     data: dict[str, Any] | str = (
         str(operation.pk) if action == "DELETE" else operation_json(operation, base="")
     )
@@ -140,6 +145,7 @@ def _event(action: str, operation: Operation) -> OperationEvent:
         device_id=operation.device_id,
         agent_id=operation.agent_id,
         data=data,
+        to_agent=to_agent,
     )
 
 
@@ -423,6 +429,82 @@ def operation_retry(
         notify=notify,
         now=now,
     )
+
+
+@transaction.atomic
+def operation_cancel(
+    *, operation: Operation, by: str, notify: bool = True, now: datetime | None = None
+) -> Operation:
+    """Cancel one operation under its row lock (a concurrent agent PUT runs wholly before or
+    after, never lost). PENDING: FAILED at once with "Cancelled by <by>" and an UPDATE event.
+    EXECUTING: the `c8y_CancelRequested` fragment ({time, by}) and an UPDATE event that also goes
+    to the agent's channel; the status stays, the agent decides. A second cancel of an EXECUTING
+    operation keeps the first request and changes nothing (no event). 422 once it is finished."""
+    locked = Operation.objects.select_for_update().filter(pk=operation.pk).first()
+    if locked is None:
+        raise operation_not_found(operation.pk)
+    now = now or timezone.now()
+    if locked.status == OperationStatus.PENDING:
+        _status_changed([(_counted(locked), locked.status, OperationStatus.FAILED)])
+        _apply_status(locked, OperationStatus.FAILED, now)
+        locked.failure_reason = CANCELLED_REASON.format(by=by)
+        locked.save(update_fields=["status", "status_changed_at", "failure_reason"])
+        if notify:
+            publish_on_commit([_event("UPDATE", locked)])
+    elif locked.status == OperationStatus.EXECUTING:
+        if CANCEL_REQUESTED in locked.fragments:
+            return locked
+        locked.fragments = {
+            **locked.fragments,
+            CANCEL_REQUESTED: {"time": format_datetime(now), "by": by},
+        }
+        locked.save(update_fields=["fragments"])
+        if notify:
+            publish_on_commit([_event("UPDATE", locked, to_agent=True)])
+    else:
+        raise ValidationFailed(
+            f"Operation {locked.pk} is {locked.status}: only PENDING and EXECUTING operations "
+            "can be cancelled",
+            error="devicecontrol/Invalid Data",
+        )
+    return locked
+
+
+def operations_cancel_pending(
+    *,
+    queryset: QuerySet[Operation],
+    by: str,
+    notify: bool = True,
+    now: datetime | None = None,
+    batch_size: int = 500,
+) -> int:
+    """Cancel the PENDING operations of `queryset` as `operation_cancel` does, inside the
+    caller's transaction (a bulk operation's cancel: all or nothing with it). Rows are locked and
+    read `batch_size` at a time in ID order, so only one batch of rows is in memory (the UPDATE
+    events wait for the commit). Waits for rows another transaction holds (an agent's PUT): a
+    row that left PENDING meanwhile is not touched."""
+    now = now or timezone.now()
+    reason = CANCELLED_REASON.format(by=by)
+    pending = queryset.filter(status=OperationStatus.PENDING)
+    total = 0
+    after = 0
+    with transaction.atomic():
+        while True:
+            batch = list(
+                pending.filter(pk__gt=after).select_for_update().order_by("pk")[:batch_size]
+            )
+            if not batch:
+                return total
+            after = batch[-1].pk
+            _status_changed((_counted(op), op.status, OperationStatus.FAILED) for op in batch)
+            for operation in batch:
+                operation.status = OperationStatus.FAILED
+                operation.status_changed_at = now
+                operation.failure_reason = reason
+            Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
+            if notify:
+                publish_on_commit([_event("UPDATE", operation) for operation in batch])
+            total += len(batch)
 
 
 def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batch_size: int) -> int:
