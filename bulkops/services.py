@@ -38,6 +38,7 @@ from bulkops.models import (
     BulkProgressDelta,
     BulkStatus,
 )
+from bulkops.retries import bulk_retry_config_validate
 from devicecontrol.delivery import deliver_by_sms
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.realtime import OperationEvent
@@ -47,6 +48,7 @@ from devicecontrol.services import (
     operation_prototype_validate,
     operations_cancel_pending,
     operations_create_many,
+    operations_retries_drop,
 )
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
@@ -282,6 +284,7 @@ def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None)
 def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) -> BulkOperation:
     """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
     selector, start, ramp, prototype = _create_input(data)
+    bulk_retry_config_validate(data)
     device_ids = _targets(selector)
     now = now or timezone.now()
     bulk = BulkOperation(
@@ -353,6 +356,7 @@ def bulk_operation_update(
     start = _start(data["startDate"]) if "startDate" in data else None
     ramp = _ramp(data["creationRamp"]) if "creationRamp" in data else None
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
+    bulk_retry_config_validate(data)
     now = now or timezone.now()
     with transaction.atomic():
         bulk = _lock_running(bulk_operation_id, "changed", precondition)
@@ -403,6 +407,8 @@ def bulk_operation_cancel(
             bulk.next_due_at = None
             bulk.last_updated = now
             bulk.save(update_fields=["status", "next_due_at", "last_updated"])
+        # No further children: booked automatic retries of its children go too.
+        operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
         if cancel_pending:
             operations_cancel_pending(
                 queryset=Operation.objects.filter(bulk_operation_id=bulk.pk, superseded=False),
@@ -445,6 +451,8 @@ class _Child:
     bulk_operation_id: int
     fragments: dict[str, Any]
     retry_of_id: None = None
+    attempt: int = 1
+    retry_at: None = None
 
 
 class _Publisher:
