@@ -485,6 +485,8 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
         "execution_timeout",
         "bulk_operation_id",
         "retry_links",
+        "attempt",
+        "retry_at",
         "fragments_json",
     ]
     fieldsets = [
@@ -499,6 +501,7 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
                     ("executing_since", "expires_at", "execution_timeout"),
                     "bulk_operation_id",
                     "retry_links",
+                    ("attempt", "retry_at"),
                 ]
             },
         ),

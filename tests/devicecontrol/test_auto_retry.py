@@ -468,3 +468,19 @@ def test_a_bulk_retry_config_can_be_set_and_removed_by_put(api: Clients) -> None
         api["admin"], "PUT", f"{BULK}/{bulk.pk}", {"retryConfig": None}, accept="application/json"
     )
     assert ok_json(removed).get("retryConfig") is None
+
+
+def test_the_admin_change_page_shows_attempt_and_booked_retry(
+    admin_client: Any, device: ManagedObject
+) -> None:
+    from django.urls import reverse
+
+    operation = create(device)
+    fail(operation, 0)
+
+    page = admin_client.get(reverse("admin:devicecontrol_operation_change", args=[operation.pk]))
+
+    text = page.content.decode()
+    assert page.status_code == 200
+    assert "Retry at" in text
+    assert "Attempt" in text

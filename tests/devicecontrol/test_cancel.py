@@ -358,3 +358,24 @@ def test_cancel_racing_an_agent_put_loses_neither(agent_status: str) -> None:
             assert isinstance(cancel, ValidationFailed), cancel
             assert final.status == "SUCCESSFUL"
             assert "c8y_CancelRequested" not in final.fragments
+
+
+def test_the_admin_cancel_button_asks_the_agent_once_with_history(
+    admin_client: Any, device: ManagedObject
+) -> None:
+    from django.contrib.admin.models import CHANGE, LogEntry
+    from django.urls import reverse
+
+    executing = make_operation(device, "EXECUTING")
+    button = reverse("admin:devicecontrol_operation_cancel", args=[executing.pk])
+
+    for _ in range(2):
+        assert admin_client.post(button).status_code == 302
+
+    after = Operation.objects.get(pk=executing.pk)
+    assert after.status == "EXECUTING"
+    assert after.fragments["c8y_CancelRequested"]["by"] == "root-admin"
+    history = LogEntry.objects.filter(object_id=str(executing.pk))
+    assert [(e.action_flag, e.change_message) for e in history] == [
+        (CHANGE, "Cancel requested from its agent")
+    ]
