@@ -24,6 +24,7 @@ def bulk_retry_configs(bulk_ids: set[int]) -> dict[int, dict[str, Any]]:
     rows = (
         BulkOperation.objects.filter(pk__in=bulk_ids)
         .exclude(status=BulkStatus.DELETED)
+        .order_by()
         .values_list("pk", "fragments")
     )
     return {

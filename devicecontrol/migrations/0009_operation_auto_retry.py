@@ -2,27 +2,34 @@
 
 from django.db import migrations, models
 
+from deviceplatform.db import use_global_id_sequence
+
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('devicecontrol', '0008_new_device_requests'),
-        ('inventory', '0004_search_trigram_indexes'),
+        ("devicecontrol", "0008_new_device_requests"),
+        ("inventory", "0004_search_trigram_indexes"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='operation',
-            name='attempt',
+            model_name="operation",
+            name="attempt",
             field=models.PositiveIntegerField(db_default=1, default=1),
         ),
         migrations.AddField(
-            model_name='operation',
-            name='retry_at',
+            model_name="operation",
+            name="retry_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AddIndex(
-            model_name='operation',
-            index=models.Index(condition=models.Q(('retry_at__isnull', False)), fields=['retry_at'], name='operation_retry_due_idx'),
+            model_name="operation",
+            index=models.Index(
+                condition=models.Q(("retry_at__isnull", False)),
+                fields=["retry_at"],
+                name="operation_retry_due_idx",
+            ),
         ),
+        # SQLite rebuilds the table for AddField, which drops its global-ID trigger.
+        use_global_id_sequence("devicecontrol_operation"),
     ]
