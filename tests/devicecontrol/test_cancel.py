@@ -379,3 +379,38 @@ def test_the_admin_cancel_button_asks_the_agent_once_with_history(
     assert [(e.action_flag, e.change_message) for e in history] == [
         (CHANGE, "Cancel requested from its agent")
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rest_cancel_racing_the_agents_rest_put_loses_neither(api: Clients) -> None:
+    """The same race over REST, each request on its own connection: the admin's cancel and the
+    agent's PUT (EXECUTING with a progress fragment) end in one of the two serial outcomes."""
+    agent = make_device("Gateway", agent=True)
+    device = make_device("Pump", owner="owner")
+    add_child_devices(agent, device)
+    admin, owner = api["admin"], api["owner"]
+    for _ in range(4):
+        pending = make_operation(device)
+
+        def work(index: int, pk: int = pending.pk) -> Any:
+            if index == 0:
+                return post_cancel(admin, pk, HTTP_ACCEPT="application/json").json()
+            body = {"status": "EXECUTING", "c8y_Progress": {"step": 1}}
+            return owner.put(
+                f"/devicecontrol/operations/{pk}",
+                body,
+                format="json",
+                HTTP_ACCEPT="application/json",
+            ).json()
+
+        cancelled, taken = run_together(work, 2)
+
+        final = Operation.objects.get(pk=pending.pk)
+        assert final.status == "EXECUTING"
+        assert final.fragments["c8y_Progress"] == {"step": 1}
+        if cancelled["status"] == "FAILED":  # first; the agent's PUT came after and applies
+            assert "c8y_CancelRequested" not in final.fragments
+            assert "c8y_CancelRequested" not in taken
+        else:  # the agent took it first: the cancel became a request
+            assert cancelled["c8y_CancelRequested"]["by"] == "dc_admin"
+            assert final.fragments["c8y_CancelRequested"] == cancelled["c8y_CancelRequested"]
