@@ -8,8 +8,11 @@ class BulkOpsConfig(AppConfig):
     verbose_name = "Bulk operations"
 
     def ready(self) -> None:
+        from bulkops.retries import bulk_retry_configs
         from bulkops.services import bulk_progress_apply
-        from devicecontrol.services import STATUS_CHANGE_HOOKS
+        from devicecontrol.services import BULK_RETRY_CONFIGS, STATUS_CHANGE_HOOKS
 
         if bulk_progress_apply not in STATUS_CHANGE_HOOKS:
             STATUS_CHANGE_HOOKS.append(bulk_progress_apply)
+        if bulk_retry_configs not in BULK_RETRY_CONFIGS:
+            BULK_RETRY_CONFIGS.append(bulk_retry_configs)

@@ -38,6 +38,7 @@ from bulkops.models import (
     BulkProgressDelta,
     BulkStatus,
 )
+from bulkops.retries import bulk_retry_config_validate
 from devicecontrol.delivery import deliver_by_sms
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.realtime import OperationEvent
@@ -45,7 +46,9 @@ from devicecontrol.serializers import operation_json
 from devicecontrol.services import (
     StatusChange,
     operation_prototype_validate,
+    operations_cancel_pending,
     operations_create_many,
+    operations_retries_drop,
 )
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
@@ -281,6 +284,7 @@ def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None)
 def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) -> BulkOperation:
     """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
     selector, start, ramp, prototype = _create_input(data)
+    bulk_retry_config_validate(data)
     device_ids = _targets(selector)
     now = now or timezone.now()
     bulk = BulkOperation(
@@ -311,6 +315,18 @@ def _wake_ramp_on_commit(bulk: BulkOperation) -> None:
         transaction.on_commit(lambda: ramp_wake(due))
 
 
+def _locked(
+    bulk_operation_id: int, precondition: Callable[[BulkOperation], None] | None = None
+) -> BulkOperation:
+    """The bulk operation, row-locked; 404 if unknown, then `precondition` (`If-Match`)."""
+    bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
+    if bulk is None:
+        raise bulk_operation_not_found(bulk_operation_id)
+    if precondition is not None:
+        precondition(bulk)
+    return bulk
+
+
 def _lock_running(
     bulk_operation_id: int,
     verb: str,
@@ -318,11 +334,7 @@ def _lock_running(
 ) -> BulkOperation:
     """The bulk operation, row-locked; 404 if unknown, then `precondition` (`If-Match`), then
     422 unless ACTIVE or IN_PROGRESS."""
-    bulk = BulkOperation.objects.select_for_update().filter(pk=bulk_operation_id).first()
-    if bulk is None:
-        raise bulk_operation_not_found(bulk_operation_id)
-    if precondition is not None:
-        precondition(bulk)
+    bulk = _locked(bulk_operation_id, precondition)
     if bulk.status not in RUNNING_STATUSES:
         raise ValidationFailed(
             f"Only ACTIVE or IN_PROGRESS bulk operations can be {verb}; {bulk.pk} is {bulk.status}",
@@ -344,6 +356,7 @@ def bulk_operation_update(
     start = _start(data["startDate"]) if "startDate" in data else None
     ramp = _ramp(data["creationRamp"]) if "creationRamp" in data else None
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
+    bulk_retry_config_validate(data)
     now = now or timezone.now()
     with transaction.atomic():
         bulk = _lock_running(bulk_operation_id, "changed", precondition)
@@ -374,14 +387,35 @@ def bulk_operation_cancel(
     bulk_operation_id: int,
     now: datetime | None = None,
     precondition: Callable[[BulkOperation], None] | None = None,
+    cancel_pending: bool = False,
+    by: str = "",
+    notify: bool = True,
 ) -> BulkOperation:
-    """DELETE (bulkoperations.md §10): no further children; existing ones keep their status."""
+    """DELETE (bulkoperations.md §10): no further children; existing ones keep their status.
+    `cancel_pending` (`?cancelPending=true`, README "Cancel that reaches the device"): its
+    PENDING children (latest attempts) are also cancelled, "Cancelled by <by>", in the same
+    transaction, in batches; and a bulk operation that is COMPLETED or DELETED already is not
+    refused: its status stays, only its PENDING children are cancelled."""
+    now = now or timezone.now()
     with transaction.atomic():
-        bulk = _lock_running(bulk_operation_id, "cancelled", precondition)
-        bulk.status = BulkStatus.DELETED
-        bulk.next_due_at = None
-        bulk.last_updated = now or timezone.now()
-        bulk.save(update_fields=["status", "next_due_at", "last_updated"])
+        if cancel_pending:
+            bulk = _locked(bulk_operation_id, precondition)
+        else:
+            bulk = _lock_running(bulk_operation_id, "cancelled", precondition)
+        if bulk.status in RUNNING_STATUSES:
+            bulk.status = BulkStatus.DELETED
+            bulk.next_due_at = None
+            bulk.last_updated = now
+            bulk.save(update_fields=["status", "next_due_at", "last_updated"])
+        # No further children: booked automatic retries of its children go too.
+        operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
+        if cancel_pending:
+            operations_cancel_pending(
+                queryset=Operation.objects.filter(bulk_operation_id=bulk.pk, superseded=False),
+                by=by,
+                notify=notify,
+                now=now,
+            )
     return bulk
 
 
@@ -417,6 +451,8 @@ class _Child:
     bulk_operation_id: int
     fragments: dict[str, Any]
     retry_of_id: None = None
+    attempt: int = 1
+    retry_at: None = None
 
 
 class _Publisher:

@@ -14,7 +14,7 @@ from bulkops.serializers import bulk_operation_json, bulk_operation_url
 from deviceplatform.api.idempotency import idempotent_create
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.pagination import paginated
-from deviceplatform.api.params import parse_id
+from deviceplatform.api.params import get_bool, parse_id
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
 
@@ -86,9 +86,13 @@ class BulkOperationDetailView(BulkOperationView):
         return self.respond(lambda: self.render(bulk), MediaType.BULK_OPERATION, etag=True)
 
     def delete(self, request: Any, pk: str) -> Response:
+        cancel_pending = get_bool(request.GET, "cancelPending")
         services.bulk_operation_cancel(
             bulk_operation_id=self.get_bulk_operation(pk).pk,
             precondition=self.if_match(self.render),
+            cancel_pending=cancel_pending,
+            by=request.user.username,
+            notify=self.notify,
         )
         return self.no_content()
 

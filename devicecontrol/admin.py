@@ -39,9 +39,11 @@ from devicecontrol.models import (
 )
 from devicecontrol.serializers import MAX_SECURITY_TOKEN_LENGTH
 from devicecontrol.services import (
+    CANCEL_REQUESTED,
     new_device_request_accept,
     new_device_request_create,
     new_device_request_delete,
+    operation_cancel,
     operation_create,
     operation_retry,
     operation_update,
@@ -54,7 +56,6 @@ from inventory.admin import FragmentsField, ManagedObjectAdmin, adopt, rehearse
 from inventory.models import ManagedObject
 from inventory.selectors import device_agent_id
 
-CANCELLED_REASON = "Cancelled by an operator ({username})"
 # The filters offer what the most recent operations use: reading a bounded sample keeps the
 # changelist fast on a table of millions of rows. Any value still works in the URL.
 FILTER_SAMPLE = 500
@@ -484,6 +485,8 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
         "execution_timeout",
         "bulk_operation_id",
         "retry_links",
+        "attempt",
+        "retry_at",
         "fragments_json",
     ]
     fieldsets = [
@@ -498,6 +501,7 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
                     ("executing_since", "expires_at", "execution_timeout"),
                     "bulk_operation_id",
                     "retry_links",
+                    ("attempt", "retry_at"),
                 ]
             },
         ),
@@ -782,7 +786,7 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
         return "Changed " + "; ".join(changes)
 
     @admin.action(
-        description="Mark as FAILED (cancel PENDING and EXECUTING operations)",
+        description="Cancel (PENDING: FAILED at once; EXECUTING: ask the agent to stop)",
         permissions=["change"],
     )
     def mark_failed(self, request: HttpRequest, queryset: QuerySet[Operation]) -> None:
@@ -793,25 +797,42 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
         self._retry(request, set(queryset.order_by().values_list("pk", flat=True)))
 
     def _cancel(self, request: HttpRequest, selected: set[int]) -> None:
-        reason = CANCELLED_REASON.format(username=request.user.get_username())
-        with transaction.atomic():
-            # Lock first, then check: an agent finishing the operation meanwhile wins.
-            open_rows = list(
-                Operation.objects.select_for_update()
-                .filter(pk__in=selected, status__in=OPEN_STATUSES)
-                .order_by("pk")
-                .values_list("pk", "status")
-            )
-            for pk, status in open_rows:
-                saved = operation_update(
-                    operation_id=pk,
-                    data={"status": OperationStatus.FAILED, "failureReason": reason},
+        """The REST cancel (`operation_cancel`), one operation at a time: a PENDING one fails at
+        once, an EXECUTING one gets `c8y_CancelRequested` for its agent; a finished one (an agent
+        finishing it meanwhile wins the row lock) is skipped."""
+        username = request.user.get_username()
+        cancelled: list[int] = []
+        requested: list[int] = []
+        for pk in sorted(selected):
+            with transaction.atomic():
+                before = (
+                    Operation.objects.select_for_update()
+                    .filter(pk=pk, status__in=OPEN_STATUSES)
+                    .values_list("status", "fragments")
+                    .first()
                 )
-                self.log_change(request, saved, f"Cancelled: {status} → FAILED ({reason})")
-        open_ids = [pk for pk, _ in open_rows]
-        if open_ids:
-            messages.success(request, f"Marked {len(open_ids)} operation(s) as FAILED.")
-        skipped = sorted(selected - set(open_ids))
+                if before is None:
+                    continue
+                status, fragments = before
+                saved = operation_cancel(operation=Operation(pk=pk), by=username)
+                if status == OperationStatus.PENDING:
+                    cancelled.append(pk)
+                    message = f"Cancelled: {status} → FAILED ({saved.failure_reason})"
+                    self.log_change(request, saved, message)
+                else:
+                    requested.append(pk)
+                    if CANCEL_REQUESTED not in fragments:
+                        self.log_change(request, saved, "Cancel requested from its agent")
+        if cancelled:
+            messages.success(request, f"Cancelled {len(cancelled)} PENDING operation(s): FAILED.")
+        if requested:
+            messages.success(
+                request,
+                f"Asked the agent to cancel {len(requested)} EXECUTING operation(s): "
+                f"{', '.join(map(str, requested))}. The agent decides; to force an end, set the "
+                "status on the operation's page.",
+            )
+        skipped = sorted(selected - set(cancelled) - set(requested))
         if skipped:
             messages.warning(
                 request,

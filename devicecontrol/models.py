@@ -56,6 +56,10 @@ class Operation(models.Model):
     # and only that one counts in its progress (and can be retried again). Deleting the retry
     # makes the attempt before it the latest again.
     superseded = models.BooleanField(default=False, db_default=False)
+    # Automatic retries (README "Automatic retries"): the attempt number (a retry's is its
+    # original's plus one), and when a FAILED attempt is to be retried by the sweeper; null: not.
+    attempt = models.PositiveIntegerField(default=1, db_default=1)
+    retry_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -89,6 +93,11 @@ class Operation(models.Model):
                 fields=["executing_since"],
                 name="operation_executing_idx",
                 condition=models.Q(status="EXECUTING"),
+            ),
+            models.Index(
+                fields=["retry_at"],
+                name="operation_retry_due_idx",
+                condition=models.Q(retry_at__isnull=False),
             ),
             models.Index(
                 fields=["status_changed_at"],

@@ -33,6 +33,9 @@ class OperationEvent:
     device_id: int
     agent_id: int | None
     data: dict[str, Any] | str = field(compare=True)
+    # An UPDATE the agent must see too (a cancel request, README "Cancel that reaches the
+    # device"): it goes to the agent channel as well, like a creation.
+    to_agent: bool = False
 
     @property
     def key(self) -> int:
@@ -63,9 +66,9 @@ def realtime_events(event: OperationEvent) -> list[RealtimeEvent]:
             key=event.device_id,
         )
     ]
-    # Only new operations go to the agent channel; a bulk child that failed for want of an agent
-    # has none.
-    if event.action == "CREATE" and event.agent_id is not None:
+    # Only new operations (and cancel requests) go to the agent channel; a bulk child that failed
+    # for want of an agent has none.
+    if (event.action == "CREATE" or event.to_agent) and event.agent_id is not None:
         events.append(RealtimeEvent(agent_channel(event.agent_id), data, key=event.device_id))
     return events
 

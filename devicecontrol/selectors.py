@@ -99,6 +99,7 @@ PAGE_COLUMNS = (
     '"devicecontrol_operation"."status", "devicecontrol_operation"."creation_time", '
     '"devicecontrol_operation"."failure_reason", "devicecontrol_operation"."bulk_operation_id", '
     '"devicecontrol_operation"."retry_of_id", "devicecontrol_operation"."fragments", '
+    '"devicecontrol_operation"."attempt", "devicecontrol_operation"."retry_at", '
 )
 # Without the owner condition the name is a primary-key lookup per row of the page (a join let the
 # planner hash the whole inventory); with it, the join the owner condition needs gives the name.
@@ -165,7 +166,7 @@ class OperationPage:
             rows = cursor.fetchall()
         decode = Operation._meta.get_field("fragments").from_db_value
         connection = connections[Operation.objects.db]
-        return [(*row[:7], decode(row[7], None, connection), row[8]) for row in rows]
+        return [(*row[:7], decode(row[7], None, connection), *row[8:]) for row in rows]
 
     def count(self) -> int:
         with connections[Operation.objects.db].cursor() as cursor:

@@ -50,6 +50,8 @@ READ_ONLY_KEYS = frozenset(
         "agentId",
         "delivery",
         "retryOf",
+        "attempt",
+        "retryAt",
     }
 )
 # Extension keys beyond Cumulocity (README "Beyond Cumulocity"): seconds, validated by the services.
@@ -84,6 +86,7 @@ def operation_json(
         body["bulkOperationId"] = str(operation.bulk_operation_id)
     if operation.retry_of_id is not None:
         body["retryOf"] = str(operation.retry_of_id)
+    _retry_state(body, operation.attempt, operation.retry_at, operation.fragments)
     body.update(operation.fragments)
     if external_ids is not None:
         body["deviceExternalIDs"] = {
@@ -93,15 +96,36 @@ def operation_json(
     return body
 
 
+def _retry_state(
+    body: dict[str, Any], attempt: int, retry_at: Any, fragments: dict[str, Any]
+) -> None:
+    """Automatic retries (README "Automatic retries"): `attempt` once there was a retry or when
+    the operation has its own `retryConfig`; `retryAt` while a retry is booked."""
+    if attempt > 1 or "retryConfig" in fragments:
+        body["attempt"] = attempt
+    if retry_at is not None:
+        body["retryAt"] = format_datetime(retry_at)
+
+
 def operation_row_json(
     row: tuple[Any, ...], *, base: str, external_ids: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """`operation_json` of a collection item from a `selectors.OperationPage` tuple (id, device_id,
-    status, creation_time, failure_reason, bulk_operation_id, retry_of_id, fragments, device
-    name): the same document, key for key, without a model instance."""
-    pk, device_id, status, creation_time, failure_reason, bulk_id, retry_of_id, fragments, name = (
-        row
-    )
+    status, creation_time, failure_reason, bulk_operation_id, retry_of_id, fragments, attempt,
+    retry_at, device name): the same document, key for key, without a model instance."""
+    (
+        pk,
+        device_id,
+        status,
+        creation_time,
+        failure_reason,
+        bulk_id,
+        retry_of_id,
+        fragments,
+        attempt,
+        retry_at,
+        name,
+    ) = row
     body: dict[str, Any] = {
         "id": str(pk),
         "self": f"{base}/devicecontrol/operations/{pk}",
@@ -117,6 +141,7 @@ def operation_row_json(
         body["bulkOperationId"] = str(bulk_id)
     if retry_of_id is not None:
         body["retryOf"] = str(retry_of_id)
+    _retry_state(body, attempt, retry_at, fragments)
     body.update(fragments)
     if external_ids is not None:
         body["deviceExternalIDs"] = {

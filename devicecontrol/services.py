@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -35,7 +36,14 @@ from devicecontrol.serializers import (
     BulkDeviceRow,
     operation_json,
 )
-from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
+from deviceplatform.api.dates import format_datetime
+from deviceplatform.api.exceptions import (
+    ApiError,
+    Conflict,
+    MissingFields,
+    NotFound,
+    ValidationFailed,
+)
 from deviceplatform.realtime.events import publish_on_commit
 from deviceplatform.services import (
     device_user_provision,
@@ -53,6 +61,20 @@ FORBIDDEN_NAME_CHARS = frozenset(".$ \t\r\n")
 MAX_TIMEOUT_SECONDS = 2**31 - 1  # Operation.execution_timeout is a PostgreSQL integer
 EXPIRED_REASON = "Operation expired: it was still PENDING after {seconds} seconds"
 TIMED_OUT_REASON = "Operation timed out: it was EXECUTING for more than {seconds} seconds"
+# Cancel (README "Cancel that reaches the device"): a PENDING operation fails at once with this
+# reason; an EXECUTING one gets the request fragment and its agent decides.
+CANCELLED_REASON = "Cancelled by {by}"
+CANCEL_REQUESTED = "c8y_CancelRequested"
+# Automatic retries (README "Automatic retries"): `retryConfig` on an operation, or top-level on
+# a bulk operation for its children.
+RETRY_CONFIG = "retryConfig"
+RETRY_FAILURE_TYPES = ("FAILED", "TIMED_OUT")
+RETRY_CONFIG_KEYS = frozenset({"criteria", "backoffSeconds", "backoffFactor"})
+MAX_RETRIES = 100
+MAX_BACKOFF_SECONDS = 7 * 24 * 3600  # the first back-off, and the cap of every later one
+MAX_BACKOFF_FACTOR = 10
+DEFAULT_BACKOFF_SECONDS = 60
+DEFAULT_BACKOFF_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,10 @@ class StatusChange:
 # Called inside the changing transaction, so counters commit (or roll back) with the change. Apps
 # above devicecontrol register here; devicecontrol never imports them (STYLE.md §1).
 STATUS_CHANGE_HOOKS: list[Callable[[list[StatusChange]], None]] = []
+# The retry policy of operations without their own `retryConfig`, by bulk operation ID: bulkops
+# registers one that gives each running or completed bulk operation's top-level `retryConfig`
+# (bulkops/retries.py). Asked when an attempt fails and again when its retry is due.
+BULK_RETRY_CONFIGS: list[Callable[[set[int]], dict[int, dict[str, Any]]]] = []
 
 
 def _counted(operation: Operation) -> int | None:
@@ -98,6 +124,60 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def retry_config_validate(value: object, *, field: str = RETRY_CONFIG) -> dict[str, Any]:
+    """A `retryConfig` as given (422 naming what is wrong): `criteria`, a non-empty list of
+    `{"failureType": "FAILED" | "TIMED_OUT", "numberOfRetries": 0..100}` (each type once);
+    optional `backoffSeconds` (0 .. 7 days, default 60) and `backoffFactor` (1 .. 10, default
+    2). No other keys."""
+
+    def refuse(message: str) -> ValidationFailed:
+        return ValidationFailed(f"{field}: {message}", error="devicecontrol/Invalid Data")
+
+    if not isinstance(value, dict):
+        raise refuse("must be a JSON object")
+    unknown = sorted(set(value) - RETRY_CONFIG_KEYS)
+    if unknown:
+        raise refuse(
+            f"unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(RETRY_CONFIG_KEYS))}"
+        )
+    criteria = value.get("criteria")
+    if not isinstance(criteria, list) or not criteria:
+        raise refuse("criteria must be a non-empty list")
+    seen: set[str] = set()
+    for criterion in criteria:
+        if not isinstance(criterion, dict) or set(criterion) != {
+            "failureType",
+            "numberOfRetries",
+        }:
+            raise refuse('each criterion is {"failureType": ..., "numberOfRetries": ...}')
+        failure_type = criterion["failureType"]
+        if failure_type not in RETRY_FAILURE_TYPES:
+            raise refuse(
+                f"failureType {failure_type!r} is not one of {', '.join(RETRY_FAILURE_TYPES)}"
+            )
+        if failure_type in seen:
+            raise refuse(f"failureType {failure_type} is given twice")
+        seen.add(failure_type)
+        retries = criterion["numberOfRetries"]
+        if (
+            not isinstance(retries, int)
+            or isinstance(retries, bool)
+            or not 0 <= retries <= MAX_RETRIES
+        ):
+            raise refuse(f"numberOfRetries must be a whole number from 0 to {MAX_RETRIES}")
+    seconds = value.get("backoffSeconds", DEFAULT_BACKOFF_SECONDS)
+    if not _number(seconds) or not 0 <= seconds <= MAX_BACKOFF_SECONDS:
+        raise refuse(f"backoffSeconds must be a number from 0 to {MAX_BACKOFF_SECONDS}")
+    factor = value.get("backoffFactor", DEFAULT_BACKOFF_FACTOR)
+    if not _number(factor) or not 1 <= factor <= MAX_BACKOFF_FACTOR:
+        raise refuse(f"backoffFactor must be a number from 1 to {MAX_BACKOFF_FACTOR}")
+    return value
+
+
 def _fragments(data: dict[str, Any]) -> dict[str, Any]:
     fragments: dict[str, Any] = {}
     for key, value in data.items():
@@ -111,6 +191,8 @@ def _fragments(data: dict[str, Any]) -> dict[str, Any]:
             raise ValidationFailed(f"{key} must be a whole number of seconds, at least 1")
         if key in EXTENSION_KEYS and value is not None and value > MAX_TIMEOUT_SECONDS:
             raise ValidationFailed(f"{key} must be at most {MAX_TIMEOUT_SECONDS} seconds")
+        if key == RETRY_CONFIG and value is not None:
+            retry_config_validate(value)
         fragments[key] = value
     return fragments
 
@@ -130,7 +212,7 @@ def _status(value: object) -> OperationStatus:
     return OperationStatus(value)
 
 
-def _event(action: str, operation: Operation) -> OperationEvent:
+def _event(action: str, operation: Operation, *, to_agent: bool = False) -> OperationEvent:
     data: dict[str, Any] | str = (
         str(operation.pk) if action == "DELETE" else operation_json(operation, base="")
     )
@@ -140,7 +222,78 @@ def _event(action: str, operation: Operation) -> OperationEvent:
         device_id=operation.device_id,
         agent_id=operation.agent_id,
         data=data,
+        to_agent=to_agent,
     )
+
+
+def _retry_configs(operations: Sequence[Operation]) -> dict[int, dict[str, Any]]:
+    """The retry policy of each operation that has one, by operation ID: its own `retryConfig`,
+    else its bulk operation's (BULK_RETRY_CONFIGS). A stored policy that no longer validates
+    counts as none."""
+    configs: dict[int, dict[str, Any]] = {}
+    bulk_ids: set[int] = set()
+    for operation in operations:
+        own = operation.fragments.get(RETRY_CONFIG)
+        if own is not None:
+            configs[operation.pk] = own
+        elif operation.bulk_operation_id is not None:
+            bulk_ids.add(operation.bulk_operation_id)
+    if bulk_ids:
+        by_bulk: dict[int, dict[str, Any]] = {}
+        for source in BULK_RETRY_CONFIGS:
+            by_bulk.update(source(bulk_ids))
+        for operation in operations:
+            if operation.pk not in configs and operation.bulk_operation_id in by_bulk:
+                configs[operation.pk] = by_bulk[operation.bulk_operation_id]
+    valid = {}
+    for pk, config in configs.items():
+        try:
+            valid[pk] = retry_config_validate(config)
+        except ValidationFailed:
+            continue
+    return valid
+
+
+def retry_due_at(
+    config: dict[str, Any], *, failure_type: str, attempt: int, now: datetime
+) -> datetime | None:
+    """When attempt number `attempt`, failed with `failure_type`, is retried under `config`:
+    `now + backoffSeconds * backoffFactor ** (attempt - 1)` (at most 7 days), or None once the
+    criterion of that type allows no more (`numberOfRetries` counts every retry of the device's
+    operation, whatever failed before)."""
+    allowed = next(
+        (
+            criterion["numberOfRetries"]
+            for criterion in config["criteria"]
+            if criterion["failureType"] == failure_type
+        ),
+        0,
+    )
+    if attempt > allowed:
+        return None
+    seconds = config.get("backoffSeconds", DEFAULT_BACKOFF_SECONDS) * config.get(
+        "backoffFactor", DEFAULT_BACKOFF_FACTOR
+    ) ** (attempt - 1)
+    return now + timedelta(seconds=min(seconds, MAX_BACKOFF_SECONDS))
+
+
+def _book_retries(operations: Sequence[Operation], failure_type: str, now: datetime) -> None:
+    """Set `retry_at` (in memory; the caller saves) on each of `operations`, which just became
+    FAILED with `failure_type`, whose retry policy allows another attempt. Never for a superseded
+    attempt or one whose cancel was requested (a cancel is never retried)."""
+    candidates = [
+        operation
+        for operation in operations
+        if not operation.superseded and CANCEL_REQUESTED not in operation.fragments
+    ]
+    configs = _retry_configs(candidates)
+    for operation in candidates:
+        config = configs.get(operation.pk)
+        operation.retry_at = (
+            None
+            if config is None
+            else retry_due_at(config, failure_type=failure_type, attempt=operation.attempt, now=now)
+        )
 
 
 def _pending_deadline(fragments: dict[str, Any], now: datetime) -> datetime | None:
@@ -158,6 +311,7 @@ def operation_create(
     notify: bool = True,
     now: datetime | None = None,
     agent_id: int | None = None,
+    attempt: int = 1,
 ) -> Operation:
     """Create a PENDING operation for `device`, routed to the agent above it (devicecontrol.md §4,
     §6): 422 when no agent is found. `status` and other read-only keys in `data` are ignored.
@@ -186,6 +340,7 @@ def operation_create(
         fragments=fragments,
         bulk_operation_id=bulk_operation_id,
         retry_of=retry_of,
+        attempt=attempt,
         expires_at=_pending_deadline(fragments, now),
         execution_timeout=fragments.get("executionTimeout"),
     )
@@ -231,6 +386,7 @@ def operation_update(
     if precondition is not None:
         precondition(operation)
     _status_changed([(_counted(operation), operation.status, status)])
+    was_failed = operation.status == OperationStatus.FAILED
     _apply_status(operation, status, now)
     if status == OperationStatus.FAILED:
         if reason is not None:
@@ -249,6 +405,10 @@ def operation_update(
     if "pendingTimeout" in fragments and operation.status == OperationStatus.PENDING:
         # Counted from when the operation (last) became PENDING, not from its creation.
         operation.expires_at = _pending_deadline(merged, operation.status_changed_at)
+    if status != OperationStatus.FAILED:
+        operation.retry_at = None  # leaving FAILED: no retry of it any more
+    elif not was_failed:
+        _book_retries([operation], "FAILED", now)
     operation.save()
     if notify:
         publish_on_commit([_event("UPDATE", operation)])
@@ -412,22 +572,111 @@ def operation_retry(
         )
     device = ManagedObject.objects.get(pk=operation.device_id)
     if operation.bulk_operation_id is not None:
-        Operation.objects.filter(pk=operation.pk).update(superseded=True)
+        Operation.objects.filter(pk=operation.pk).update(superseded=True, retry_at=None)
         _status_changed([(operation.bulk_operation_id, operation.status, None)])
         operation.superseded = True
+    elif operation.retry_at is not None:
+        Operation.objects.filter(pk=operation.pk).update(retry_at=None)
+    operation.retry_at = None  # retried now: the booked automatic retry is this one
+    data = {key: value for key, value in operation.fragments.items() if key != CANCEL_REQUESTED}
     return operation_create(
         device=device,
-        data=dict(operation.fragments),
+        data=data,
         bulk_operation_id=operation.bulk_operation_id,
         retry_of=operation,
         notify=notify,
         now=now,
+        attempt=operation.attempt + 1,
     )
 
 
-def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batch_size: int) -> int:
+@transaction.atomic
+def operation_cancel(
+    *, operation: Operation, by: str, notify: bool = True, now: datetime | None = None
+) -> Operation:
+    """Cancel one operation under its row lock (a concurrent agent PUT runs wholly before or
+    after, never lost). PENDING: FAILED at once with "Cancelled by <by>" and an UPDATE event.
+    EXECUTING: the `c8y_CancelRequested` fragment ({time, by}) and an UPDATE event that also goes
+    to the agent's channel; the status stays, the agent decides. A second cancel of an EXECUTING
+    operation keeps the first request and changes nothing (no event). 422 once it is finished."""
+    locked = Operation.objects.select_for_update().filter(pk=operation.pk).first()
+    if locked is None:
+        raise operation_not_found(operation.pk)
+    now = now or timezone.now()
+    if locked.status == OperationStatus.PENDING:
+        _status_changed([(_counted(locked), locked.status, OperationStatus.FAILED)])
+        _apply_status(locked, OperationStatus.FAILED, now)
+        locked.failure_reason = CANCELLED_REASON.format(by=by)
+        locked.save(update_fields=["status", "status_changed_at", "failure_reason"])
+        if notify:
+            publish_on_commit([_event("UPDATE", locked)])
+    elif locked.status == OperationStatus.EXECUTING:
+        if CANCEL_REQUESTED in locked.fragments:
+            return locked
+        locked.fragments = {
+            **locked.fragments,
+            CANCEL_REQUESTED: {"time": format_datetime(now), "by": by},
+        }
+        locked.save(update_fields=["fragments"])
+        if notify:
+            publish_on_commit([_event("UPDATE", locked, to_agent=True)])
+    else:
+        raise ValidationFailed(
+            f"Operation {locked.pk} is {locked.status}: only PENDING and EXECUTING operations "
+            "can be cancelled",
+            error="devicecontrol/Invalid Data",
+        )
+    return locked
+
+
+def operations_cancel_pending(
+    *,
+    queryset: QuerySet[Operation],
+    by: str,
+    notify: bool = True,
+    now: datetime | None = None,
+    batch_size: int = 500,
+) -> int:
+    """Cancel the PENDING operations of `queryset` as `operation_cancel` does, inside the
+    caller's transaction (a bulk operation's cancel: all or nothing with it). Rows are locked and
+    read `batch_size` at a time in ID order, so only one batch of rows is in memory (the UPDATE
+    events wait for the commit). Waits for rows another transaction holds (an agent's PUT): a
+    row that left PENDING meanwhile is not touched."""
+    now = now or timezone.now()
+    reason = CANCELLED_REASON.format(by=by)
+    pending = queryset.filter(status=OperationStatus.PENDING)
+    total = 0
+    after = 0
+    with transaction.atomic():
+        while True:
+            batch = list(
+                pending.filter(pk__gt=after).select_for_update().order_by("pk")[:batch_size]
+            )
+            if not batch:
+                return total
+            after = batch[-1].pk
+            _status_changed((_counted(op), op.status, OperationStatus.FAILED) for op in batch)
+            for operation in batch:
+                operation.status = OperationStatus.FAILED
+                operation.status_changed_at = now
+                operation.failure_reason = reason
+            Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
+            if notify:
+                publish_on_commit([_event("UPDATE", operation) for operation in batch])
+            total += len(batch)
+
+
+def _fail_due(
+    *,
+    queryset: QuerySet[Operation],
+    reason: Any,
+    now: datetime,
+    batch_size: int,
+    failure_type: str | None = None,
+) -> int:
     """Fail the operations of `queryset`, claimed `batch_size` at a time with SKIP LOCKED, each
-    with an UPDATE event. Idempotent: a row that changed status meanwhile no longer matches."""
+    with an UPDATE event. Idempotent: a row that changed status meanwhile no longer matches.
+    `failure_type` ("TIMED_OUT" for the sweepers): automatic retries are booked by it."""
     total = 0
     while True:
         # Durable: each batch commits (and releases its locks) before the next is claimed.
@@ -441,7 +690,11 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
                 operation.failure_reason = reason(operation)
                 operation.status = OperationStatus.FAILED
                 operation.status_changed_at = now
-            Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
+            fields = ["status", "status_changed_at", "failure_reason"]
+            if failure_type is not None:
+                _book_retries(batch, failure_type, now)
+                fields.append("retry_at")
+            Operation.objects.bulk_update(batch, fields)
             publish_on_commit([_event("UPDATE", operation) for operation in batch])
         total += len(batch)
 
@@ -455,6 +708,7 @@ def operations_expire(*, now: datetime, batch_size: int = 500) -> int:
         ),
         now=now,
         batch_size=batch_size,
+        failure_type="TIMED_OUT",
     )
 
 
@@ -496,6 +750,7 @@ def operations_time_out(*, now: datetime, batch_size: int = 500) -> int:
             reason=lambda op: TIMED_OUT_REASON.format(seconds=default),
             now=now,
             batch_size=batch_size,
+            failure_type="TIMED_OUT",
         )
     # Per-row timeouts compared in SQL, so the claim re-checks the deadline on the locked rows.
     deadline = F("executing_since") + Seconds(F("execution_timeout"))
@@ -506,8 +761,50 @@ def operations_time_out(*, now: datetime, batch_size: int = 500) -> int:
         reason=lambda op: TIMED_OUT_REASON.format(seconds=op.execution_timeout),
         now=now,
         batch_size=batch_size,
+        failure_type="TIMED_OUT",
     )
     return total
+
+
+def operations_retry_due(*, now: datetime, batch_size: int = 100) -> int:
+    """Create the automatic retries that are due: each FAILED operation whose `retry_at` passed
+    is retried as `operation_retry` does (a new PENDING operation, `retryOf`, `attempt` + 1; a
+    bulk child is superseded by it), claimed `batch_size` at a time with SKIP LOCKED, and its
+    `retry_at` cleared. The policy is asked again first: a bulk operation cancelled (or aborted)
+    meanwhile, or a `retryConfig` removed, books none. A retry that cannot be created (the
+    device lost its agent) is logged and dropped. Returns how many were created."""
+    due = Operation.objects.filter(retry_at__lte=now)
+    created = 0
+    while True:
+        with transaction.atomic(durable=True):
+            batch = list(
+                due.select_for_update(skip_locked=True).order_by("retry_at", "pk")[:batch_size]
+            )
+            if not batch:
+                return created
+            Operation.objects.filter(pk__in=[op.pk for op in batch]).update(retry_at=None)
+            configs = _retry_configs(batch)
+            for operation in batch:
+                operation.retry_at = None
+                if (
+                    operation.status != OperationStatus.FAILED
+                    or operation.superseded
+                    or operation.pk not in configs
+                ):
+                    continue
+                try:
+                    with transaction.atomic():
+                        operation_retry(operation=operation, now=now)
+                except ApiError as exc:
+                    logger.warning("automatic retry of operation %s dropped: %s", operation.pk, exc)
+                else:
+                    created += 1
+
+
+def operations_retries_drop(*, queryset: QuerySet[Operation]) -> int:
+    """Forget the booked automatic retries of `queryset` (a cancelled bulk operation's children:
+    no further children). No notification: only the read-only `retryAt` goes."""
+    return queryset.filter(retry_at__isnull=False).update(retry_at=None)
 
 
 def operations_purge(*, now: datetime, batch_size: int = 1000) -> int:

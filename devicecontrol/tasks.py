@@ -30,6 +30,14 @@ def time_out_executing_operations() -> int:
 
 
 @shared_task(acks_late=True)
+def retry_failed_operations() -> int:
+    count = services.operations_retry_due(now=timezone.now())
+    if count:
+        logger.info("Retry sweep: %d automatic retry(ies) created", count)
+    return count
+
+
+@shared_task(acks_late=True)
 def purge_old_operations() -> int:
     count = services.operations_purge(now=timezone.now())
     if count:

@@ -10,6 +10,7 @@ urlpatterns = [
     c8y_path(r"devicecontrol/operations/wait", waiting.operation_create_and_wait),
     c8y_path(r"devicecontrol/operations/(?P<pk>[^/]+)", views.OperationDetailView.as_view()),
     c8y_path(r"devicecontrol/operations/(?P<pk>[^/]+)/retry", views.OperationRetryView.as_view()),
+    c8y_path(r"devicecontrol/operations/(?P<pk>[^/]+)/cancel", views.OperationCancelView.as_view()),
     c8y_path(r"devicecontrol/newDeviceRequests", views.NewDeviceRequestCollectionView.as_view()),
     c8y_path(
         r"devicecontrol/newDeviceRequests/(?P<device_id>[^/]+)",

@@ -218,6 +218,25 @@ class OperationRetryView(DeviceControlView):
         )
 
 
+class OperationCancelView(DeviceControlView):
+    """`POST /devicecontrol/operations/{id}/cancel` (extension): a PENDING operation fails at
+    once; an EXECUTING one gets `c8y_CancelRequested` for its agent (README "Cancel that reaches
+    the device"). 200 with the operation."""
+
+    required_roles = {"POST": ADMIN}
+    owner_rule_methods = frozenset({"POST"})
+
+    def post(self, request: Any, pk: str) -> Response:
+        operation = selectors.operation_get(pk=pk)
+        self.check_object_permissions(request, operation)  # 404 before 403
+        cancelled = services.operation_cancel(
+            operation=operation, by=request.user.username, notify=self.notify
+        )
+        return self.respond(
+            lambda: operation_json(cancelled, base=self.base), MediaType.OPERATION, etag=True
+        )
+
+
 # --- device registration and credentials (Cumulocity's bootstrap flow) -------------------------
 
 

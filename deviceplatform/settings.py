@@ -280,6 +280,12 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "devicecontrol.tasks.time_out_executing_operations",
         "schedule": env.float("OPERATION_SWEEP_INTERVAL", default=30.0),
     },
+    # Automatic retries (README "Automatic retries"): a booked retry is created at most this
+    # many seconds after its `retryAt`.
+    "retry-failed-operations": {
+        "task": "devicecontrol.tasks.retry_failed_operations",
+        "schedule": env.float("OPERATION_RETRY_INTERVAL", default=5.0),
+    },
     "purge-old-operations": {
         "task": "devicecontrol.tasks.purge_old_operations",
         "schedule": env.float("OPERATION_PURGE_INTERVAL", default=3600.0),

@@ -7,7 +7,13 @@ every new operation routed to the agent (its own and its child devices'). Nothin
 new subscriber, so after every successful (re)subscription the agent also lists its PENDING
 operations; on its first start it also finishes the EXECUTING ones a previous run left behind.
 Each operation is taken with a conditional PUT (read, then `If-Match`): one that is no longer
-PENDING when it arrives is skipped."""
+PENDING when it arrives is skipped.
+
+A cancel request (README "Cancel that reaches the device") comes as the EXECUTING operation with
+`c8y_CancelRequested`, on the same agent channel; the agent also sees it when it lists its
+EXECUTING operations after each (re)subscription. An operation still in its simulated work stops
+and ends FAILED "Cancelled on request"; one whose handler is already changing the device
+finishes (as a real device past the point of no return would)."""
 
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ AGENT_TYPE = "c8y_SimulatedAgent"
 CHILD_TYPE = "c8y_SimulatedDevice"
 AGENT_ENDPOINT = "/notification/operations"
 MODIFY_ATTEMPTS = 10  # conditional PUTs of one read-modify-write before giving up
+CANCEL_REQUESTED = "c8y_CancelRequested"
+CANCELLED_ON_REQUEST = "Cancelled on request"
 
 
 class StaleLogin(Exception):
@@ -133,6 +141,8 @@ class Agent:
         self.agent_id: str | None = None
         self.devices: dict[str, SimulatedDevice] = {}
         self.active: set[str] = set()  # operations being executed
+        # Set when a cancel request for an active operation arrives (until its work starts).
+        self.cancel_requests: dict[str, asyncio.Event] = {}
         self.operations: set[asyncio.Task[None]] = set()
         self.resync = asyncio.Event()
         self.resumed = False  # the EXECUTING operations of an earlier run were picked up
@@ -355,10 +365,10 @@ class Agent:
             await self.resync.wait()
             self.resync.clear()
             try:
-                if not self.resumed:
-                    for operation in await self._operations("EXECUTING"):
-                        self.dispatch(operation, resume=True)
-                    self.resumed = True
+                # Every time: cancel requests sent while the subscription was down show here.
+                for operation in await self._operations("EXECUTING"):
+                    self.dispatch(operation, resume=not self.resumed)
+                self.resumed = True
                 for operation in await self._operations("PENDING"):
                     self.dispatch(operation)
                 attempt = 0
@@ -382,9 +392,17 @@ class Agent:
         if self.fleet.stopping:
             return
         operation_id = str(operation["id"])
+        cancel = operation.get("status") == "EXECUTING" and CANCEL_REQUESTED in operation
         if operation_id in self.active:
+            if cancel and operation_id in self.cancel_requests:
+                self.cancel_requests[operation_id].set()
             return
+        if operation.get("status") == "EXECUTING" and not resume:
+            return  # a cancel request for an operation this run is not working on
         self.active.add(operation_id)
+        self.cancel_requests[operation_id] = asyncio.Event()
+        if cancel:
+            self.cancel_requests[operation_id].set()
         self.fleet.stats.received += 1
         task = asyncio.create_task(self._execute(operation_id, operation, resume))
         self.operations.add(task)
@@ -392,13 +410,19 @@ class Agent:
 
     async def _execute(self, operation_id: str, operation: dict[str, Any], resume: bool) -> None:
         path = f"/devicecontrol/operations/{operation_id}"
+        cancel = self.cancel_requests[operation_id]
         try:
             if not resume and not await self._take(path):
                 self.fleet.stats.skipped += 1
                 return
             delay = self.config.delay * random.uniform(0.5, 1.5)  # noqa: S311 - simulated timing
-            await asyncio.sleep(delay)
-            status, fragments = await self._perform(operation)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cancel.wait(), delay)
+            del self.cancel_requests[operation_id]  # past this point the work is done anyway
+            if cancel.is_set():
+                status, fragments = failed(CANCELLED_ON_REQUEST)
+            else:
+                status, fragments = await self._perform(operation)
             await self.api.expect(
                 "PUT", path, self.login, {"status": status, **fragments}, ok=(200,)
             )
@@ -409,6 +433,7 @@ class Agent:
             self.fleet.error(self, f"operation {operation_id}: unexpected answer ({exc!r})")
         finally:
             self.active.discard(operation_id)
+            self.cancel_requests.pop(operation_id, None)
 
     async def _take(self, path: str) -> bool:
         """PENDING -> EXECUTING unless someone else moved it first (conditional on what was read)."""

@@ -344,21 +344,24 @@ def test_mark_as_failed_cancels_open_operations_only(
         )
 
     assert response.status_code == 302
-    reason = "Cancelled by an operator (root-admin)"
-    assert dict(Operation.objects.filter(pk__in=selected).values_list("pk", "failure_reason")) == {
-        operation.pk: reason,
-        executing.pk: reason,
-        done.pk: None,
+    rows = Operation.objects.filter(pk__in=selected).values_list("pk", "status", "failure_reason")
+    assert {pk: (status, reason) for pk, status, reason in rows} == {
+        operation.pk: ("FAILED", "Cancelled by root-admin"),
+        executing.pk: ("EXECUTING", None),  # its agent was asked, and decides
+        done.pk: ("SUCCESSFUL", None),
     }
-    assert Operation.objects.get(pk=done.pk).status == OperationStatus.SUCCESSFUL
+    request = Operation.objects.get(pk=executing.pk).fragments["c8y_CancelRequested"]
+    assert request["by"] == "root-admin"
     sent = events(callbacks)
-    assert [(e.action, e.operation_id) for e in sent] == [
-        ("UPDATE", operation.pk),
-        ("UPDATE", executing.pk),
+    assert [(e.action, e.operation_id, e.to_agent) for e in sent] == [
+        ("UPDATE", operation.pk, False),
+        ("UPDATE", executing.pk, True),
     ]
-    assert all(isinstance(e.data, dict) and e.data["status"] == "FAILED" for e in sent)
+    assert [e.data["status"] for e in sent if isinstance(e.data, dict)] == ["FAILED", "EXECUTING"]
     assert shown_messages(response) == [
-        "Marked 2 operation(s) as FAILED.",
+        "Cancelled 1 PENDING operation(s): FAILED.",
+        f"Asked the agent to cancel 1 EXECUTING operation(s): {executing.pk}. The agent "
+        "decides; to force an end, set the status on the operation's page.",
         f"Skipped 1 operation(s) already SUCCESSFUL or FAILED: {done.pk}.",
     ]
 

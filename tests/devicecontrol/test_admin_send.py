@@ -366,14 +366,14 @@ def test_retry_and_cancel_buttons_go_through_the_services_with_history(
     assert retry.status == OperationStatus.PENDING
     pending.refresh_from_db()
     assert pending.status == OperationStatus.FAILED
-    assert pending.failure_reason == "Cancelled by an operator (root-admin)"
+    assert pending.failure_reason == "Cancelled by root-admin"
     assert entries(broken) == [("root-admin", CHANGE, f"Retried as operation {retry.pk}")]
     assert entries(retry) == [("root-admin", ADDITION, f"Retry of operation {broken.pk}")]
     assert entries(pending) == [
         (
             "root-admin",
             CHANGE,
-            "Cancelled: PENDING → FAILED (Cancelled by an operator (root-admin))",
+            "Cancelled: PENDING → FAILED (Cancelled by root-admin)",
         )
     ]
 
@@ -663,4 +663,4 @@ def test_cancel_racing_the_agent_either_cancels_or_leaves_its_result(superuser: 
     assert pending.failure_reason is None
     assert set(
         LogEntry.objects.filter(object_id=str(pending.pk)).values_list("change_message", flat=True)
-    ) <= {"Cancelled: PENDING → FAILED (Cancelled by an operator (root-admin))"}
+    ) <= {"Cancelled: PENDING → FAILED (Cancelled by root-admin)"}

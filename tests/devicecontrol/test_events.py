@@ -7,6 +7,7 @@ Nothing is sent for a refused request, a rolled-back transaction or
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -571,15 +572,17 @@ def test_admin_cancel_action_sends_an_update_per_open_operation(
 
     assert response.status_code == 302
     bodies = [as_get(pending), as_get(executing)]
-    assert [(b["status"], b["failureReason"]) for b in bodies] == [
-        ("FAILED", "Cancelled by an operator (root-admin)")
-    ] * 2
-    assert events == [
-        event("UPDATE", pending, relative(bodies[0])),
-        event("UPDATE", executing, relative(bodies[1])),
-    ]
+    assert (bodies[0]["status"], bodies[0]["failureReason"]) == (
+        "FAILED",
+        "Cancelled by root-admin",
+    )
+    # The EXECUTING one stays so: its agent gets the cancel request and decides.
+    assert bodies[1]["status"] == "EXECUTING"
+    assert bodies[1]["c8y_CancelRequested"]["by"] == "root-admin"
+    request = replace(event("UPDATE", executing, relative(bodies[1])), to_agent=True)
+    assert events == [event("UPDATE", pending, relative(bodies[0])), request]
     assert every.received() == [changed("UPDATE", body) for body in bodies]
-    assert agent.received() == []
+    assert agent.received() == [to_agent(hierarchy.agent, bodies[1])]
 
 
 def test_admin_retry_and_delete_send_create_and_delete(
