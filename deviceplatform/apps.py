@@ -3,6 +3,7 @@
 from typing import Any
 
 from django.apps import AppConfig
+from django.conf import settings
 from django.db.models.signals import post_migrate
 
 
@@ -25,3 +26,8 @@ class DevicePlatformConfig(AppConfig):
         post_migrate.connect(
             _default_groups, sender=self, dispatch_uid="deviceplatform.default_groups"
         )
+        if settings.OTEL_TRACES != "none":
+            # Only then: without tracing no opentelemetry package is imported (or needed).
+            from deviceplatform.tracing import start
+
+            start()
