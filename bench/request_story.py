@@ -2,7 +2,7 @@
 
 Runs REST requests in-process through the real WSGI application (no network, no server) on a
 dedicated PostgreSQL database and prints the CPU time per request of three variants, measured in
-interleaved rounds (the median round counts):
+batches that alternate between the variants (see `measure`):
 
 - `ceiling`: the application without `deviceplatform.logs.access_log_middleware` (no request id,
   no access line), its other loggers as configured;
@@ -97,9 +97,16 @@ class Sink(BaseHTTPRequestHandler):
         pass
 
 
-def measure(variants: dict[str, Any], requests: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Median CPU µs per request of each (variant, request kind), rounds interleaved."""
+BATCH = 50  # requests per measured batch: variants alternate batch by batch
 
+
+def measure(
+    variants: dict[str, Any], requests: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """CPU µs per request of each (variant, request kind), one figure per batch of BATCH requests.
+    Variants take turns batch by batch (in alternating order), so that batch k of each variant ran
+    at nearly the same moment: on a shared machine the CPU a request costs drifts by tens of percent
+    within seconds, and paired batches cancel most of that drift."""
     from inventory.models import ManagedObject
 
     device = ManagedObject.objects.get(name="device")
@@ -116,19 +123,16 @@ def measure(variants: dict[str, Any], requests: int, rounds: int) -> dict[str, d
     samples: dict[str, dict[str, list[float]]] = {
         name: {kind: [] for kind in kinds} for name in variants
     }
-    for round_number in range(rounds):
+    for batch in range(rounds * max(1, requests // BATCH)):
         order = list(variants.items())
-        for name, app in order if round_number % 2 == 0 else reversed(order):
+        for name, app in order if batch % 2 == 0 else reversed(order):
             for kind, make in kinds.items():
-                envs = [make() for _ in range(requests)]
+                envs = [make() for _ in range(BATCH)]
                 started = time.process_time()
                 for env in envs:
                     call(app, env)
-                samples[name][kind].append((time.process_time() - started) / requests * 1e6)
-    return {
-        name: {kind: statistics.median(values) for kind, values in by_kind.items()}
-        for name, by_kind in samples.items()
-    }
+                samples[name][kind].append((time.process_time() - started) / BATCH * 1e6)
+    return samples
 
 
 def middleware_alone(requests: int, rounds: int) -> tuple[float, float]:
@@ -222,7 +226,7 @@ def main(argv: list[str]) -> int:
     shipped = WSGIHandler()
     settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if m != ACCESS_MIDDLEWARE]
     ceiling = WSGIHandler()
-    results = measure({"ceiling": ceiling, "request id": shipped}, args.requests, args.rounds)
+    samples = measure({"ceiling": ceiling, "request id": shipped}, args.requests, args.rounds)
     bare_view, with_middleware = middleware_alone(args.requests * 5, args.rounds)
 
     if not args.no_tracing:
@@ -251,8 +255,12 @@ def main(argv: list[str]) -> int:
         if done.returncode != 0 or not lines:
             report(f"tracing variant failed (rc={done.returncode}):\n{done.stderr[-2000:]}")
         else:
-            results.update(json.loads(lines[-1][len("RESULT ") :]))
+            samples.update(json.loads(lines[-1][len("RESULT ") :]))
 
+    results = {
+        name: {kind: statistics.median(values) for kind, values in by_kind.items()}
+        for name, by_kind in samples.items()
+    }
     report()
     report(f"{'variant':<14}" + "".join(f"{kind + ' µs CPU':>18}" for kind in results["ceiling"]))
     for name, by_kind in results.items():
@@ -280,8 +288,15 @@ def main(argv: list[str]) -> int:
         for name in ("request id", "tracing"):
             if name not in results:
                 continue
-            value = results[name][kind]
-            report(f"{name} on {kind}: +{value - base:.1f} µs per request ({value / base:.3f}x)")
+            if name == "request id":  # measured in this process, batch by batch with the ceiling
+                pairs = zip(samples[name][kind], samples["ceiling"][kind], strict=True)
+                extra = statistics.median(a - b for a, b in pairs)
+                how = "median of paired batches"
+            else:  # another process: medians only
+                extra = results[name][kind] - base
+                how = "difference of the medians"
+            value = base + extra
+            report(f"{name} on {kind}: {extra:+.1f} µs per request ({value / base:.3f}x; {how})")
             summary(
                 report,
                 f"{kind} with {name} (requests/s of CPU)",

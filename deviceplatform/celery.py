@@ -28,7 +28,7 @@ def use_django_logging(**kwargs: Any) -> None:
     logging.captureWarnings(True)  # as Django does: warnings become log records too
 
 
-# A task carries the id of the request that caused it (README "Request ids"): a message header
+# A task carries the id of the request that caused it (README "Request ids and tracing"): a header
 # set when it is sent, made the current request id while the worker runs it, so its log lines (and
 # the tasks and realtime events it causes in turn) carry the same id. Beat's tasks carry none.
 REQUEST_ID_HEADER = "request_id"
