@@ -116,11 +116,15 @@ def logging_config(*, level: str, fmt: str) -> dict[str, Any]:
     }
 
 
+def request_id_or_new(given: str) -> str:
+    """`given` (an incoming `X-Request-ID`) if it is plain, else a new random id."""
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def _request_id(request: HttpRequest) -> str:
     # META, not request.headers: the latter builds a dict of every header (7 of the middleware's
     # 11 µs per request, measured).
-    given = request.META.get("HTTP_X_REQUEST_ID", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return request_id_or_new(request.META.get("HTTP_X_REQUEST_ID", ""))
 
 
 def _username(request: HttpRequest) -> str | None:
