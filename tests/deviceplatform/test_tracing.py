@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -24,6 +25,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 
+from tests.bulkops.test_crash_safety import Workers
 from tests.helpers import PASSWORD, basic, database_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,6 +202,53 @@ def test_with_an_otlp_endpoint_the_spans_are_posted_to_it_by_the_time_the_proces
     path, content_type, length = Collector.received[0]
     assert (path, content_type) == ("/v1/traces", "application/x-protobuf")
     assert length > 0
+
+
+PUBLISH = """
+import sys
+
+import django
+
+django.setup()
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from bulkops.tasks import advance_bulk_operations
+
+out, queue = sys.argv[1:]
+memory = InMemorySpanExporter()
+trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(memory))
+advance_bulk_operations.apply_async(queue=queue)
+[send] = [span for span in memory.get_finished_spans() if span.kind.name == "PRODUCER"]
+with open(out, "w") as file:
+    file.write(f"{send.context.trace_id:032x}")
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_sent_by_a_traced_process_runs_in_the_same_trace_in_the_worker(
+    tmp_path: Path,
+) -> None:
+    assert settings.REDIS_URL, "a real worker needs the broker: bin/test sets REDIS_URL"
+    pool = Workers(tmp_path)
+    pool.queue = f"test-tracing-{uuid.uuid4().hex[:12]}"
+    # Spans to the worker's standard output (its log file), exported within 0.1 s.
+    pool.env.update(OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="100")
+    out = tmp_path / "trace-id"
+    try:
+        worker = pool.start()
+        worker.wait_ready()
+        done = run(PUBLISH, str(out), pool.queue, OTEL_TRACES_EXPORTER="console")
+        assert done.returncode == 0, done.stderr
+        trace_id = f'"trace_id": "0x{out.read_text()}"'
+        run_span = '"name": "run/bulkops.tasks.advance_bulk_operations"'
+        deadline = time.monotonic() + 60  # a bound for a broken run, not a timing assertion
+        while not (run_span in worker.log() and trace_id in worker.log()):
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.1)
+    finally:
+        pool.stop_all()
 
 
 def test_an_unknown_exporter_is_refused_at_start() -> None:
