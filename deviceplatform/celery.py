@@ -30,7 +30,8 @@ def use_django_logging(**kwargs: Any) -> None:
 
 # A task carries the id of the request that caused it (README "Request ids and tracing"): a header
 # set when it is sent, made the current request id while the worker runs it, so its log lines (and
-# the tasks and realtime events it causes in turn) carry the same id. Beat's tasks carry none.
+# the tasks and realtime events it causes in turn) carry the same id. A task no request caused
+# (beat's) goes by its own Celery task id, which the tasks it sends carry on.
 REQUEST_ID_HEADER = "request_id"
 _task_tokens: dict[str, Any] = {}
 
@@ -49,6 +50,8 @@ def use_request_id_header(task_id: str = "", task: Any = None, **kwargs: Any) ->
     request_id = getattr(getattr(task, "request", None), REQUEST_ID_HEADER, None)
     if is_request_id(request_id):
         _task_tokens[task_id] = set_request_id(request_id)
+    elif current_request_id() is None and is_request_id(task_id):
+        _task_tokens[task_id] = set_request_id(task_id)
 
 
 @task_postrun.connect

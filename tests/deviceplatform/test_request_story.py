@@ -148,6 +148,21 @@ def test_a_task_run_inline_keeps_the_id_of_the_request_that_runs_it(
     assert line.request_id == "inline-7"
 
 
+@pytest.mark.django_db
+def test_a_task_no_request_caused_goes_by_its_task_id(caplog: pytest.LogCaptureFixture) -> None:
+    """A beat tick (here run inline, as the embedded scheduler does) logs with its own task id,
+    and leaves no id behind."""
+    fleet = make_fleet(1)
+    now = timezone.now()
+    create_bulk(fleet.group, now=now, creationRamp=0.01, startDate=now.isoformat())
+    caplog.set_level(logging.INFO, logger="bulkops.services")
+    result = bulk_tasks.advance_bulk_operations.apply()
+    assert result.get() == 1
+    assert current_request_id() is None
+    [line] = [r for r in caplog.records if r.getMessage().startswith("Bulk ramp:")]
+    assert line.request_id == result.id
+
+
 def test_a_task_message_carries_the_current_request_id_as_a_header() -> None:
     """`before_task_publish` puts the id in the message's headers (what the worker reads back);
     a message sent outside a request (beat) carries none. Sent to a queue nobody consumes."""
