@@ -435,15 +435,45 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
             batch = list(queryset.select_for_update(skip_locked=True).order_by("pk")[:batch_size])
             if not batch:
                 return total
-            _status_changed((_counted(op), op.status, OperationStatus.FAILED) for op in batch)
-            for operation in batch:
-                # The reason reads the timestamps of the state being left: compute it first.
-                operation.failure_reason = reason(operation)
-                operation.status = OperationStatus.FAILED
-                operation.status_changed_at = now
-            Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
-            publish_on_commit([_event("UPDATE", operation) for operation in batch])
+            _fail_rows(batch, reason, now)
         total += len(batch)
+
+
+def _fail_rows(batch: list[Operation], reason: Callable[[Operation], str], now: datetime) -> None:
+    """Fail the locked operations of `batch`, each with an UPDATE event after commit."""
+    _status_changed((_counted(op), op.status, OperationStatus.FAILED) for op in batch)
+    for operation in batch:
+        # The reason reads the timestamps of the state being left: compute it first.
+        operation.failure_reason = reason(operation)
+        operation.status = OperationStatus.FAILED
+        operation.status_changed_at = now
+    Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
+    publish_on_commit([_event("UPDATE", operation) for operation in batch])
+
+
+def operations_fail(
+    *,
+    queryset: QuerySet[Operation],
+    reason: str | Callable[[Operation], str],
+    now: datetime,
+    batch_size: int = 500,
+) -> int:
+    """Fail every not-FAILED operation of `queryset` with `reason`, each with an UPDATE event
+    after commit, inside the caller's transaction (or one of its own): all of them commit
+    together. Unlike the sweepers' SKIP LOCKED, a row another transaction holds is waited for,
+    in ID order, and re-checked against `queryset` once locked (an agent that just moved it on
+    keeps it). Returns the number failed."""
+    explain = reason if callable(reason) else (lambda operation: reason)
+    rows = queryset.exclude(status=OperationStatus.FAILED).order_by("pk")
+    total, last = 0, 0
+    with transaction.atomic():
+        while True:
+            batch = list(rows.filter(pk__gt=last).select_for_update()[:batch_size])
+            if not batch:
+                return total
+            _fail_rows(batch, explain, now)
+            total += len(batch)
+            last = batch[-1].pk
 
 
 def operations_expire(*, now: datetime, batch_size: int = 500) -> int:
