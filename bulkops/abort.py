@@ -285,9 +285,10 @@ def bulk_operations_abort_sweep(*, now: datetime | None = None) -> list[int]:
     ]
     aborted = []
     for pk in candidates:
-        moment = now or timezone.now()
         with transaction.atomic():
             bulk = BulkOperation.objects.select_for_update(skip_locked=True).filter(pk=pk).first()
+            # The moment once the lock is held: after every batch the ramp committed.
+            moment = now or timezone.now()
             if bulk is not None and bulk_operation_abort_check(bulk=bulk, now=moment):
                 aborted.append(pk)
     return aborted
