@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -442,12 +443,19 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
 def _fail_rows(batch: list[Operation], reason: Callable[[Operation], str], now: datetime) -> None:
     """Fail the locked operations of `batch`, each with an UPDATE event after commit."""
     _status_changed((_counted(op), op.status, OperationStatus.FAILED) for op in batch)
+    by_reason: dict[str, list[int]] = defaultdict(list)
     for operation in batch:
         # The reason reads the timestamps of the state being left: compute it first.
         operation.failure_reason = reason(operation)
         operation.status = OperationStatus.FAILED
         operation.status_changed_at = now
-    Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
+        by_reason[operation.failure_reason].append(operation.pk)
+    # One UPDATE per distinct reason (a batch has one or a few): bulk_update's CASE per row cost
+    # about 4 ms of CPU per row to build.
+    for text, pks in by_reason.items():
+        Operation.objects.filter(pk__in=pks).update(
+            status=OperationStatus.FAILED, status_changed_at=now, failure_reason=text
+        )
     publish_on_commit([_event("UPDATE", operation) for operation in batch])
 
 
