@@ -25,10 +25,10 @@ from datetime import datetime
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
-from bulkops.models import RUNNING_STATUSES, BulkOperation, BulkStatus
+from bulkops.models import RUNNING_STATUSES, BulkOperation, BulkProgressDelta, BulkStatus
 from bulkops.selectors import CURRENT, bulk_operation_progress, bulk_operations_with_progress
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.services import EXPIRED_REASON, TIMED_OUT_REASON, operations_fail
@@ -278,9 +278,21 @@ def bulk_operations_abort_sweep(*, now: datetime | None = None) -> list[int]:
     this after folding the deltas) and abort those where one fires, each in a transaction of
     its own; one whose row is locked (the ramp holds it, and checks itself) is left for the next
     run. Returns the IDs of the bulk operations aborted."""
+    # First by the columns (and whether deltas wait to be folded), so that the many COMPLETED
+    # bulk operations whose children all finished long ago cost an index probe each, not the
+    # exact progress's four sums.
+    maybe_unfinished = (
+        Q(status__in=RUNNING_STATUSES)
+        | Q(pending__gt=0)
+        | Q(executing__gt=0)
+        | Exists(BulkProgressDelta.objects.filter(bulk_operation_id=OuterRef("pk")))
+    )
     watched = bulk_operations_with_progress(
         BulkOperation.objects.filter(
-            abort_config__isnull=False, abort_reason__isnull=True, status__in=WATCHED_STATUSES
+            maybe_unfinished,
+            abort_config__isnull=False,
+            abort_reason__isnull=True,
+            status__in=WATCHED_STATUSES,
         )
     ).filter(_unfinished_q())
     candidates = [

@@ -624,3 +624,16 @@ def test_agents_failing_children_while_the_ramp_runs_stop_it_consistently() -> N
     body = bulk_operation_json(reload(bulk), base="")
     assert {k: v for k, v in body["progress"].items()} == counted_progress(bulk)
     assert advance(100) == 0
+
+
+def test_the_sweep_sees_pending_children_in_folded_counters_and_in_deltas(fleet: Fleet) -> None:
+    from bulkops.services import bulk_progress_fold
+
+    folded = create_bulk(fleet.group, creationRamp=0, abortConfig=config("ANY", 50, 1))
+    advance(0)
+    set_status(children(folded)[0], "FAILED", 1)
+    assert bulk_progress_fold() > 0  # the row's columns now say 2 PENDING, no delta left
+    unfolded = create_bulk(fleet.group, creationRamp=0, abortConfig=config("ANY", 50, 1))
+    advance(0)
+    set_status(children(unfolded)[0], "FAILED", 1)  # its counts are in deltas only
+    assert bulk_operations_abort_sweep(now=at(2)) == [folded.pk, unfolded.pk]
