@@ -238,7 +238,7 @@ def _abort(
         "finished": counts.finished,
         "percentage": int(percentage) if percentage.is_integer() else percentage,
         "pendingFailed": cancelled,
-        "createdChildren": bulk.next_index,
+        "createdChildren": bulk.next_index - bulk.dropped,
         "time": format_datetime(now),
         "message": message,
     }
