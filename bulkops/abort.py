@@ -19,6 +19,7 @@ that bound could fire."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,8 @@ from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.services import EXPIRED_REASON, TIMED_OUT_REASON, operations_fail
 from deviceplatform.api.dates import format_datetime
 from deviceplatform.api.exceptions import ValidationFailed
+
+logger = logging.getLogger(__name__)
 
 INVALID = "devicecontrol/Invalid Data"
 FAILURE_TYPES = ("FAILED", "TIMED_OUT", "ANY")
@@ -243,6 +246,14 @@ def _abort(
         "message": message,
     }
     bulk.save(update_fields=["status", "next_due_at", "last_updated", "abort_reason"])
+    transaction.on_commit(
+        lambda: logger.warning(
+            "Bulk operation %s aborted: %s (%d PENDING children failed)",
+            bulk.pk,
+            message,
+            cancelled,
+        )
+    )
 
 
 def bulk_operation_abort_check(*, bulk: BulkOperation, now: datetime) -> bool:
@@ -295,17 +306,20 @@ def bulk_operations_abort_sweep(*, now: datetime | None = None) -> list[int]:
             status__in=WATCHED_STATUSES,
         )
     ).filter(_unfinished_q())
-    candidates = [
-        bulk.pk
-        for bulk in watched.only("pk", "status", "abort_config")
-        if _could_fire(bulk.abort_config, bulk_progress_bound(bulk_operation_progress(bulk)))
-    ]
     aborted = []
-    for pk in candidates:
-        with transaction.atomic():
-            bulk = BulkOperation.objects.select_for_update(skip_locked=True).filter(pk=pk).first()
-            # The moment once the lock is held: after every batch the ramp committed.
-            moment = now or timezone.now()
-            if bulk is not None and bulk_operation_abort_check(bulk=bulk, now=moment):
-                aborted.append(pk)
+    for row in list(watched.only("pk", "status", "abort_config")):
+        pk = row.pk
+        try:
+            if not _could_fire(row.abort_config, bulk_progress_bound(bulk_operation_progress(row))):
+                continue
+            with transaction.atomic():
+                bulk = (
+                    BulkOperation.objects.select_for_update(skip_locked=True).filter(pk=pk).first()
+                )
+                # The moment once the lock is held: after every batch the ramp committed.
+                moment = now or timezone.now()
+                if bulk is not None and bulk_operation_abort_check(bulk=bulk, now=moment):
+                    aborted.append(pk)
+        except Exception:  # one bulk operation's failure never stops the others, nor the tick
+            logger.exception("Abort check of bulk operation %s failed; next tick retries", pk)
     return aborted

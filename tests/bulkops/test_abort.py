@@ -637,3 +637,18 @@ def test_the_sweep_sees_pending_children_in_folded_counters_and_in_deltas(fleet:
     advance(0)
     set_status(children(unfolded)[0], "FAILED", 1)  # its counts are in deltas only
     assert bulk_operations_abort_sweep(now=at(2)) == [folded.pk, unfolded.pk]
+
+
+def test_a_bulk_whose_check_fails_does_not_stop_the_sweep_for_the_others(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = create_bulk(fleet.group, creationRamp=0, abortConfig=config("ANY", 50, 1))
+    fine = create_bulk(fleet.group, creationRamp=0, abortConfig=config("ANY", 50, 1))
+    advance(0)
+    for bulk in (broken, fine):
+        set_status(children(bulk)[0], "FAILED", 1)
+    # A stored config today's validation refuses (written around it): its check raises.
+    BulkOperation.objects.filter(pk=broken.pk).update(abort_config={"criteria": [{}]})
+    assert bulk_operations_abort_sweep(now=at(2)) == [fine.pk]
+    assert reload(broken).status == BulkStatus.COMPLETED
+    assert f"Abort check of bulk operation {broken.pk} failed" in caplog.text
