@@ -33,7 +33,10 @@ class BulkOperation(models.Model):
     `BulkProgressDelta`, which the beat task folds in here. The exact progress is these columns
     plus the deltas not folded yet (`bulkops.selectors`), so reading a bulk operation never counts
     its children. `ramp_error*` describe the last failed attempt to advance the ramp (cleared
-    when it advances again): the reason, when, and how many attempts in a row failed."""
+    when it advances again): the reason, when, and how many attempts in a row failed.
+    `abort_config` holds the validated abort thresholds ("abortConfig", bulkops.abort; None: no
+    abort thresholds) and `abort_reason` what fired once one did ("abortReason"; the rollout then
+    ended DELETED)."""
 
     group_id = models.BigIntegerField(null=True, blank=True)
     failed_parent_id = models.BigIntegerField(null=True, blank=True)
@@ -57,6 +60,8 @@ class BulkOperation(models.Model):
     ramp_error = models.TextField(null=True, blank=True)
     ramp_error_at = models.DateTimeField(null=True, blank=True)
     ramp_error_count = models.PositiveIntegerField(default=0, db_default=0)
+    abort_config = DocumentField(null=True, blank=True)
+    abort_reason = DocumentField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]

@@ -92,6 +92,10 @@ def bulk_operation_json(bulk: BulkOperation, *, base: str) -> dict[str, Any]:
     body["generalStatus"] = general_status(bulk, counts)
     body["progress"] = progress_json(bulk, counts)
     body.update(bulk.fragments)
+    if bulk.abort_config is not None:
+        body["abortConfig"] = bulk.abort_config
+    if bulk.abort_reason is not None:
+        body["abortReason"] = bulk.abort_reason
     ramp_error = ramp_error_json(bulk)
     if ramp_error is not None:
         body["c8y_RampError"] = ramp_error

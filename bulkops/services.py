@@ -31,6 +31,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from bulkops.abort import abort_config_input, bulk_operation_abort_check
 from bulkops.models import (
     RUNNING_STATUSES,
     BulkOperation,
@@ -64,7 +65,9 @@ logger = logging.getLogger(__name__)
 NO_AGENT_REASON = "Device is not in the childDevices hierarchy of any agent"
 INVALID = "devicecontrol/Invalid Data"
 RAMP_ERROR_KEY = "c8y_RampError"
-READ_ONLY_KEYS = frozenset({"id", "self", "status", "generalStatus", "progress", RAMP_ERROR_KEY})
+READ_ONLY_KEYS = frozenset(
+    {"id", "self", "status", "generalStatus", "progress", RAMP_ERROR_KEY, "abortReason"}
+)
 # A bulk operation whose ramp failed is tried again after 5 s, then 10, 20, ... at most 10 min.
 RAMP_RETRY_FIRST_SECONDS = 5
 RAMP_RETRY_MAX_SECONDS = 600
@@ -73,7 +76,14 @@ RAMP_ERROR_MAX_CHARS = 1000
 RAMP_BATCH_SIZE = 2000
 SELECTOR_KEYS = ("groupId", "failedParentId", "failedBulkOperationId")
 KNOWN_KEYS = frozenset(
-    {*READ_ONLY_KEYS, *SELECTOR_KEYS, "startDate", "creationRamp", "operationPrototype"}
+    {
+        *READ_ONLY_KEYS,
+        *SELECTOR_KEYS,
+        "startDate",
+        "creationRamp",
+        "operationPrototype",
+        "abortConfig",
+    }
 )
 
 
@@ -274,6 +284,7 @@ def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None)
     """Validate a create body exactly as `bulk_operation_create` does and count its targets,
     writing nothing (the admin shows this before the operator confirms)."""
     selector, start, ramp, _ = _create_input(data)
+    abort_config_input(data)
     now = now or timezone.now()
     return BulkPreview(
         target_count=len(_targets(selector)), start=max(start, now), creation_ramp=ramp
@@ -285,9 +296,11 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
     selector, start, ramp, prototype = _create_input(data)
     bulk_retry_config_validate(data)
+    abort_config = abort_config_input(data)
     device_ids = _targets(selector)
     now = now or timezone.now()
     bulk = BulkOperation(
+        abort_config=abort_config,
         start_date=start,
         creation_ramp=ramp,
         operation_prototype=prototype,
@@ -357,6 +370,7 @@ def bulk_operation_update(
     ramp = _ramp(data["creationRamp"]) if "creationRamp" in data else None
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
     bulk_retry_config_validate(data)
+    abort_config = abort_config_input(data)
     now = now or timezone.now()
     with transaction.atomic():
         bulk = _lock_running(bulk_operation_id, "changed", precondition)
@@ -366,6 +380,8 @@ def bulk_operation_update(
             bulk.creation_ramp = ramp
         if prototype is not None:
             bulk.operation_prototype = prototype
+        if "abortConfig" in data:  # null removes the thresholds
+            bulk.abort_config = abort_config
         bulk.fragments = {**bulk.fragments, **_extra_fragments(data)}
         if selector is not None:
             processed = set(
@@ -660,6 +676,8 @@ def _create_children_orm(bulk: BulkOperation, start: int, end: int, now: datetim
 
 
 def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
+    if bulk.abort_config is not None and bulk_operation_abort_check(bulk=bulk, now=now):
+        return 0  # aborted (bulkops.abort): no batch after the threshold is crossed
     end = min(_due_end(bulk, now), bulk.next_index + batch_size)
     create = _create_children if connection.vendor == "postgresql" else _create_children_orm
     count = create(bulk, bulk.next_index, end, now)

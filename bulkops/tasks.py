@@ -19,7 +19,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from bulkops import services
+from bulkops import abort, services
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def advance_bulk_operations(
     `batch_size` is the number of children per transaction. Then the progress deltas of the
     children's status changes are folded into their bulk operations' rows (also idempotent: a
     delta is deleted in the transaction that adds it to its row; beat's runs only), and the next
-    run is booked for the next due child. `booked_ms`: this is the run booked for that moment (ms
+    run is booked for the next due child. Beat's runs also abort the bulk operations whose abort
+    thresholds were crossed (bulkops.abort). `booked_ms`: this is the run booked for that moment (ms
     since the epoch)."""
     # The next run goes where this one came from (a worker consuming its own queue keeps it).
     queue = (self.request.delivery_info or {}).get("routing_key")
@@ -71,6 +72,9 @@ def advance_bulk_operations(
         # Beat's runs fold; booked runs, many a second on a fine ramp, leave it to them (reads
         # add the deltas not folded yet: progress is exact either way).
         services.bulk_progress_fold()
+        # Abort thresholds crossed since the last tick, also of bulk operations not due (the
+        # ramp checks those it advances itself, before each batch).
+        abort.bulk_operations_abort_sweep()
     ramp_wake(services.bulk_operations_next_due(), queue=queue)
     return created
 
