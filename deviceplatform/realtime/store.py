@@ -51,6 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deviceplatform import metrics
+
 logger = logging.getLogger(__name__)
 
 # (payload, subscription channels it goes to): one prepared event
@@ -267,6 +269,7 @@ local limit, order_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = ARGV[4] ~= '' and tonumber(ARGV[4]) or now_ms()
 local wakes = {}
 local touched = {}  -- keys whose last number moved: batches held for them may be due
+local queued, dropped = 0, 0  -- events appended to queues, and the oldest dropped (metrics)
 
 local function enqueue(events)  -- flat: payload, n, channel_1 .. channel_n, ...
   local i = 1
@@ -283,8 +286,11 @@ local function enqueue(events)  -- flat: payload, n, channel_1 .. channel_n, ...
             redis.call('SREM', ckey, cid)
           else
             local qkey = P .. 'q:' .. cid
-            if redis.call('RPUSH', qkey, payload) > limit then
+            local length = redis.call('RPUSH', qkey, payload)
+            queued = queued + 1
+            if length > limit then
               redis.call('LTRIM', qkey, -limit, -1)
+              dropped = dropped + length - limit
             end
             if info[2] ~= '' then
               wakes[info[1]] = wakes[info[1]] or {}
@@ -424,14 +430,26 @@ else
   hold(order, events, now + tonumber(ARGV[5]))
 end
 wake_hubs()
-return 0
+return {queued, dropped}
 """
 
 # ARGV: P, queue limit, order ttl, now
 _LUA_RELEASE_HELD = """
 release_overdue()
 wake_hubs()
-return 0
+return {queued, dropped}
+"""
+
+
+# Live sessions (deadline after now, ms) and their subscriptions, for /metrics. ARGV: P, now ms.
+_LUA_STATS = """
+local P = ARGV[1]
+local sessions = redis.call('ZRANGEBYSCORE', P .. 'exp', '(' .. ARGV[2], '+inf')
+local subscriptions = 0
+for _, cid in ipairs(sessions) do
+  subscriptions = subscriptions + redis.call('SCARD', P .. 'sub:' .. cid)
+end
+return {#sessions, subscriptions}
 """
 
 
@@ -466,6 +484,7 @@ class RedisStore:
         self._sync = redis.Redis.from_url(url)
         self._publish_sync = self._sync.register_script(_LUA_COMMON + _LUA_ORDER + _LUA_PUBLISH)
         self._end_user_sync = self._sync.register_script(_LUA_COMMON + _LUA_END_USER)
+        self._stats_sync = self._sync.register_script(_LUA_STATS)
         self._async_clients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._redis_asyncio = redis.asyncio
 
@@ -589,14 +608,21 @@ class RedisStore:
     def publish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
         """Synchronous: append each event to its subscribers' queues and wake their holders, or
         hold the batch back until the batches before it in `order` arrived."""
-        self._publish_sync(args=self._publish_args(prepared, order))
+        metrics.realtime_queued(*self._publish_sync(args=self._publish_args(prepared, order)))
 
     async def apublish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
-        await self._run("publish", *self._publish_args(prepared, order)[1:])
+        metrics.realtime_queued(
+            *await self._run("publish", *self._publish_args(prepared, order)[1:])
+        )
 
     async def release_held(self) -> None:
         """Deliver the held-back batches whose time is up."""
-        await self._run("release_held", *self._order_args()[1:])
+        metrics.realtime_queued(*await self._run("release_held", *self._order_args()[1:]))
+
+    def stats(self) -> tuple[int, int]:
+        """(live sessions, their subscriptions), synchronous: for /metrics."""
+        sessions, subscriptions = self._stats_sync(args=[self.prefix, int(time.time() * 1000)])
+        return int(sessions), int(subscriptions)
 
     def _order_args(self) -> list[Any]:
         now = "" if self.clock is None else int(self.clock() * 1000)
@@ -948,7 +974,15 @@ class MemoryStore:
 
     # --- commit order (the module docstring; the same steps as _LUA_ORDER) ----------------------
 
+    def stats(self) -> tuple[int, int]:
+        """(live sessions, their subscriptions): for /metrics."""
+        with self._lock:
+            now = self.clock()
+            live = [s for s in self._sessions.values() if s.deadline > now]
+            return len(live), sum(len(session.subs) for session in live)
+
     def _enqueue(self, prepared: Sequence[Prepared], wakes: dict[str, set[str]]) -> None:
+        queued = dropped = 0
         for payload, channels in prepared:
             targets: set[str] = set()
             for channel in channels:
@@ -958,10 +992,13 @@ class MemoryStore:
                 if session is None:
                     continue
                 session.queue.append(payload)
+                queued += 1
                 while len(session.queue) > self.queue_limit:
                     session.queue.popleft()
+                    dropped += 1
                 if session.record["hold"]:
                     wakes.setdefault(session.record["holder"], set()).add(cid)
+        metrics.realtime_queued(queued, dropped)
 
     def _first_held(self, key: int) -> tuple[int, int] | None:
         """(held id, seq) of the lowest-numbered batch held for `key`."""
