@@ -13,3 +13,7 @@ class BulkOpsConfig(AppConfig):
 
         if bulk_progress_apply not in STATUS_CHANGE_HOOKS:
             STATUS_CHANGE_HOOKS.append(bulk_progress_apply)
+        from bulkops.metrics import bulk_state
+        from deviceplatform.metrics import register_scrape_collector
+
+        register_scrape_collector("bulkops", bulk_state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -35,6 +36,7 @@ from devicecontrol.serializers import (
     BulkDeviceRow,
     operation_json,
 )
+from deviceplatform import metrics
 from deviceplatform.api.exceptions import Conflict, MissingFields, NotFound, ValidationFailed
 from deviceplatform.realtime.events import publish_on_commit
 from deviceplatform.services import (
@@ -191,6 +193,7 @@ def operation_create(
     )
     operation.save(force_insert=True)
     _status_changed([(bulk_operation_id, None, operation.status)])
+    metrics.operations_created({operation.status: 1})
     if notify:
         publish_on_commit([_event("CREATE", operation)])
     if sms:
@@ -231,6 +234,7 @@ def operation_update(
     if precondition is not None:
         precondition(operation)
     _status_changed([(_counted(operation), operation.status, status)])
+    metrics.operation_status_changed({status: 1} if status != operation.status else {})
     _apply_status(operation, status, now)
     if status == OperationStatus.FAILED:
         if reason is not None:
@@ -377,6 +381,7 @@ def operations_create_many(
         )
     Operation.objects.bulk_create(operations)
     _status_changed((bulk_operation_id, None, op.status) for op in operations)
+    metrics.operations_created(Counter(op.status for op in operations))
     publish_on_commit([_event("CREATE", op) for op in operations])
     for operation in operations:
         if operation.fragments.get("deliveryType") == "SMS" and operation.agent_id is not None:
@@ -442,6 +447,7 @@ def _fail_due(*, queryset: QuerySet[Operation], reason: Any, now: datetime, batc
                 operation.status = OperationStatus.FAILED
                 operation.status_changed_at = now
             Operation.objects.bulk_update(batch, ["status", "status_changed_at", "failure_reason"])
+            metrics.operation_status_changed({OperationStatus.FAILED: len(batch)})
             publish_on_commit([_event("UPDATE", operation) for operation in batch])
         total += len(batch)
 
