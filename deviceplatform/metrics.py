@@ -122,7 +122,8 @@ REALTIME_EVENTS_DROPPED = Counter(
 )
 REALTIME_DELIVERY_LATENCY = Histogram(
     "realtime_delivery_latency_seconds",
-    "From the publish of an event to the answer of the connect that delivers it.",
+    "From the publish of events to a held connect delivering them (long-poll answer or "
+    "WebSocket frame); events a client fetches with its next connect are not timed.",
     namespace=NAMESPACE,
     buckets=LAG_BUCKETS,
 )
@@ -187,6 +188,10 @@ def realtime_queued(queued: int, dropped: int) -> None:
         REALTIME_EVENTS_QUEUED.inc(queued)
     if dropped:
         REALTIME_EVENTS_DROPPED.inc(dropped)
+
+
+def realtime_delivered(latency: float) -> None:
+    REALTIME_DELIVERY_LATENCY.observe(max(latency, 0.0))
 
 
 def sweep_ran(task: str, rows: Any) -> None:

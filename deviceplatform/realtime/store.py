@@ -61,6 +61,9 @@ Prepared = tuple[bytes, Sequence[str]]
 # numbered `after_ms` after the one before (None: the first)
 Order = tuple[int, int, int | None]
 Waker = Callable[[list[str]], None]
+# Called with (seconds since the epoch, cids) before the wake-up of sessions that got events
+# published then: the hub times their delivery (metrics).
+Stamper = Callable[[float, list[str]], None]
 
 # drain() outcomes
 GONE = -1  # the session no longer exists (expired, or the store lost it)
@@ -410,7 +413,8 @@ local function wake_hubs()
   for hub, cids in pairs(wakes) do
     local list = {}
     for cid in pairs(cids) do list[#list + 1] = cid end
-    redis.call('PUBLISH', P .. 'w:' .. hub, table.concat(list, ' '))
+    -- '@' and Redis's clock in ms first: when the events were published (delivery latency)
+    redis.call('PUBLISH', P .. 'w:' .. hub, '@' .. now_ms() .. ' ' .. table.concat(list, ' '))
   end
 end
 """
@@ -644,9 +648,12 @@ class RedisStore:
 
     # --- waking ----------------------------------------------------------------------------------
 
-    async def listen(self, hub: str, wake: Waker, ready: asyncio.Event) -> None:
+    async def listen(
+        self, hub: str, wake: Waker, ready: asyncio.Event, stamp: Stamper | None = None
+    ) -> None:
         """Deliver the wake-ups for `hub` until cancelled; reconnects after a Redis outage (and
-        then wakes every holder, in case a wake-up was missed meanwhile)."""
+        then wakes every holder, in case a wake-up was missed meanwhile). A publish's wake-up
+        goes to `stamp` first with the time of the publish."""
         client, _ = self._client()
         channel = f"{self.prefix}w:{hub}"
         first = True
@@ -671,7 +678,12 @@ class RedisStore:
                     if task is not None and task.cancelling():
                         raise asyncio.CancelledError
                     if message is not None and message["type"] == "message":
-                        wake(message["data"].decode().split())
+                        cids = message["data"].decode().split()
+                        if cids and cids[0].startswith("@"):
+                            if stamp is not None:
+                                stamp(int(cids[0][1:]) / 1000, cids[1:])
+                            cids = cids[1:]
+                        wake(cids)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -728,7 +740,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._sessions: dict[str, _MemorySession] = {}
         self._index: dict[str, set[str]] = {}
-        self._wakers: dict[str, tuple[asyncio.AbstractEventLoop, Waker]] = {}
+        self._wakers: dict[str, tuple[asyncio.AbstractEventLoop, Waker, Stamper | None]] = {}
         self._seq = itertools.count()
         self._ended: dict[str, tuple[str, float]] = {}  # cid -> (hold token, until)
         self._revoked: dict[str, float] = {}  # cid -> until (ended by end_user_sessions)
@@ -754,13 +766,15 @@ class MemoryStore:
     def _touch(self, session: _MemorySession, ttl_ms: int) -> None:
         session.deadline = self.clock() + ttl_ms / 1000
 
-    def _wake(self, wakes: dict[str, list[str]]) -> None:
+    def _wake(self, wakes: dict[str, list[str]], published: float | None = None) -> None:
         for hub, cids in wakes.items():
             target = self._wakers.get(hub)
             if target is None:
                 continue
-            loop, wake = target
+            loop, wake, stamp = target
             try:
+                if published is not None and stamp is not None:
+                    loop.call_soon_threadsafe(stamp, published, cids)
                 loop.call_soon_threadsafe(wake, cids)
             except RuntimeError:  # that loop is closed
                 self._wakers.pop(hub, None)
@@ -960,7 +974,7 @@ class MemoryStore:
                 self._held[hid] = _Held(flags, prepared, now + self.order_timeout_ms / 1000)
                 for key, seq, _ in flags:
                     self._held_by_key.setdefault(key, {})[hid] = seq
-        self._wake({hub: sorted(cids) for hub, cids in wakes.items()})
+        self._wake({hub: sorted(cids) for hub, cids in wakes.items()}, time.time())
 
     async def apublish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
         self.publish(prepared, order)
@@ -970,7 +984,7 @@ class MemoryStore:
         wakes: dict[str, set[str]] = {}
         with self._lock:
             self._release_overdue(self.clock(), wakes, [])
-        self._wake({hub: sorted(cids) for hub, cids in wakes.items()})
+        self._wake({hub: sorted(cids) for hub, cids in wakes.items()}, time.time())
 
     # --- commit order (the module docstring; the same steps as _LUA_ORDER) ----------------------
 
@@ -1089,8 +1103,10 @@ class MemoryStore:
             self._force(hid, now, wakes, touched)
         self._release_ready(now, wakes, touched)
 
-    async def listen(self, hub: str, wake: Waker, ready: asyncio.Event) -> None:
-        self._wakers[hub] = (asyncio.get_running_loop(), wake)
+    async def listen(
+        self, hub: str, wake: Waker, ready: asyncio.Event, stamp: Stamper | None = None
+    ) -> None:
+        self._wakers[hub] = (asyncio.get_running_loop(), wake, stamp)
         ready.set()
         try:
             await asyncio.Event().wait()  # until cancelled

@@ -300,6 +300,30 @@ def test_realtime_events_queued_and_dropped_and_the_sessions(
     assert value(scrape(client), "deviceplatform_realtime_sessions") == 0
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_realtime_delivery_latency_times_a_held_connect_from_the_publish(
+    client: Any, settings: Any, kind: str, realtime_loop: Callable[..., Any]
+) -> None:
+    settings.REALTIME_PREFIX = f"test:metrics:{uuid.uuid4().hex[:12]}"
+    settings.REDIS_URL = settings.REDIS_URL if kind == "redis" else ""
+    from deviceplatform.realtime.hub import watching
+
+    async def deliver_one() -> list[bytes]:
+        async with watching(["/latency"]) as watch:
+            held = asyncio.create_task(watch.next(30))
+            # Publish once the connect holds the session (not before: it would answer at once).
+            while not (await watch.hub.store.get_session(watch.client_id) or {}).get("hold"):
+                await asyncio.sleep(0.01)
+            watch.hub.store.publish([(b'{"n":1}', ["/latency"])])
+            return await held
+
+    delta = Delta(client)
+    assert realtime_loop(deliver_one()) == [b'{"n":1}']
+    assert delta("deviceplatform_realtime_delivery_latency_seconds_count") == 1
+    assert delta("deviceplatform_realtime_delivery_latency_seconds_sum") >= 0
+
+
 # --- multi-process -------------------------------------------------------------------------------
 
 COUNT_IN_A_PROCESS = """
