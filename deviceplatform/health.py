@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -125,8 +126,28 @@ def beat_max_age() -> float:
 # --- Checks ----------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _database_cursor() -> Iterator[Any]:
+    """A cursor for the checks. With Django's PostgreSQL pool, a connection taken from it with a
+    wait of HEALTH_CHECK_TIMEOUT_SECONDS: Django's own cursor would wait the pool's 10 s for a
+    database that is down. Otherwise Django's connection of this thread."""
+    connection = connections[DEFAULT_DB_ALIAS]
+    pool = getattr(connection, "pool", None)
+    if pool is None:
+        with connection.cursor() as cursor:
+            yield cursor
+        return
+    pool.open()  # as Django does before its first connection (a no-op once open)
+    raw = pool.getconn(timeout=settings.HEALTH_CHECK_TIMEOUT_SECONDS)
+    try:
+        with raw.cursor() as cursor:
+            yield cursor
+    finally:
+        pool.putconn(raw)
+
+
 def _check_database() -> dict[str, Any]:
-    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+    with _database_cursor() as cursor:
         cursor.execute("SELECT 1")
         cursor.fetchone()
     return {}
@@ -142,7 +163,7 @@ def expected_migrations() -> frozenset[tuple[str, str]]:
 
 def _check_migrations() -> dict[str, Any]:
     expected = expected_migrations()
-    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+    with _database_cursor() as cursor:
         cursor.execute("SELECT app, name FROM django_migrations")
         applied = {(app, name) for app, name in cursor.fetchall()}
     missing = sorted(f"{app}.{name}" for app, name in expected - applied)
@@ -217,7 +238,11 @@ def _scheduler_check() -> dict[str, Any]:
 def readiness(*, now: float | None = None) -> dict[str, Any]:
     """Every check's result and the overall status (UP only when every check is UP)."""
     moment = time.time() if now is None else now
-    checks = {"database": _timed(_check_database), "migrations": _timed(_check_migrations)}
+    checks = {"database": _timed(_check_database)}
+    if checks["database"]["status"] == UP:
+        checks["migrations"] = _timed(_check_migrations)
+    else:
+        checks["migrations"] = {"status": DOWN, "error": "Unknown: the database is unavailable"}
     if settings.REDIS_URL:
         checks.update(_redis_checks(moment))
     else:

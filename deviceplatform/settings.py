@@ -318,12 +318,12 @@ OPERATION_MAX_WAIT_SECONDS = env.int("OPERATION_MAX_WAIT_SECONDS", default=120)
 # worker's is older than HEALTH_WORKER_MAX_AGE_SECONDS, or beat's (and without REDIS_URL the
 # in-process scheduler's last tick) older than HEALTH_BEAT_MAX_AGE_SECONDS (0: three times the
 # shortest beat interval, at least the worker's limit). Redis calls of the checks time out after
-# HEALTH_CHECK_TIMEOUT_SECONDS.
+# HEALTH_CHECK_TIMEOUT_SECONDS, and the database check waits that long for a pooled connection.
 HEALTH_HEARTBEAT_PREFIX = env.str("HEALTH_HEARTBEAT_PREFIX", default="dp:health")
 HEALTH_WORKER_HEARTBEAT_SECONDS = env.float("HEALTH_WORKER_HEARTBEAT_SECONDS", default=1.0)
 HEALTH_WORKER_MAX_AGE_SECONDS = env.float("HEALTH_WORKER_MAX_AGE_SECONDS", default=3.0)
 HEALTH_BEAT_MAX_AGE_SECONDS = env.float("HEALTH_BEAT_MAX_AGE_SECONDS", default=0.0)
-HEALTH_CHECK_TIMEOUT_SECONDS = env.float("HEALTH_CHECK_TIMEOUT_SECONDS", default=0.5)
+HEALTH_CHECK_TIMEOUT_SECONDS = env.float("HEALTH_CHECK_TIMEOUT_SECONDS", default=1.0)
 CELERY_BEAT_SCHEDULER = "deviceplatform.health:HeartbeatScheduler"
 # /metrics (Prometheus text format) answers a client whose address is in METRICS_ALLOWED_NETWORKS
 # (CIDRs, comma-separated; the address as the failed-login limit sees it, behind a proxy from

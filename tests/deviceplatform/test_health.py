@@ -7,6 +7,8 @@ each and starts it again."""
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +26,14 @@ from deviceplatform import health
 from deviceplatform import scheduler as scheduler_module
 from deviceplatform.scheduler import Scheduler
 from tests.helpers import database_url
-from tests.servers import REPO, PrivateRedis, private_redis  # noqa: F401 (fixture)
+from tests.servers import (  # noqa: F401 (fixtures)
+    REPO,
+    PrivateRedis,
+    Servers,
+    free_port,
+    launch,
+    private_redis,
+)
 
 WAIT = 60.0  # bounds a broken run, asserts nothing about speed
 IDLE_ENTRY = {"idle": {"task": "deviceplatform.tasks.purge_idempotency_keys", "schedule": 3600.0}}
@@ -149,14 +158,25 @@ def test_a_redis_outage_is_503_naming_redis_and_heals(
     assert client.get("/health/ready").status_code == 200
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_an_unapplied_migration_is_503_naming_it(client: Any, settings: Any) -> None:
     health.write_heartbeat("worker")
     health.write_heartbeat("beat")
     app, name = sorted(health.expected_migrations())[0]
-    with connection.cursor() as cursor:  # rolled back with the test
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT applied FROM django_migrations WHERE app = %s AND name = %s", [app, name]
+        )
+        [applied] = cursor.fetchone()
         cursor.execute("DELETE FROM django_migrations WHERE app = %s AND name = %s", [app, name])
-    response = client.get("/health/ready")
+    try:
+        response = client.get("/health/ready")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO django_migrations (app, name, applied) VALUES (%s, %s, %s)",
+                [app, name, applied],
+            )
     assert response.status_code == 503
     migrations = response.json()["checks"]["migrations"]
     assert migrations == {
@@ -164,6 +184,43 @@ def test_an_unapplied_migration_is_503_naming_it(client: Any, settings: Any) -> 
         "error": f"Not applied: {app}.{name}",
         "latencyMs": migrations["latencyMs"],
     }
+    assert client.get("/health/ready").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_that_is_down_is_503_within_the_check_timeout(
+    launch: Servers,  # noqa: F811
+    heartbeat_prefix: str,
+) -> None:
+    """A server whose PostgreSQL does not answer: live stays 200, ready says so after at most
+    HEALTH_CHECK_TIMEOUT_SECONDS of waiting for a connection (not the pool's 10 s)."""
+    server = launch.start(
+        "uvicorn",
+        DATABASE_URL=f"postgres://root@127.0.0.1:{free_port()}/nothing_listens_here",
+        HEALTH_HEARTBEAT_PREFIX=heartbeat_prefix,
+        HEALTH_CHECK_TIMEOUT_SECONDS="0.5",
+    )
+    assert http_get(server.port, "/health/live")[0] == 200
+    status, body = http_get(server.port, "/health/ready")
+    assert status == 503
+    checks = json.loads(body)["checks"]
+    assert checks["database"]["status"] == "DOWN"
+    # The wait was the check's own, not the pool's 10 s.
+    assert checks["database"]["error"] == "PoolTimeout: couldn't get a connection after 0.50 sec"
+    assert checks["migrations"] == {
+        "status": "DOWN",
+        "error": "Unknown: the database is unavailable",
+    }
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 # --- ready without Redis: the in-process scheduler ---------------------------------------------
