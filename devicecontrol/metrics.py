@@ -5,7 +5,9 @@ for the METRICS_PENDING_TOP_AGENTS agents with the most only."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
+from itertools import accumulate
 
 from django.conf import settings
 from django.db.models import Count
@@ -28,9 +30,12 @@ def pending_per_agent() -> Iterable[Metric]:
         .order_by(),
         key=lambda row: (-row[1], row[0]),
     )
+    agents_in = [0] * (len(PENDING_BUCKETS) + 1)  # agents per bucket (the last: above all)
+    for _, count in counts:
+        agents_in[bisect_left(PENDING_BUCKETS, count)] += 1
     buckets = []
-    for bound in PENDING_BUCKETS:
-        buckets.append((floatToGoString(bound), sum(1 for _, count in counts if count <= bound)))
+    for bound, agents in zip(PENDING_BUCKETS, accumulate(agents_in), strict=False):
+        buckets.append((floatToGoString(bound), agents))
     buckets.append(("+Inf", len(counts)))
     yield HistogramMetricFamily(
         "deviceplatform_pending_operations_per_agent",
