@@ -51,6 +51,7 @@ from devicecontrol.services import (
     operations_create_many,
     operations_retries_drop,
 )
+from deviceplatform import metrics
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
 from deviceplatform.api.params import parse_id
@@ -649,6 +650,7 @@ def _create_children(bulk: BulkOperation, start: int, end: int, now: datetime) -
     transaction.on_commit(_RampEvents(events))
     # One delta for the batch, as devicecontrol's hooks would record (bulk_progress_apply).
     _insert_delta(bulk.pk, {"pending": len(found) - failed, "failed": failed})
+    metrics.operations_created({"PENDING": len(found) - failed, "FAILED": failed})
     return len(rows)
 
 
@@ -680,7 +682,8 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
         return 0  # aborted (bulkops.abort): no batch after the threshold is crossed
     end = min(_due_end(bulk, now), bulk.next_index + batch_size)
     create = _create_children if connection.vendor == "postgresql" else _create_children_orm
-    count = create(bulk, bulk.next_index, end, now)
+    lag, count = now - bulk.next_due_at, create(bulk, bulk.next_index, end, now)
+    metrics.bulk_ramp_advanced(lag_seconds=lag.total_seconds(), created=count)
     bulk.next_index = end
     if bulk.next_index >= bulk.target_count:
         bulk.status = BulkStatus.COMPLETED

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,6 +37,7 @@ from devicecontrol.serializers import (
     BulkDeviceRow,
     operation_json,
 )
+from deviceplatform import metrics
 from deviceplatform.api.dates import format_datetime
 from deviceplatform.api.exceptions import (
     ApiError,
@@ -347,6 +348,7 @@ def operation_create(
     )
     operation.save(force_insert=True)
     _status_changed([(bulk_operation_id, None, operation.status)])
+    metrics.operations_created({operation.status: 1})
     if notify:
         publish_on_commit([_event("CREATE", operation)])
     if sms:
@@ -388,6 +390,7 @@ def operation_update(
         precondition(operation)
     _status_changed([(_counted(operation), operation.status, status)])
     was_failed = operation.status == OperationStatus.FAILED
+    metrics.operation_status_changed({status: 1} if status != operation.status else {})
     _apply_status(operation, status, now)
     if status == OperationStatus.FAILED:
         if reason is not None:
@@ -538,6 +541,7 @@ def operations_create_many(
         )
     Operation.objects.bulk_create(operations)
     _status_changed((bulk_operation_id, None, op.status) for op in operations)
+    metrics.operations_created(Counter(op.status for op in operations))
     publish_on_commit([_event("CREATE", op) for op in operations])
     for operation in operations:
         if operation.fragments.get("deliveryType") == "SMS" and operation.agent_id is not None:
@@ -606,6 +610,7 @@ def operation_cancel(
     now = now or timezone.now()
     if locked.status == OperationStatus.PENDING:
         _status_changed([(_counted(locked), locked.status, OperationStatus.FAILED)])
+        metrics.operation_status_changed({OperationStatus.FAILED: 1})
         _apply_status(locked, OperationStatus.FAILED, now)
         locked.failure_reason = CANCELLED_REASON.format(by=by)
         locked.save(update_fields=["status", "status_changed_at", "failure_reason"])
@@ -715,6 +720,7 @@ def _fail_rows(
         if failure_type is not None:
             changes["retry_at"] = retry_at
         Operation.objects.filter(pk__in=pks).update(**changes)
+    metrics.operation_status_changed({OperationStatus.FAILED: len(batch)})
     if notify:
         publish_on_commit([_event("UPDATE", operation) for operation in batch])
 
