@@ -8,8 +8,10 @@ class BulkOpsConfig(AppConfig):
     verbose_name = "Bulk operations"
 
     def ready(self) -> None:
+        from bulkops.live import register_channels
         from bulkops.services import bulk_progress_apply
         from devicecontrol.services import STATUS_CHANGE_HOOKS
 
+        register_channels()
         if bulk_progress_apply not in STATUS_CHANGE_HOOKS:
             STATUS_CHANGE_HOOKS.append(bulk_progress_apply)
