@@ -310,7 +310,9 @@ class Throttle:
                 later = None
             with self._cond:
                 self._busy -= 1
-                if later is None and not entry.again:
+                if self._entries.get(bulk_id) is not entry:
+                    pass  # flushed meanwhile
+                elif later is None and not entry.again:
                     del self._entries[bulk_id]
                 else:
                     if later is None:  # marked during the publish: trail it by an interval
@@ -320,6 +322,28 @@ class Throttle:
                 self._cond.notify_all()
         with self._cond:
             return self._heap[0][0] if self._heap else None
+
+    def flush(self) -> int:
+        """Publish every marked bulk operation now, whoever holds its gate: this process is about
+        to stop, and a trailing message waiting for its interval would be lost. Returns the
+        messages that went out."""
+        with self._cond:
+            bulk_ids = list(self._entries)
+        sent = 0
+        for bulk_id in bulk_ids:
+            try:
+                sent += self._publisher(bulk_id, self._gate())
+            except Exception:
+                logger.warning(
+                    "bulk live: publishing bulk operation %s failed", bulk_id, exc_info=True
+                )
+            with self._cond:
+                self._entries.pop(bulk_id, None)
+                self._heap = [item for item in self._heap if item[1] in self._entries]
+                heapq.heapify(self._heap)
+                self._cond.notify_all()
+        self.published += sent
+        return sent
 
     def _attempt(self, bulk_id: int, entry: _Entry, again: bool) -> float | None:
         """Publish if the gate is free; else how long until it is (None: done, or covered)."""

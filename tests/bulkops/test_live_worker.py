@@ -111,3 +111,47 @@ def test_a_ramp_in_a_worker_process_is_published_and_ends_as_get_answers(
     assert len(mine) >= 2
     assert mine[-1]["data"] == final
     assert (final["status"], final["progress"]["pending"]) == ("COMPLETED", 5)
+
+
+def test_a_worker_stopping_publishes_the_last_state_it_held_back(
+    tmp_path: Path, bapi: Clients
+) -> None:
+    """With a 60 s interval the worker's later batches wait for their trailing message; a
+    graceful stop (SIGTERM) publishes it at once instead of losing it."""
+    assert settings.REDIS_URL, "a real worker needs the broker: bin/test sets REDIS_URL"
+    bapi.prepare("bulk_reader")
+    fleet = make_fleet(4)
+    pool = Workers(tmp_path)
+    pool.queue = f"test-live-{uuid.uuid4().hex[:12]}"
+    pool.env.update(
+        BULK_RAMP_BOOKING="1",
+        REALTIME_PREFIX=settings.REALTIME_PREFIX,
+        BULK_LIVE_INTERVAL_MS="60000",
+    )
+    listener = Listener("/bulkoperations/*")
+    try:
+        worker = pool.start()
+        worker.wait_ready()
+        now = timezone.now()
+        start = (now + timedelta(seconds=1)).isoformat()
+        bulk = create_bulk(fleet.group, now=now, creationRamp=0.3, startDate=start)
+        tasks.advance_bulk_operations.apply_async(queue=pool.queue)
+        deadline = time.monotonic() + WAIT
+        while BulkOperation.objects.get(pk=bulk.pk).status != BulkStatus.COMPLETED:
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.1)
+        final = call(bapi["bulk_reader"], "GET", f"{BULK}/{bulk.pk}").json()
+        held_back = list(listener.drain())
+        worker.process.terminate()  # a warm shutdown
+        worker.process.wait(timeout=WAIT)
+        got = listener.drain()
+    finally:
+        pool.stop_all()
+        listener.close()
+
+    # The first batch went out at once and took the gate for 60 s; the rest waited for it.
+    assert [m["realtimeAction"] for m in held_back] == ["CREATE", "UPDATE"], held_back
+    assert held_back[-1]["data"]["progress"]["all"] == 4
+    assert held_back[-1]["data"] != final
+    assert got[-1]["data"] == final, worker.log()[-3000:]
+    assert final["status"] == "COMPLETED"
