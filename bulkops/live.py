@@ -24,8 +24,9 @@ meanwhile: that holder read after the change and covered it. So after a burst th
 equals GET. A message identical to the last one published for that bulk operation (a fold that
 only moved counters from deltas into the row, a PUT that changed nothing) is not sent.
 
-Limits: a process that stops between a change and its trailing publish loses that publish (the
-next change of the bulk operation brings the truth again); two publishes of one bulk operation
+A Celery worker stopping gracefully publishes what it still holds back (`Throttle.flush`, from
+bulkops.tasks). Limits: a process killed between a change and its trailing publish loses that
+publish (the next change of the bulk operation brings the truth again); two publishes of one bulk operation
 from two processes are ordered only by the gate, so one that took longer than the interval could
 arrive after a newer one."""
 
