@@ -29,6 +29,7 @@ from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
+from bulkops.live import bulk_changed
 from bulkops.models import RUNNING_STATUSES, BulkOperation, BulkProgressDelta, BulkStatus
 from bulkops.selectors import CURRENT, bulk_operation_progress, bulk_operations_with_progress
 from devicecontrol.models import Operation, OperationStatus
@@ -258,6 +259,7 @@ def _abort(
         "message": message,
     }
     bulk.save(update_fields=["status", "next_due_at", "last_updated", "abort_reason"])
+    bulk_changed(bulk.pk)
     transaction.on_commit(
         lambda: logger.warning(
             "Bulk operation %s aborted: %s (%d PENDING children failed)",

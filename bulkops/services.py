@@ -32,6 +32,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from bulkops.abort import abort_config_input, bulk_operation_abort_check
+from bulkops.live import bulk_changed
 from bulkops.models import (
     RUNNING_STATUSES,
     BulkOperation,
@@ -316,6 +317,7 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     _replace_targets(bulk, device_ids, skip=set())
     bulk.save(update_fields=["target_count"])
     _wake_ramp_on_commit(bulk)
+    bulk_changed(bulk.pk, created=True)
     return bulk
 
 
@@ -396,6 +398,7 @@ def bulk_operation_update(
         bulk.last_updated = now
         bulk.save()
         _wake_ramp_on_commit(bulk)
+        bulk_changed(bulk.pk)
     return bulk
 
 
@@ -433,6 +436,7 @@ def bulk_operation_cancel(
                 notify=notify,
                 now=now,
             )
+        bulk_changed(bulk.pk)
     return bulk
 
 
@@ -704,6 +708,7 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
             "ramp_error_count",
         ]
     )
+    bulk_changed(bulk.pk)
     return count
 
 
@@ -742,6 +747,7 @@ def _record_ramp_error(
             ramp_error_count=attempts + 1,
             next_due_at=_later(now, delay),
         )
+        bulk_changed(bulk_id)  # c8y_RampError
     return delay
 
 
@@ -861,13 +867,14 @@ def bulk_progress_apply(changes: list[StatusChange]) -> None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.old]] -= 1
         if change.new is not None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.new]] += 1
-    _insert_deltas(
-        [
-            (bulk_id, *(delta[field] for field in COUNTER_FIELDS.values()))
-            for bulk_id, delta in sorted(deltas.items())
-            if any(delta.values())
-        ]
-    )
+    rows = [
+        (bulk_id, *(delta[field] for field in COUNTER_FIELDS.values()))
+        for bulk_id, delta in sorted(deltas.items())
+        if any(delta.values())
+    ]
+    _insert_deltas(rows)
+    for row in rows:
+        bulk_changed(row[0])  # marks it dirty once this commits (bulkops.live)
 
 
 def _insert_delta(bulk_id: int, delta: dict[str, int]) -> None:

@@ -16,10 +16,11 @@ from functools import cache
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_shutdown, worker_shutdown
 from django.conf import settings
 from django.utils import timezone
 
-from bulkops import abort, services
+from bulkops import abort, live, services
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,14 @@ def advance_bulk_operations(
         abort.bulk_operations_abort_sweep()
     ramp_wake(services.bulk_operations_next_due(), queue=queue)
     return created
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def publish_live_changes(**_: Any) -> None:
+    """A worker stopping gracefully first publishes the bulk operations it changed whose last
+    message was still waiting for its interval (bulkops/live.py: the trailing edge)."""
+    live.throttle().flush()
 
 
 @cache

@@ -303,6 +303,9 @@ IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=24 
 # ETA, or the embedded scheduler's ramp entry), so ramps keep their pace between beat ticks
 # (bulkops/tasks.py). Off: beat alone drives the ramp (the test suite, whose Redis has no worker).
 BULK_RAMP_BOOKING = env.bool("BULK_RAMP_BOOKING", default=True)
+# A bulk operation's changes go out on /bulkoperations/{id} at most once per this many ms (the last
+# state always), whichever processes see them (bulkops/live.py); 0: every change at once.
+BULK_LIVE_INTERVAL_MS = env.int("BULK_LIVE_INTERVAL_MS", default=250)
 
 # --- Device control (README "Beyond Cumulocity") ---------------------------------------------------
 # A PENDING operation not picked up within this many seconds becomes FAILED (0: never). ARTIK: 7 days.
