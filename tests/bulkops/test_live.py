@@ -18,6 +18,7 @@ from channels.db import database_sync_to_async
 from django.db import transaction
 
 from bulkops import live, services
+from bulkops.abort import bulk_operations_abort_sweep
 from bulkops.live import MemoryGate, Throttle, bulk_changed, publish_state
 from bulkops.models import BulkOperation
 from devicecontrol.models import Operation
@@ -495,3 +496,30 @@ def test_an_unknown_bulk_operation_publishes_nothing(db: None) -> None:
     throttle.mark(987654321)
     assert throttle.step() is None
     assert (recorder.calls, recorder.sent) == ([987654321], 0)
+
+
+@pytest.mark.asyncio
+async def test_an_abort_is_published_with_its_reason(bapi: Clients, settings: Any) -> None:
+    """An abort (README "Abort thresholds") changes the bulk operation without a request: its
+    final state, DELETED with `abortReason`, goes out as GET answers it."""
+    settings.BULK_LIVE_INTERVAL_MS = 0
+    await database_sync_to_async(bapi.prepare)("bulk_reader")
+    fleet: Fleet = await database_sync_to_async(make_fleet)(3)
+    config = {"criteria": [{"failureType": "ANY", "thresholdPercentage": 50}]}
+    bulk = await database_sync_to_async(services.bulk_operation_create)(
+        data=bulk_data(fleet.group, creationRamp=0, abortConfig=config), now=T0
+    )
+    await database_sync_to_async(services.bulk_operations_advance)(now=at(1))
+    first, *_ = await database_sync_to_async(child_ids)(bulk.pk)
+    await database_sync_to_async(idle)()
+    async with WsBayeux() as ws:
+        await ws.start("bulk_reader", f"/bulkoperations/{bulk.pk}")
+        await database_sync_to_async(set_status)(first, "FAILED")
+        aborted = await database_sync_to_async(bulk_operations_abort_sweep)()
+        await database_sync_to_async(idle)()
+        received = events(await ws.connect_now())
+        final = await database_sync_to_async(get_json)(bapi, bulk.pk)
+
+    assert aborted == [bulk.pk]
+    assert (final["status"], final["abortReason"]["failed"]) == ("DELETED", 1)
+    assert received[-1]["data"] == {"realtimeAction": "UPDATE", "data": final}
