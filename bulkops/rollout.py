@@ -294,7 +294,8 @@ def rate_at(config: dict[str, Any], step: int) -> float:
     if exponential is None:
         return float(maximum)
     try:
-        rate = exponential["baseRatePerMinute"] * exponential["incrementFactor"] ** step
+        # In floats: an int factor to a large step would build a huge integer first.
+        rate = exponential["baseRatePerMinute"] * float(exponential["incrementFactor"]) ** step
     except OverflowError:
         return float(maximum)
     return float(min(rate, maximum))
