@@ -2,6 +2,8 @@
 
 from django.db import migrations, models
 
+from deviceplatform.db import use_global_id_sequence
+
 
 class Migration(migrations.Migration):
 
@@ -49,4 +51,7 @@ class Migration(migrations.Migration):
             model_name='bulkoperation',
             index=models.Index(condition=models.Q(('rollout_state', 'WAITING_FOR_WAVE')), fields=['rollout_state'], name='bulk_wave_wait_idx'),
         ),
+        # SQLite rebuilds the table for the columns with a database default, which drops its
+        # global-ID trigger.
+        use_global_id_sequence("bulkops_bulkoperation"),
     ]
