@@ -5,7 +5,8 @@ All optional: a bulk operation created without `rolloutConfig` or `waves` runs o
 
 - Rates. `rolloutConfig.maximumPerMinute` alone: a constant rate. `rolloutConfig.exponentialRate`:
   the rate starts at `baseRatePerMinute` and is multiplied by `incrementFactor` each time another
-  `numberOfNotifiedDevices` children were created (or `numberOfSucceededDevices` succeeded),
+  `numberOfNotifiedDevices` children were created (or `numberOfSucceededDevices` succeeded: the
+  beat task checks those every tick, `success_increase`),
   capped by `maximumPerMinute` (AWS IoT Jobs' job executions rollout). A rate of R per minute is a
   ramp of 60/R s: the schedule (`bulkops.services._due_offset`) runs on `ramp_seconds`, and a rate
   change restarts it at `next_index`, from the moment the next child was due at the old rate.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Count, Q
@@ -349,16 +350,33 @@ def _criterion(bulk: BulkOperation) -> tuple[str, int] | None:
     return key, every
 
 
-def before_advance(bulk: BulkOperation, now: datetime) -> None:
-    """The ramp is about to create due children of `bulk` (locked): on a rate that increases with
-    successes, apply the increases earned since, restarting the schedule now."""
+def success_increase(bulk: BulkOperation, now: datetime) -> bool:
+    """On a running rate that increases with successes (`bulk` locked): apply the increases earned
+    so far. The next child is then due one new step after the previous child's due time (at the
+    earliest now), so an increase counts from when it was earned, not from the old rate's next
+    child. Returns whether the rate changed."""
     criterion = _criterion(bulk)
-    if criterion is None or criterion[0] != "numberOfSucceededDevices" or _at_maximum(bulk):
-        return
+    if (
+        criterion is None
+        or criterion[0] != "numberOfSucceededDevices"
+        or bulk.next_due_at is None
+        or _at_maximum(bulk)
+    ):
+        return False
     step = bulk_operation_progress(bulk)["successful"] // criterion[1]
-    if step > bulk.rate_step:
-        _set_step(bulk, step)
-        _restart(bulk, max(now, bulk.start_date))
+    if step <= bulk.rate_step:
+        return False
+    previous_due = bulk.next_due_at - timedelta(seconds=ramp_seconds(bulk))
+    _set_step(bulk, step)
+    due = previous_due + timedelta(seconds=ramp_seconds(bulk))
+    _restart(bulk, max(due, now, bulk.start_date))
+    return True
+
+
+def before_advance(bulk: BulkOperation, now: datetime) -> None:
+    """The ramp is about to create due children of `bulk` (locked): apply the rate increases
+    earned by successes since (the beat task's `success_increase` may not have seen them yet)."""
+    success_increase(bulk, now)
 
 
 def advance_limit(bulk: BulkOperation) -> int:

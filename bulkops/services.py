@@ -442,6 +442,28 @@ def bulk_rollout_gates_check(*, now: datetime | None = None) -> int:
     return changed
 
 
+def bulk_rollout_rates_check(*, now: datetime | None = None) -> int:
+    """Apply the rate increases earned by successes to every running bulk operation whose rate
+    increases with them (the beat task runs this before the ramp), so a slow rate speeds up when
+    the successes come, not only when its next child is due. Each under its row lock (SKIP
+    LOCKED: one the ramp holds applies them itself). Returns how many changed rate."""
+    running = BulkOperation.objects.filter(
+        status__in=RUNNING_STATUSES,
+        next_due_at__isnull=False,
+        rollout_config__exponentialRate__rateIncreaseCriteria__has_key="numberOfSucceededDevices",
+    )
+    changed = 0
+    for pk in list(running.order_by("pk").values_list("pk", flat=True)):
+        with transaction.atomic():
+            bulk = running.select_for_update(skip_locked=True).filter(pk=pk).first()
+            if bulk is None or not rollout.success_increase(bulk, now or timezone.now()):
+                continue
+            bulk.save(update_fields=list(rollout.RAMP_FIELDS) + ["next_due_at"])
+            _wake_ramp_on_commit(bulk)
+            changed += 1
+    return changed
+
+
 # --- the ramp ----------------------------------------------------------------------------------
 
 

@@ -145,6 +145,42 @@ def test_exponential_rate_by_successes_increases_from_the_next_due_child() -> No
     assert reload(bulk).rate_step == 1
 
 
+def test_beat_applies_a_success_increase_from_the_previous_childs_due_time() -> None:
+    fleet = make_fleet(6)
+    config = {
+        "exponentialRate": {
+            "baseRatePerMinute": 6,  # 10 s
+            "incrementFactor": 2,
+            "rateIncreaseCriteria": {"numberOfSucceededDevices": 2},
+        }
+    }
+    bulk = create_bulk(fleet.group, creationRamp=0, rolloutConfig=config)
+    assert created_at(bulk, [0, 10]) == [1, 2]
+    finish(bulk, "SUCCESSFUL")
+    assert services.bulk_rollout_rates_check(now=at(12)) == 1
+    assert services.bulk_rollout_rates_check(now=at(12.5)) == 0  # nothing new earned
+    row = reload(bulk)
+    # The previous child was due at 10 s: at 12/min the next is due 5 s later, not at 20 s.
+    assert (row.current_rate, row.next_due_at) == (12, at(15))
+    assert created_at(bulk, [14.9, 15, 19.9, 20]) == [2, 3, 3, 4]
+    # Earned after the next child's due time: it is due now.
+    finish(bulk, "SUCCESSFUL")
+    assert services.bulk_rollout_rates_check(now=at(24)) == 1
+    assert reload(bulk).next_due_at == at(24)
+
+
+def test_the_rates_check_leaves_other_bulk_operations_alone() -> None:
+    fleet = make_fleet(2)
+    plain = create_bulk(fleet.group, creationRamp=1)
+    by_created = create_bulk(fleet.group, creationRamp=0, rolloutConfig=EXPONENTIAL_BY_CREATED)
+    advance(0)
+    finish(plain, "SUCCESSFUL")
+    finish(by_created, "SUCCESSFUL")
+    before = [reload(plain).next_due_at, reload(by_created).next_due_at]
+    assert services.bulk_rollout_rates_check(now=at(1)) == 0
+    assert [reload(plain).next_due_at, reload(by_created).next_due_at] == before
+
+
 # --- waves ---------------------------------------------------------------------------------------
 
 
