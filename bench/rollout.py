@@ -224,7 +224,8 @@ def creation_times(url: str, bulk_id: int) -> tuple[datetime, list[datetime]]:
 def curve(
     args: argparse.Namespace, url: str, client: Any, group: int, worker: Any, out: Report
 ) -> int:
-    start = datetime.now(UTC) + timedelta(seconds=2)
+    # The POST snapshots every target first: start far enough ahead that it has committed by then.
+    start = datetime.now(UTC) + timedelta(seconds=5 + args.devices / 10_000)
     config = {
         "exponentialRate": {
             "baseRatePerMinute": args.base,
@@ -234,6 +235,7 @@ def curve(
         "maximumPerMinute": args.max,
     }
     out(f"\n## (a) curve: {args.devices:,} devices, rolloutConfig {orjson.dumps(config).decode()}")
+    posted = time.perf_counter()
     bulk_id = post_bulk(
         client,
         {
@@ -244,6 +246,7 @@ def curve(
             "rolloutConfig": config,
         },
     )
+    out(f"POST (targets snapshot) took {time.perf_counter() - posted:.1f} s")
     wait_status(url, bulk_id, worker, args.timeout, "COMPLETED")
     effective, created = creation_times(url, bulk_id)
     if len(created) != args.devices:
