@@ -31,6 +31,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from bulkops import rollout
 from bulkops.abort import abort_config_input, bulk_operation_abort_check
 from bulkops.live import bulk_changed
 from bulkops.models import (
@@ -39,6 +40,7 @@ from bulkops.models import (
     BulkOperationTarget,
     BulkProgressDelta,
     BulkStatus,
+    RolloutState,
 )
 from bulkops.retries import bulk_retry_config_validate
 from devicecontrol.delivery import deliver_by_sms
@@ -86,6 +88,7 @@ KNOWN_KEYS = frozenset(
         "operationPrototype",
         "abortConfig",
     }
+    | {*rollout.INPUT_KEYS, rollout.READ_ONLY_KEY}
 )
 
 
@@ -200,7 +203,7 @@ def _due_offset(bulk: BulkOperation, position: int) -> int:
     """Microseconds from `effective_start` to the due time of `position`: the one schedule, in
     integers, that both the due time (`_due_at`) and the due count (`_due_end`) come from. The ramp
     is rounded to whole microseconds once, so position k is due exactly k ramps after the start."""
-    return (position - bulk.first_index) * round(bulk.creation_ramp * 1_000_000)
+    return (position - bulk.first_index) * round(rollout.ramp_seconds(bulk) * 1_000_000)
 
 
 def _later(moment: datetime, delta: timedelta) -> datetime:
@@ -246,9 +249,10 @@ def _create_input(
     data: dict[str, Any],
 ) -> tuple[tuple[str, int], datetime, float, dict[str, Any]]:
     """The selector, start, ramp and prototype of a create body; 422 for a missing or bad one."""
-    missing = [
-        key for key in ("startDate", "creationRamp", "operationPrototype") if key not in data
-    ]
+    required = ("startDate", "operationPrototype")
+    if not rollout.replaces_ramp(data):  # a rolloutConfig's rate replaces creationRamp
+        required = (*required, "creationRamp")
+    missing = [key for key in required if key not in data]
     selector = _selector(data)
     if selector is None:
         missing.append("groupId")
@@ -256,7 +260,7 @@ def _create_input(
         raise MissingFields(missing)
     start, ramp, prototype = (
         _start(data["startDate"]),
-        _ramp(data["creationRamp"]),
+        _ramp(data["creationRamp"]) if "creationRamp" in data else 0.0,
         _prototype(data["operationPrototype"]),
     )
     assert selector is not None
@@ -287,10 +291,11 @@ def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None)
     writing nothing (the admin shows this before the operator confirms)."""
     selector, start, ramp, _ = _create_input(data)
     abort_config_input(data)
+    extension = rollout.rollout_input(data, ramp=ramp)
     now = now or timezone.now()
-    return BulkPreview(
-        target_count=len(_targets(selector)), start=max(start, now), creation_ramp=ramp
-    )
+    targets = len(_targets(selector))
+    rollout.check_coverage(extension.waves, targets)
+    return BulkPreview(target_count=targets, start=max(start, now), creation_ramp=ramp)
 
 
 @transaction.atomic
@@ -299,7 +304,9 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     selector, start, ramp, prototype = _create_input(data)
     bulk_retry_config_validate(data)
     abort_config = abort_config_input(data)
+    extension = rollout.rollout_input(data, ramp=ramp)
     device_ids = _targets(selector)
+    rollout.check_coverage(extension.waves, len(device_ids))
     now = now or timezone.now()
     bulk = BulkOperation(
         abort_config=abort_config,
@@ -312,6 +319,7 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
         effective_start=max(start, now),
     )
     _store_selector(bulk, selector)
+    rollout.rollout_init(bulk, extension)
     _schedule(bulk, now)
     bulk.save(force_insert=True)
     _replace_targets(bulk, device_ids, skip=set())
@@ -377,6 +385,7 @@ def bulk_operation_update(
     now = now or timezone.now()
     with transaction.atomic():
         bulk = _lock_running(bulk_operation_id, "changed", precondition)
+        rollout.check_update(bulk, data, ramp=ramp)
         if start is not None:
             bulk.start_date = start
         if ramp is not None:
@@ -395,6 +404,7 @@ def bulk_operation_update(
             _store_selector(bulk, selector)
             _replace_targets(bulk, _targets(selector), skip=processed)
         _schedule(bulk, now)
+        rollout.hold(bulk)  # a paused or wave-waiting one stays so
         bulk.last_updated = now
         bulk.save()
         _wake_ramp_on_commit(bulk)
@@ -438,6 +448,79 @@ def bulk_operation_cancel(
             )
         bulk_changed(bulk.pk)
     return bulk
+
+
+def bulk_operation_pause(
+    *, bulk_operation_id: int, by: str | None = None, now: datetime | None = None
+) -> BulkOperation:
+    """Pause (issue 14): no further children until resumed; status and progress keep their
+    meanings. 404 if unknown; 422 unless ACTIVE or IN_PROGRESS, or if paused already."""
+    with transaction.atomic():
+        bulk = _lock_running(bulk_operation_id, "paused")
+        rollout.pause(bulk, by=by)
+        bulk.last_updated = now or timezone.now()
+        bulk.save(update_fields=["rollout_state", "rollout_reason", "next_due_at", "last_updated"])
+        bulk_changed(bulk.pk)
+    return bulk
+
+
+def bulk_operation_resume(
+    *, bulk_operation_id: int, by: str | None = None, now: datetime | None = None
+) -> BulkOperation:
+    """Resume a paused bulk operation: its schedule restarts at the next target from now (at the
+    end of a wave: the next wave starts). 404 if unknown; 422 unless paused and running."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        bulk = _lock_running(bulk_operation_id, "resumed")
+        rollout.resume(bulk, now)
+        bulk.last_updated = now
+        bulk.save(update_fields=[*rollout.RAMP_FIELDS, "wave", "next_due_at", "last_updated"])
+        _wake_ramp_on_commit(bulk)
+        bulk_changed(bulk.pk)
+    return bulk
+
+
+def bulk_rollout_gates_check(*, now: datetime | None = None) -> int:
+    """Decide the gate of every bulk operation waiting at the end of a wave (the beat task runs
+    this before the ramp), each in a transaction of its own under its row lock (SKIP LOCKED: one
+    held elsewhere waits for the next run). Returns how many changed state."""
+    waiting = BulkOperation.objects.filter(
+        rollout_state=RolloutState.WAITING_FOR_WAVE, status__in=RUNNING_STATUSES
+    )
+    changed = 0
+    for pk in list(waiting.order_by("pk").values_list("pk", flat=True)):
+        with transaction.atomic():
+            bulk = waiting.select_for_update(skip_locked=True).filter(pk=pk).first()
+            if bulk is None or not rollout.gate_check(bulk, now or timezone.now()):
+                continue
+            bulk.save(update_fields=[*rollout.RAMP_FIELDS, "wave", "next_due_at"])
+            _wake_ramp_on_commit(bulk)
+            bulk_changed(bulk.pk)
+            changed += 1
+    return changed
+
+
+def bulk_rollout_rates_check(*, now: datetime | None = None) -> int:
+    """Apply the rate increases earned by successes to every running bulk operation whose rate
+    increases with them (the beat task runs this before the ramp), so a slow rate speeds up when
+    the successes come, not only when its next child is due. Each under its row lock (SKIP
+    LOCKED: one the ramp holds applies them itself). Returns how many changed rate."""
+    running = BulkOperation.objects.filter(
+        status__in=RUNNING_STATUSES,
+        next_due_at__isnull=False,
+        rollout_config__exponentialRate__rateIncreaseCriteria__has_key="numberOfSucceededDevices",
+    )
+    changed = 0
+    for pk in list(running.order_by("pk").values_list("pk", flat=True)):
+        with transaction.atomic():
+            bulk = running.select_for_update(skip_locked=True).filter(pk=pk).first()
+            if bulk is None or not rollout.success_increase(bulk, now or timezone.now()):
+                continue
+            bulk.save(update_fields=list(rollout.RAMP_FIELDS) + ["next_due_at"])
+            _wake_ramp_on_commit(bulk)
+            bulk_changed(bulk.pk)
+            changed += 1
+    return changed
 
 
 # --- the ramp ----------------------------------------------------------------------------------
@@ -684,7 +767,8 @@ def _create_children_orm(bulk: BulkOperation, start: int, end: int, now: datetim
 def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
     if bulk.abort_config is not None and bulk_operation_abort_check(bulk=bulk, now=now):
         return 0  # aborted (bulkops.abort): no batch after the threshold is crossed
-    end = min(_due_end(bulk, now), bulk.next_index + batch_size)
+    rollout.before_advance(bulk, now)
+    end = min(_due_end(bulk, now), bulk.next_index + batch_size, rollout.advance_limit(bulk))
     create = _create_children if connection.vendor == "postgresql" else _create_children_orm
     lag, count = now - bulk.next_due_at, create(bulk, bulk.next_index, end, now)
     metrics.bulk_ramp_advanced(lag_seconds=lag.total_seconds(), created=count)
@@ -695,6 +779,7 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
     else:
         bulk.status = BulkStatus.IN_PROGRESS
         bulk.next_due_at = _due_at(bulk, bulk.next_index)
+        rollout.after_advance(bulk)  # a rate increase, the end of a wave
     # It advanced: an earlier failure is over.
     bulk.ramp_error, bulk.ramp_error_at, bulk.ramp_error_count = None, None, 0
     bulk.save(
@@ -706,6 +791,7 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
             "ramp_error",
             "ramp_error_at",
             "ramp_error_count",
+            *rollout.RAMP_FIELDS,
         ]
     )
     bulk_changed(bulk.pk)
@@ -731,8 +817,8 @@ def _record_ramp_error(
     operation moved on meanwhile (another worker advanced, or it was cancelled). Returns the delay."""
     with transaction.atomic():
         rows = BulkOperation.objects.select_for_update().filter(
-            pk=bulk_id, status__in=RUNNING_STATUSES
-        )
+            pk=bulk_id, status__in=RUNNING_STATUSES, next_due_at__isnull=False
+        )  # not one paused meanwhile
         if tried_index is not None:
             rows = rows.filter(next_index=tried_index)
         # Only these columns: the row may hold values that cannot be read back (that may be
@@ -776,6 +862,10 @@ def _advance_all(
                 if claimed is None:
                     return
                 bulk = BulkOperation.objects.get(pk=claimed)  # locked by the claim
+                if now is None:
+                    # The claim may have waited for the lock (SQLite locks the whole database):
+                    # what is due, and an abort's time, are decided as of holding it.
+                    moment = timezone.now()
                 tried_index = bulk.next_index
                 count = _advance_one(bulk, moment, batch_size)
         except Exception as exc:

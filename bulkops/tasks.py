@@ -68,6 +68,12 @@ def advance_bulk_operations(
     if booked_ms is not None:
         _unbook(booked_ms, queue)
         _fan_out(queue)
+    else:
+        # Beat's runs decide the gates of bulk operations waiting at the end of a wave (those
+        # have no due time, so no booked run is ever made for them) and apply rate increases
+        # earned by successes; a passed gate's next wave starts in this very run.
+        services.bulk_rollout_gates_check()
+        services.bulk_rollout_rates_check()
     created = services.bulk_operations_advance(batch_size=batch_size)
     if booked_ms is None:
         # Beat's runs fold; booked runs, many a second on a fine ramp, leave it to them (reads

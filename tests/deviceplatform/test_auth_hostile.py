@@ -71,6 +71,8 @@ ENDPOINTS: list[tuple[str, str]] = [
     ("POST", "/devicecontrol/operations/1/cancel"),
     ("GET", "/devicecontrol/bulkoperations"),
     ("GET", "/devicecontrol/bulkoperations/1"),
+    ("POST", "/devicecontrol/bulkoperations/1/pause"),
+    ("POST", "/devicecontrol/bulkoperations/1/resume"),
     ("GET", "/devicecontrol/newDeviceRequests"),
     ("GET", "/devicecontrol/newDeviceRequests/x"),
     ("POST", "/devicecontrol/deviceCredentials"),
