@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 
 from devicecontrol.serializers import devicecontrol_api_json
+from deviceplatform import health, metrics
 from deviceplatform.api import session_views
 from deviceplatform.api.routing import c8y_path
 from deviceplatform.realtime.routing import http_urlpatterns as realtime_urlpatterns
@@ -23,6 +24,9 @@ urlpatterns = [
     # Existing static files never get here (deviceplatform/staticfiles.py); a missing one is a
     # plain 404, not an API error.
     re_path(r"^static/(?P<path>.*)$", static_not_found),
+    c8y_path(r"health/live", health.live_view),
+    c8y_path(r"health/ready", health.ready_view),
+    c8y_path(r"metrics", metrics.metrics_view),
     c8y_path(r"platform", session_views.PlatformView.as_view(resources=platform_resources)),
     c8y_path(r"tenant/currentTenant", session_views.CurrentTenantView.as_view()),
     c8y_path(r"tenant/loginOptions", session_views.LoginOptionsView.as_view()),
