@@ -61,6 +61,6 @@ def test_the_ramp_runs_a_request_booked_log_its_request_id_in_the_worker(
         pool.stop_all()
     runs = [line for line in json_lines(worker.log()) if line["message"].startswith("Bulk ramp:")]
     # Booked runs only (no beat here): the one the request booked, then those it booked.
-    assert sum(worker.results()) == 3
-    assert runs
+    assert sum(worker.results()) == 3, worker.log()[-3000:]
+    assert runs, worker.log()[-3000:]
     assert {line.get("request_id") for line in runs} == {"story-bulk-1"}, runs
