@@ -41,7 +41,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_POST
 
 from bulkops.models import RUNNING_STATUSES, BulkOperation, RolloutState
-from bulkops.rollout import current_rate_per_minute, rollout_state
+from bulkops.rollout import READ_ONLY_KEY, current_rate_per_minute, rollout_json, rollout_state
 from bulkops.selectors import (
     CURRENT,
     bulk_operation_progress,
@@ -230,9 +230,9 @@ def rollout_html(bulk: BulkOperation) -> str:
     rate = current_rate_per_minute(bulk)
     if state == RolloutState.RUNNING and rate is not None:
         parts.append(format_html("{}/min", f"{rate:.4g}"))
-    reason = getattr(bulk, "abort_reason", None) or (
-        bulk.rollout_reason if state == RolloutState.PAUSED else None
-    )
+    # The same reason as the API's `rollout.reason`: an abort's message (abortReason is an
+    # object), "Cancelled" for a cancel, the pause's reason while paused.
+    reason = rollout_json(bulk).get(READ_ONLY_KEY, {}).get("reason")
     if reason:
         parts.append(format_html('<span class="bulk-rollout-reason">{}</span>', reason))
     return format_html_join(" · ", "{}", ((part,) for part in parts))
