@@ -237,14 +237,16 @@ def _abort(
     percentage = _percentage(failures, counts.finished)
     summary = criterion_summary(criterion)
     message = f"{ABORTED_PREFIX}{summary}: {failures} of {counts.finished} finished failed"
+    # No further attempts either: booked automatic retries of its children go, as on a cancel.
+    # First: this waits for a child the retry sweep holds, and a retry it just created is then
+    # PENDING for the statements below (each reads what committed before it ran).
+    operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
     pending = Operation.objects.filter(
         bulk_operation_id=bulk.pk, superseded=False, status=OperationStatus.PENDING
     )
     cancelled = operations_fail(
         queryset=pending, reason=f"{ABORTED_PREFIX}{summary}", now=now, batch_size=FAIL_BATCH_SIZE
     )
-    # No further attempts either: booked automatic retries of its children go, as on a cancel.
-    operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
     bulk.status = BulkStatus.DELETED
     bulk.next_due_at = None
     bulk.last_updated = now

@@ -4,10 +4,13 @@ abort's message as the API's `rollout.reason` does."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection, transaction
 from django.test import Client
 from django.urls import reverse
 
@@ -149,3 +152,67 @@ def test_the_admin_shows_an_aborts_message_not_its_object(
     assert "criterion" not in text.split("bulk-rollout-reason", 1)[1][:300]
     # Its PENDING children were failed by the abort.
     assert not Operation.objects.filter(bulk_operation_id=bulk.pk, status=OperationStatus.PENDING)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_created_while_an_abort_runs_is_failed_by_it() -> None:
+    """The retry sweep claims a FAILED child (row lock) and creates its retry while the abort runs:
+    the abort waits for that row when it drops the booked retries, and only then fails the
+    PENDING children, so the new attempt is among them (no PENDING child of an aborted bulk)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks: PostgreSQL only (SQLite serialises whole transactions)")
+    fleet = make_fleet(3)
+    retry_once = {
+        "criteria": [{"failureType": "FAILED", "numberOfRetries": 1}],
+        "backoffSeconds": 1,
+    }
+    bulk = create_bulk(
+        fleet.group,
+        creationRamp=3600,
+        retryConfig=retry_once,
+        abortConfig={
+            "criteria": [
+                {"failureType": "ANY", "thresholdPercentage": 50, "minNumberOfExecuted": 1}
+            ]
+        },
+    )
+    services.bulk_operations_advance(now=at(0))
+    (first,) = children(bulk)
+    fail(first, 1)  # attempt 1: a retry is booked, so not failed for the criteria yet
+    operation_services.operation_retry(operation=Operation.objects.get(pk=first.pk), now=at(2))
+    services.bulk_operations_advance(now=at(3600))
+    second_attempt, second = [op for op in children(bulk) if not op.superseded]
+    fail(second_attempt, 3)  # attempt 2: its retries are spent, failed for good
+    fail(second, 4)  # attempt 1 of the second device: a retry is booked
+    assert Operation.objects.get(pk=second.pk).retry_at is not None
+    locked, release = threading.Event(), threading.Event()
+
+    def sweep_claim() -> None:
+        try:
+            with transaction.atomic():
+                claimed = Operation.objects.select_for_update().get(pk=second.pk)
+                locked.set()
+                release.wait(30)
+                time.sleep(0.5)  # the abort is waiting for this row by now
+                operation_services.operation_retry(operation=claimed, now=at(5))
+        finally:
+            connection.close()
+
+    sweeper = threading.Thread(target=sweep_claim)
+    sweeper.start()
+    try:
+        assert locked.wait(30)
+        release.set()
+        assert bulk_operations_abort_sweep(now=at(6)) == [bulk.pk]
+    finally:
+        release.set()
+        sweeper.join(30)
+
+    assert reload(bulk).status == "DELETED"
+    latest = [op for op in children(bulk) if not op.superseded]
+    assert OperationStatus.PENDING not in [op.status for op in latest], [
+        (op.pk, op.status, op.failure_reason) for op in latest
+    ]
+    retry = Operation.objects.get(retry_of_id=second.pk)
+    assert retry.status == OperationStatus.FAILED
+    assert retry.failure_reason.startswith("Rollout aborted: ")
