@@ -64,7 +64,7 @@ from bulkops.services import (
 from devicecontrol.models import OperationStatus
 from deviceplatform.admin_lists import FleetListMixin
 from deviceplatform.api.dates import format_datetime, parse_datetime
-from deviceplatform.api.exceptions import ApiError, error_body
+from deviceplatform.api.exceptions import ApiError, ValidationFailed, error_body
 from deviceplatform.api.params import MAX_ID
 from inventory.admin import adopt, rehearse
 from inventory.models import ManagedObject
@@ -1082,11 +1082,24 @@ ROLLOUT_BUTTONS: dict[str, tuple[str, Callable[[int, str], BulkOperation]]] = {
     "pause": ("paused", lambda pk, by: bulk_operation_pause(bulk_operation_id=pk, by=by)),
     "resume": ("resumed", lambda pk, by: bulk_operation_resume(bulk_operation_id=pk, by=by)),
     # Abort: no further children, and its PENDING children are cancelled ("Cancelled by <by>").
-    "abort": (
-        "aborted",
-        lambda pk, by: bulk_operation_cancel(bulk_operation_id=pk, cancel_pending=True, by=by),
-    ),
+    "abort": ("aborted", lambda pk, by: _abort(pk, by)),
 }
+
+
+def _running(bulk: BulkOperation) -> None:
+    """Under the cancel's row lock: a second press (or a stale page) of Abort on a bulk operation
+    that completed or was cancelled meanwhile is refused, not logged as another abort."""
+    if bulk.status not in RUNNING_STATUSES:
+        raise ValidationFailed(
+            f"Only ACTIVE or IN_PROGRESS bulk operations can be aborted; {bulk.pk} is {bulk.status}",
+            error="devicecontrol/Invalid Data",
+        )
+
+
+def _abort(pk: int, by: str) -> BulkOperation:
+    return bulk_operation_cancel(
+        bulk_operation_id=pk, cancel_pending=True, by=by, precondition=_running
+    )
 
 
 def rollout_buttons(bulk: BulkOperation) -> list[tuple[str, str]]:

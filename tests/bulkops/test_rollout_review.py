@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.db import connection, transaction
 from django.test import Client
 from django.urls import reverse
@@ -22,7 +23,7 @@ from devicecontrol.models import Operation, OperationStatus
 from tests.bulkops.conftest import BULK, T0, Fleet, at, children, create_bulk, make_fleet, reload
 from tests.devicecontrol.conftest import call
 from tests.factories import Clients
-from tests.helpers import assert_error
+from tests.helpers import assert_error, shown_messages
 
 pytestmark = pytest.mark.django_db
 
@@ -216,3 +217,31 @@ def test_a_retry_created_while_an_abort_runs_is_failed_by_it() -> None:
     retry = Operation.objects.get(retry_of_id=second.pk)
     assert retry.status == OperationStatus.FAILED
     assert retry.failure_reason.startswith("Rollout aborted: ")
+
+
+@pytest.mark.parametrize("finished", ["cancelled", "completed"])
+def test_a_second_abort_press_is_refused_and_changes_nothing(
+    admin_client: Client, finished: str
+) -> None:
+    fleet = make_fleet(2)
+    bulk = create_bulk(fleet.group, creationRamp=1)
+    url = reverse("admin:bulkops_bulkoperation_abort", args=[bulk.pk])
+    if finished == "cancelled":
+        assert admin_client.post(url).status_code == 302
+    else:
+        services.bulk_operations_advance(now=at(5))  # every child created, PENDING
+    before = reload(bulk)
+    statuses = [(op.pk, op.status, op.failure_reason) for op in children(bulk)]
+    history = LogEntry.objects.count()
+
+    response = admin_client.post(url, follow=True)
+
+    expected = f"is {before.status}"
+    assert any(
+        message.startswith("Not aborted: ") and expected in message
+        for message in shown_messages(response)
+    ), shown_messages(response)
+    after = reload(bulk)
+    assert (after.status, after.last_updated) == (before.status, before.last_updated)
+    assert [(op.pk, op.status, op.failure_reason) for op in children(bulk)] == statuses
+    assert LogEntry.objects.count() == history
