@@ -245,3 +245,37 @@ def test_a_second_abort_press_is_refused_and_changes_nothing(
     assert (after.status, after.last_updated) == (before.status, before.last_updated)
     assert [(op.pk, op.status, op.failure_reason) for op in children(bulk)] == statuses
     assert LogEntry.objects.count() == history
+
+
+def test_children_an_operator_cancelled_are_no_failures_for_abort_criteria() -> None:
+    fleet = make_fleet(5)
+    bulk = create_bulk(
+        fleet.group,
+        creationRamp=0,
+        abortConfig={
+            "criteria": [
+                {"failureType": "ANY", "thresholdPercentage": 50, "minNumberOfExecuted": 1}
+            ]
+        },
+    )
+    services.bulk_operations_advance(now=at(1))
+    pending, executing, succeeding, failing, last = children(bulk)
+    operation_services.operation_cancel(operation=pending, by="ops", now=at(2))
+    operation_services.operation_update(
+        operation_id=executing.pk, data={"status": "EXECUTING"}, now=at(2)
+    )
+    operation_services.operation_cancel(operation=executing, by="ops", now=at(3))
+    fail(executing, 4)  # the agent honours the cancel request
+    operation_services.operation_update(
+        operation_id=succeeding.pk, data={"status": "SUCCESSFUL"}, now=at(5)
+    )
+
+    # Two of three finished are FAILED, both by the operator's cancels: no abort.
+    assert bulk_operations_abort_sweep(now=at(6)) == []
+    assert reload(bulk).status == "COMPLETED"
+    assert Operation.objects.get(pk=last.pk).status == OperationStatus.PENDING
+
+    fail(failing, 7)  # a device's own failure: 1 of 2 counted finished, 50 %
+    assert bulk_operations_abort_sweep(now=at(8)) == [bulk.pk]
+    reason = reload(bulk).abort_reason
+    assert (reason["failed"], reason["finished"], reason["pendingFailed"]) == (1, 2, 1)
