@@ -30,8 +30,8 @@ the creation-rate curve against the configured one. Ceiling: the ramp tick (BULK
 goal: creation stops within one tick of the crossing.
 
 Usage (see bench/README.md):  .venv/bin/python bench/rollout_abort.py [--devices 100000]
-                              .venv/bin/python bench/rollout_abort.py --devices 5000
-                              .venv/bin/python bench/rollout_abort.py --parts c --curve-interval 2
+                              .venv/bin/python bench/rollout_abort.py --parts c
+                              bench/all's size: --devices 5000 --exp-max 12000 --curve-interval 2
 """
 
 from __future__ import annotations
