@@ -67,7 +67,7 @@ from _common import (
     summary,
 )
 from bulk import ramp_processes
-from rollout import configured_offsets, curve_table, post_bulk, seed
+from rollout import configured_offsets, curve_table, post_bulk, seed, snapshot_lead
 
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/dp_bench_abort"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
@@ -423,9 +423,7 @@ def exponential(
         f"{orjson.dumps(config).decode()}, abort {orjson.dumps(criterion).decode()}; the agent "
         f"fails every child after {args.exp_fault_after:,} ==="
     )
-    # The POST snapshots every target first: start far enough ahead that it has committed by then
-    # (else the ramp first catches up what fell due meanwhile and the curve's head says so).
-    lead = 5 + args.devices / 4000
+    lead = snapshot_lead(args.devices)
     start = datetime.now(UTC) + timedelta(seconds=lead)
     body = bulk_body(group_id, criterion, start, creationRamp=0, rolloutConfig=config)
     outcome = run(client, url, worker, body, args.exp_fault_after, args.timeout)
