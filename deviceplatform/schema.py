@@ -261,6 +261,8 @@ class CumulocityAutoSchema(AutoSchema):
 
     def get_operation(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         operation = super().get_operation(*args, **kwargs)
+        if operation is not None and not self.get_auth():
+            operation["security"] = []  # explicitly anonymous
         roles = getattr(self.view, "required_roles", {}).get(self.method)
         if operation is None or roles is None or not self.get_auth():
             return operation
@@ -549,8 +551,8 @@ def postprocess(result: dict[str, Any], generator: Any, **kwargs: Any) -> dict[s
             "type": "http",
             "scheme": "basic",
             "description": (
-                "User name `user` or `<tenant>/user` (our tenant's ID or none). Five failed "
-                "logins in a row are limited per user and client address (429)."
+                "User name `user` or `<tenant>/user`. After too many failed logins for a user "
+                'name or from a client address, 429 with Retry-After (README "Failed logins").'
             ),
         }
     }
@@ -577,5 +579,4 @@ def postprocess(result: dict[str, Any], generator: Any, **kwargs: Any) -> dict[s
             operation["responses"] = dict(sorted(responses.items()))
     result["paths"] = dict(sorted(result.get("paths", {}).items()))
     result["externalDocs"] = {"description": "API conventions", "url": CONVENTIONS}
-    result["security"] = [{"basicAuth": []}]
     return result
