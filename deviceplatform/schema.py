@@ -361,6 +361,13 @@ PLATFORM_SCHEMAS: dict[str, SchemaDict] = {
         ["channel"],
         description=f"A Bayeux 1.0 message ({REALTIME_DOC})",
     ),
+    "BayeuxReply": obj(
+        {"channel": {"type": "string"}, "successful": {"type": "boolean"}, "id": {}},
+        description=(
+            "A reply or an event, shaped as a BayeuxMessage; `channel` is missing only in the "
+            "reply to a message that had none, and `id` is echoed as the message sent it"
+        ),
+    ),
 }
 
 
@@ -437,7 +444,7 @@ def realtime_paths() -> dict[str, Any]:
                     "200": {
                         "description": "The replies, and the events of a connect",
                         "content": {
-                            JSON: {"schema": {"type": "array", "items": ref("BayeuxMessage")}}
+                            JSON: {"schema": {"type": "array", "items": ref("BayeuxReply")}}
                         },
                     },
                     "400": {"$ref": "#/components/responses/BadRequest"},
