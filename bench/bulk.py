@@ -401,14 +401,18 @@ class EventCounter:
         await self.store.create_session(self.cid, record, ttl_ms=3_600_000, limit=100)
         await self.store.subscribe(self.cid, [self.CHANNEL], add=True, ttl_ms=3_600_000)
 
-    def drain(self) -> None:
+    def take(self) -> list[bytes]:
+        """The events queued for the session now."""
         attached = self.loop.run_until_complete(
             self.store.attach(
                 self.cid, hub="bench", token="t", requested_ms=0, max_hold_ms=0,
                 max_interval_ms=3_600_000, immediate=True,
             )
         )  # fmt: skip
-        for payload in attached.events if attached else []:
+        return attached.events if attached else []
+
+    def drain(self) -> None:
+        for payload in self.take():
             message = orjson.loads(payload)
             if message["data"].get("realtimeAction") == "CREATE":
                 pk = int(message["data"]["data"]["id"])
@@ -760,9 +764,38 @@ def copy_without_bulk(url: str, bulk_id: int) -> list[int]:
         )
 
 
+class BulkWatcher(EventCounter):
+    """A session subscribed to `/bulkoperations/{id}` (bulkops/live.py), drained every 20 ms by a
+    thread of its own: every message with the moment it was taken from the queue."""
+
+    def __init__(self, redis_url: str, prefix: str, queue_limit: int, bulk_id: int) -> None:
+        self.CHANNEL = f"/bulkoperations/{bulk_id}"
+        self.messages: list[tuple[float, dict[str, Any]]] = []
+        super().__init__(redis_url, prefix, queue_limit)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        from deviceplatform.realtime.events import absolute
+
+        while not self._stop.wait(0.02):
+            payloads = self.take()
+            now = time.monotonic()
+            self.messages.extend(
+                (now, orjson.loads(absolute(p, b'"http://bench'))["data"]) for p in payloads
+            )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        super().close()
+
+
 def status_updates(
     args: argparse.Namespace,
     *,
+    redis_url: str,
     url: str,
     database: str,
     client: Any,
@@ -801,6 +834,9 @@ def status_updates(
     worker, beat = ramp_processes("d", run_env, log_dir)
     server = Server(command, run_env, log_dir / "server-d.log")
     failures = 0
+    # Live bulk operation (bulkops/live.py): what a dashboard subscribed to it receives.
+    watcher = BulkWatcher(redis_url, REALTIME_PREFIX, 100_000, bulk_id)
+    bulk_phases: list[tuple[float, float]] = []  # (start, end) of each bulk phase, monotonic
     try:
         server.wait_ready(f"{base}/tenant/loginOptions")
 
@@ -824,12 +860,15 @@ def status_updates(
                     # speed during the run hits both alike.
                     kinds = [("ceiling", loose_ids), ("bulk", children_ids)]
                     for kind, ids in kinds if step % 2 == 0 else kinds[::-1]:
+                        phase_start = time.monotonic()
                         with LockWaits(url, database) as waits:
                             result = await http.run(
                                 f"{kind} {status[:4]}", puts(ids, status), args.timeout,
                                 has(status), error_body=200,
                             )  # fmt: skip
                         results.append((kind, result, waits.mean))
+                        if kind == "bulk":
+                            bulk_phases.append((phase_start, time.monotonic()))
                 gets = [Call("GET", f"/devicecontrol/bulkoperations/{bulk_id}")] * 1000
                 with LockWaits(url, database) as waits:
                     result = await http.run("GET bulk", gets, args.timeout)
@@ -837,7 +876,9 @@ def status_updates(
             return results
 
         results = asyncio.run(drive())
+        time.sleep(1.0)  # the trailing message of the last change (one interval at most)
     finally:
+        watcher.close()
         server.stop()
         beat.stop()
         worker.stop()
@@ -876,7 +917,46 @@ def status_updates(
         f"progress right after the last PUT: {body.get('progress')}, generalStatus "
         f"{body.get('generalStatus')}: {'exact' if exact else 'WRONG, expected ' + str(expected)}"
     )
-    return failures + (0 if exact else 1)
+    summary(
+        out, "bulk child status updates", bulk_rate, "updates/s",
+        ceiling="same PUTs, no bulk operation", ceiling_value=ceiling_rate,
+    )  # fmt: skip
+    return failures + (0 if exact else 1) + live_figures(out, watcher, bulk_phases, body, size)
+
+
+def live_figures(
+    out: Report,
+    watcher: BulkWatcher,
+    phases: list[tuple[float, float]],
+    body: dict[str, Any],
+    changes_per_phase: int,
+) -> int:
+    """(d) continued: the messages on /bulkoperations/{id} while agents changed its children
+    (throttled to one per BULK_LIVE_INTERVAL_MS, default 250 ms: the bound is 4/s), and how long
+    after the last PUT the message equal to GET's answer arrived. Returns failed checks."""
+    interval = float(os.environ.get("BULK_LIVE_INTERVAL_MS", "250")) / 1000
+    during = [m for t, m in watcher.messages if any(a <= t <= b + interval for a, b in phases)]
+    seconds = sum(b - a for a, b in phases)
+    changes = changes_per_phase * len(phases)
+    rate = len(during) / seconds if seconds else 0.0
+    expected = {**body, "self": f"http://bench/devicecontrol/bulkoperations/{body.get('id')}"}
+    # The first message showing the end state after the last phase began (an earlier phase may
+    # have ended in the same state: all SUCCESSFUL).
+    start = phases[-1][0] if phases else 0.0
+    final = [t for t, m in watcher.messages if t >= start and m.get("data") == expected]
+    lag = final[0] - phases[-1][1] if final and phases else float("nan")
+    last_exact = bool(watcher.messages) and watcher.messages[-1][1].get("data") == expected
+    out(
+        f"live /bulkoperations/{body.get('id')}: {len(during):,} messages for {changes:,} status "
+        f"changes in {seconds:.1f} s = {rate:.2f}/s (bound {1 / interval:.0f}/s, one per "
+        f"{interval * 1000:.0f} ms); last PUT -> message equal to GET: {lag * 1000:.0f} ms; last "
+        f"message {'equals GET' if last_exact else 'DIFFERS from GET'}"
+    )
+    summary(out, "live bulk messages", rate, "msg/s", goal=f"<= {1 / interval:.0f}/s + 1",
+            met=rate <= 1 / interval + 1)  # fmt: skip
+    summary(out, "live bulk last change -> exact message", lag, "s",
+            goal=f"<= {2 * interval:g} s", met=lag <= 2 * interval)  # fmt: skip
+    return 0 if last_exact else 1
 
 
 def main(argv: list[str]) -> int:
@@ -1139,7 +1219,7 @@ def main(argv: list[str]) -> int:
             "workers, worker and beat running ==="
         )
         failures += status_updates(
-            args, url=url, database=database, client=client, group_id=fleet["groups"]["status"],
+            args, redis_url=redis_url, url=url, database=database, client=client, group_id=fleet["groups"]["status"],
             env=env, log_dir=log_dir, out=out,
         )  # fmt: skip
 

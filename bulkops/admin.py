@@ -15,7 +15,9 @@ The add page builds the body of `POST /bulkoperations` and hands it to `bulk_ope
 (the same validation, targets counted, nothing written) and, once confirmed, to
 `bulk_operation_create`. The API's DELETE is a cancel, so the admin offers the "Cancel" action
 instead of delete. Every change (create, reschedule, cancel) writes an admin history entry naming
-the operator and what changed."""
+the operator and what changed. The rollout (issue 14) shows its state, wave, current rate and
+reason as a live cell; the change page's Pause / Resume / Abort buttons (and the list's actions)
+call `bulk_operation_pause`, `bulk_operation_resume` and `bulk_operation_cancel`."""
 
 from __future__ import annotations
 
@@ -29,14 +31,17 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import OuterRef, Q, QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
+from django.views.decorators.http import require_POST
 
-from bulkops.models import RUNNING_STATUSES, BulkOperation
+from bulkops.models import RUNNING_STATUSES, BulkOperation, RolloutState
+from bulkops.rollout import current_rate_per_minute, rollout_state
 from bulkops.selectors import (
     CURRENT,
     bulk_operation_progress,
@@ -51,7 +56,9 @@ from bulkops.serializers import (
 from bulkops.services import (
     bulk_operation_cancel,
     bulk_operation_create,
+    bulk_operation_pause,
     bulk_operation_preview,
+    bulk_operation_resume,
     bulk_operation_update,
 )
 from devicecontrol.models import OperationStatus
@@ -212,6 +219,25 @@ def next_due_html(bulk: BulkOperation) -> str:
     return format_html("{}", format_datetime(bulk.next_due_at) if bulk.next_due_at else "-")
 
 
+def rollout_html(bulk: BulkOperation) -> str:
+    """The rollout's state, its wave (of how many), the rate the schedule runs at and the reason
+    it is paused or aborted, as the API's read-only `rollout` reports them."""
+    state = rollout_state(bulk)
+    parts = [format_html('<strong class="bulk-rollout-state">{}</strong>', state)]
+    if bulk.waves:
+        wave = min(bulk.wave, len(bulk.waves) - 1) + 1
+        parts.append(format_html("wave {} of {}", wave, len(bulk.waves)))
+    rate = current_rate_per_minute(bulk)
+    if state == RolloutState.RUNNING and rate is not None:
+        parts.append(format_html("{}/min", f"{rate:.4g}"))
+    reason = getattr(bulk, "abort_reason", None) or (
+        bulk.rollout_reason if state == RolloutState.PAUSED else None
+    )
+    if reason:
+        parts.append(format_html('<span class="bulk-rollout-reason">{}</span>', reason))
+    return format_html_join(" · ", "{}", ((part,) for part in parts))
+
+
 # Live key -> the cell's content. A page marks each cell `data-live-key="<key>-<id>"`.
 LIVE_CELLS: dict[str, Callable[[BulkOperation], str]] = {
     "status": status_html,
@@ -221,6 +247,7 @@ LIVE_CELLS: dict[str, Callable[[BulkOperation], str]] = {
     "children": child_links_html,
     "due": next_due_html,
     "ramp-error": ramp_error_html,
+    "rollout": rollout_html,
 }
 
 
@@ -619,6 +646,7 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
         "status_display",
         "general_status_display",
         "progress_display",
+        "rollout_display",
         "ramp_error_display",
     ]
     list_display_links = ["id"]
@@ -627,7 +655,7 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
     search_fields = ["id", "group_id", "failed_parent_id"]
     search_help_text = "Bulk operation ID, group ID or failed-parent bulk operation ID."
     ordering = ["-id"]
-    actions = ["cancel", "reschedule_now"]
+    actions = ["cancel", "reschedule_now", "pause", "resume"]
     readonly_fields = [
         "group_link",
         "failed_parent_link",
@@ -643,6 +671,8 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
         "effective_start",
         "next_due_display",
         "ramp_error_display",
+        "rollout_display",
+        "rollout_config_json",
     ]
     fieldsets = [
         (
@@ -665,6 +695,7 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
                 ]
             },
         ),
+        ("Rollout", {"fields": ["rollout_display", "rollout_config_json"]}),
         ("Progress", {"fields": ["progress_display", "counters", "child_links"]}),
         ("Operation prototype", {"fields": ["prototype_json", "fragments_json"]}),
         ("History", {"fields": [("creation_time", "last_updated")]}),
@@ -691,7 +722,37 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
             self.admin_site.admin_view(self.live_view),
             name="bulkops_bulkoperation_live",
         )
-        return [live, *super().get_urls()]
+        buttons = [
+            path(
+                f"<path:object_id>/{action}/",
+                self.admin_site.admin_view(self.rollout_button_view),
+                {"action": action},
+                name=f"bulkops_bulkoperation_{action}",
+            )
+            for action in ROLLOUT_BUTTONS
+        ]
+        return [live, *buttons, *super().get_urls()]
+
+    @method_decorator(require_POST)
+    def rollout_button_view(
+        self, request: HttpRequest, object_id: str, action: str
+    ) -> HttpResponse:
+        """The change page's Pause / Resume / Abort buttons: POST only, through the services, a
+        history entry for what changed and a message for what was refused."""
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        pk = int(object_id) if object_id.isdigit() and int(object_id) <= MAX_ID else None
+        if pk is None or not BulkOperation.objects.filter(pk=pk).exists():
+            raise Http404(f"No bulk operation with ID {object_id}")
+        verb, apply = ROLLOUT_BUTTONS[action]
+        try:
+            bulk = apply(pk, request.user.get_username())
+        except ApiError as exc:
+            messages.error(request, f"Not {verb}: {exc.message}")
+        else:
+            self.log_change(request, bulk, f"{verb.capitalize()} by {request.user.get_username()}.")
+            messages.success(request, f"Bulk operation {pk} {verb}.")
+        return HttpResponseRedirect(reverse("admin:bulkops_bulkoperation_change", args=[pk]))
 
     def live_view(self, request: HttpRequest) -> HttpResponse:
         """`live/?ids=1,2`: the live cells of those bulk operations, one query (live.js)."""
@@ -731,6 +792,9 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
         context = {**(extra_context or {}), "show_save_and_add_another": False}
         if object_id.isdigit() and int(object_id) <= MAX_ID:
             context.update(self._live_context([int(object_id)]))
+            bulk = BulkOperation.objects.filter(pk=int(object_id)).first()
+            if bulk is not None and self.has_change_permission(request, bulk):
+                context["rollout_buttons"] = rollout_buttons(bulk)
         return super().change_view(request, object_id, form_url, extra_context=context)
 
     def render_change_form(
@@ -868,6 +932,16 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
     def next_due_display(self, obj: BulkOperation) -> str:
         return live_cell("due", obj)
 
+    @admin.display(description="rollout")
+    def rollout_display(self, obj: BulkOperation) -> str:
+        return live_cell("rollout", obj)
+
+    @admin.display(description="rates and waves")
+    def rollout_config_json(self, obj: BulkOperation) -> str:
+        given = {"rolloutConfig": obj.rollout_config, "waves": obj.waves}
+        given = {key: value for key, value in given.items() if value is not None}
+        return _json(given) if given else "- (creationRamp)"
+
     @admin.display(description="operation prototype")
     def prototype_json(self, obj: BulkOperation) -> str:
         return _json(obj.operation_prototype)
@@ -985,3 +1059,43 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
             )
 
         self._each_running(request, queryset, apply, "Rescheduled")
+
+    @admin.action(description="Pause (create nothing until resumed)", permissions=["change"])
+    def pause(self, request: HttpRequest, queryset: QuerySet[BulkOperation]) -> None:
+        def apply(pk: int) -> tuple[BulkOperation, str]:
+            bulk = bulk_operation_pause(bulk_operation_id=pk, by=request.user.get_username())
+            return bulk, f"Paused by {request.user.get_username()}."
+
+        self._each_running(request, queryset, apply, "Paused")
+
+    @admin.action(description="Resume (a paused one)", permissions=["change"])
+    def resume(self, request: HttpRequest, queryset: QuerySet[BulkOperation]) -> None:
+        def apply(pk: int) -> tuple[BulkOperation, str]:
+            bulk = bulk_operation_resume(bulk_operation_id=pk, by=request.user.get_username())
+            return bulk, f"Resumed by {request.user.get_username()}."
+
+        self._each_running(request, queryset, apply, "Resumed")
+
+
+# action -> (past tense, service call) of the change page's rollout buttons.
+ROLLOUT_BUTTONS: dict[str, tuple[str, Callable[[int, str], BulkOperation]]] = {
+    "pause": ("paused", lambda pk, by: bulk_operation_pause(bulk_operation_id=pk, by=by)),
+    "resume": ("resumed", lambda pk, by: bulk_operation_resume(bulk_operation_id=pk, by=by)),
+    # Abort: no further children, and its PENDING children are cancelled ("Cancelled by <by>").
+    "abort": (
+        "aborted",
+        lambda pk, by: bulk_operation_cancel(bulk_operation_id=pk, cancel_pending=True, by=by),
+    ),
+}
+
+
+def rollout_buttons(bulk: BulkOperation) -> list[tuple[str, str]]:
+    """(label, URL) of the buttons that apply to `bulk` now: Pause or Resume, and Abort, while it
+    runs; none once it completed or was cancelled."""
+    if bulk.status not in RUNNING_STATUSES:
+        return []
+    toggle = "resume" if bulk.rollout_state == RolloutState.PAUSED else "pause"
+    return [
+        (action.capitalize(), reverse(f"admin:bulkops_bulkoperation_{action}", args=[bulk.pk]))
+        for action in (toggle, "abort")
+    ]

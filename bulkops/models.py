@@ -20,6 +20,14 @@ RUNNING_STATUSES = (BulkStatus.ACTIVE, BulkStatus.IN_PROGRESS)
 COUNTERS = ("pending", "failed", "executing", "successful")
 
 
+class RolloutState(models.TextChoices):
+    """The stored rollout states (bulkops.rollout); ABORTED and DONE are derived from `status`."""
+
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    WAITING_FOR_WAVE = "WAITING_FOR_WAVE"
+
+
 class BulkOperation(models.Model):
     """One bulk operation. `id` draws from the global sequence (migration 0002).
 
@@ -33,7 +41,17 @@ class BulkOperation(models.Model):
     `BulkProgressDelta`, which the beat task folds in here. The exact progress is these columns
     plus the deltas not folded yet (`bulkops.selectors`), so reading a bulk operation never counts
     its children. `ramp_error*` describe the last failed attempt to advance the ramp (cleared
-    when it advances again): the reason, when, and how many attempts in a row failed."""
+    when it advances again): the reason, when, and how many attempts in a row failed.
+    `abort_config` holds the validated abort thresholds ("abortConfig", bulkops.abort; None: no
+    abort thresholds) and `abort_reason` what fired once one did ("abortReason"; the rollout then
+    ended DELETED).
+
+    Rollout extensions (bulkops.rollout): `rollout_config` (rates) and `waves` as validated from
+    the body; `rollout_state` is NULL for a plain bulk operation never paused; `wave` the current
+    wave (0-based); `current_rate` the children per minute the schedule runs at when a rate governs
+    it instead of `creation_ramp`, `rate_step` the exponential increases applied so far;
+    `rollout_reason` why it is paused. A paused or wave-waiting bulk operation has no
+    `next_due_at`, so the ramp never picks it up."""
 
     group_id = models.BigIntegerField(null=True, blank=True)
     failed_parent_id = models.BigIntegerField(null=True, blank=True)
@@ -57,10 +75,26 @@ class BulkOperation(models.Model):
     ramp_error = models.TextField(null=True, blank=True)
     ramp_error_at = models.DateTimeField(null=True, blank=True)
     ramp_error_count = models.PositiveIntegerField(default=0, db_default=0)
+    abort_config = DocumentField(null=True, blank=True)
+    abort_reason = DocumentField(null=True, blank=True)
+    rollout_config = DocumentField(null=True, blank=True)
+    waves = DocumentField(null=True, blank=True)
+    rollout_state = models.CharField(
+        max_length=16, choices=RolloutState.choices, null=True, blank=True
+    )
+    rollout_reason = models.TextField(null=True, blank=True)
+    wave = models.PositiveIntegerField(default=0, db_default=0)
+    current_rate = models.FloatField(null=True, blank=True)
+    rate_step = models.PositiveIntegerField(default=0, db_default=0)
 
     class Meta:
         ordering = ["id"]
         indexes = [
+            models.Index(
+                fields=["rollout_state"],
+                name="bulk_wave_wait_idx",
+                condition=models.Q(rollout_state="WAITING_FOR_WAVE"),
+            ),
             models.Index(
                 fields=["next_due_at"],
                 name="bulk_due_idx",

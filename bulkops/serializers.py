@@ -7,6 +7,7 @@ from typing import Any
 from django.db.models import F, Q
 
 from bulkops.models import BulkOperation, BulkStatus
+from bulkops.rollout import rollout_json
 from bulkops.selectors import CURRENT, bulk_operation_progress
 from deviceplatform.api.dates import format_datetime
 
@@ -92,6 +93,11 @@ def bulk_operation_json(bulk: BulkOperation, *, base: str) -> dict[str, Any]:
     body["generalStatus"] = general_status(bulk, counts)
     body["progress"] = progress_json(bulk, counts)
     body.update(bulk.fragments)
+    if bulk.abort_config is not None:
+        body["abortConfig"] = bulk.abort_config
+    if bulk.abort_reason is not None:
+        body["abortReason"] = bulk.abort_reason
+    body.update(rollout_json(bulk))
     ramp_error = ramp_error_json(bulk)
     if ramp_error is not None:
         body["c8y_RampError"] = ramp_error

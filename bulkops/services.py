@@ -31,12 +31,16 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from bulkops import rollout
+from bulkops.abort import abort_config_input, bulk_operation_abort_check
+from bulkops.live import bulk_changed
 from bulkops.models import (
     RUNNING_STATUSES,
     BulkOperation,
     BulkOperationTarget,
     BulkProgressDelta,
     BulkStatus,
+    RolloutState,
 )
 from bulkops.retries import bulk_retry_config_validate
 from devicecontrol.delivery import deliver_by_sms
@@ -50,6 +54,7 @@ from devicecontrol.services import (
     operations_create_many,
     operations_retries_drop,
 )
+from deviceplatform import metrics
 from deviceplatform.api.dates import parse_datetime
 from deviceplatform.api.exceptions import ApiError, MissingFields, NotFound, ValidationFailed
 from deviceplatform.api.params import parse_id
@@ -64,7 +69,9 @@ logger = logging.getLogger(__name__)
 NO_AGENT_REASON = "Device is not in the childDevices hierarchy of any agent"
 INVALID = "devicecontrol/Invalid Data"
 RAMP_ERROR_KEY = "c8y_RampError"
-READ_ONLY_KEYS = frozenset({"id", "self", "status", "generalStatus", "progress", RAMP_ERROR_KEY})
+READ_ONLY_KEYS = frozenset(
+    {"id", "self", "status", "generalStatus", "progress", RAMP_ERROR_KEY, "abortReason"}
+)
 # A bulk operation whose ramp failed is tried again after 5 s, then 10, 20, ... at most 10 min.
 RAMP_RETRY_FIRST_SECONDS = 5
 RAMP_RETRY_MAX_SECONDS = 600
@@ -73,7 +80,15 @@ RAMP_ERROR_MAX_CHARS = 1000
 RAMP_BATCH_SIZE = 2000
 SELECTOR_KEYS = ("groupId", "failedParentId", "failedBulkOperationId")
 KNOWN_KEYS = frozenset(
-    {*READ_ONLY_KEYS, *SELECTOR_KEYS, "startDate", "creationRamp", "operationPrototype"}
+    {
+        *READ_ONLY_KEYS,
+        *SELECTOR_KEYS,
+        "startDate",
+        "creationRamp",
+        "operationPrototype",
+        "abortConfig",
+    }
+    | {*rollout.INPUT_KEYS, rollout.READ_ONLY_KEY}
 )
 
 
@@ -188,7 +203,7 @@ def _due_offset(bulk: BulkOperation, position: int) -> int:
     """Microseconds from `effective_start` to the due time of `position`: the one schedule, in
     integers, that both the due time (`_due_at`) and the due count (`_due_end`) come from. The ramp
     is rounded to whole microseconds once, so position k is due exactly k ramps after the start."""
-    return (position - bulk.first_index) * round(bulk.creation_ramp * 1_000_000)
+    return (position - bulk.first_index) * round(rollout.ramp_seconds(bulk) * 1_000_000)
 
 
 def _later(moment: datetime, delta: timedelta) -> datetime:
@@ -234,9 +249,10 @@ def _create_input(
     data: dict[str, Any],
 ) -> tuple[tuple[str, int], datetime, float, dict[str, Any]]:
     """The selector, start, ramp and prototype of a create body; 422 for a missing or bad one."""
-    missing = [
-        key for key in ("startDate", "creationRamp", "operationPrototype") if key not in data
-    ]
+    required = ("startDate", "operationPrototype")
+    if not rollout.replaces_ramp(data):  # a rolloutConfig's rate replaces creationRamp
+        required = (*required, "creationRamp")
+    missing = [key for key in required if key not in data]
     selector = _selector(data)
     if selector is None:
         missing.append("groupId")
@@ -244,7 +260,7 @@ def _create_input(
         raise MissingFields(missing)
     start, ramp, prototype = (
         _start(data["startDate"]),
-        _ramp(data["creationRamp"]),
+        _ramp(data["creationRamp"]) if "creationRamp" in data else 0.0,
         _prototype(data["operationPrototype"]),
     )
     assert selector is not None
@@ -274,10 +290,12 @@ def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None)
     """Validate a create body exactly as `bulk_operation_create` does and count its targets,
     writing nothing (the admin shows this before the operator confirms)."""
     selector, start, ramp, _ = _create_input(data)
+    abort_config_input(data)
+    extension = rollout.rollout_input(data, ramp=ramp)
     now = now or timezone.now()
-    return BulkPreview(
-        target_count=len(_targets(selector)), start=max(start, now), creation_ramp=ramp
-    )
+    targets = len(_targets(selector))
+    rollout.check_coverage(extension.waves, targets)
+    return BulkPreview(target_count=targets, start=max(start, now), creation_ramp=ramp)
 
 
 @transaction.atomic
@@ -285,9 +303,13 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
     selector, start, ramp, prototype = _create_input(data)
     bulk_retry_config_validate(data)
+    abort_config = abort_config_input(data)
+    extension = rollout.rollout_input(data, ramp=ramp)
     device_ids = _targets(selector)
+    rollout.check_coverage(extension.waves, len(device_ids))
     now = now or timezone.now()
     bulk = BulkOperation(
+        abort_config=abort_config,
         start_date=start,
         creation_ramp=ramp,
         operation_prototype=prototype,
@@ -297,11 +319,13 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
         effective_start=max(start, now),
     )
     _store_selector(bulk, selector)
+    rollout.rollout_init(bulk, extension)
     _schedule(bulk, now)
     bulk.save(force_insert=True)
     _replace_targets(bulk, device_ids, skip=set())
     bulk.save(update_fields=["target_count"])
     _wake_ramp_on_commit(bulk)
+    bulk_changed(bulk.pk, created=True)
     return bulk
 
 
@@ -357,15 +381,19 @@ def bulk_operation_update(
     ramp = _ramp(data["creationRamp"]) if "creationRamp" in data else None
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
     bulk_retry_config_validate(data)
+    abort_config = abort_config_input(data)
     now = now or timezone.now()
     with transaction.atomic():
         bulk = _lock_running(bulk_operation_id, "changed", precondition)
+        rollout.check_update(bulk, data, ramp=ramp)
         if start is not None:
             bulk.start_date = start
         if ramp is not None:
             bulk.creation_ramp = ramp
         if prototype is not None:
             bulk.operation_prototype = prototype
+        if "abortConfig" in data:  # null removes the thresholds
+            bulk.abort_config = abort_config
         bulk.fragments = {**bulk.fragments, **_extra_fragments(data)}
         if selector is not None:
             processed = set(
@@ -376,9 +404,11 @@ def bulk_operation_update(
             _store_selector(bulk, selector)
             _replace_targets(bulk, _targets(selector), skip=processed)
         _schedule(bulk, now)
+        rollout.hold(bulk)  # a paused or wave-waiting one stays so
         bulk.last_updated = now
         bulk.save()
         _wake_ramp_on_commit(bulk)
+        bulk_changed(bulk.pk)
     return bulk
 
 
@@ -416,7 +446,81 @@ def bulk_operation_cancel(
                 notify=notify,
                 now=now,
             )
+        bulk_changed(bulk.pk)
     return bulk
+
+
+def bulk_operation_pause(
+    *, bulk_operation_id: int, by: str | None = None, now: datetime | None = None
+) -> BulkOperation:
+    """Pause (issue 14): no further children until resumed; status and progress keep their
+    meanings. 404 if unknown; 422 unless ACTIVE or IN_PROGRESS, or if paused already."""
+    with transaction.atomic():
+        bulk = _lock_running(bulk_operation_id, "paused")
+        rollout.pause(bulk, by=by)
+        bulk.last_updated = now or timezone.now()
+        bulk.save(update_fields=["rollout_state", "rollout_reason", "next_due_at", "last_updated"])
+        bulk_changed(bulk.pk)
+    return bulk
+
+
+def bulk_operation_resume(
+    *, bulk_operation_id: int, by: str | None = None, now: datetime | None = None
+) -> BulkOperation:
+    """Resume a paused bulk operation: its schedule restarts at the next target from now (at the
+    end of a wave: the next wave starts). 404 if unknown; 422 unless paused and running."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        bulk = _lock_running(bulk_operation_id, "resumed")
+        rollout.resume(bulk, now)
+        bulk.last_updated = now
+        bulk.save(update_fields=[*rollout.RAMP_FIELDS, "wave", "next_due_at", "last_updated"])
+        _wake_ramp_on_commit(bulk)
+        bulk_changed(bulk.pk)
+    return bulk
+
+
+def bulk_rollout_gates_check(*, now: datetime | None = None) -> int:
+    """Decide the gate of every bulk operation waiting at the end of a wave (the beat task runs
+    this before the ramp), each in a transaction of its own under its row lock (SKIP LOCKED: one
+    held elsewhere waits for the next run). Returns how many changed state."""
+    waiting = BulkOperation.objects.filter(
+        rollout_state=RolloutState.WAITING_FOR_WAVE, status__in=RUNNING_STATUSES
+    )
+    changed = 0
+    for pk in list(waiting.order_by("pk").values_list("pk", flat=True)):
+        with transaction.atomic():
+            bulk = waiting.select_for_update(skip_locked=True).filter(pk=pk).first()
+            if bulk is None or not rollout.gate_check(bulk, now or timezone.now()):
+                continue
+            bulk.save(update_fields=[*rollout.RAMP_FIELDS, "wave", "next_due_at"])
+            _wake_ramp_on_commit(bulk)
+            bulk_changed(bulk.pk)
+            changed += 1
+    return changed
+
+
+def bulk_rollout_rates_check(*, now: datetime | None = None) -> int:
+    """Apply the rate increases earned by successes to every running bulk operation whose rate
+    increases with them (the beat task runs this before the ramp), so a slow rate speeds up when
+    the successes come, not only when its next child is due. Each under its row lock (SKIP
+    LOCKED: one the ramp holds applies them itself). Returns how many changed rate."""
+    running = BulkOperation.objects.filter(
+        status__in=RUNNING_STATUSES,
+        next_due_at__isnull=False,
+        rollout_config__exponentialRate__rateIncreaseCriteria__has_key="numberOfSucceededDevices",
+    )
+    changed = 0
+    for pk in list(running.order_by("pk").values_list("pk", flat=True)):
+        with transaction.atomic():
+            bulk = running.select_for_update(skip_locked=True).filter(pk=pk).first()
+            if bulk is None or not rollout.success_increase(bulk, now or timezone.now()):
+                continue
+            bulk.save(update_fields=list(rollout.RAMP_FIELDS) + ["next_due_at"])
+            _wake_ramp_on_commit(bulk)
+            bulk_changed(bulk.pk)
+            changed += 1
+    return changed
 
 
 # --- the ramp ----------------------------------------------------------------------------------
@@ -633,6 +737,7 @@ def _create_children(bulk: BulkOperation, start: int, end: int, now: datetime) -
     transaction.on_commit(_RampEvents(events))
     # One delta for the batch, as devicecontrol's hooks would record (bulk_progress_apply).
     _insert_delta(bulk.pk, {"pending": len(found) - failed, "failed": failed})
+    metrics.operations_created({"PENDING": len(found) - failed, "FAILED": failed})
     return len(rows)
 
 
@@ -660,9 +765,13 @@ def _create_children_orm(bulk: BulkOperation, start: int, end: int, now: datetim
 
 
 def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
-    end = min(_due_end(bulk, now), bulk.next_index + batch_size)
+    if bulk.abort_config is not None and bulk_operation_abort_check(bulk=bulk, now=now):
+        return 0  # aborted (bulkops.abort): no batch after the threshold is crossed
+    rollout.before_advance(bulk, now)
+    end = min(_due_end(bulk, now), bulk.next_index + batch_size, rollout.advance_limit(bulk))
     create = _create_children if connection.vendor == "postgresql" else _create_children_orm
-    count = create(bulk, bulk.next_index, end, now)
+    lag, count = now - bulk.next_due_at, create(bulk, bulk.next_index, end, now)
+    metrics.bulk_ramp_advanced(lag_seconds=lag.total_seconds(), created=count)
     bulk.next_index = end
     if bulk.next_index >= bulk.target_count:
         bulk.status = BulkStatus.COMPLETED
@@ -670,6 +779,7 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
     else:
         bulk.status = BulkStatus.IN_PROGRESS
         bulk.next_due_at = _due_at(bulk, bulk.next_index)
+        rollout.after_advance(bulk)  # a rate increase, the end of a wave
     # It advanced: an earlier failure is over.
     bulk.ramp_error, bulk.ramp_error_at, bulk.ramp_error_count = None, None, 0
     bulk.save(
@@ -681,8 +791,10 @@ def _advance_one(bulk: BulkOperation, now: datetime, batch_size: int) -> int:
             "ramp_error",
             "ramp_error_at",
             "ramp_error_count",
+            *rollout.RAMP_FIELDS,
         ]
     )
+    bulk_changed(bulk.pk)
     return count
 
 
@@ -705,8 +817,8 @@ def _record_ramp_error(
     operation moved on meanwhile (another worker advanced, or it was cancelled). Returns the delay."""
     with transaction.atomic():
         rows = BulkOperation.objects.select_for_update().filter(
-            pk=bulk_id, status__in=RUNNING_STATUSES
-        )
+            pk=bulk_id, status__in=RUNNING_STATUSES, next_due_at__isnull=False
+        )  # not one paused meanwhile
         if tried_index is not None:
             rows = rows.filter(next_index=tried_index)
         # Only these columns: the row may hold values that cannot be read back (that may be
@@ -721,6 +833,7 @@ def _record_ramp_error(
             ramp_error_count=attempts + 1,
             next_due_at=_later(now, delay),
         )
+        bulk_changed(bulk_id)  # c8y_RampError
     return delay
 
 
@@ -749,6 +862,10 @@ def _advance_all(
                 if claimed is None:
                     return
                 bulk = BulkOperation.objects.get(pk=claimed)  # locked by the claim
+                if now is None:
+                    # The claim may have waited for the lock (SQLite locks the whole database):
+                    # what is due, and an abort's time, are decided as of holding it.
+                    moment = timezone.now()
                 tried_index = bulk.next_index
                 count = _advance_one(bulk, moment, batch_size)
         except Exception as exc:
@@ -840,13 +957,14 @@ def bulk_progress_apply(changes: list[StatusChange]) -> None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.old]] -= 1
         if change.new is not None:
             deltas[change.bulk_operation_id][COUNTER_FIELDS[change.new]] += 1
-    _insert_deltas(
-        [
-            (bulk_id, *(delta[field] for field in COUNTER_FIELDS.values()))
-            for bulk_id, delta in sorted(deltas.items())
-            if any(delta.values())
-        ]
-    )
+    rows = [
+        (bulk_id, *(delta[field] for field in COUNTER_FIELDS.values()))
+        for bulk_id, delta in sorted(deltas.items())
+        if any(delta.values())
+    ]
+    _insert_deltas(rows)
+    for row in rows:
+        bulk_changed(row[0])  # marks it dirty once this commits (bulkops.live)
 
 
 def _insert_delta(bulk_id: int, delta: dict[str, int]) -> None:

@@ -16,10 +16,11 @@ from functools import cache
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_shutdown, worker_shutdown
 from django.conf import settings
 from django.utils import timezone
 
-from bulkops import services
+from bulkops import abort, live, services
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +60,38 @@ def advance_bulk_operations(
     `batch_size` is the number of children per transaction. Then the progress deltas of the
     children's status changes are folded into their bulk operations' rows (also idempotent: a
     delta is deleted in the transaction that adds it to its row; beat's runs only), and the next
-    run is booked for the next due child. `booked_ms`: this is the run booked for that moment (ms
+    run is booked for the next due child. Beat's runs also abort the bulk operations whose abort
+    thresholds were crossed (bulkops.abort). `booked_ms`: this is the run booked for that moment (ms
     since the epoch)."""
     # The next run goes where this one came from (a worker consuming its own queue keeps it).
     queue = (self.request.delivery_info or {}).get("routing_key")
     if booked_ms is not None:
         _unbook(booked_ms, queue)
         _fan_out(queue)
+    else:
+        # Beat's runs decide the gates of bulk operations waiting at the end of a wave (those
+        # have no due time, so no booked run is ever made for them) and apply rate increases
+        # earned by successes; a passed gate's next wave starts in this very run.
+        services.bulk_rollout_gates_check()
+        services.bulk_rollout_rates_check()
     created = services.bulk_operations_advance(batch_size=batch_size)
     if booked_ms is None:
         # Beat's runs fold; booked runs, many a second on a fine ramp, leave it to them (reads
         # add the deltas not folded yet: progress is exact either way).
         services.bulk_progress_fold()
+        # Abort thresholds crossed since the last tick, also of bulk operations not due (the
+        # ramp checks those it advances itself, before each batch).
+        abort.bulk_operations_abort_sweep()
     ramp_wake(services.bulk_operations_next_due(), queue=queue)
     return created
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def publish_live_changes(**_: Any) -> None:
+    """A worker stopping gracefully first publishes the bulk operations it changed whose last
+    message was still waiting for its interval (bulkops/live.py: the trailing edge)."""
+    live.throttle().flush()
 
 
 @cache

@@ -8,4 +8,11 @@ urlpatterns = [
     c8y_path(
         r"devicecontrol/bulkoperations/(?P<pk>[^/]+)", views.BulkOperationDetailView.as_view()
     ),
+    *(
+        c8y_path(
+            rf"devicecontrol/bulkoperations/(?P<pk>[^/]+)/{action}",
+            views.BulkOperationRolloutView.as_view(action=action),
+        )
+        for action in ("pause", "resume")
+    ),
 ]

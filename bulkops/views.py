@@ -98,3 +98,25 @@ class BulkOperationDetailView(BulkOperationView):
 
     def render(self, bulk: BulkOperation) -> dict[str, Any]:
         return bulk_operation_json(bulk, base=self.base)
+
+
+class BulkOperationRolloutView(BulkOperationView):
+    """POST .../{id}/pause and .../{id}/resume (issue 14): 200 with the bulk operation as it is
+    now. No body is read."""
+
+    required_roles = {"POST": ADMIN}
+    owner_rule_methods = frozenset({"POST"})
+    action: str = ""
+
+    def post(self, request: Any, pk: str) -> Response:
+        change = {
+            "pause": services.bulk_operation_pause,
+            "resume": services.bulk_operation_resume,
+        }[self.action]
+        bulk = change(
+            bulk_operation_id=self.get_bulk_operation(pk).pk, by=request.user.get_username()
+        )
+        bulk = self.get_bulk_operation(bulk.pk)  # as committed, progress included
+        return self.respond(
+            lambda: bulk_operation_json(bulk, base=self.base), MediaType.BULK_OPERATION, etag=True
+        )

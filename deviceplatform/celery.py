@@ -11,6 +11,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deviceplatform.settings")
 app = Celery("deviceplatform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+# The worker's heartbeat for /health/ready (deviceplatform/health.py); beat writes its own from
+# the scheduler class named by CELERY_BEAT_SCHEDULER.
+app.steps["worker"].add("deviceplatform.health.WorkerHeartbeat")
 
 
 @setup_logging.connect

@@ -11,3 +11,13 @@ logconfig_dict = LOGGING
 accesslog = None
 # REST requests are short (the wait endpoint and long-polls go to uvicorn): a stop need not wait.
 graceful_timeout = 5
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker exited: with PROMETHEUS_MULTIPROC_DIR (bin/run), drop its live gauges' files."""
+    import os
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

@@ -117,6 +117,8 @@ class Scheduler:
         self._lock = threading.Lock()  # entries' due times: this thread and wake()'s callers
         self._thread: threading.Thread | None = None
         self._tasks_loaded = False
+        # Scheduler clock of the last tick: /health/ready reads it (deviceplatform/health.py).
+        self.last_tick: float | None = None
 
     def _load_tasks(self) -> None:
         """Import every installed app's `tasks` module (the worker does this at start-up) and fail
@@ -132,6 +134,7 @@ class Scheduler:
     def tick(self, now: float) -> list[str]:
         """Run every entry due at `now`; return the names of the entries that ran, in order."""
         self._load_tasks()
+        self.last_tick = now
         ran = []
         for entry in self.entries:
             with self._lock:

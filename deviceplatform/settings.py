@@ -92,6 +92,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "deviceplatform.metrics.request_metrics_middleware",
     "deviceplatform.logs.access_log_middleware",
     "deviceplatform.api.middleware.cumulocity_request_middleware",
     "django.middleware.security.SecurityMiddleware",
@@ -338,6 +339,9 @@ IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=24 
 # ETA, or the embedded scheduler's ramp entry), so ramps keep their pace between beat ticks
 # (bulkops/tasks.py). Off: beat alone drives the ramp (the test suite, whose Redis has no worker).
 BULK_RAMP_BOOKING = env.bool("BULK_RAMP_BOOKING", default=True)
+# A bulk operation's changes go out on /bulkoperations/{id} at most once per this many ms (the last
+# state always), whichever processes see them (bulkops/live.py); 0: every change at once.
+BULK_LIVE_INTERVAL_MS = env.int("BULK_LIVE_INTERVAL_MS", default=250)
 
 # --- Device control (README "Beyond Cumulocity") ---------------------------------------------------
 # A PENDING operation not picked up within this many seconds becomes FAILED (0: never). ARTIK: 7 days.
@@ -352,6 +356,30 @@ OPERATION_SMS_BACKEND = env.str(
 )
 # Longest `timeout` a client may ask for in POST /devicecontrol/operations/wait?timeout=SECONDS.
 OPERATION_MAX_WAIT_SECONDS = env.int("OPERATION_MAX_WAIT_SECONDS", default=120)
+
+# --- Health and metrics (README "Health and metrics") ------------------------------------------
+# /health/ready: the Celery worker writes a heartbeat to Redis every HEALTH_WORKER_HEARTBEAT_SECONDS
+# (beat on its ticks, at most as often) under HEALTH_HEARTBEAT_PREFIX; ready answers 503 once the
+# worker's is older than HEALTH_WORKER_MAX_AGE_SECONDS, or beat's (and without REDIS_URL the
+# in-process scheduler's last tick) older than HEALTH_BEAT_MAX_AGE_SECONDS (0: three times the
+# shortest beat interval, at least the worker's limit). Redis calls of the checks time out after
+# HEALTH_CHECK_TIMEOUT_SECONDS, and the database check waits that long for a pooled connection.
+HEALTH_HEARTBEAT_PREFIX = env.str("HEALTH_HEARTBEAT_PREFIX", default="dp:health")
+HEALTH_WORKER_HEARTBEAT_SECONDS = env.float("HEALTH_WORKER_HEARTBEAT_SECONDS", default=1.0)
+HEALTH_WORKER_MAX_AGE_SECONDS = env.float("HEALTH_WORKER_MAX_AGE_SECONDS", default=3.0)
+HEALTH_BEAT_MAX_AGE_SECONDS = env.float("HEALTH_BEAT_MAX_AGE_SECONDS", default=0.0)
+HEALTH_CHECK_TIMEOUT_SECONDS = env.float("HEALTH_CHECK_TIMEOUT_SECONDS", default=1.0)
+CELERY_BEAT_SCHEDULER = "deviceplatform.health:HeartbeatScheduler"
+# /metrics (Prometheus text format) answers a client whose address is in METRICS_ALLOWED_NETWORKS
+# (CIDRs, comma-separated; the address as the failed-login limit sees it, behind a proxy from
+# X-Forwarded-For) or that sends `Authorization: Bearer METRICS_TOKEN`; others get 403. Both empty:
+# /metrics is off (404). PROMETHEUS_MULTIPROC_DIR (read by prometheus-client itself; bin/run sets
+# it) makes every process (gunicorn and uvicorn workers, Celery) write its samples there and
+# /metrics add them up. METRICS_PENDING_TOP_AGENTS: the agents with the most PENDING operations
+# that get a labelled series of their own.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"])
+METRICS_PENDING_TOP_AGENTS = env.int("METRICS_PENDING_TOP_AGENTS", default=10)
 
 # --- Logging ---------------------------------------------------------------------------------------
 # Every process (server, gunicorn, uvicorn, Celery worker and beat) logs to stderr through this one

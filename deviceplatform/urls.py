@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 
 from devicecontrol.serializers import devicecontrol_api_json
+from deviceplatform import health, metrics
 from deviceplatform.api import openapi_views, session_views
 from deviceplatform.api.routing import c8y_path
 from deviceplatform.realtime.routing import http_urlpatterns as realtime_urlpatterns
@@ -27,6 +28,9 @@ urlpatterns = [
     path("openapi.json", openapi_views.openapi_json),
     path("openapi.yaml", openapi_views.openapi_yaml),
     re_path(r"^docs/?$", openapi_views.DocsView.as_view(), name="api-docs"),
+    c8y_path(r"health/live", health.live_view),
+    c8y_path(r"health/ready", health.ready_view),
+    c8y_path(r"metrics", metrics.metrics_view),
     c8y_path(r"platform", session_views.PlatformView.as_view(resources=platform_resources)),
     c8y_path(r"tenant/currentTenant", session_views.CurrentTenantView.as_view()),
     c8y_path(r"tenant/loginOptions", session_views.LoginOptionsView.as_view()),

@@ -27,6 +27,8 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from rest_framework import exceptions
 
+from deviceplatform import metrics
+
 logger = logging.getLogger(__name__)
 
 # (key, limit): a counter and the number of failures it may hold within the window
@@ -237,6 +239,7 @@ def check_allowed(username: str, client: str | None) -> None:
         logger.warning("failed-login limiter unavailable; checking the password anyway")
         return
     if wait > 0:
+        metrics.auth_failed("throttled")
         raise TooManyFailures(wait)
 
 
@@ -261,6 +264,7 @@ def reserve_slow_check(username: str, client: str | None) -> None:
         logger.warning("failed-login limiter unavailable; checking the password anyway")
         return
     if wait > 0:
+        metrics.auth_failed("throttled")
         raise TooManyFailures(wait)
 
 

@@ -21,6 +21,7 @@ from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 
+from deviceplatform import metrics
 from deviceplatform.api.auth_throttle import (
     check_allowed,
     client_address,
@@ -227,6 +228,8 @@ def authenticate_credentials(username: str, password: str, *, client: str | None
     user = _check_credentials(username, password, client)
     if user is not None:
         note_request(user)
+    else:
+        metrics.auth_failed("bad_credentials")
     return user
 
 

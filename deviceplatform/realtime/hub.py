@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 import string
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from functools import cache
 from django.conf import settings
 from django.core.signals import setting_changed
 
+from deviceplatform import metrics
 from deviceplatform.realtime.store import (
     ENDED,
     GONE,
@@ -64,6 +66,13 @@ class _Holder:
     token: str
     event: asyncio.Event = field(default_factory=asyncio.Event)
     superseded: bool = False  # a newer connect for the same session arrived on this hub
+    published: float | None = None  # when the first events not yet delivered were published
+
+    def delivered(self) -> None:
+        """Events went out: the time since their publish is the delivery latency (metrics)."""
+        if self.published is not None:
+            metrics.realtime_delivered(time.time() - self.published)
+            self.published = None
 
 
 @dataclass
@@ -93,10 +102,15 @@ class Hub:
         self._holders: dict[str, _Holder] = {}
         self._ready = asyncio.Event()
         self._tasks = [
-            asyncio.create_task(store.listen(self.id, self._wake, self._ready)),
+            asyncio.create_task(store.listen(self.id, self._wake, self._ready, self._stamp)),
             asyncio.create_task(self._sweep_forever()),
             asyncio.create_task(self._release_held_forever()),
         ]
+
+    def _stamp(self, published: float, cids: list[str]) -> None:
+        for holder in map(self._holders.get, cids):
+            if holder is not None and holder.published is None:
+                holder.published = published
 
     def _wake(self, cids: list[str]) -> None:
         if cids == ["*"]:
@@ -200,9 +214,11 @@ class Hub:
                     released = True
                     return outcome([])
                 if events and stream is None:
+                    holder.delivered()
                     return outcome(events)  # the hold is released below
                 if events and stream is not None:
                     await stream(events)
+                    holder.delivered()
             state, events = await self.store.drain(cid, holder.token, release=True)
             released = True
             return outcome(events, state)

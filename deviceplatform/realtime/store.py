@@ -51,6 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deviceplatform import metrics
+
 logger = logging.getLogger(__name__)
 
 # (payload, subscription channels it goes to): one prepared event
@@ -59,6 +61,9 @@ Prepared = tuple[bytes, Sequence[str]]
 # numbered `after_ms` after the one before (None: the first)
 Order = tuple[int, int, int | None]
 Waker = Callable[[list[str]], None]
+# Called with (seconds since the epoch, cids) before the wake-up of sessions that got events
+# published then: the hub times their delivery (metrics).
+Stamper = Callable[[float, list[str]], None]
 
 # drain() outcomes
 GONE = -1  # the session no longer exists (expired, or the store lost it)
@@ -267,6 +272,7 @@ local limit, order_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = ARGV[4] ~= '' and tonumber(ARGV[4]) or now_ms()
 local wakes = {}
 local touched = {}  -- keys whose last number moved: batches held for them may be due
+local queued, dropped = 0, 0  -- events appended to queues, and the oldest dropped (metrics)
 
 local function enqueue(events)  -- flat: payload, n, channel_1 .. channel_n, ...
   local i = 1
@@ -283,8 +289,11 @@ local function enqueue(events)  -- flat: payload, n, channel_1 .. channel_n, ...
             redis.call('SREM', ckey, cid)
           else
             local qkey = P .. 'q:' .. cid
-            if redis.call('RPUSH', qkey, payload) > limit then
+            local length = redis.call('RPUSH', qkey, payload)
+            queued = queued + 1
+            if length > limit then
               redis.call('LTRIM', qkey, -limit, -1)
+              dropped = dropped + length - limit
             end
             if info[2] ~= '' then
               wakes[info[1]] = wakes[info[1]] or {}
@@ -404,7 +413,8 @@ local function wake_hubs()
   for hub, cids in pairs(wakes) do
     local list = {}
     for cid in pairs(cids) do list[#list + 1] = cid end
-    redis.call('PUBLISH', P .. 'w:' .. hub, table.concat(list, ' '))
+    -- '@' and Redis's clock in ms first: when the events were published (delivery latency)
+    redis.call('PUBLISH', P .. 'w:' .. hub, '@' .. now_ms() .. ' ' .. table.concat(list, ' '))
   end
 end
 """
@@ -424,14 +434,26 @@ else
   hold(order, events, now + tonumber(ARGV[5]))
 end
 wake_hubs()
-return 0
+return {queued, dropped}
 """
 
 # ARGV: P, queue limit, order ttl, now
 _LUA_RELEASE_HELD = """
 release_overdue()
 wake_hubs()
-return 0
+return {queued, dropped}
+"""
+
+
+# Live sessions (deadline after now, ms) and their subscriptions, for /metrics. ARGV: P, now ms.
+_LUA_STATS = """
+local P = ARGV[1]
+local sessions = redis.call('ZRANGEBYSCORE', P .. 'exp', '(' .. ARGV[2], '+inf')
+local subscriptions = 0
+for _, cid in ipairs(sessions) do
+  subscriptions = subscriptions + redis.call('SCARD', P .. 'sub:' .. cid)
+end
+return {#sessions, subscriptions}
 """
 
 
@@ -466,6 +488,7 @@ class RedisStore:
         self._sync = redis.Redis.from_url(url)
         self._publish_sync = self._sync.register_script(_LUA_COMMON + _LUA_ORDER + _LUA_PUBLISH)
         self._end_user_sync = self._sync.register_script(_LUA_COMMON + _LUA_END_USER)
+        self._stats_sync = self._sync.register_script(_LUA_STATS)
         self._async_clients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._redis_asyncio = redis.asyncio
 
@@ -589,14 +612,21 @@ class RedisStore:
     def publish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
         """Synchronous: append each event to its subscribers' queues and wake their holders, or
         hold the batch back until the batches before it in `order` arrived."""
-        self._publish_sync(args=self._publish_args(prepared, order))
+        metrics.realtime_queued(*self._publish_sync(args=self._publish_args(prepared, order)))
 
     async def apublish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
-        await self._run("publish", *self._publish_args(prepared, order)[1:])
+        metrics.realtime_queued(
+            *await self._run("publish", *self._publish_args(prepared, order)[1:])
+        )
 
     async def release_held(self) -> None:
         """Deliver the held-back batches whose time is up."""
-        await self._run("release_held", *self._order_args()[1:])
+        metrics.realtime_queued(*await self._run("release_held", *self._order_args()[1:]))
+
+    def stats(self) -> tuple[int, int]:
+        """(live sessions, their subscriptions), synchronous: for /metrics."""
+        sessions, subscriptions = self._stats_sync(args=[self.prefix, int(time.time() * 1000)])
+        return int(sessions), int(subscriptions)
 
     def _order_args(self) -> list[Any]:
         now = "" if self.clock is None else int(self.clock() * 1000)
@@ -618,9 +648,12 @@ class RedisStore:
 
     # --- waking ----------------------------------------------------------------------------------
 
-    async def listen(self, hub: str, wake: Waker, ready: asyncio.Event) -> None:
+    async def listen(
+        self, hub: str, wake: Waker, ready: asyncio.Event, stamp: Stamper | None = None
+    ) -> None:
         """Deliver the wake-ups for `hub` until cancelled; reconnects after a Redis outage (and
-        then wakes every holder, in case a wake-up was missed meanwhile)."""
+        then wakes every holder, in case a wake-up was missed meanwhile). A publish's wake-up
+        goes to `stamp` first with the time of the publish."""
         client, _ = self._client()
         channel = f"{self.prefix}w:{hub}"
         first = True
@@ -645,7 +678,12 @@ class RedisStore:
                     if task is not None and task.cancelling():
                         raise asyncio.CancelledError
                     if message is not None and message["type"] == "message":
-                        wake(message["data"].decode().split())
+                        cids = message["data"].decode().split()
+                        if cids and cids[0].startswith("@"):
+                            if stamp is not None:
+                                stamp(int(cids[0][1:]) / 1000, cids[1:])
+                            cids = cids[1:]
+                        wake(cids)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -702,7 +740,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._sessions: dict[str, _MemorySession] = {}
         self._index: dict[str, set[str]] = {}
-        self._wakers: dict[str, tuple[asyncio.AbstractEventLoop, Waker]] = {}
+        self._wakers: dict[str, tuple[asyncio.AbstractEventLoop, Waker, Stamper | None]] = {}
         self._seq = itertools.count()
         self._ended: dict[str, tuple[str, float]] = {}  # cid -> (hold token, until)
         self._revoked: dict[str, float] = {}  # cid -> until (ended by end_user_sessions)
@@ -728,13 +766,15 @@ class MemoryStore:
     def _touch(self, session: _MemorySession, ttl_ms: int) -> None:
         session.deadline = self.clock() + ttl_ms / 1000
 
-    def _wake(self, wakes: dict[str, list[str]]) -> None:
+    def _wake(self, wakes: dict[str, list[str]], published: float | None = None) -> None:
         for hub, cids in wakes.items():
             target = self._wakers.get(hub)
             if target is None:
                 continue
-            loop, wake = target
+            loop, wake, stamp = target
             try:
+                if published is not None and stamp is not None:
+                    loop.call_soon_threadsafe(stamp, published, cids)
                 loop.call_soon_threadsafe(wake, cids)
             except RuntimeError:  # that loop is closed
                 self._wakers.pop(hub, None)
@@ -934,7 +974,7 @@ class MemoryStore:
                 self._held[hid] = _Held(flags, prepared, now + self.order_timeout_ms / 1000)
                 for key, seq, _ in flags:
                     self._held_by_key.setdefault(key, {})[hid] = seq
-        self._wake({hub: sorted(cids) for hub, cids in wakes.items()})
+        self._wake({hub: sorted(cids) for hub, cids in wakes.items()}, time.time())
 
     async def apublish(self, prepared: Sequence[Prepared], order: Sequence[Order] = ()) -> None:
         self.publish(prepared, order)
@@ -944,11 +984,19 @@ class MemoryStore:
         wakes: dict[str, set[str]] = {}
         with self._lock:
             self._release_overdue(self.clock(), wakes, [])
-        self._wake({hub: sorted(cids) for hub, cids in wakes.items()})
+        self._wake({hub: sorted(cids) for hub, cids in wakes.items()}, time.time())
 
     # --- commit order (the module docstring; the same steps as _LUA_ORDER) ----------------------
 
+    def stats(self) -> tuple[int, int]:
+        """(live sessions, their subscriptions): for /metrics."""
+        with self._lock:
+            now = self.clock()
+            live = [s for s in self._sessions.values() if s.deadline > now]
+            return len(live), sum(len(session.subs) for session in live)
+
     def _enqueue(self, prepared: Sequence[Prepared], wakes: dict[str, set[str]]) -> None:
+        queued = dropped = 0
         for payload, channels in prepared:
             targets: set[str] = set()
             for channel in channels:
@@ -958,10 +1006,13 @@ class MemoryStore:
                 if session is None:
                     continue
                 session.queue.append(payload)
+                queued += 1
                 while len(session.queue) > self.queue_limit:
                     session.queue.popleft()
+                    dropped += 1
                 if session.record["hold"]:
                     wakes.setdefault(session.record["holder"], set()).add(cid)
+        metrics.realtime_queued(queued, dropped)
 
     def _first_held(self, key: int) -> tuple[int, int] | None:
         """(held id, seq) of the lowest-numbered batch held for `key`."""
@@ -1052,8 +1103,10 @@ class MemoryStore:
             self._force(hid, now, wakes, touched)
         self._release_ready(now, wakes, touched)
 
-    async def listen(self, hub: str, wake: Waker, ready: asyncio.Event) -> None:
-        self._wakers[hub] = (asyncio.get_running_loop(), wake)
+    async def listen(
+        self, hub: str, wake: Waker, ready: asyncio.Event, stamp: Stamper | None = None
+    ) -> None:
+        self._wakers[hub] = (asyncio.get_running_loop(), wake, stamp)
         ready.set()
         try:
             await asyncio.Event().wait()  # until cancelled

@@ -29,7 +29,7 @@ CHANGELIST = reverse("admin:bulkops_bulkoperation_changelist")
 # The fixtures of the admin's tests: an agent, and running, completed and scheduled bulk operations.
 agent, running = test_admin.agent, test_admin.running
 completed, scheduled = test_admin.completed, test_admin.scheduled
-KEYS = ("status", "general", "progress", "counters", "children", "due", "ramp-error")
+KEYS = ("status", "general", "progress", "counters", "children", "due", "ramp-error", "rollout")
 
 
 def live(client: Client, *bulks: BulkOperation) -> dict[str, Any]:

@@ -294,6 +294,32 @@ def test_bulk_operation_reschedule_now_action(admin_client: Client) -> None:
     assert_logged(bulk, CHANGE, "start")
 
 
+def test_bulk_operation_pause_and_resume_actions(admin_client: Client) -> None:
+    _, device = agent_with_device()
+    bulk = bulk_over(group_of([device]))
+
+    post_action(admin_client, "admin:bulkops_bulkoperation_changelist", "pause", [bulk])
+    assert_logged(bulk, CHANGE, "paused by")
+    post_action(admin_client, "admin:bulkops_bulkoperation_changelist", "resume", [bulk])
+    assert [e.get_change_message() for e in entries(bulk, CHANGE)][1].startswith("Resumed by")
+
+
+def test_bulk_operation_rollout_buttons(admin_client: Client) -> None:
+    _, device = agent_with_device()
+    bulk = bulk_over(group_of([device]))
+
+    admin_client.post(reverse("admin:bulkops_bulkoperation_pause", args=[bulk.pk]))
+    assert_logged(bulk, CHANGE, "paused by")
+    admin_client.post(reverse("admin:bulkops_bulkoperation_resume", args=[bulk.pk]))
+    admin_client.post(reverse("admin:bulkops_bulkoperation_abort", args=[bulk.pk]))
+    messages = [e.get_change_message() for e in entries(bulk, CHANGE)]
+    assert [m.split(" by ")[0] for m in messages] == ["Paused", "Resumed", "Aborted"]
+    assert BulkOperation.objects.get(pk=bulk.pk).status == BulkStatus.DELETED
+    # Refused (cancelled already): no entry.
+    admin_client.post(reverse("admin:bulkops_bulkoperation_pause", args=[bulk.pk]))
+    assert len(entries(bulk, CHANGE)) == 3
+
+
 # --- children of agents and groups ------------------------------------------------------------
 
 
@@ -423,6 +449,14 @@ AUDITED = {
     ("bulkops.BulkOperation", "cancel"): "test_bulk_operation_cancel_action",
     ("bulkops.BulkOperation", "reschedule_now"): "test_bulk_operation_reschedule_now_action",
     ("bulkops.BulkOperation", "bulkops_bulkoperation_live"): "read-only (JSON for live.js)",
+    ("bulkops.BulkOperation", "pause"): "test_bulk_operation_pause_and_resume_actions",
+    ("bulkops.BulkOperation", "resume"): "test_bulk_operation_pause_and_resume_actions",
+    ("bulkops.BulkOperation", "bulkops_bulkoperation_pause"): "test_bulk_operation_rollout_buttons",
+    (
+        "bulkops.BulkOperation",
+        "bulkops_bulkoperation_resume",
+    ): "test_bulk_operation_rollout_buttons",
+    ("bulkops.BulkOperation", "bulkops_bulkoperation_abort"): "test_bulk_operation_rollout_buttons",
     # The list actions and the page's buttons share DeviceUserAdmin.change_credentials.
     ("deviceplatform.DeviceUser", "revoke_credentials"): "test_device_user_credential_changes",
     ("deviceplatform.DeviceUser", "restore_credentials"): "test_device_user_credential_changes",

@@ -71,6 +71,8 @@ ENDPOINTS: list[tuple[str, str]] = [
     ("POST", "/devicecontrol/operations/1/cancel"),
     ("GET", "/devicecontrol/bulkoperations"),
     ("GET", "/devicecontrol/bulkoperations/1"),
+    ("POST", "/devicecontrol/bulkoperations/1/pause"),
+    ("POST", "/devicecontrol/bulkoperations/1/resume"),
     ("GET", "/devicecontrol/newDeviceRequests"),
     ("GET", "/devicecontrol/newDeviceRequests/x"),
     ("POST", "/devicecontrol/deviceCredentials"),
@@ -91,7 +93,10 @@ ENDPOINTS: list[tuple[str, str]] = [
         for segment in ("childDevices", "childAssets", "childAdditions")
     ),
 ]
-PUBLIC = [("GET", "/tenant/loginOptions")]  # no authentication at all
+# No authentication at all (the health and metrics paths: issue 15).
+PUBLIC = [("GET", "/tenant/loginOptions"), ("GET", "/health/live"), ("GET", "/metrics")]
+# The same, answering 200 or 503 by what it checks (no Celery worker runs here).
+PUBLIC_CHECKS = [("GET", "/health/ready")]
 
 
 def _routes(patterns: list[Any], prefix: str = "") -> list[str]:
@@ -108,7 +113,7 @@ def test_the_endpoint_list_covers_every_route() -> None:
     routes = {r for r in _routes(get_resolver().url_patterns) if not r.startswith("admin/")}
     routes.discard("^static/(?P<path>.*)$")
     covered = set()
-    for _, path in ENDPOINTS + PUBLIC:
+    for _, path in ENDPOINTS + PUBLIC + PUBLIC_CHECKS:
         match = resolve(path)
         covered.add(match.route)
     assert routes - covered == set()
@@ -128,6 +133,10 @@ def test_hostile_basic_credentials_are_401_on_every_endpoint(admin: Any, header:
         assert response["WWW-Authenticate"] == 'Basic realm="Cumulocity"', path
     for method, path in PUBLIC:
         assert request(client, method, path, HTTP_AUTHORIZATION=header).status_code == 200
+    for method, path in PUBLIC_CHECKS:
+        response = request(client, method, path, HTTP_AUTHORIZATION=header)
+        assert response.status_code in (200, 503), path
+        assert "checks" in response.json(), path
 
 
 NUL_PATHS = [

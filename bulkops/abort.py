@@ -1,0 +1,339 @@
+"""Abort thresholds of a bulk operation ("abortConfig", README "Abort thresholds"): validation,
+the one count of finished and failed children, the evaluation, and the abort itself.
+
+A criterion fires once at least `minNumberOfExecuted` children have finished (SUCCESSFUL or
+FAILED, each device counted by its latest attempt) and the failed ones, of its `failureType`,
+reach `thresholdPercentage` of them. Then, in one transaction under the bulk operation's row
+lock, the bulk operation ends DELETED (generalStatus CANCELED) with `abortReason`, and every
+PENDING child fails with "Rollout aborted: ...".
+
+When it is evaluated (only for bulk operations with an `abort_config`; the others pay nothing):
+- by the ramp, under the row lock it holds anyway, before each batch of children
+  (`bulk_operation_abort_check`): no batch is created once the threshold is crossed;
+- by the beat task, after it folds the progress deltas (`bulk_operations_abort_sweep`, every
+  BULK_RAMP_INTERVAL), for bulk operations that are not due and for COMPLETED ones whose children
+  are still running: their PENDING children are failed within one tick.
+Both first compare the progress counters (exact and cheap: the folded columns plus the unfolded
+deltas), an upper bound of the failures any criterion counts, and count the children only when
+that bound could fire."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Count, Exists, OuterRef, Q
+from django.utils import timezone
+
+from bulkops.live import bulk_changed
+from bulkops.models import RUNNING_STATUSES, BulkOperation, BulkProgressDelta, BulkStatus
+from bulkops.selectors import CURRENT, bulk_operation_progress, bulk_operations_with_progress
+from devicecontrol.models import Operation, OperationStatus
+from devicecontrol.services import (
+    EXPIRED_REASON,
+    TIMED_OUT_REASON,
+    operations_fail,
+    operations_retries_drop,
+)
+from deviceplatform.api.dates import format_datetime
+from deviceplatform.api.exceptions import ValidationFailed
+
+logger = logging.getLogger(__name__)
+
+INVALID = "devicecontrol/Invalid Data"
+FAILURE_TYPES = ("FAILED", "TIMED_OUT", "ANY")
+CRITERION_KEYS = frozenset({"failureType", "thresholdPercentage", "minNumberOfExecuted"})
+DEFAULT_MIN_EXECUTED = 1
+MAX_CRITERIA = 10
+MAX_MIN_EXECUTED = 10**9
+ABORTED_PREFIX = "Rollout aborted: "
+# PENDING children failed per statement by an abort (bench/rollout_abort.py: 2,000 took about
+# half the time per child of 500).
+FAIL_BATCH_SIZE = 2000
+# What the expiry and execution-timeout sweepers write (devicecontrol `_fail_due`): the text
+# before the first placeholder of their reasons. An agent can only fail an operation with one
+# of these by copying the sweepers' words.
+TIMEOUT_PREFIXES = tuple(reason.split("{", 1)[0] for reason in (EXPIRED_REASON, TIMED_OUT_REASON))
+# Abortable: running, or COMPLETED (every child created) with children still PENDING/EXECUTING.
+WATCHED_STATUSES = (*RUNNING_STATUSES, BulkStatus.COMPLETED)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _invalid(message: str) -> ValidationFailed:
+    return ValidationFailed(message, error=INVALID)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _criterion(value: Any, index: int) -> dict[str, Any]:
+    where = f"abortConfig.criteria[{index}]"
+    if not isinstance(value, dict):
+        raise _invalid(f"{where} must be a JSON object")
+    unknown = sorted(set(value) - CRITERION_KEYS)
+    if unknown:
+        raise _invalid(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: "
+            + ", ".join(sorted(CRITERION_KEYS))
+        )
+    failure_type = value.get("failureType")
+    if failure_type not in FAILURE_TYPES:
+        raise _invalid(
+            f"{where}.failureType must be one of {', '.join(FAILURE_TYPES)}, not {failure_type!r}"
+        )
+    threshold = value.get("thresholdPercentage")
+    if not _number(threshold) or not math.isfinite(threshold) or not 0 < threshold <= 100:
+        raise _invalid(
+            f"{where}.thresholdPercentage must be a number above 0 and at most 100, "
+            f"not {threshold!r}"
+        )
+    minimum = value.get("minNumberOfExecuted", DEFAULT_MIN_EXECUTED)
+    if (
+        not isinstance(minimum, int)
+        or isinstance(minimum, bool)
+        or not 1 <= minimum <= MAX_MIN_EXECUTED
+    ):
+        raise _invalid(
+            f"{where}.minNumberOfExecuted must be a whole number from 1 to {MAX_MIN_EXECUTED}, "
+            f"not {minimum!r}"
+        )
+    return {
+        "failureType": failure_type,
+        "thresholdPercentage": int(threshold) if float(threshold).is_integer() else threshold,
+        "minNumberOfExecuted": minimum,
+    }
+
+
+def abort_config_validate(value: Any) -> dict[str, Any] | None:
+    """The stored form of an "abortConfig" value (None: no thresholds); 422 for a bad one."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid("abortConfig must be a JSON object with a criteria list")
+    unknown = sorted(set(value) - {"criteria"})
+    if unknown:
+        raise _invalid(f"abortConfig: unknown key(s) {', '.join(unknown)}; allowed: criteria")
+    criteria = value.get("criteria")
+    if not isinstance(criteria, list) or not criteria:
+        raise _invalid("abortConfig.criteria must be a non-empty list")
+    if len(criteria) > MAX_CRITERIA:
+        raise _invalid(f"abortConfig.criteria may hold at most {MAX_CRITERIA} criteria")
+    return {"criteria": [_criterion(item, index) for index, item in enumerate(criteria)]}
+
+
+def abort_config_input(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The validated "abortConfig" of a create or PUT body (None when absent or null)."""
+    return abort_config_validate(data.get("abortConfig"))
+
+
+# --- the count ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AbortCounts:
+    """The children that count for abort criteria, each device by its latest attempt: `finished`
+    (SUCCESSFUL or FAILED), `failed` (FAILED, any cause) and, of those, `timed_out` (failed by
+    the expiry or execution-timeout sweeper)."""
+
+    finished: int
+    failed: int
+    timed_out: int
+
+    def failures(self, failure_type: str) -> int:
+        if failure_type == "TIMED_OUT":
+            return self.timed_out
+        if failure_type == "FAILED":
+            return self.failed - self.timed_out
+        return self.failed
+
+
+def _timed_out_q() -> Q:
+    q = Q()
+    for prefix in TIMEOUT_PREFIXES:
+        q |= Q(failure_reason__startswith=prefix)
+    return q
+
+
+def abort_counts(*, bulk_operation_id: int) -> AbortCounts:
+    """THE count abort criteria use (one statement over the bulk operation's latest attempts).
+
+    Keep `bulk_progress_bound` an upper bound of it: a failure not counted here must either stay
+    out of `finished` too or not be counted in `failed` (the bound then still holds, since
+    (f - r) / (n - r) <= f / n). A FAILED attempt with a booked automatic retry (`retry_at`) is
+    not finished yet: its device fails for good only once its retries are spent, so it is left out
+    of both counts."""
+    final = [OperationStatus.SUCCESSFUL, OperationStatus.FAILED]
+    failed = Q(status=OperationStatus.FAILED)
+    row = Operation.objects.filter(
+        bulk_operation_id=bulk_operation_id,
+        superseded=False,
+        status__in=final,
+        retry_at__isnull=True,
+    ).aggregate(
+        finished=Count("pk"),
+        failed=Count("pk", filter=failed),
+        timed_out=Count("pk", filter=failed & _timed_out_q()),
+    )
+    return AbortCounts(finished=row["finished"], failed=row["failed"], timed_out=row["timed_out"])
+
+
+def bulk_progress_bound(counts: dict[str, int]) -> AbortCounts:
+    """The progress counters (`bulk_operation_progress`) as an upper bound of `abort_counts`."""
+    return AbortCounts(
+        finished=counts["successful"] + counts["failed"], failed=counts["failed"], timed_out=0
+    )
+
+
+def criterion_fires(criterion: dict[str, Any], counts: AbortCounts) -> bool:
+    failures = counts.failures(criterion["failureType"])
+    return (
+        counts.finished >= criterion["minNumberOfExecuted"]
+        and counts.finished > 0
+        and failures * 100 >= criterion["thresholdPercentage"] * counts.finished
+    )
+
+
+def _could_fire(config: dict[str, Any], bound: AbortCounts) -> bool:
+    """Whether any criterion could fire given the counters: every failure type counts at most
+    all failures."""
+    return any(
+        criterion_fires({**criterion, "failureType": "ANY"}, bound)
+        for criterion in config["criteria"]
+    )
+
+
+def fired_criterion(config: dict[str, Any], counts: AbortCounts) -> dict[str, Any] | None:
+    """The first criterion (in the given order) that fires on `counts`, None if none does."""
+    return next((c for c in config["criteria"] if criterion_fires(c, counts)), None)
+
+
+# --- the abort ---------------------------------------------------------------------------------
+
+
+def criterion_summary(criterion: dict[str, Any]) -> str:
+    return (
+        f"{criterion['failureType']} failures reached {criterion['thresholdPercentage']}% "
+        f"(minNumberOfExecuted {criterion['minNumberOfExecuted']})"
+    )
+
+
+def _percentage(failures: int, finished: int) -> float:
+    return round(failures * 100 / finished, 2) if finished else 0.0
+
+
+def _abort(
+    bulk: BulkOperation, criterion: dict[str, Any], counts: AbortCounts, now: datetime
+) -> None:
+    """Abort `bulk` (row-locked by the caller's transaction): no further child, its PENDING
+    children FAILED (each with an UPDATE event after commit), DELETED with `abort_reason`."""
+    failures = counts.failures(criterion["failureType"])
+    percentage = _percentage(failures, counts.finished)
+    summary = criterion_summary(criterion)
+    message = f"{ABORTED_PREFIX}{summary}: {failures} of {counts.finished} finished failed"
+    pending = Operation.objects.filter(
+        bulk_operation_id=bulk.pk, superseded=False, status=OperationStatus.PENDING
+    )
+    cancelled = operations_fail(
+        queryset=pending, reason=f"{ABORTED_PREFIX}{summary}", now=now, batch_size=FAIL_BATCH_SIZE
+    )
+    # No further attempts either: booked automatic retries of its children go, as on a cancel.
+    operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
+    bulk.status = BulkStatus.DELETED
+    bulk.next_due_at = None
+    bulk.last_updated = now
+    bulk.abort_reason = {
+        "criterion": dict(criterion),
+        "failed": failures,
+        "finished": counts.finished,
+        "percentage": int(percentage) if percentage.is_integer() else percentage,
+        "pendingFailed": cancelled,
+        "createdChildren": bulk.next_index - bulk.dropped,
+        "time": format_datetime(now),
+        "message": message,
+    }
+    bulk.save(update_fields=["status", "next_due_at", "last_updated", "abort_reason"])
+    bulk_changed(bulk.pk)
+    transaction.on_commit(
+        lambda: logger.warning(
+            "Bulk operation %s aborted: %s (%d PENDING children failed)",
+            bulk.pk,
+            message,
+            cancelled,
+        )
+    )
+
+
+def bulk_operation_abort_check(*, bulk: BulkOperation, now: datetime) -> bool:
+    """Evaluate `bulk`'s abort criteria and abort it if one fires; True when it did. The caller
+    holds the bulk operation's row lock in its transaction (the ramp, before each batch)."""
+    config = bulk.abort_config
+    if not config or bulk.abort_reason is not None or bulk.status not in WATCHED_STATUSES:
+        return False
+    progress = bulk_operation_progress(bulk)
+    if bulk.status == BulkStatus.COMPLETED and not progress["pending"] + progress["executing"]:
+        return False  # every child created and finished: the rollout is over, nothing to stop
+    if not _could_fire(config, bulk_progress_bound(progress)):
+        return False
+    counts = abort_counts(bulk_operation_id=bulk.pk)
+    criterion = fired_criterion(config, counts)
+    if criterion is None:
+        return False
+    _abort(bulk, criterion, counts, now)
+    return True
+
+
+def _unfinished_q() -> Q:
+    """Still a rollout: children left to create, or created ones not finished."""
+    return (
+        Q(status__in=RUNNING_STATUSES)
+        | Q(**{f"{CURRENT['pending']}__gt": 0})
+        | Q(**{f"{CURRENT['executing']}__gt": 0})
+    )
+
+
+def bulk_operations_abort_sweep(*, now: datetime | None = None) -> list[int]:
+    """Evaluate every bulk operation with abort criteria that is still rolling out (beat runs
+    this after folding the deltas) and abort those where one fires, each in a transaction of
+    its own; one whose row is locked (the ramp holds it, and checks itself) is left for the next
+    run. Returns the IDs of the bulk operations aborted."""
+    # First by the columns (and whether deltas wait to be folded), so that the many COMPLETED
+    # bulk operations whose children all finished long ago cost an index probe each, not the
+    # exact progress's four sums.
+    maybe_unfinished = (
+        Q(status__in=RUNNING_STATUSES)
+        | Q(pending__gt=0)
+        | Q(executing__gt=0)
+        | Exists(BulkProgressDelta.objects.filter(bulk_operation_id=OuterRef("pk")))
+    )
+    watched = bulk_operations_with_progress(
+        BulkOperation.objects.filter(
+            maybe_unfinished,
+            abort_config__isnull=False,
+            abort_reason__isnull=True,
+            status__in=WATCHED_STATUSES,
+        )
+    ).filter(_unfinished_q())
+    aborted = []
+    for row in list(watched.only("pk", "status", "abort_config")):
+        pk = row.pk
+        try:
+            if not _could_fire(row.abort_config, bulk_progress_bound(bulk_operation_progress(row))):
+                continue
+            with transaction.atomic():
+                bulk = (
+                    BulkOperation.objects.select_for_update(skip_locked=True).filter(pk=pk).first()
+                )
+                # The moment once the lock is held: after every batch the ramp committed.
+                moment = now or timezone.now()
+                if bulk is not None and bulk_operation_abort_check(bulk=bulk, now=moment):
+                    aborted.append(pk)
+        except Exception:  # one bulk operation's failure never stops the others, nor the tick
+            logger.exception("Abort check of bulk operation %s failed; next tick retries", pk)
+    return aborted
