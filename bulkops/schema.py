@@ -9,8 +9,10 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_view
 
 from bulkops import views
-from bulkops.models import COUNTERS, BulkStatus
+from bulkops.models import COUNTERS, BulkStatus, RolloutState
+from bulkops.rollout import RATE_CRITERIA, WAVE_THEN
 from bulkops.serializers import GENERAL_STATUSES
+from devicecontrol.schema import RETRY_CONFIG
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.schema import (
     DATE_TIME,
@@ -37,8 +39,71 @@ SELECTOR = {
     },
     "failedBulkOperationId": {"type": ["string", "integer"], "description": "= failedParentId"},
 }
+PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+ROLLOUT_CONFIG = obj(
+    {
+        "maximumPerMinute": {"type": "number", "exclusiveMinimum": 0},
+        "exponentialRate": obj(
+            {
+                "baseRatePerMinute": {"type": "number", "exclusiveMinimum": 0},
+                "incrementFactor": {"type": "number"},
+                "rateIncreaseCriteria": obj(
+                    {key: {"type": "integer", "minimum": 1} for key in RATE_CRITERIA},
+                    description="Exactly one of the two",
+                    additional=False,
+                ),
+            },
+            ["baseRatePerMinute", "incrementFactor", "rateIncreaseCriteria"],
+            additional=False,
+        ),
+    },
+    additional=False,
+    description=(
+        "Extension: a rate instead of creationRamp (constant maximumPerMinute, or exponential "
+        'capped by it), README "Rollout rates, waves, pause and resume"'
+    ),
+)
+WAVES = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": 100,
+    "items": obj(
+        {
+            "size": {"type": "integer", "minimum": 1},
+            "percentage": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+            "successThreshold": {**PERCENT, "default": 100},
+            "then": {"type": "string", "enum": list(WAVE_THEN), "default": "CONTINUE"},
+        },
+        additional=False,
+        description="Exactly one of size and percentage",
+    ),
+    "description": "Extension: waves, each gated on its children's success rate",
+}
+ABORT_CONFIG = obj(
+    {
+        "criteria": {
+            "type": "array",
+            "items": obj(
+                {
+                    "failureType": {"type": "string", "enum": ["FAILED", "TIMED_OUT", "ANY"]},
+                    "thresholdPercentage": PERCENT,
+                    "minNumberOfExecuted": {"type": "integer", "minimum": 0},
+                },
+                ["failureType", "thresholdPercentage"],
+                additional=False,
+            ),
+        }
+    },
+    ["criteria"],
+    additional=False,
+    description='Extension: abort thresholds (README "Abort thresholds")',
+)
 INPUT = {
     **SELECTOR,
+    "rolloutConfig": ROLLOUT_CONFIG,
+    "waves": WAVES,
+    "abortConfig": {"oneOf": [ABORT_CONFIG, {"type": "null"}]},
+    "retryConfig": {"oneOf": [RETRY_CONFIG, {"type": "null"}]},
     "startDate": DATE_TIME,
     "creationRamp": {
         "type": ["number", "string"],
@@ -63,6 +128,36 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 {key: {"type": "integer", "minimum": 0} for key in (*COUNTERS, "all")},
                 [*COUNTERS, "all"],
             ),
+            "rolloutConfig": ROLLOUT_CONFIG,
+            "waves": WAVES,
+            "rollout": obj(
+                {
+                    "state": {
+                        "type": "string",
+                        "enum": [*(state.value for state in RolloutState), "ABORTED", "DONE"],
+                    },
+                    "wave": {"type": "integer", "minimum": 1},
+                    "currentRatePerMinute": {"type": "number", "minimum": 0},
+                    "reason": {"type": "string"},
+                },
+                ["state"],
+                description="Extension, read only: where the rollout stands",
+            ),
+            "abortConfig": ABORT_CONFIG,
+            "abortReason": obj(
+                {
+                    "criterion": {"type": "object"},
+                    "failed": {"type": "integer"},
+                    "finished": {"type": "integer"},
+                    "percentage": {"type": "number"},
+                    "pendingFailed": {"type": "integer"},
+                    "createdChildren": {"type": "integer"},
+                    "time": DATE_TIME,
+                    "message": {"type": "string"},
+                },
+                description="Extension: why an abort threshold ended it",
+            ),
+            "retryConfig": RETRY_CONFIG,
             "c8y_RampError": obj(
                 {
                     "reason": {"type": "string"},
@@ -77,8 +172,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "BulkOperationInput": obj(
         INPUT,
-        ["startDate", "creationRamp", "operationPrototype"],
-        description=f"Exactly one of groupId and failedParentId. {OTHER_KEYS}",
+        ["startDate", "operationPrototype"],
+        description=(
+            f"Exactly one of groupId and failedParentId; creationRamp unless rolloutConfig gives "
+            f"a rate. {OTHER_KEYS}"
+        ),
     ),
     "BulkOperationUpdate": obj(
         INPUT, description=f"The keys present replace the stored values. {OTHER_KEYS}"
@@ -138,6 +236,18 @@ def _attach() -> None:
             ],
         ),
     )(views.BulkOperationDetailView)
+    extend_schema_view(
+        post=c8y_operation(
+            "Pause or resume a rollout (extension)",
+            description=(
+                "pause: no more children are created until resume; resume restarts the schedule "
+                "from now (at a wave's end: starts the next wave). No body is read."
+            ),
+            response=ref("BulkOperation"),
+            media_type=bulk,
+            parameters=[BULK_ID, ETAG],
+        )
+    )(views.BulkOperationRolloutView)
 
 
 def attach(endpoints: list[Any], **kwargs: Any) -> list[Any]:

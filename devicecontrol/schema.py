@@ -35,11 +35,24 @@ STATUS = {"type": "string", "enum": [status.value for status in OperationStatus]
 FRAGMENTS = "Any other key is a fragment (null values are dropped on create, remove on update)."
 RETRY_CONFIG = obj(
     {
-        "maxAttempts": {"type": "integer", "minimum": 1},
-        "backoffSeconds": {"type": "number", "minimum": 0},
-        "backoffFactor": {"type": "number", "minimum": 1},
+        "criteria": {
+            "type": "array",
+            "minItems": 1,
+            "items": obj(
+                {
+                    "failureType": {"type": "string", "enum": ["FAILED", "TIMED_OUT"]},
+                    "numberOfRetries": {"type": "integer", "minimum": 0, "maximum": 100},
+                },
+                ["failureType", "numberOfRetries"],
+                additional=False,
+            ),
+        },
+        "backoffSeconds": {"type": "number", "minimum": 0, "default": 60},
+        "backoffFactor": {"type": "number", "minimum": 1, "maximum": 10, "default": 2},
     },
-    description='Automatic retries of this operation (README "Automatic retries")',
+    ["criteria"],
+    additional=False,
+    description='Extension: automatic retries (README "Automatic retries")',
 )
 
 SCHEMAS: dict[str, dict[str, Any]] = {

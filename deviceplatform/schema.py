@@ -457,6 +457,76 @@ def realtime_paths() -> dict[str, Any]:
     return paths
 
 
+def operations_paths() -> dict[str, Any]:
+    """Health and metrics (README "Health and metrics"): plain views for orchestrators and
+    Prometheus, described by hand."""
+    health = {
+        "schema": obj(
+            {
+                "status": {"type": "string", "enum": ["UP", "DOWN"]},
+                "checks": {
+                    "type": "object",
+                    "additionalProperties": obj(
+                        {
+                            "status": {"type": "string", "enum": ["UP", "DOWN"]},
+                            "latencyMs": {"type": "number"},
+                            "error": {"type": "string"},
+                        },
+                        ["status"],
+                    ),
+                },
+            },
+            ["status"],
+        )
+    }
+
+    def probe(summary: str, description: str, down: bool) -> dict[str, Any]:
+        responses: dict[str, Any] = {
+            "200": {"description": "UP", "content": {JSON: health}},
+        }
+        if down:
+            responses["503"] = {"description": "A check is DOWN", "content": {JSON: health}}
+        return {
+            "get": {
+                "operationId": "health_" + summary.split()[0].lower(),
+                "summary": summary,
+                "description": description,
+                "tags": ["operations"],
+                "security": [],
+                "responses": responses,
+            }
+        }
+
+    return {
+        "/health/live": probe("Live: the process answers HTTP", "Checks nothing else.", False),
+        "/health/ready": probe(
+            "Ready: database, migrations, Redis, worker and beat heartbeats",
+            "200 when every check is UP, else 503 with each check's status and latency.",
+            True,
+        ),
+        "/metrics": {
+            "get": {
+                "operationId": "metrics_get",
+                "summary": "Prometheus metrics",
+                "description": (
+                    "The Prometheus text format, to METRICS_ALLOWED_NETWORKS (default: this host) "
+                    "or with `Authorization: Bearer $METRICS_TOKEN`; 404 when both are empty."
+                ),
+                "tags": ["operations"],
+                "security": [{}, {"metricsToken": []}],
+                "responses": {
+                    "200": {
+                        "description": "The samples",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "403": {"$ref": "#/components/responses/Forbidden"},
+                    "404": {"$ref": "#/components/responses/NotFound"},
+                },
+            }
+        },
+    }
+
+
 # --- Hooks ----------------------------------------------------------------------------------------
 
 
@@ -535,6 +605,7 @@ SHARED_SCHEMAS: dict[str, SchemaDict] = {
 }
 
 BODY_METHODS = ("post", "put")
+HAND_WRITTEN = {"realtime", "operations"}  # tags of the paths described in full by hand
 
 
 def _has_path_parameter(path_: str) -> bool:
@@ -545,7 +616,7 @@ def postprocess(result: dict[str, Any], generator: Any, **kwargs: Any) -> dict[s
     """Shared components, Basic auth, and the common error responses of every operation."""
     components = result.setdefault("components", {})
     components.setdefault("schemas", {}).update({**SHARED_SCHEMAS, **PLATFORM_SCHEMAS})
-    result.setdefault("paths", {}).update(realtime_paths())
+    result.setdefault("paths", {}).update({**realtime_paths(), **operations_paths()})
     components["responses"] = {
         name: {
             "description": text,
@@ -554,6 +625,11 @@ def postprocess(result: dict[str, Any], generator: Any, **kwargs: Any) -> dict[s
         for name, (_, text) in ERROR_RESPONSES.items()
     }
     components["securitySchemes"] = {
+        "metricsToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "METRICS_TOKEN, for /metrics only",
+        },
         "basicAuth": {
             "type": "http",
             "scheme": "basic",
@@ -561,11 +637,13 @@ def postprocess(result: dict[str, Any], generator: Any, **kwargs: Any) -> dict[s
                 "User name `user` or `<tenant>/user`. After too many failed logins for a user "
                 'name or from a client address, 429 with Retry-After (README "Failed logins").'
             ),
-        }
+        },
     }
     for path_, item in result.get("paths", {}).items():
         for method, operation in item.items():
-            if method not in ("get", "post", "put", "delete"):
+            if method not in ("get", "post", "put", "delete") or HAND_WRITTEN & set(
+                operation.get("tags", [])
+            ):
                 continue
             if BODY_REQUIRED in operation and "requestBody" in operation:
                 operation["requestBody"]["required"] = operation.pop(BODY_REQUIRED)

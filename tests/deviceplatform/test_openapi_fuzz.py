@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -117,6 +118,8 @@ def test_generated_requests_get_described_answers(live_server: Any, fuzz_world: 
     for result in schema.get_all_operations():
         operation = result.ok()
         known = fuzz_world.path_parameters(operation.path)
+        # A DOWN readiness check is a described 503, not a server error.
+        checks = CHECKS[1:] if operation.path == "/health/ready" else CHECKS
         for mode, path_parameters in [
             (GenerationMode.POSITIVE, None),
             (GenerationMode.NEGATIVE, None),
@@ -134,13 +137,19 @@ def test_generated_requests_get_described_answers(live_server: Any, fuzz_world: 
                 phases=[Phase.explicit, Phase.generate],
             )
             def run(case: Any) -> None:
+                # run() is called right below, within this iteration: `checks` is current.
                 response = case.call_and_validate(
-                    base_url=live_server.url, auth=fuzz_world.auth, checks=CHECKS, timeout=30
+                    base_url=live_server.url,
+                    auth=fuzz_world.auth,
+                    checks=checks,  # noqa: B023
+                    timeout=30,
                 )
                 statuses[response.status_code] += 1
 
             try:
                 run()
+            except Unsatisfiable:  # nothing to break in a request without parameters or body
+                assert mode == GenerationMode.NEGATIVE, operation.label
             except (Exception, BaseExceptionGroup) as failure:  # reported together below
                 label = (
                     f"{operation.label} ({mode.value}{', known IDs' if path_parameters else ''})"
