@@ -206,6 +206,7 @@ def _attach() -> None:
         ),
         post=c8y_operation(
             "Create an operation",
+            owner="device",
             description="Routed to the device's agent; PENDING.",
             request=ref("OperationInput"),
             response=ref("Operation"),
@@ -220,12 +221,14 @@ def _attach() -> None:
     extend_schema_view(
         get=c8y_operation(
             "Get an operation",
+            owner="device",
             response=ref("Operation"),
             media_type=operation,
             parameters=[OPERATION_ID, ETAG],
         ),
         put=c8y_operation(
             "Update an operation (agents report progress)",
+            owner="device",
             request=ref("OperationUpdate"),
             response=ref("Operation"),
             media_type=operation,
@@ -235,6 +238,7 @@ def _attach() -> None:
     extend_schema_view(
         post=c8y_operation(
             "Retry a FAILED operation (extension)",
+            owner="device",
             description="Creates a new PENDING operation with the same fragments and `retryOf`.",
             response=ref("Operation"),
             media_type=operation,
@@ -245,6 +249,7 @@ def _attach() -> None:
     extend_schema_view(
         post=c8y_operation(
             "Cancel an operation (extension)",
+            owner="device",
             description=(
                 "PENDING: FAILED at once. EXECUTING: `c8y_CancelRequested` is set and the agent is "
                 "told. Final statuses: 422."
@@ -304,7 +309,7 @@ def _attach() -> None:
         post=c8y_operation(
             "Register devices from a CSV file",
             description=f"At most {settings.BULK_NEW_DEVICE_MAX_ROWS} rows (onboarding.md).",
-            request={
+            request_content={
                 "multipart/form-data": obj(
                     {"file": {"type": "string", "contentMediaType": "text/csv"}}, ["file"]
                 )

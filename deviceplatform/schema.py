@@ -29,6 +29,11 @@ from deviceplatform.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 JSON = "application/json"
 BODY_REQUIRED = "x-body-required"
+OWNER = "x-owner"  # read and removed by CumulocityAutoSchema.get_operation
+STATUS_TEXT = {
+    200: "OK (a POST or PUT answers a body only when the request has an Accept header)",
+    201: "Created (a body only when the request has an Accept header)",
+}
 ERROR_MEDIA = f"{VENDOR_PREFIX}{MediaType.ERROR.value}+json"
 CONVENTIONS = "docs/api/conventions.md"
 REALTIME_DOC = "docs/api/realtime.md"
@@ -195,23 +200,28 @@ def c8y_operation(
     media_type: MediaType | None = None,
     status: int = 200,
     request: SchemaDict | None = None,
+    request_content: dict[str, SchemaDict] | None = None,
     body_required: bool = True,
+    owner: str | None = None,
     description: str = "",
     parameters: Iterable[Any] = (),
     errors: dict[int, str] | None = None,
     operation_id: str | None = None,
 ) -> Callable[[Any], Any]:
     """`extend_schema` for one Cumulocity handler: the body in plain JSON and in the resource's
-    vendor type (conventions.md "Media types"); `errors` adds statuses beyond the common ones."""
+    vendor type (conventions.md "Media types"), or `request_content` by media type; `errors` adds
+    statuses beyond the common ones; `owner` names what the owner rule looks at (roles.md)."""
     responses: dict[Any, Any] = {}
     if response is None:
         responses[status] = OpenApiResponse(description="No body")
     else:
         for content_type in (JSON, vendor(media_type)) if media_type else (JSON,):
-            responses[(status, content_type)] = OpenApiResponse(response=response)
+            responses[(status, content_type)] = OpenApiResponse(
+                response=response, description=STATUS_TEXT.get(status, "")
+            )
     for code, text in (errors or {}).items():
         responses[(code, ERROR_MEDIA)] = OpenApiResponse(response=ref("Error"), description=text)
-    request_body: dict[str, Any] | None = None
+    request_body: dict[str, Any] | None = request_content
     if request is not None:
         request_body = {JSON: request}
         if media_type:
@@ -227,7 +237,11 @@ def c8y_operation(
         parameters=extra,
         operation_id=operation_id,
         # drf-spectacular marks raw-schema bodies optional; postprocess() sets it from this.
-        extensions={BODY_REQUIRED: body_required} if request is not None else None,
+        extensions={
+            **({BODY_REQUIRED: body_required} if request_body is not None else {}),
+            **({OWNER: owner} if owner else {}),
+        }
+        or None,
     )
 
 
@@ -245,6 +259,17 @@ class CumulocityAutoSchema(AutoSchema):
         if getattr(self.view, "authentication_classes", None) == []:
             return []
         return [{"basicAuth": []}]
+
+    def _get_request_body(self, direction: str = "request") -> Any:
+        """drf-spectacular reads bodies of POST, PUT and PATCH only; some of our DELETEs take one
+        (removing several children), so a declared body is described for DELETE too."""
+        if self.method != "DELETE" or self.get_request_serializer() is None:
+            return super()._get_request_body(direction)
+        self.method = "POST"
+        try:
+            return super()._get_request_body(direction)
+        finally:
+            self.method = "DELETE"
 
     def get_operation_id(self) -> str:
         """`inventory_managedObjects_id_get`: unique by path and method, stable across runs."""
@@ -265,14 +290,17 @@ class CumulocityAutoSchema(AutoSchema):
             operation["security"] = []  # explicitly anonymous
         roles = getattr(self.view, "required_roles", {}).get(self.method)
         if operation is None or roles is None or not self.get_auth():
+            if operation is not None:
+                operation.pop(OWNER, None)
             return operation
         needed = (
             "any one of " + ", ".join(f"`{role}`" for role in sorted(roles))
             if roles
             else "any authenticated user"
         )
-        if self.method in getattr(self.view, "owner_rule_methods", ()):
-            needed += ", or ownership of the object"
+        owner = operation.pop(OWNER, None)
+        if owner:
+            needed += f", or ownership of the {owner}"
         text = operation.get("description", "")
         operation["description"] = f"{text}\n\nRoles: {needed}.".strip()
         return operation

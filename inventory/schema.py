@@ -213,12 +213,14 @@ def _attach() -> None:
     extend_schema_view(
         get=c8y_operation(
             "Get a managed object",
+            owner="managed object",
             response=ref("ManagedObject"),
             media_type=mo_json,
             parameters=[MO_ID, *RENDERING, ETAG],
         ),
         put=c8y_operation(
             "Update a managed object",
+            owner="managed object",
             description="Fragments sent replace the stored ones; others are kept.",
             request=ref("ManagedObjectInput"),
             response=ref("ManagedObject"),
@@ -227,6 +229,7 @@ def _attach() -> None:
         ),
         delete=c8y_operation(
             "Delete a managed object",
+            owner="managed object",
             status=204,
             parameters=[
                 MO_ID,
@@ -241,6 +244,7 @@ def _attach() -> None:
     extend_schema_view(
         get=c8y_operation(
             "List the children",
+            owner="managed object",
             response=ref("ManagedObjectReferenceCollection"),
             media_type=reference_collection,
             parameters=[
@@ -252,6 +256,7 @@ def _attach() -> None:
         ),
         post=c8y_operation(
             "Add children, or create a child",
+            owner="managed object",
             description=(
                 "One reference answers a `managedObjectReference`, `references` a collection; a new "
                 "object needs ROLE_INVENTORY_CREATE."
@@ -266,6 +271,7 @@ def _attach() -> None:
         ),
         delete=c8y_operation(
             "Remove several children",
+            owner="managed object",
             request=obj(
                 {"references": {"type": "array", "items": REFERENCE_INPUT}},
                 ["references"],
@@ -286,6 +292,7 @@ def _attach() -> None:
     extend_schema_view(
         get=c8y_operation(
             "List the parents",
+            owner="managed object",
             response=ref("ManagedObjectReferenceCollection"),
             media_type=reference_collection,
             parameters=[MO_ID, *RENDERING, *PAGING],
@@ -301,12 +308,14 @@ def _attach() -> None:
     extend_schema_view(
         get=c8y_operation(
             "List a managed object's external IDs",
+            owner="managed object",
             response=ref("ExternalIdCollection"),
             media_type=MediaType.EXTERNAL_ID_COLLECTION,
             parameters=[MO_ID, *PAGING],
         ),
         post=c8y_operation(
             "Bind an external ID",
+            owner="managed object",
             request=ref("ExternalIdInput"),
             response=ref("ExternalId"),
             media_type=MediaType.EXTERNAL_ID,
@@ -322,11 +331,17 @@ def _attach() -> None:
     extend_schema_view(
         get=c8y_operation(
             "Get an external ID",
+            owner="managed object",
             response=ref("ExternalId"),
             media_type=MediaType.EXTERNAL_ID,
             parameters=[*pair, ETAG],
         ),
-        delete=c8y_operation("Delete an external ID", status=204, parameters=[*pair, IF_MATCH]),
+        delete=c8y_operation(
+            "Delete an external ID",
+            status=204,
+            parameters=[*pair, IF_MATCH],
+            owner="managed object",
+        ),
     )(identity_views.ExternalIdDetailView)
 
 
