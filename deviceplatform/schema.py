@@ -632,6 +632,15 @@ SHARED_SCHEMAS: dict[str, SchemaDict] = {
     "Link": obj({"self": url()}, ["self"]),
 }
 
+TAGS = [
+    ("platform", "The platform root, the current tenant and user, login options", "platform"),
+    ("inventory", "Managed objects and their child and parent references", "inventory"),
+    ("identity", "External IDs of managed objects", "identity"),
+    ("devicecontrol", "Operations, device registration and credentials", "devicecontrol"),
+    ("bulk operations", "One operation for many devices, at a ramp or rate", "bulkoperations"),
+    ("realtime", "Bayeux/CometD notifications (long-polling and WebSocket)", "realtime"),
+    ("operations", "Health probes and Prometheus metrics (no credentials)", "../api"),
+]
 BODY_METHODS = ("post", "put")
 HAND_WRITTEN = {"realtime", "operations"}  # tags of the paths described in full by hand
 
@@ -692,4 +701,8 @@ def postprocess(result: dict[str, Any], generator: Any, **kwargs: Any) -> dict[s
             operation["responses"] = dict(sorted(responses.items()))
     result["paths"] = dict(sorted(result.get("paths", {}).items()))
     result["externalDocs"] = {"description": "API conventions", "url": CONVENTIONS}
+    result["tags"] = [
+        {"name": name, "description": text, "externalDocs": {"url": f"docs/api/{page}.md"}}
+        for name, text, page in TAGS
+    ]
     return result
