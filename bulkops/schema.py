@@ -168,7 +168,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             ),
         },
         ["id", "self", "startDate", "creationRamp", "operationPrototype", "status", "progress"],
-        description=f"One operation for many devices, created at a ramp (bulkoperations.md). {OTHER_KEYS}",
+        description=(
+            f"One operation for many devices, created at a ramp (bulkoperations.md). {OTHER_KEYS}"
+        ),
     ),
     "BulkOperationInput": obj(
         INPUT,

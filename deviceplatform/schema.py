@@ -1,4 +1,5 @@
-"""The OpenAPI description of the API (README "API description"), built by drf-spectacular.
+"""The OpenAPI description of the API (README "API description (OpenAPI)"), built by
+drf-spectacular.
 
 Paths and methods come from the URL patterns and the views' handlers; roles from each view's
 `required_roles`. Our views parse bodies by hand, so bodies, query parameters and media types are

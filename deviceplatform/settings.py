@@ -220,7 +220,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "deviceplatform.schema.CumulocityAutoSchema",
 }
 
-# --- API description (README "API description") --------------------------------------------------
+# --- API description (README "API description (OpenAPI)") -----------------------------------------
 # drf-spectacular builds the OpenAPI document from the URL patterns and views; the bodies, query
 # parameters and media types come from each app's schema.py, attached by these hooks.
 SPECTACULAR_SETTINGS = {

@@ -24,7 +24,7 @@ urlpatterns = [
     # Existing static files never get here (deviceplatform/staticfiles.py); a missing one is a
     # plain 404, not an API error.
     re_path(r"^static/(?P<path>.*)$", static_not_found),
-    # The API description (README "API description"), readable without credentials.
+    # The API description (README "API description (OpenAPI)"), readable without credentials.
     path("openapi.json", openapi_views.openapi_json),
     path("openapi.yaml", openapi_views.openapi_yaml),
     re_path(r"^docs/?$", openapi_views.DocsView.as_view(), name="api-docs"),

@@ -109,7 +109,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "name": {"type": ["string", "null"], "description": "null in a PUT removes it"},
             "owner": {"type": "string", "description": "Honoured from ROLE_INVENTORY_ADMIN"},
         },
-        description=f"id, self, creationTime, lastUpdated and the references are ignored. {FRAGMENT_NOTE}",
+        description=(
+            f"id, self, creationTime, lastUpdated and the references are ignored. {FRAGMENT_NOTE}"
+        ),
     ),
     "ManagedObjectCollection": collection("managedObjects", ref("ManagedObject")),
     "ManagedObjectReference": obj(

@@ -1,4 +1,5 @@
-"""`/openapi.json`, `/openapi.yaml` and the Swagger UI at `/docs/` (README "API description").
+"""`/openapi.json`, `/openapi.yaml` and the Swagger UI at `/docs/` (README "API description
+(OpenAPI)").
 
 The document is generated once per process and cached (generation takes a noticeable fraction of
 a second; bench/openapi.py measures it). No credentials are needed: it describes the API, not

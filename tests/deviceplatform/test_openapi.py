@@ -1,7 +1,7 @@
-"""The OpenAPI description (deviceplatform/schema.py, README "API description"): a valid OpenAPI 3.1
-document, served without credentials, naming every URL pattern and method the server answers, and
-describing real answers: bodies of a set of endpoints (success and errors, plain JSON and vendor
-media types) are validated against the document's schemas."""
+"""The OpenAPI description (deviceplatform/schema.py, README "API description (OpenAPI)"): a
+valid OpenAPI 3.1 document, served without credentials, naming every URL pattern and method the
+server answers, and describing real answers: bodies of a set of endpoints (success and errors,
+plain JSON and vendor media types) are validated against the document's schemas."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def test_vendor_media_types_roles_and_extensions_are_named(document: dict[str, A
     assert "/devicecontrol/operations/{id}/cancel" in document["paths"]
 
 
-# --- real answers against the document -------------------------------------------------------------
+# --- real answers against the document ------------------------------------------------------------
 
 
 class Conformance:
