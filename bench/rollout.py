@@ -175,7 +175,39 @@ def configured_offsets(
     return offsets
 
 
+def curve_table(
+    out: Report, actual: list[float], due: list[float], interval: float, until: float | None = None
+) -> None:
+    """Children created in each `interval` seconds (`actual`: offsets from the start) beside the
+    number the configured curve makes due in it (`due`: offsets by position), with both running
+    totals. With `until` (an abort's offset) the rows end with the one holding it and the
+    configured side counts only what fell due before it."""
+    end = max(actual[-1] if actual else 0.0, due[-1] if until is None else until)
+    horizon = float("inf") if until is None else until
+    rows = int(end // interval) + 1
+    out(f"{'seconds':>13} {'created':>9} {'expected':>9} {'cum.':>9} {'exp. cum.':>9}")
+    cumulative = expected_cumulative = 0
+    for row in range(rows):
+        low, high = row * interval, (row + 1) * interval
+        got = sum(1 for a in actual if low <= a < high)
+        want = sum(1 for d in due if low <= d < min(high, horizon))
+        cumulative += got
+        expected_cumulative += want
+        mark = "  <- abort" if low <= horizon < high else ""
+        out(
+            f"{low:6.0f}-{high:<6.0f} {got:9,} {want:9,} {cumulative:9,} "
+            f"{expected_cumulative:9,}{mark}"
+        )
+
+
 # --- measurements ---------------------------------------------------------------------------------
+
+
+def snapshot_lead(targets: int) -> float:
+    """Seconds ahead of the POST to set a curve's startDate: the POST snapshots every target
+    first, and the curve should start after it has committed (else the ramp first catches up what
+    fell due meanwhile). 30 s at 100,000 targets, whose POST took 9-12 s on a loaded machine."""
+    return 5 + targets / 4000
 
 
 def post_bulk(client: Any, body: dict[str, Any]) -> int:
@@ -224,8 +256,7 @@ def creation_times(url: str, bulk_id: int) -> tuple[datetime, list[datetime]]:
 def curve(
     args: argparse.Namespace, url: str, client: Any, group: int, worker: Any, out: Report
 ) -> int:
-    # The POST snapshots every target first: start far enough ahead that it has committed by then.
-    start = datetime.now(UTC) + timedelta(seconds=5 + args.devices / 10_000)
+    start = datetime.now(UTC) + timedelta(seconds=snapshot_lead(args.devices))
     config = {
         "exponentialRate": {
             "baseRatePerMinute": args.base,
@@ -255,17 +286,7 @@ def curve(
     due = configured_offsets(args.devices, args.base, args.factor, args.every, args.max)
     actual = [(moment - effective).total_seconds() for moment in created]
     lateness = sorted(a - d for a, d in zip(actual, due, strict=True))
-    end = max(actual[-1], due[-1])
-    rows = int(end // args.interval) + 1
-    out(f"{'seconds':>13} {'created':>9} {'expected':>9} {'cum.':>9} {'exp. cum.':>9}")
-    cumulative = expected_cumulative = 0
-    for row in range(rows):
-        low, high = row * args.interval, (row + 1) * args.interval
-        got = sum(1 for a in actual if low <= a < high)
-        want = sum(1 for d in due if low <= d < high)
-        cumulative += got
-        expected_cumulative += want
-        out(f"{low:6.0f}-{high:<6.0f} {got:9,} {want:9,} {cumulative:9,} {expected_cumulative:9,}")
+    curve_table(out, actual, due, args.interval)
     early = sum(1 for value in lateness if value < -0.001)  # creationTime keeps whole ms
     out(
         f"lateness (creationTime - due on the configured curve): max {lateness[-1]:.3f} s, "

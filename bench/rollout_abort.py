@@ -13,24 +13,31 @@ they appear:
       until it crosses the threshold while the ramp is creating children;
   (b) slow ramp: creationRamp --slow-ramp over --slow-devices devices, ANY 50 % after 3, every
       child failed: the threshold is crossed between two due children, and only beat's run can
-      abort it before the next one.
+      abort it before the next one;
+  (c) exponential rollout (issue 14 item 9): every device with "rolloutConfig": {"exponentialRate":
+      {"baseRatePerMinute": --exp-base, "incrementFactor": --exp-factor, "rateIncreaseCriteria":
+      {"numberOfNotifiedDevices": --exp-every}}, "maximumPerMinute": --exp-max} and the abort
+      criterion of (a); the agent makes the first --exp-fault-after children SUCCESSFUL, then fails
+      every one, so the threshold is crossed while the rate climbs or runs at its cap. Printed:
+      children created per --curve-interval seconds beside the configured curve (bench/rollout.py's
+      reference) up to the abort, each child's lateness on that curve, and what (a) prints.
 
 For each it prints when the threshold was crossed (the commit of the agent's status change that
 made failed/finished reach it: between the start and the return of that call), the abort's moment
 (abortReason.time), when creation stopped (the last child's creationTime), the latencies, the
-children created after the crossing, the PENDING children the abort failed, and, for (a), the
-creation-rate curve against the configured one. Ceiling: the ramp tick (BULK_RAMP_INTERVAL), the
+children created after the crossing, the PENDING children the abort failed, and, for (a) and (c),
+the creation-rate curve against the configured one. Ceiling: the ramp tick (BULK_RAMP_INTERVAL), the
 goal: creation stops within one tick of the crossing.
 
 Usage (see bench/README.md):  .venv/bin/python bench/rollout_abort.py [--devices 100000]
-                              .venv/bin/python bench/rollout_abort.py --devices 5000
+                              .venv/bin/python bench/rollout_abort.py --parts c
+                              bench/all's size: --devices 5000 --exp-max 12000 --curve-interval 2
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -53,18 +60,18 @@ from _common import (
     load_average_line,
     machine_line,
     migrate_and_create_user,
+    percentile,
     recreate_database,
     run_main,
     setup_django,
     summary,
 )
+from bulk import ramp_processes
+from rollout import configured_offsets, curve_table, post_bulk, seed, snapshot_lead
 
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/dp_bench_abort"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
 PROTOTYPE = {"description": "Restart device", "c8y_Restart": {}}
-MO_COLUMNS = (
-    "type, name, owner, creation_time, last_updated, fragments, is_device, is_agent, is_group"
-)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -85,6 +92,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--slow-ramp", type=float, default=2.0, help="(b) creationRamp, seconds")
     parser.add_argument("--slow-devices", type=int, default=20, help="(b) targets")
+    parser.add_argument("--exp-base", type=float, default=600, help="(c) baseRatePerMinute")
+    parser.add_argument("--exp-factor", type=float, default=2.0, help="(c) incrementFactor")
+    parser.add_argument(
+        "--exp-every",
+        type=int,
+        default=0,
+        help="(c) numberOfNotifiedDevices (0: --devices / 50, 2,000 at 100,000)",
+    )
+    parser.add_argument("--exp-max", type=float, default=60_000, help="(c) maximumPerMinute")
+    parser.add_argument(
+        "--exp-fault-after",
+        type=int,
+        default=0,
+        help="(c) children the agent makes SUCCESSFUL before it fails every one (0: a tenth of "
+        "--devices: at 100,000 the agent, slower than the cap, crosses at the cap)",
+    )
+    parser.add_argument(
+        "--curve-interval", type=float, default=10.0, help="(c) seconds per row of the curve"
+    )
+    parser.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
     parser.add_argument("--interval", type=float, default=0.5, help="BULK_RAMP_INTERVAL (beat)")
     parser.add_argument("--bins", type=int, default=12, help="(a) rows of the rate curve")
     parser.add_argument("--timeout", type=float, default=900.0, help="per bulk operation, seconds")
@@ -101,91 +128,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.fault_after:
         args.fault_after = min(args.devices // 10, 2000)
-    if args.slow_devices > args.devices or args.fault_after >= args.devices:
-        parser.error("--slow-devices and --fault-after must be below --devices")
+    args.exp_every = args.exp_every or max(args.devices // 50, 1)
+    args.exp_fault_after = args.exp_fault_after or args.devices // 10
+    if (
+        args.slow_devices > args.devices
+        or max(args.fault_after, args.exp_fault_after) >= args.devices
+    ):
+        parser.error("--slow-devices, --fault-after and --exp-fault-after must be below --devices")
+    args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if not args.parts or args.parts - {"a", "b", "c"}:
+        parser.error("--parts: a comma-separated subset of a,b,c")
     return args
 
 
-def seed(url: str, devices: int, agents: int, slow: int) -> dict[str, int]:
-    """Agents, devices (device i under agent i % agents), a group of all devices and one of the
-    first `slow`."""
-    with psycopg.connect(url) as conn:
-        agent_ids = [
-            row[0]
-            for row in conn.execute(
-                f"INSERT INTO inventory_managedobject ({MO_COLUMNS}) SELECT 'c8y_BenchAgent',"
-                " 'agent-' || g, 'bench', now(), now(), %s::jsonb, true, true, false"
-                " FROM generate_series(0, %s) g RETURNING id",
-                (
-                    orjson.dumps({"com_cumulocity_model_Agent": {}, "c8y_IsDevice": {}}).decode(),
-                    agents - 1,
-                ),
-            ).fetchall()
-        ]
-        device_ids = [
-            row[0]
-            for row in conn.execute(
-                f"INSERT INTO inventory_managedobject ({MO_COLUMNS}) SELECT 'c8y_BenchDevice',"
-                " 'device-' || g, 'bench', now(), now(), '{\"c8y_IsDevice\": {}}', true, false,"
-                " false FROM generate_series(0, %s) g RETURNING id",
-                (devices - 1,),
-            ).fetchall()
-        ]
-        agent_ids.sort()
-        device_ids.sort()
-        groups = {}
-        for name in ("all", "slow"):
-            groups[name] = conn.execute(
-                f"INSERT INTO inventory_managedobject ({MO_COLUMNS}) VALUES ('c8y_DeviceGroup',"
-                " %s, 'bench', now(), now(), '{\"c8y_IsDeviceGroup\": {}}', false, false, true)"
-                " RETURNING id",
-                (f"bench-{name}",),
-            ).fetchone()[0]
-        with (
-            conn.cursor() as cursor,
-            cursor.copy(
-                "COPY inventory_managedobjectreference (parent_id, child_id, relation) FROM STDIN"
-            ) as copy,
-        ):
-            lines = []
-            for i, device in enumerate(device_ids):
-                lines.append(f"{agent_ids[i % len(agent_ids)]}\t{device}\tdevice\n")
-                lines.append(f"{groups['all']}\t{device}\tasset\n")
-                if i < slow:
-                    lines.append(f"{groups['slow']}\t{device}\tasset\n")
-            copy.write("".join(lines))
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("VACUUM (ANALYZE)")
-    return groups
-
-
-def wait_for(log: Path, marker: str, process: Process, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not process.alive():
-            raise SystemExit(f"{process.name} exited:\n{process.log_tail(30)}")
-        if marker in log.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"{process.name} not ready after {seconds:.0f} s:\n{process.log_tail(30)}")
-
-
-def ramp_processes(env: dict[str, str], log_dir: Path) -> tuple[Process, Process]:
-    """A Celery worker (--pool solo) and beat, both ready."""
-    worker_log, beat_log = log_dir / "worker.log", log_dir / "beat.log"
-    worker = Process(
-        [sys.executable, "-m", "celery", "-A", "deviceplatform", "worker", "--pool", "solo",
-         "--loglevel", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        {**env, "LOG_LEVEL": "INFO"}, worker_log, name="worker",
-    )  # fmt: skip
-    beat = Process(
-        [sys.executable, "-m", "celery", "-A", "deviceplatform", "beat", "--loglevel", "info",
-         "--schedule", str(log_dir / "beat.schedule")],
-        {**env, "LOG_LEVEL": "DEBUG"}, beat_log, name="beat",
-    )  # fmt: skip
-    wait_for(worker_log, "ready", worker)
-    wait_for(beat_log, "Sending due task", beat)
-    return worker, beat
+def bulk_body(
+    group_id: int, criterion: dict[str, Any], start: datetime | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A bulk operation over the group with one abort criterion, starting now or at `start`."""
+    return {
+        "groupId": str(group_id),
+        "startDate": (start or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+        "operationPrototype": PROTOTYPE,
+        "abortConfig": {"criteria": [criterion]},
+        **extra,
+    }
 
 
 # --- the fake agent -------------------------------------------------------------------------------
@@ -271,25 +237,6 @@ class FakeAgent(threading.Thread):
 # --- one run ------------------------------------------------------------------------------------
 
 
-def post_bulk(client: Any, group_id: int, ramp: float, criterion: dict[str, Any]) -> int:
-    body = {
-        "groupId": str(group_id),
-        "startDate": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "creationRamp": ramp,
-        "operationPrototype": PROTOTYPE,
-        "abortConfig": {"criteria": [criterion]},
-    }
-    response = client.post(
-        "/devicecontrol/bulkoperations",
-        data=orjson.dumps(body),
-        content_type="application/json",
-        HTTP_ACCEPT="application/vnd.com.nsn.cumulocity.bulkoperation+json",
-    )
-    if response.status_code != 201:
-        raise SystemExit(f"POST failed: {response.status_code} {response.content[:300]!r}")
-    return int(orjson.loads(response.content)["id"])
-
-
 def wait_ended(
     url: str, bulk_id: int, worker: Process, agent: FakeAgent, timeout: float
 ) -> datetime:
@@ -333,17 +280,18 @@ def run(
     client: Any,
     url: str,
     worker: Process,
-    group_id: int,
-    ramp: float,
-    criterion: dict[str, Any],
+    body: dict[str, Any],
     succeed: int,
     timeout: float,
 ) -> Outcome:
+    """POST `body`, finish its children with the fake agent (the first `succeed` SUCCESSFUL) until
+    its abort criterion aborts it."""
     from bulkops.models import BulkOperation
     from devicecontrol.models import Operation
 
+    (criterion,) = body["abortConfig"]["criteria"]
     posted = time.perf_counter()
-    bulk_id = post_bulk(client, group_id, ramp, criterion)
+    bulk_id = post_bulk(client, body)
     posted = time.perf_counter() - posted
     agent = FakeAgent(bulk_id, criterion, succeed)
     agent.start()
@@ -360,10 +308,14 @@ def run(
         Operation.objects.filter(bulk_operation_id=bulk_id).values_list("creation_time", flat=True)
     )
     aborted = datetime.fromisoformat(reason["time"].replace("Z", "+00:00"))
-    return Outcome(agent.crossing, aborted, seen, reason, creation, bulk.effective_start, posted)
+    # A rate's step restarts effectiveStart at the step's first child: a rollout's origin is its
+    # startDate (set ahead of the POST's commit), a creationRamp's its effectiveStart.
+    start = bulk.start_date if bulk.rollout_config else bulk.effective_start
+    return Outcome(agent.crossing, aborted, seen, reason, creation, start, posted)
 
 
-def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> None:
+def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> float:
+    """Print the crossing, the abort and when creation stopped; return that stop latency."""
     c = outcome.crossing
     s = outcome.start
     window = (c.returned - c.started).total_seconds()
@@ -414,6 +366,7 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> Non
         ceiling_value=tick,
     )
     summary(out, f"{name} children after crossing", outcome.after(c.returned), "children")
+    return stop_latency
 
 
 def rate_curve(out: Report, outcome: Outcome, ramp: float, bins: int) -> None:
@@ -447,6 +400,78 @@ def rate_curve(out: Report, outcome: Outcome, ramp: float, bins: int) -> None:
     )
 
 
+def exponential(
+    args: argparse.Namespace, client: Any, url: str, worker: Process, group_id: int, out: Report
+) -> int:
+    """(c): the exponential rollout with abortConfig; how many children were created early on
+    the configured curve (none should be)."""
+    config = {
+        "exponentialRate": {
+            "baseRatePerMinute": args.exp_base,
+            "incrementFactor": args.exp_factor,
+            "rateIncreaseCriteria": {"numberOfNotifiedDevices": args.exp_every},
+        },
+        "maximumPerMinute": args.exp_max,
+    }
+    criterion = {
+        "failureType": "FAILED",
+        "thresholdPercentage": args.threshold,
+        "minNumberOfExecuted": args.min_executed,
+    }
+    out(
+        f"=== (c) exponential rollout over {args.devices:,} devices, rolloutConfig "
+        f"{orjson.dumps(config).decode()}, abort {orjson.dumps(criterion).decode()}; the agent "
+        f"fails every child after {args.exp_fault_after:,} ==="
+    )
+    lead = snapshot_lead(args.devices)
+    start = datetime.now(UTC) + timedelta(seconds=lead)
+    body = bulk_body(group_id, criterion, start, creationRamp=0, rolloutConfig=config)
+    outcome = run(client, url, worker, body, args.exp_fault_after, args.timeout)
+    out(f"the POST took {outcome.post_seconds:.2f} s (startDate {lead:.0f} s after it was sent)")
+    # The ramp creates positions in order: the k-th child by creationTime holds position k.
+    actual = [(created - outcome.start).total_seconds() for created in outcome.creation]
+    due = configured_offsets(
+        args.devices, args.exp_base, args.exp_factor, args.exp_every, args.exp_max
+    )
+    aborted_at = (outcome.aborted - outcome.start).total_seconds()
+    crossed_at = (outcome.crossing.returned - outcome.start).total_seconds()
+    out(
+        f"children created per {args.curve_interval:g} s beside the configured curve, up to the "
+        f"abort's moment (+{aborted_at:.1f} s):"
+    )
+    curve_table(out, actual, due, args.curve_interval, until=aborted_at)
+    lateness = sorted(a - d for a, d in zip(actual, due, strict=False))
+    early = sum(1 for late in lateness if late < -0.001)  # creationTime keeps whole ms
+    level = (len(actual) - 1) // args.exp_every
+    rate = min(args.exp_base * args.exp_factor**level, args.exp_max)
+    recent = sum(1 for a in actual if crossed_at - args.curve_interval <= a < crossed_at)
+    out(
+        f"lateness on the configured curve: max {lateness[-1]:.3f} s, p99 "
+        f"{percentile(lateness, 0.99):.3f} s, p50 {percentile(lateness, 0.5):.3f} s, early "
+        f"{early}; at the crossing (+{crossed_at:.1f} s) the configured rate was {rate:,.0f}/min "
+        f"({rate / 60:,.0f}/s), created in the {args.curve_interval:g} s before it: "
+        f"{recent / args.curve_interval:,.0f}/s; the agent had finished "
+        f"{outcome.crossing.finished:,} of {len(actual):,} children created by the abort"
+    )
+    summary(
+        out,
+        "exponential rollout lateness max",
+        lateness[-1],
+        "s",
+        ceiling="ramp tick",
+        ceiling_value=args.interval,
+        goal="<= 1 tick, none early",
+        met=lateness[-1] <= args.interval and early == 0,
+    )
+    report_outcome(out, "exponential rollout", outcome, args.interval)
+    if len(actual) == args.devices and actual[-1] <= crossed_at:
+        out(
+            "NOTE: every child was created before the crossing (the agent fell behind the rate): "
+            "this run says nothing about stopping creation; lower --exp-fault-after or --exp-max"
+        )
+    return early
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     url, admin_url = checked_database_url(args.database_url)
@@ -469,7 +494,7 @@ def main(argv: list[str]) -> int:
     )
     migrate_and_create_user(env)
     t0 = time.perf_counter()
-    groups = seed(url, args.devices, args.agents, args.slow_devices)
+    groups = seed(url, args.devices, args.agents, {"all": args.devices, "slow": args.slow_devices})
     out(
         f"seeded {args.agents} agents, {args.devices:,} devices in {time.perf_counter() - t0:.1f} s"
     )
@@ -479,42 +504,53 @@ def main(argv: list[str]) -> int:
     client = Client(HTTP_AUTHORIZATION=basic_auth(), HTTP_HOST="127.0.0.1")
     log_dir = Path(tempfile.mkdtemp(prefix="dp-bench-abort-"))
     out(f"process logs: {log_dir}")
-    worker, beat = ramp_processes(env, log_dir)
+    worker, beat = ramp_processes("abort", env, log_dir)
+    fast = {
+        "failureType": "FAILED",
+        "thresholdPercentage": args.threshold,
+        "minNumberOfExecuted": args.min_executed,
+    }
+    early = 0
     try:
-        out()
-        fast = {
-            "failureType": "FAILED",
-            "thresholdPercentage": args.threshold,
-            "minNumberOfExecuted": args.min_executed,
-        }
-        out(
-            f"=== (a) creationRamp {args.ramp:g} s over {args.devices:,} devices, abort "
-            f"{orjson.dumps(fast).decode()}; the agent fails every child after "
-            f"{args.fault_after:,} ==="
-        )
-        a = run(client, url, worker, groups["all"], args.ramp, fast, args.fault_after,
-                args.timeout)  # fmt: skip
-        rate_curve(out, a, args.ramp, args.bins)
-        report_outcome(out, "fast ramp", a, args.interval)
+        if "a" in args.parts:
+            out()
+            out(
+                f"=== (a) creationRamp {args.ramp:g} s over {args.devices:,} devices, abort "
+                f"{orjson.dumps(fast).decode()}; the agent fails every child after "
+                f"{args.fault_after:,} ==="
+            )
+            body = bulk_body(groups["all"], fast, creationRamp=args.ramp)
+            a = run(client, url, worker, body, args.fault_after, args.timeout)
+            rate_curve(out, a, args.ramp, args.bins)
+            report_outcome(out, "fast ramp", a, args.interval)
 
-        out()
-        slow = {"failureType": "ANY", "thresholdPercentage": 50, "minNumberOfExecuted": 3}
-        out(
-            f"=== (b) creationRamp {args.slow_ramp:g} s over {args.slow_devices} devices, abort "
-            f"{orjson.dumps(slow).decode()}; the agent fails every child ==="
-        )
-        b = run(client, url, worker, groups["slow"], args.slow_ramp, slow, 0, args.timeout)
-        report_outcome(out, "slow ramp", b, args.interval)
-        due = b.start + timedelta(seconds=args.slow_ramp * len(b.creation))
-        out(
-            f"the next child was due at +{(due - b.start).total_seconds():.3f} s: the abort came "
-            f"{(due - b.aborted).total_seconds():.3f} s before it (beat's run, not the ramp)"
-        )
+        if "b" in args.parts:
+            out()
+            slow = {"failureType": "ANY", "thresholdPercentage": 50, "minNumberOfExecuted": 3}
+            out(
+                f"=== (b) creationRamp {args.slow_ramp:g} s over {args.slow_devices} devices, "
+                f"abort {orjson.dumps(slow).decode()}; the agent fails every child ==="
+            )
+            body = bulk_body(groups["slow"], slow, creationRamp=args.slow_ramp)
+            b = run(client, url, worker, body, 0, args.timeout)
+            report_outcome(out, "slow ramp", b, args.interval)
+            due = b.start + timedelta(seconds=args.slow_ramp * len(b.creation))
+            out(
+                f"the next child was due at +{(due - b.start).total_seconds():.3f} s: the abort "
+                f"came {(due - b.aborted).total_seconds():.3f} s before it (beat's run, not the "
+                "ramp)"
+            )
+
+        if "c" in args.parts:
+            out()
+            early = exponential(args, client, url, worker, groups["all"], out)
     finally:
         beat.stop()
         worker.stop()
         flush_redis(redis_url)
-    return 0
+    if early:
+        out(f"FAIL: {early} children created before their due time on the configured curve")
+    return 1 if early else 0
 
 
 if __name__ == "__main__":

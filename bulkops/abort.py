@@ -34,6 +34,8 @@ from bulkops.models import RUNNING_STATUSES, BulkOperation, BulkProgressDelta, B
 from bulkops.selectors import CURRENT, bulk_operation_progress, bulk_operations_with_progress
 from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.services import (
+    CANCEL_REQUESTED,
+    CANCELLED_REASON,
     EXPIRED_REASON,
     TIMED_OUT_REASON,
     operations_fail,
@@ -154,6 +156,15 @@ class AbortCounts:
         return self.failed
 
 
+def _cancelled_q() -> Q:
+    """Failures an operator caused (README "Cancel that reaches the device"): a PENDING child
+    cancelled ("Cancelled by <user>") or one whose cancel was requested while EXECUTING. They say
+    nothing about the rollout's health, so abort criteria leave them out (of finished too)."""
+    return Q(failure_reason__startswith=CANCELLED_REASON.split("{", 1)[0]) | Q(
+        fragments__has_key=CANCEL_REQUESTED
+    )
+
+
 def _timed_out_q() -> Q:
     q = Q()
     for prefix in TIMEOUT_PREFIXES:
@@ -168,18 +179,22 @@ def abort_counts(*, bulk_operation_id: int) -> AbortCounts:
     out of `finished` too or not be counted in `failed` (the bound then still holds, since
     (f - r) / (n - r) <= f / n). A FAILED attempt with a booked automatic retry (`retry_at`) is
     not finished yet: its device fails for good only once its retries are spent, so it is left out
-    of both counts."""
+    of both counts. So is a child an operator cancelled (`_cancelled_q`)."""
     final = [OperationStatus.SUCCESSFUL, OperationStatus.FAILED]
     failed = Q(status=OperationStatus.FAILED)
-    row = Operation.objects.filter(
-        bulk_operation_id=bulk_operation_id,
-        superseded=False,
-        status__in=final,
-        retry_at__isnull=True,
-    ).aggregate(
-        finished=Count("pk"),
-        failed=Count("pk", filter=failed),
-        timed_out=Count("pk", filter=failed & _timed_out_q()),
+    row = (
+        Operation.objects.filter(
+            bulk_operation_id=bulk_operation_id,
+            superseded=False,
+            status__in=final,
+            retry_at__isnull=True,
+        )
+        .exclude(failed & _cancelled_q())
+        .aggregate(
+            finished=Count("pk"),
+            failed=Count("pk", filter=failed),
+            timed_out=Count("pk", filter=failed & _timed_out_q()),
+        )
     )
     return AbortCounts(finished=row["finished"], failed=row["failed"], timed_out=row["timed_out"])
 
@@ -237,14 +252,16 @@ def _abort(
     percentage = _percentage(failures, counts.finished)
     summary = criterion_summary(criterion)
     message = f"{ABORTED_PREFIX}{summary}: {failures} of {counts.finished} finished failed"
+    # No further attempts either: booked automatic retries of its children go, as on a cancel.
+    # First: this waits for a child the retry sweep holds, and a retry it just created is then
+    # PENDING for the statements below (each reads what committed before it ran).
+    operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
     pending = Operation.objects.filter(
         bulk_operation_id=bulk.pk, superseded=False, status=OperationStatus.PENDING
     )
     cancelled = operations_fail(
         queryset=pending, reason=f"{ABORTED_PREFIX}{summary}", now=now, batch_size=FAIL_BATCH_SIZE
     )
-    # No further attempts either: booked automatic retries of its children go, as on a cancel.
-    operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
     bulk.status = BulkStatus.DELETED
     bulk.next_due_at = None
     bulk.last_updated = now

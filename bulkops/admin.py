@@ -41,7 +41,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_POST
 
 from bulkops.models import RUNNING_STATUSES, BulkOperation, RolloutState
-from bulkops.rollout import current_rate_per_minute, rollout_state
+from bulkops.rollout import READ_ONLY_KEY, current_rate_per_minute, rollout_json, rollout_state
 from bulkops.selectors import (
     CURRENT,
     bulk_operation_progress,
@@ -64,7 +64,7 @@ from bulkops.services import (
 from devicecontrol.models import OperationStatus
 from deviceplatform.admin_lists import FleetListMixin
 from deviceplatform.api.dates import format_datetime, parse_datetime
-from deviceplatform.api.exceptions import ApiError, error_body
+from deviceplatform.api.exceptions import ApiError, ValidationFailed, error_body
 from deviceplatform.api.params import MAX_ID
 from inventory.admin import adopt, rehearse
 from inventory.models import ManagedObject
@@ -230,9 +230,9 @@ def rollout_html(bulk: BulkOperation) -> str:
     rate = current_rate_per_minute(bulk)
     if state == RolloutState.RUNNING and rate is not None:
         parts.append(format_html("{}/min", f"{rate:.4g}"))
-    reason = getattr(bulk, "abort_reason", None) or (
-        bulk.rollout_reason if state == RolloutState.PAUSED else None
-    )
+    # The same reason as the API's `rollout.reason`: an abort's message (abortReason is an
+    # object), "Cancelled" for a cancel, the pause's reason while paused.
+    reason = rollout_json(bulk).get(READ_ONLY_KEY, {}).get("reason")
     if reason:
         parts.append(format_html('<span class="bulk-rollout-reason">{}</span>', reason))
     return format_html_join(" · ", "{}", ((part,) for part in parts))
@@ -1082,11 +1082,24 @@ ROLLOUT_BUTTONS: dict[str, tuple[str, Callable[[int, str], BulkOperation]]] = {
     "pause": ("paused", lambda pk, by: bulk_operation_pause(bulk_operation_id=pk, by=by)),
     "resume": ("resumed", lambda pk, by: bulk_operation_resume(bulk_operation_id=pk, by=by)),
     # Abort: no further children, and its PENDING children are cancelled ("Cancelled by <by>").
-    "abort": (
-        "aborted",
-        lambda pk, by: bulk_operation_cancel(bulk_operation_id=pk, cancel_pending=True, by=by),
-    ),
+    "abort": ("aborted", lambda pk, by: _abort(pk, by)),
 }
+
+
+def _running(bulk: BulkOperation) -> None:
+    """Under the cancel's row lock: a second press (or a stale page) of Abort on a bulk operation
+    that completed or was cancelled meanwhile is refused, not logged as another abort."""
+    if bulk.status not in RUNNING_STATUSES:
+        raise ValidationFailed(
+            f"Only ACTIVE or IN_PROGRESS bulk operations can be aborted; {bulk.pk} is {bulk.status}",
+            error="devicecontrol/Invalid Data",
+        )
+
+
+def _abort(pk: int, by: str) -> BulkOperation:
+    return bulk_operation_cancel(
+        bulk_operation_id=pk, cancel_pending=True, by=by, precondition=_running
+    )
 
 
 def rollout_buttons(bulk: BulkOperation) -> list[tuple[str, str]]:

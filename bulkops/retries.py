@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bulkops.models import BulkOperation, BulkStatus
+from bulkops.models import RUNNING_STATUSES, BulkOperation, BulkStatus, RolloutState
 from devicecontrol.services import RETRY_CONFIG, retry_config_validate
 
 
@@ -32,3 +32,13 @@ def bulk_retry_configs(bulk_ids: set[int]) -> dict[int, dict[str, Any]]:
         for pk, fragments in rows
         if isinstance(fragments.get(RETRY_CONFIG), dict)
     }
+
+
+def bulk_retries_held() -> set[int]:
+    """The paused bulk operations: their children's due retries wait for the resume (a paused
+    rollout creates nothing). Few rows: only bulk operations an operator or a gate paused."""
+    return set(
+        BulkOperation.objects.filter(
+            rollout_state=RolloutState.PAUSED, status__in=RUNNING_STATUSES
+        ).values_list("pk", flat=True)
+    )

@@ -526,7 +526,11 @@ def resume(bulk: BulkOperation, now: datetime) -> None:
     """Resume a paused bulk operation (locked): its schedule restarts at `next_index` from now (or
     its start date); at the end of a wave the next wave starts. 422 unless paused."""
     if bulk.rollout_state != RolloutState.PAUSED:
-        state = "waiting for its wave's gate" if bulk.rollout_state else "running"
+        state = (
+            "waiting for its wave's gate"
+            if bulk.rollout_state == RolloutState.WAITING_FOR_WAVE
+            else "running"
+        )
         raise _invalid(f"Only a paused bulk operation can be resumed; {bulk.pk} is {state}")
     if _at_wave_end(bulk):
         _start_next_wave(bulk, now)

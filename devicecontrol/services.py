@@ -97,6 +97,10 @@ STATUS_CHANGE_HOOKS: list[Callable[[list[StatusChange]], None]] = []
 # registers one that gives each running or completed bulk operation's top-level `retryConfig`
 # (bulkops/retries.py). Asked when an attempt fails and again when its retry is due.
 BULK_RETRY_CONFIGS: list[Callable[[set[int]], dict[int, dict[str, Any]]]] = []
+# The bulk operations whose children's due automatic retries wait: bulkops registers one that
+# gives the paused ones (a paused rollout creates nothing until resumed; README "Automatic
+# retries"). Their retries stay booked and are created by the first sweep after the resume.
+BULK_RETRIES_HELD: list[Callable[[], set[int]]] = []
 
 
 def _counted(operation: Operation) -> int | None:
@@ -823,8 +827,12 @@ def operations_retry_due(*, now: datetime, batch_size: int = 100) -> int:
     bulk child is superseded by it), claimed `batch_size` at a time with SKIP LOCKED, and its
     `retry_at` cleared. The policy is asked again first: a bulk operation cancelled (or aborted)
     meanwhile, or a `retryConfig` removed, books none. A retry that cannot be created (the
-    device lost its agent) is logged and dropped. Returns how many were created."""
-    due = Operation.objects.filter(retry_at__lte=now)
+    device lost its agent) is logged and dropped. The children of a paused bulk operation
+    (BULK_RETRIES_HELD) keep their booking until it is resumed. Returns how many were created."""
+    held: set[int] = set()
+    for source in BULK_RETRIES_HELD:
+        held |= source()
+    due = Operation.objects.filter(retry_at__lte=now).exclude(bulk_operation_id__in=held)
     created = 0
     while True:
         with transaction.atomic(durable=True):
