@@ -23,6 +23,8 @@ layout starts `bin/run` there as a real process and walks through:
                c8y_Firmware over its group runs to COMPLETED / SUCCESSFUL; Ctrl-C stops it
   sweep        an operation with executionTimeout 1 fails as timed out (the beat-driven sweep)
   admin UI     login, a page and each of its stylesheets (200, text/css, cached for ever)
+  API docs     /openapi.json and /openapi.yaml (OpenAPI 3.1), /docs/ and each Swagger UI file it
+               links (from our static files, cached for ever)
   processes    worker answers a ping and beat runs (Redis layouts)
   logs         an access line per request (JSON in the production layout) and nothing logged
                by an idle platform
@@ -703,6 +705,24 @@ def run_layout(clone: Path, layout: str, workdir: Path) -> float:
             missing = browser.get(platform.url + "/static/admin/css/missing.css", timeout=10)
             assert missing.status_code == 404, missing.status_code
             assert missing.headers["Content-Type"].startswith("text/plain"), missing.headers
+
+        with step(
+            layout, "API description: /openapi.json, /openapi.yaml, /docs/, its files", platform
+        ):
+            document = requests.get(platform.url + "/openapi.json", timeout=30)
+            assert document.status_code == 200, document.status_code
+            assert document.json()["openapi"] == "3.1.0", document.text[:200]
+            assert "/devicecontrol/operations" in document.json()["paths"]
+            described = requests.get(platform.url + "/openapi.yaml", timeout=30)
+            assert described.text.startswith("openapi: 3.1.0"), described.text[:200]
+            page = requests.get(platform.url + "/docs/", timeout=10)
+            assert page.status_code == 200, page.status_code
+            assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
+            assert any("swagger-ui-bundle" in href for href in assets), assets
+            for href in assets:
+                asset = requests.get(platform.url + href, timeout=10)
+                assert asset.status_code == 200, (href, asset.status_code)
+                assert "immutable" in asset.headers.get("Cache-Control", ""), (href, asset.headers)
 
         if layout != "embedded":
             with step(layout, "processes: worker answers a ping, beat is running", platform):

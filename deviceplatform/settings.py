@@ -83,6 +83,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served as our own static files (no CDN)
     "channels",
     "inventory",
     "devicecontrol",
@@ -215,6 +217,40 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "deviceplatform.api.exceptions.exception_handler",
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_VERSIONING_CLASS": None,
+    "DEFAULT_SCHEMA_CLASS": "deviceplatform.schema.CumulocityAutoSchema",
+}
+
+# --- API description (README "API description (OpenAPI)") -----------------------------------------
+# drf-spectacular builds the OpenAPI document from the URL patterns and views; the bodies, query
+# parameters and media types come from each app's schema.py, attached by these hooks.
+SPECTACULAR_SETTINGS = {
+    "OAS_VERSION": "3.1.0",
+    "TITLE": "Device platform API",
+    "DESCRIPTION": (
+        "A Cumulocity IoT compatible REST API: inventory, identity, device control, bulk "
+        "operations and realtime notifications. Conventions (media types, paging, errors, "
+        "ETags): docs/api/conventions.md."
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/",
+    "SCHEMA_COERCE_PATH_PK": False,
+    "COMPONENT_SPLIT_REQUEST": False,
+    "PREPROCESSING_HOOKS": [
+        "deviceplatform.schema.preprocess",
+        "inventory.schema.attach",
+        "devicecontrol.schema.attach",
+        "bulkops.schema.attach",
+    ],
+    "POSTPROCESSING_HOOKS": [
+        "inventory.schema.postprocess",
+        "devicecontrol.schema.postprocess",
+        "bulkops.schema.postprocess",
+        "deviceplatform.schema.postprocess",
+    ],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Redis, Channels, Celery ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from django.urls import include, path, re_path
 
 from devicecontrol.serializers import devicecontrol_api_json
 from deviceplatform import health, metrics
-from deviceplatform.api import session_views
+from deviceplatform.api import openapi_views, session_views
 from deviceplatform.api.routing import c8y_path
 from deviceplatform.realtime.routing import http_urlpatterns as realtime_urlpatterns
 from deviceplatform.staticfiles import static_not_found
@@ -24,6 +24,10 @@ urlpatterns = [
     # Existing static files never get here (deviceplatform/staticfiles.py); a missing one is a
     # plain 404, not an API error.
     re_path(r"^static/(?P<path>.*)$", static_not_found),
+    # The API description (README "API description (OpenAPI)"), readable without credentials.
+    path("openapi.json", openapi_views.openapi_json),
+    path("openapi.yaml", openapi_views.openapi_yaml),
+    re_path(r"^docs/?$", openapi_views.DocsView.as_view(), name="api-docs"),
     c8y_path(r"health/live", health.live_view),
     c8y_path(r"health/ready", health.ready_view),
     c8y_path(r"metrics", metrics.metrics_view),

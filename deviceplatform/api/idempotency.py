@@ -87,6 +87,7 @@ def idempotent_create(post: Callable[..., Any]) -> Callable[..., Any]:
             create=lambda: post(view, request, *args, **kwargs),
         )
 
+    wrapper.idempotent_create = True  # type: ignore[attr-defined]  # read by deviceplatform/schema.py
     return wrapper
 
 

@@ -94,7 +94,14 @@ ENDPOINTS: list[tuple[str, str]] = [
     ),
 ]
 # No authentication at all (the health and metrics paths: issue 15).
-PUBLIC = [("GET", "/tenant/loginOptions"), ("GET", "/health/live"), ("GET", "/metrics")]
+PUBLIC = [
+    ("GET", "/tenant/loginOptions"),
+    ("GET", "/health/live"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/openapi.yaml"),
+    ("GET", "/docs/"),
+]
 # The same, answering 200 or 503 by what it checks (no Celery worker runs here).
 PUBLIC_CHECKS = [("GET", "/health/ready")]
 
