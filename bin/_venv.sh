@@ -7,8 +7,9 @@ ensure_venv() {
     local python="${PYTHON:-python3}"
     local stamp=".venv/.installed-${requirements}"
     local wanted
-    # requirements-dev.txt includes requirements.txt (-r), so both count for every stamp.
-    wanted="$(cat "$requirements" requirements.txt | cksum)"
+    # requirements-dev.txt includes requirements.txt and requirements-otel.txt (-r), so they
+    # count for every stamp.
+    wanted="$(cat "$requirements" requirements.txt requirements-otel.txt | cksum)"
 
     if ! .venv/bin/python -c "" 2>/dev/null; then
         if ! command -v "$python" >/dev/null; then

@@ -3,6 +3,7 @@
 from typing import Any
 
 from django.apps import AppConfig
+from django.conf import settings
 from django.db.models.signals import post_migrate
 
 
@@ -54,3 +55,8 @@ class DevicePlatformConfig(AppConfig):
             _worker_process_exited, weak=False, dispatch_uid="deviceplatform.process_exited"
         )
         register_scrape_collector("realtime", realtime_state)
+        if settings.OTEL_TRACES != "none":
+            # Only then: without tracing no opentelemetry package is imported (or needed).
+            from deviceplatform.tracing import start
+
+            start()

@@ -10,6 +10,7 @@ the client gets 408 in the Cumulocity error shape, with the connection closed.""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -18,6 +19,9 @@ from django.conf import settings
 from deviceplatform.api.exceptions import error_body
 from deviceplatform.api.media_types import ERROR_CONTENT_TYPE
 from deviceplatform.api.renderers import dumps
+from deviceplatform.logs import request_id_or_new
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -59,7 +63,22 @@ def body_timeout_asgi(app: ASGIApp) -> ASGIApp:
 
         await app(scope, timed_receive, tracking_send)
         if timed_out and not response_started:
-            body = dumps(error_body(408, "general/requestTimeout", TIMEOUT_MESSAGE))
+            # Django never ran the request's middleware (it reads the body first): the request id
+            # and the log line are made here.
+            given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
+            request_id = request_id_or_new(given.decode("latin-1"))
+            logger.warning(
+                "%s %s 408: the request body did not arrive in time",
+                scope.get("method"),
+                scope.get("path"),
+                extra={"request_id": request_id, "status": 408},
+            )
+            body = dumps(
+                {
+                    **error_body(408, "general/requestTimeout", TIMEOUT_MESSAGE),
+                    "requestId": request_id,
+                }
+            )
             await send(
                 {
                     "type": "http.response.start",
@@ -67,6 +86,7 @@ def body_timeout_asgi(app: ASGIApp) -> ASGIApp:
                     "headers": [
                         (b"content-type", ERROR_CONTENT_TYPE.encode()),
                         (b"content-length", str(len(body)).encode()),
+                        (b"x-request-id", request_id.encode()),
                         (b"connection", b"close"),  # the rest of the body never came
                     ],
                 }

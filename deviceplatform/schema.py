@@ -608,6 +608,12 @@ SHARED_SCHEMAS: dict[str, SchemaDict] = {
             },
             "message": {"type": "string", "description": "For people; do not parse it"},
             "info": {"type": "string", "const": INFO_URL},
+            "requestId": {
+                "type": "string",
+                "pattern": r"^[A-Za-z0-9._:-]{1,128}$",
+                "description": "Not Cumulocity's: the request's `X-Request-ID`, also on the "
+                "server's log lines of the request",
+            },
         },
         ["error", "message", "info"],
         description=f'Every 4xx and 5xx body ({CONVENTIONS} "Errors")',

@@ -357,6 +357,21 @@ OPERATION_SMS_BACKEND = env.str(
 # Longest `timeout` a client may ask for in POST /devicecontrol/operations/wait?timeout=SECONDS.
 OPERATION_MAX_WAIT_SECONDS = env.int("OPERATION_MAX_WAIT_SECONDS", default=120)
 
+# --- Tracing (optional: README "Request ids and tracing", requirements-otel.txt) ----------------
+# OpenTelemetry is off, and not imported, unless OTEL_TRACES_EXPORTER is `otlp` or `console`, or an
+# OTLP endpoint is set (then `otlp` unless OTEL_TRACES_EXPORTER is `none`); OTEL_SDK_DISABLED=true
+# turns it off whatever else is set. The OTLP exporter reads its OTEL_EXPORTER_OTLP_* variables.
+_OTLP_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default="") or env.str(
+    "OTEL_EXPORTER_OTLP_ENDPOINT", default=""
+)
+OTEL_TRACES = env.str("OTEL_TRACES_EXPORTER", default="") or ("otlp" if _OTLP_ENDPOINT else "none")
+OTEL_TRACES = "none" if env.bool("OTEL_SDK_DISABLED", default=False) else OTEL_TRACES.lower()
+if OTEL_TRACES not in ("otlp", "console", "none"):
+    raise ImproperlyConfigured(
+        f"OTEL_TRACES_EXPORTER must be otlp, console or none, not {OTEL_TRACES!r}"
+    )
+OTEL_SERVICE_NAME = env.str("OTEL_SERVICE_NAME", default="deviceplatform")
+
 # --- Health and metrics (README "Health and metrics") ------------------------------------------
 # /health/ready: the Celery worker writes a heartbeat to Redis every HEALTH_WORKER_HEARTBEAT_SECONDS
 # (beat on its ticks, at most as often) under HEALTH_HEARTBEAT_PREFIX; ready answers 503 once the

@@ -215,10 +215,11 @@ class Subscriber:
         self._buffer: list[dict[str, Any]] = []
 
     def _take(self, payloads: list[bytes]) -> None:
-        from deviceplatform.realtime.events import absolute
+        from deviceplatform.realtime.events import absolute, delivered
 
+        # As the server delivers them: without the envelope's request id (Exchange.encode).
         self._buffer.extend(
-            orjson.loads(absolute(p, b'"' + TEST_SERVER.encode())) for p in payloads
+            orjson.loads(absolute(delivered(p)[0], b'"' + TEST_SERVER.encode())) for p in payloads
         )
 
     def received(self) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from rest_framework.response import Response
 
 from deviceplatform.api.media_types import ERROR_CONTENT_TYPE
 from deviceplatform.api.renderers import dumps
+from deviceplatform.logs import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,15 @@ class PayloadTooLarge(ApiError):
 
 
 def error_body(status: int, error: str, message: str) -> dict[str, str]:
-    return {"error": error, "message": message, "info": INFO_URL}
+    """The three Cumulocity keys, `info` the constant documentation URL clients may show as a
+    link, plus `requestId` (the `X-Request-ID` of the request, which its log lines carry) when a
+    request is being handled: an extra key, as the JSON clients that read these bodies (c8y-api,
+    @c8y/client, Cumulocity's generated clients) ignore unknown keys; `info` stays a URL."""
+    body = {"error": error, "message": message, "info": INFO_URL}
+    request_id = current_request_id()
+    if request_id is not None:
+        body["requestId"] = request_id
+    return body
 
 
 BASIC_CHALLENGE = 'Basic realm="Cumulocity"'

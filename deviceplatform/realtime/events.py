@@ -39,6 +39,7 @@ from django.conf import settings
 from django.db import transaction
 
 from deviceplatform.api.renderers import dumps
+from deviceplatform.logs import current_request_id
 from deviceplatform.realtime.hub import get_store
 from deviceplatform.realtime.store import Order
 from deviceplatform.realtime.subscriptions import subscriptions_matching
@@ -166,11 +167,12 @@ def publish(events: Sequence[Event], order: Sequence[Order] = ()) -> None:
     messages = [message for event in events for message in event.messages()]
     if not messages and not order:
         return
+    suffix = envelope_suffix(current_request_id())
     prepared = [
         (
             # The renderer's dumps: a row stored before the parser's checks may hold a value
             # orjson refuses (a huge integer, deep nesting), and must not break its event.
-            dumps({"channel": message.channel, "data": message.data}),
+            dumps({"channel": message.channel, "data": message.data})[:-1] + suffix,
             subscriptions_matching(message.channel),
         )
         for message in messages
@@ -179,6 +181,31 @@ def publish(events: Sequence[Event], order: Sequence[Order] = ()) -> None:
         get_store().publish(prepared, order)
     except Exception:
         logger.exception("could not publish %d realtime event(s)", len(prepared))
+
+
+# The envelope: an event is stored as `{"channel":...,"data":...,"requestId":"..."}`, the last key
+# naming the request (or the task it caused) that published it. The delivering server logs it and
+# takes it off (`delivered`): subscribers get the Bayeux message `{"channel":...,"data":...}` only.
+# A request id holds no character JSON escapes (deviceplatform/logs.py), so it is written as is.
+_ENVELOPE_KEY = b',"requestId":"'
+
+
+def envelope_suffix(request_id: str | None) -> bytes:
+    """What closes an event's JSON object: its request id, if any, and the final brace."""
+    if request_id is None:
+        return b"}"
+    return _ENVELOPE_KEY + request_id.encode() + b'"}'
+
+
+def delivered(payload: bytes) -> tuple[bytes, str | None]:
+    """A stored event as subscribers get it (the Bayeux message), and its request id. Only our own
+    last key can match: inside `data` a quote before `requestId` would be escaped, and a nested
+    object would end the payload with two braces."""
+    if payload.endswith(b'"}'):
+        start = payload.rfind(_ENVELOPE_KEY)
+        if start > 0:
+            return payload[:start] + b"}", payload[start + len(_ENVELOPE_KEY) : -2].decode()
+    return payload, None
 
 
 def absolute(payload: bytes, base: bytes) -> bytes:

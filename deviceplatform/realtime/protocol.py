@@ -30,7 +30,7 @@ from django.db import close_old_connections
 
 from deviceplatform.api.auth_throttle import TooManyFailures
 from deviceplatform.api.authentication import attach_roles, authenticate_header_value
-from deviceplatform.realtime.events import absolute
+from deviceplatform.realtime.events import absolute, delivered
 from deviceplatform.realtime.hub import Hub, get_hub, new_client_id
 from deviceplatform.realtime.rights import current_epoch, rights_cache
 from deviceplatform.realtime.subscriptions import (
@@ -250,8 +250,22 @@ class Exchange:
         # revoked or rotated since its user was checked.
         self._epoch: int | None = None
 
-    def encode(self, events: Sequence[bytes]) -> list[bytes]:
-        return [absolute(event, self._base) for event in events]
+    def encode(self, events: Sequence[bytes], client_id: str = "") -> list[bytes]:
+        """Stored events as the client gets them: without their envelope's request id (logged at
+        DEBUG with it, so a request's story reaches the delivery), URLs on the client's host."""
+        debug = logger.isEnabledFor(logging.DEBUG)
+        messages = []
+        for event in events:
+            message, request_id = delivered(event)
+            if debug:
+                logger.debug(
+                    "realtime: event on %s delivered to %s",
+                    _channel_of(message),
+                    client_id,
+                    extra={"request_id": request_id, "client_id": client_id},
+                )
+            messages.append(absolute(message, self._base))
+        return messages
 
     async def run(
         self, messages: Sequence[Any], *, holdable: bool, stream: Send | None = None
@@ -472,7 +486,7 @@ class Exchange:
             assert stream is not None
             events = await self._deliverable(client_id, events)
             if events:
-                await stream(self.encode(events))
+                await stream(self.encode(events, client_id))
 
         outcome = await self.hub.connect(
             client_id,
@@ -495,7 +509,7 @@ class Exchange:
                 message, successful=True, clientId=client_id, advice={"reconnect": "none"}
             )
             events = await self._deliverable(client_id, outcome.events)
-            return [*self.encode(events), orjson.dumps(reply)]
+            return [*self.encode(events, client_id), orjson.dumps(reply)]
         self.intervals[client_id] = outcome.interval_ms
         # The hold this connect got; a connect answered at once advertises the session's default,
         # so a client that adopts the advice does not start polling without a hold.
@@ -507,7 +521,7 @@ class Exchange:
             advice={"reconnect": "retry", "interval": outcome.interval_ms, "timeout": timeout},
         )
         events = await self._deliverable(client_id, outcome.events)
-        return [*self.encode(events), orjson.dumps(reply)]
+        return [*self.encode(events, client_id), orjson.dumps(reply)]
 
     async def _deliverable(self, client_id: str, events: list[bytes]) -> list[bytes]:
         """`events` without those the session's user may no longer receive. Rights are checked

@@ -81,6 +81,8 @@ def test_a_body_shorter_than_its_content_length_gets_408_under_uvicorn(
         assert headers["content-type"].startswith("application/vnd.com.nsn.cumulocity.error+json")
         assert headers["connection"] == "close"
         assert json.loads(content)["error"] == "general/requestTimeout"
+        assert json.loads(content)["requestId"] == headers["x-request-id"]  # made up: none sent
+        assert len(headers["x-request-id"]) == 32
     assert waited < WAIT / 2
     assert parse(trickled)[0] == 201, trickled[:300]
     assert row_counts()["inventory.ManagedObject"] == before["inventory.ManagedObject"] + 1

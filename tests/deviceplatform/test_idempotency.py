@@ -97,7 +97,7 @@ def test_same_key_other_body_or_path_is_422_and_creates_nothing(users: dict) -> 
         error = answer.json()
         assert error["error"] == "undefined/validationError"
         assert "Idempotency-Key 'k' was already used" in error["message"]
-        assert set(error) == {"error", "message", "info"}
+        assert set(error) == {"error", "message", "info", "requestId"}
     assert ManagedObject.objects.count() == before
 
 

@@ -168,6 +168,7 @@ def test_create_get_list_delete_round_trip(api: Clients) -> None:
         "error": "identity/Not Found",
         "message": "External id not found; external id = ID [type=c8y_Serial, value=raspi-1]",
         "info": INFO,
+        "requestId": gone["X-Request-ID"],
     }
     assert_error(call(api["admin"], "DELETE", ext_path("c8y_Serial", "raspi-1")), 404)
     assert ManagedObject.objects.filter(pk=device.pk).exists()
