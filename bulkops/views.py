@@ -102,13 +102,14 @@ class BulkOperationDetailView(BulkOperationView):
 
 class BulkOperationRolloutView(BulkOperationView):
     """POST .../{id}/pause and .../{id}/resume (issue 14): 200 with the bulk operation as it is
-    now. No body is read."""
+    now. No body is read (a bad one is refused: `no_body`)."""
 
     required_roles = {"POST": ADMIN}
     owner_rule_methods = frozenset({"POST"})
     action: str = ""
 
     def post(self, request: Any, pk: str) -> Response:
+        self.no_body()
         change = {
             "pause": services.bulk_operation_pause,
             "resume": services.bulk_operation_resume,

@@ -208,6 +208,7 @@ class OperationRetryView(DeviceControlView):
     def post(self, request: Any, pk: str) -> Response:
         operation = selectors.operation_get(pk=pk)
         self.check_object_permissions(request, operation)
+        self.no_body()
         retry = services.operation_retry(operation=operation, notify=self.notify)
         return self.respond(
             lambda: operation_json(retry, base=self.base),
@@ -229,6 +230,7 @@ class OperationCancelView(DeviceControlView):
     def post(self, request: Any, pk: str) -> Response:
         operation = selectors.operation_get(pk=pk)
         self.check_object_permissions(request, operation)  # 404 before 403
+        self.no_body()
         cancelled = services.operation_cancel(
             operation=operation, by=request.user.username, notify=self.notify
         )

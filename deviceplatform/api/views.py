@@ -103,6 +103,16 @@ class CumulocityView(GenericAPIView):
             raise ValidationFailed("The request body must be a JSON object")
         return data
 
+    def no_body(self) -> None:
+        """An action that reads no body (pause, resume, cancel, retry) still refuses a bad one
+        before changing anything: malformed JSON 400, another media type 415, a JSON value that
+        is not an object 422. No body, or any JSON object, is accepted (and ignored)."""
+        if self.request.stream is None:
+            return
+        data = self.request.data
+        if data is not None and not isinstance(data, dict):
+            raise ValidationFailed("The request body must be empty or a JSON object")
+
     @property
     def base(self) -> str:
         """The absolute root URL of this request, without trailing slash, for `self` links."""

@@ -280,3 +280,36 @@ def test_the_plain_contract_is_unchanged(bapi: Clients, fleet: Fleet) -> None:
     assert_error(call(bapi["bulk_admin"], "POST", BULK, body, accept=MEDIA), 422)
     created = call(bapi["bulk_admin"], "POST", BULK, bulk_data(fleet.group), accept=MEDIA).json()
     assert not {"rolloutConfig", "waves", "rollout"} & set(created)
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status"),
+    [
+        ("{not json", "application/json", 400),
+        ("<a/>", "text/plain", 415),
+        ("[]", "application/json", 422),
+        ('"pause"', "application/json", 422),
+    ],
+)
+@pytest.mark.parametrize("action", ["pause", "resume"])
+def test_a_bad_body_on_pause_or_resume_is_refused_and_changes_nothing(
+    bapi: Clients, fleet: Fleet, raw: str, content_type: str, status: int, action: str
+) -> None:
+    """The actions read no body, but a malformed one is still an error, before anything."""
+    bulk = create_bulk(fleet.group, creationRamp=1)
+    advance(0)
+    if action == "resume":
+        assert call(bapi["bulk_admin"], "POST", f"{BULK}/{bulk.pk}/pause").status_code == 200
+    before = reload(bulk).rollout_state
+    response = call(
+        bapi["bulk_admin"],
+        "POST",
+        f"{BULK}/{bulk.pk}/{action}",
+        raw=raw,
+        content_type=content_type,
+    )
+    assert_error(response, status)
+    assert reload(bulk).rollout_state == before
+    # An empty JSON object is accepted and ignored.
+    ok = call(bapi["bulk_admin"], "POST", f"{BULK}/{bulk.pk}/{action}", {})
+    assert ok.status_code == 200, ok.content[:300]

@@ -22,6 +22,7 @@ from inventory.models import ManagedObject
 from tests.conftest import Subscribe
 from tests.devicecontrol.conftest import (
     add_child_devices,
+    call,
     changed,
     make_device,
     to_agent,
@@ -414,3 +415,31 @@ def test_rest_cancel_racing_the_agents_rest_put_loses_neither(api: Clients) -> N
         else:  # the agent took it first: the cancel became a request
             assert cancelled["c8y_CancelRequested"]["by"] == "dc_admin"
             assert final.fragments["c8y_CancelRequested"] == cancelled["c8y_CancelRequested"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status"),
+    [
+        ("{not json", "application/json", 400),
+        ("<a/>", "text/plain", 415),
+        ("[]", "application/json", 422),
+    ],
+)
+@pytest.mark.parametrize("action", ["cancel", "retry"])
+def test_a_bad_body_on_cancel_or_retry_is_refused_and_changes_nothing(
+    api: Clients, device: ManagedObject, raw: str, content_type: str, status: int, action: str
+) -> None:
+    """The actions read no body, but a malformed one is still an error, before anything."""
+    operation = make_operation(device)
+    if action == "retry":
+        services.operation_update(operation_id=operation.pk, data={"status": "FAILED"})
+    before = (Operation.objects.count(), Operation.objects.get(pk=operation.pk).status)
+    response = call(
+        api["admin"],
+        "POST",
+        f"/devicecontrol/operations/{operation.pk}/{action}",
+        raw=raw,
+        content_type=content_type,
+    )
+    assert_error(response, status)
+    assert (Operation.objects.count(), Operation.objects.get(pk=operation.pk).status) == before
