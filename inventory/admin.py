@@ -777,7 +777,7 @@ class ManagedObjectAdmin(FleetListMixin, admin.ModelAdmin):
                 owner=request.user.get_username(), data=data, allow_owner=True
             )
         else:
-            current = ManagedObject.objects.select_for_update().get(pk=obj.pk)
+            current = ManagedObject.objects.select_for_update(no_key=True).get(pk=obj.pk)
             # The service merges fragments key by key; a key the operator removed is sent as
             # null so that the edited document is what gets stored.
             for key in current.fragments.keys() - form.cleaned_data["fragments"].keys():

@@ -108,8 +108,13 @@ def managed_object_lock(managed_object_id: int) -> ManagedObject:
     """The managed object, re-read under a row lock held until the transaction ends; 404 if gone.
 
     Every read-modify-write of a managed object goes through here, so two writers never merge
-    into copies read before the other's commit (a lost update)."""
-    managed_object = ManagedObject.objects.select_for_update().filter(pk=managed_object_id).first()
+    into copies read before the other's commit (a lost update). FOR NO KEY UPDATE: it serialises
+    writers just as well, but does not block the FOR KEY SHARE that PostgreSQL's foreign-key checks
+    take on the object (an operation or reference inserted for it at the same time); FOR UPDATE did,
+    and with the event-order row lock it made a deadlock at COMMIT (operation create vs device PUT)."""
+    managed_object = (
+        ManagedObject.objects.select_for_update(no_key=True).filter(pk=managed_object_id).first()
+    )
     if managed_object is None:
         raise managed_object_not_found(managed_object_id)
     return managed_object

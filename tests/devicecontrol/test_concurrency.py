@@ -7,10 +7,11 @@ must be the same)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import TestCase
 
 from devicecontrol.models import Operation, OperationStatus
@@ -18,6 +19,7 @@ from devicecontrol.realtime import OperationEvent, registered_events
 from devicecontrol.serializers import operation_json
 from devicecontrol.services import operation_create, operation_update, operations_delete
 from deviceplatform.api.exceptions import NotFound
+from inventory.services import managed_object_lock
 from tests.conftest import Subscribe
 from tests.devicecontrol.conftest import (
     BASE_URL,
@@ -196,3 +198,37 @@ def test_update_racing_a_delete_by_status_is_one_or_the_other(
         assert [(e.action, e.data["status"]) for e in updated] == [("UPDATE", "EXECUTING")]  # type: ignore[index]
         assert removed == []
         assert listener.received() == [changed("UPDATE", as_get(remaining))]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks are PostgreSQL's")
+def test_an_operation_for_a_device_being_updated_commits_without_waiting_for_it(
+    committed_hierarchy: Hierarchy,
+) -> None:
+    """A writer of the device holds its row lock (managed_object_lock) while an operation for the
+    device is created in another transaction: the operation's foreign-key check (FOR KEY SHARE at
+    COMMIT) must not wait for it. With FOR UPDATE it did, and together with the event-order lock
+    that made a deadlock between an agent's device PUT and an operation POST."""
+    device = committed_hierarchy.device
+    locked, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        try:
+            with transaction.atomic():
+                managed_object_lock(device.pk)
+                locked.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert locked.wait(30)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")  # fails instead of waiting
+            operation = operation_create(device=device, data={"c8y_Restart": {}})
+        assert Operation.objects.filter(pk=operation.pk).exists()
+    finally:
+        release.set()
+        thread.join(30)
