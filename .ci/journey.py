@@ -764,7 +764,8 @@ def run_layout(clone: Path, layout: str, workdir: Path) -> float:
                 assert creates[0]["user"] == "admin", creates[0]
             else:
                 assert re.search(
-                    r"deviceplatform\.access POST /devicecontrol/operations 201 [\d.]+ms user=admin",
+                    r"deviceplatform\.access \[[0-9a-f]{32}\] POST /devicecontrol/operations 201 [\d.]+ms"
+                    r" user=admin",
                     text,
                 ), "no access line for POST /devicecontrol/operations"
             time.sleep(1)  # let the last event deliveries and disconnects log
