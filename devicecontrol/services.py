@@ -652,21 +652,13 @@ def operations_cancel_pending(
     read `batch_size` at a time in ID order, so only one batch of rows is in memory (the UPDATE
     events wait for the commit). Waits for rows another transaction holds (an agent's PUT): a
     row that left PENDING meanwhile is not touched."""
-    now = now or timezone.now()
-    reason = CANCELLED_REASON.format(by=by)
-    pending = queryset.filter(status=OperationStatus.PENDING)
-    total = 0
-    after = 0
-    with transaction.atomic():
-        while True:
-            batch = list(
-                pending.filter(pk__gt=after).select_for_update().order_by("pk")[:batch_size]
-            )
-            if not batch:
-                return total
-            after = batch[-1].pk
-            _fail_rows(batch, lambda operation: reason, now, notify=notify)
-            total += len(batch)
+    return operations_fail(
+        queryset=queryset.filter(status=OperationStatus.PENDING),
+        reason=CANCELLED_REASON.format(by=by),
+        now=now or timezone.now(),
+        batch_size=batch_size,
+        notify=notify,
+    )
 
 
 def _fail_due(
@@ -735,9 +727,10 @@ def operations_fail(
     reason: str | Callable[[Operation], str],
     now: datetime,
     batch_size: int = 500,
+    notify: bool = True,
 ) -> int:
     """Fail every not-FAILED operation of `queryset` with `reason`, each with an UPDATE event
-    after commit, inside the caller's transaction (or one of its own): all of them commit
+    after commit (unless not `notify`), inside the caller's transaction (or one of its own): all of them commit
     together. Unlike the sweepers' SKIP LOCKED, a row another transaction holds is waited for,
     in ID order, and re-checked against `queryset` once locked (an agent that just moved it on
     keeps it). Returns the number failed."""
@@ -749,7 +742,7 @@ def operations_fail(
             batch = list(rows.filter(pk__gt=last).select_for_update()[:batch_size])
             if not batch:
                 return total
-            _fail_rows(batch, explain, now)
+            _fail_rows(batch, explain, now, notify=notify)
             total += len(batch)
             last = batch[-1].pk
 
