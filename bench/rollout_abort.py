@@ -20,7 +20,12 @@ they appear:
       criterion of (a); the agent makes the first --exp-fault-after children SUCCESSFUL, then fails
       every one, so the threshold is crossed while the rate climbs or runs at its cap. Printed:
       children created per --curve-interval seconds beside the configured curve (bench/rollout.py's
-      reference) up to the abort, each child's lateness on that curve, and what (a) prints.
+      reference) up to the abort, each child's lateness on that curve, and what (a) prints;
+  (d) cancel: creationRamp 0 over every device but one (a first wave; the second, of one
+      device, waits for the first's gate), no agent: once the first wave is created (all
+      PENDING), `DELETE ...?cancelPending=true`. Printed: the DELETE's answer time, when DELETED
+      was first seen (10 ms polls from another connection) and when the last PENDING child was
+      seen failed, each from the moment the DELETE was sent.
 
 For each it prints when the threshold was crossed (the commit of the agent's status change that
 made failed/finished reach it: between the start and the return of that call), the abort's moment
@@ -111,7 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--curve-interval", type=float, default=10.0, help="(c) seconds per row of the curve"
     )
-    parser.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--interval", type=float, default=0.5, help="BULK_RAMP_INTERVAL (beat)")
     parser.add_argument("--bins", type=int, default=12, help="(a) rows of the rate curve")
     parser.add_argument("--timeout", type=float, default=900.0, help="per bulk operation, seconds")
@@ -136,8 +141,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ):
         parser.error("--slow-devices, --fault-after and --exp-fault-after must be below --devices")
     args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
-    if not args.parts or args.parts - {"a", "b", "c"}:
-        parser.error("--parts: a comma-separated subset of a,b,c")
+    if not args.parts or args.parts - {"a", "b", "c", "d"}:
+        parser.error("--parts: a comma-separated subset of a,b,c,d")
     return args
 
 
@@ -472,6 +477,96 @@ def exponential(
     return early
 
 
+def cancel_pending(
+    args: argparse.Namespace, client: Any, url: str, worker: Process, group_id: int, out: Report
+) -> None:
+    """(d): DELETE ?cancelPending=true of a bulk operation whose children are all PENDING."""
+    out(
+        f"=== (d) creationRamp 0 over {args.devices:,} devices, no agent; once every child is "
+        "PENDING: DELETE ?cancelPending=true ==="
+    )
+    # Two waves, the second of one device: the first is created at once and the gate then waits
+    # for it (no agent), so the bulk operation is still IN_PROGRESS when it is cancelled.
+    body = {
+        "groupId": str(group_id),
+        "startDate": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "creationRamp": 0,
+        "operationPrototype": PROTOTYPE,
+        "waves": [{"size": args.devices - 1}, {"percentage": 100}],
+    }
+    bulk_id = post_bulk(client, body)
+    deadline = time.monotonic() + args.timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            state = conn.execute(
+                "SELECT rollout_state FROM bulkops_bulkoperation WHERE id = %s", (bulk_id,)
+            ).fetchone()[0]
+            if state == "WAITING_FOR_WAVE":
+                break
+            if not worker.alive():
+                raise SystemExit(f"worker died:\n{worker.log_tail(30)}")
+            time.sleep(0.05)
+    answered: list[float] = []
+
+    def delete() -> None:
+        from django.db import connection
+
+        try:
+            response = client.delete(f"/devicecontrol/bulkoperations/{bulk_id}?cancelPending=true")
+            if response.status_code != 204:
+                raise SystemExit(f"DELETE: {response.status_code} {response.content[:300]!r}")
+            answered.append(time.perf_counter())
+        finally:
+            connection.close()
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        pending = conn.execute(
+            "SELECT count(*) FROM devicecontrol_operation WHERE bulk_operation_id = %s "
+            "AND status = 'PENDING'",
+            (bulk_id,),
+        ).fetchone()[0]
+        sent = time.perf_counter()
+        thread = threading.Thread(target=delete, daemon=True)
+        thread.start()
+        deleted = None
+        while deleted is None and time.perf_counter() - sent < args.timeout:
+            status = conn.execute(
+                "SELECT status FROM bulkops_bulkoperation WHERE id = %s", (bulk_id,)
+            ).fetchone()[0]
+            if status == "DELETED":
+                deleted = time.perf_counter()
+            else:
+                time.sleep(0.01)
+        drained = None
+        while drained is None and time.perf_counter() - sent < args.timeout:
+            left = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM devicecontrol_operation WHERE bulk_operation_id = %s"
+                " AND status = 'PENDING')",
+                (bulk_id,),
+            ).fetchone()[0]
+            if not left:
+                drained = time.perf_counter()
+            else:
+                time.sleep(0.01)
+        thread.join(timeout=args.timeout)
+    if deleted is None or drained is None or not answered:
+        raise SystemExit(f"bulk operation {bulk_id}: cancel not seen within {args.timeout:.0f} s")
+    out(
+        f"{pending:,} PENDING children; from the DELETE sent: DELETED visible after "
+        f"{(deleted - sent) * 1000:.0f} ms, the answer (204) after {(answered[0] - sent) * 1000:.0f}"
+        f" ms, no PENDING child left after {(drained - sent) * 1000:.0f} ms (10 ms polls)"
+    )
+    summary(
+        out,
+        "cancelPending DELETED visible after DELETE",
+        deleted - sent,
+        "s",
+        ceiling="ramp tick",
+        ceiling_value=args.interval,
+    )
+    summary(out, "cancelPending all PENDING failed after DELETE", drained - sent, "s")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     url, admin_url = checked_database_url(args.database_url)
@@ -544,6 +639,10 @@ def main(argv: list[str]) -> int:
         if "c" in args.parts:
             out()
             early = exponential(args, client, url, worker, groups["all"], out)
+
+        if "d" in args.parts:
+            out()
+            cancel_pending(args, client, url, worker, groups["all"], out)
     finally:
         beat.stop()
         worker.stop()
