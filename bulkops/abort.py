@@ -156,10 +156,12 @@ class AbortCounts:
         return self.failed
 
 
-def _cancelled_q() -> Q:
+def cancelled_q() -> Q:
     """Failures an operator caused (README "Cancel that reaches the device"): a PENDING child
     cancelled ("Cancelled by <user>") or one whose cancel was requested while EXECUTING. They say
-    nothing about the rollout's health, so abort criteria leave them out (of finished too)."""
+    nothing about the rollout's health, so abort criteria leave them out (of finished too), and so
+    do wave gates (bulkops.rollout `wave_count`). Combine it with FAILED: an EXECUTING child with
+    a cancel request is still running."""
     return Q(failure_reason__startswith=CANCELLED_REASON.split("{", 1)[0]) | Q(
         fragments__has_key=CANCEL_REQUESTED
     )
@@ -179,7 +181,7 @@ def abort_counts(*, bulk_operation_id: int) -> AbortCounts:
     out of `finished` too or not be counted in `failed` (the bound then still holds, since
     (f - r) / (n - r) <= f / n). A FAILED attempt with a booked automatic retry (`retry_at`) is
     not finished yet: its device fails for good only once its retries are spent, so it is left out
-    of both counts. So is a child an operator cancelled (`_cancelled_q`)."""
+    of both counts. So is a child an operator cancelled (`cancelled_q`)."""
     final = [OperationStatus.SUCCESSFUL, OperationStatus.FAILED]
     failed = Q(status=OperationStatus.FAILED)
     row = (
@@ -189,7 +191,7 @@ def abort_counts(*, bulk_operation_id: int) -> AbortCounts:
             status__in=final,
             retry_at__isnull=True,
         )
-        .exclude(failed & _cancelled_q())
+        .exclude(failed & cancelled_q())
         .aggregate(
             finished=Count("pk"),
             failed=Count("pk", filter=failed),
@@ -364,27 +366,27 @@ def bulk_pending_fail(
     while True:
         with transaction.atomic():
             moment = now or timezone.now()
-            ids = list(
-                pending.filter(pk__gt=last).order_by("pk").values_list("pk", flat=True)[:batch_size]
+            # The batch: a range of IDs (its upper bound read from the index; None: the rest).
+            rows = pending.filter(pk__gt=last)
+            bound = list(rows.order_by("pk").values_list("pk", flat=True)[batch_size - 1 :][:1])
+            if bound:
+                rows = rows.filter(pk__lte=bound[0])
+            # Locked in ID order and re-checked once locked: PENDING still, or left alone.
+            failed = operations_fail(
+                queryset=rows,
+                reason=marker["reason"],
+                now=moment,
+                batch_size=batch_size,
+                notify=marker.get("notify", True),
             )
-            failed = 0
-            if ids:
-                # Locked in ID order and re-checked once locked: PENDING still, or left alone.
-                failed = operations_fail(
-                    queryset=pending.filter(pk__in=ids),
-                    reason=marker["reason"],
-                    now=moment,
-                    batch_size=batch_size,
-                    notify=marker.get("notify", True),
-                )
             if not _renew(bulk_operation_id, marker, failed, moment):
                 return total + failed
-            if not ids:
-                # None left: the marker goes (in the transaction that found none).
+            total += failed
+            if not bound:
+                # None left: the marker goes (in the transaction that failed the last ones).
                 BulkOperation.objects.filter(pk=bulk_operation_id).update(pending_fail=None)
                 break
-            total += failed
-            last = ids[-1]
+            last = bound[0]
     logger.info(
         "Bulk operation %s: %d PENDING children failed (%s)",
         bulk_operation_id,
