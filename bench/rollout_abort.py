@@ -263,6 +263,23 @@ def wait_ended(
     raise SystemExit(f"bulk operation {bulk_id} not aborted after {timeout:.0f} s")
 
 
+def wait_drained(url: str, bulk_id: int, timeout: float) -> datetime:
+    """When no PENDING child of the bulk operation was left (polled every 10 ms): the abort's
+    batches, which follow its commit, are done."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            left = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM devicecontrol_operation WHERE bulk_operation_id = %s"
+                " AND status = 'PENDING')",
+                (bulk_id,),
+            ).fetchone()[0]
+            if not left:
+                return datetime.now(UTC)
+            time.sleep(0.01)
+    raise SystemExit(f"bulk operation {bulk_id}: PENDING children left after {timeout:.0f} s")
+
+
 @dataclass
 class Outcome:
     crossing: Crossing
@@ -272,6 +289,7 @@ class Outcome:
     creation: list[datetime]  # every child's creationTime, ascending
     start: datetime
     post_seconds: float  # the POST: validation, the targets' snapshot, commit
+    drained: datetime  # no PENDING child was left before this
 
     @property
     def last(self) -> datetime:
@@ -305,6 +323,7 @@ def run(
     finally:
         agent.stop.set()
         agent.join(timeout=30)
+    drained = wait_drained(url, bulk_id, timeout)
     bulk = BulkOperation.objects.get(pk=bulk_id)
     if agent.crossing is None or bulk.abort_reason is None:
         raise SystemExit(f"bulk operation {bulk_id} ended without a crossing: {bulk.abort_reason}")
@@ -316,7 +335,7 @@ def run(
     # A rate's step restarts effectiveStart at the step's first child: a rollout's origin is its
     # startDate (set ahead of the POST's commit), a creationRamp's its effectiveStart.
     start = bulk.start_date if bulk.rollout_config else bulk.effective_start
-    return Outcome(agent.crossing, aborted, seen, reason, creation, start, posted)
+    return Outcome(agent.crossing, aborted, seen, reason, creation, start, posted, drained)
 
 
 def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> float:
@@ -335,8 +354,8 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> flo
     out(
         f"abort: its run's moment (abortReason.time) +{(outcome.aborted - s).total_seconds():.3f}"
         f" s, seen committed +{(outcome.seen - s).total_seconds():.3f} s: {abort_latency * 1000:.0f}"
-        f" ms after the crossing commit (10 ms polls; the abort's transaction, PENDING children "
-        f"failed included, took at most {(outcome.seen - outcome.aborted).total_seconds() * 1000:.0f}"
+        f" ms after the crossing commit (10 ms polls; the abort's stop transaction took at most "
+        f"{(outcome.seen - outcome.aborted).total_seconds() * 1000:.0f}"
         f" ms); last child created at +{(outcome.last - s).total_seconds():.3f}"
         f" s ({stop_latency * 1000:.0f} ms after it); children created after the crossing: "
         f"{outcome.after(c.returned)} (after its call began: {outcome.after(c.started)}); "
@@ -345,12 +364,22 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> flo
     )
     met = stop_latency <= tick
     pending = outcome.reason["pendingFailed"]
-    took = (outcome.seen - outcome.aborted).total_seconds()
+    took = (outcome.drained - outcome.aborted).total_seconds()
+    out(
+        f"every PENDING child failed (none left) +{(outcome.drained - s).total_seconds():.3f} s:"
+        f" {(outcome.drained - c.returned).total_seconds() * 1000:.0f} ms after the crossing "
+        f"commit, {(outcome.drained - outcome.seen).total_seconds() * 1000:.0f} ms after DELETED "
+        "was visible"
+    )
     out(
         f"ceiling: one ramp tick (BULK_RAMP_INTERVAL) = {tick * 1000:.0f} ms; goal creation stops "
         f"within one tick of the crossing: {'met' if met else 'NOT met'}; the abort's commit "
         f"(DELETED visible) {abort_latency / tick:.2f} ticks after it"
-        + (f", {took / pending * 1000:.2f} ms per PENDING child failed" if pending else "")
+        + (
+            f", {took / pending * 1000:.2f} ms per PENDING child failed (from the abort's moment)"
+            if pending
+            else ""
+        )
     )
     summary(
         out,
@@ -370,6 +399,12 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> flo
         ceiling="ramp tick",
         ceiling_value=tick,
     )
+    summary(
+        out,
+        f"{name} PENDING children all failed after crossing",
+        (outcome.drained - c.returned).total_seconds(),
+        "s",
+    )
     summary(out, f"{name} children after crossing", outcome.after(c.returned), "children")
     return stop_latency
 
@@ -385,8 +420,8 @@ def rate_curve(out: Report, outcome: Outcome, ramp: float, bins: int) -> None:
         counts[max(index, 0)] += 1
     configured = 1 / ramp if ramp else float("inf")
     out(
-        f"the POST took {outcome.post_seconds:.2f} s; the schedule (effectiveStart) starts once it "
-        "has read its targets, before it stores them and commits: the ramp first catches up"
+        f"the POST took {outcome.post_seconds:.2f} s; the schedule (effectiveStart) starts at "
+        "its commit, once its targets are stored: the first slice shows no catch-up burst"
     )
     out(f"rate curve (children/s per {width:.2f} s slice; configured {configured:,.1f}/s):")
     out("  from (s)   created/s   configured/s   ratio")

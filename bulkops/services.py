@@ -54,6 +54,7 @@ from devicecontrol.realtime import OperationEvent
 from devicecontrol.serializers import operation_json
 from devicecontrol.services import (
     CANCELLED_REASON,
+    RETRY_CONFIG,
     StatusChange,
     operation_prototype_validate,
     operations_create_many,
@@ -195,6 +196,16 @@ def _extra_fragments(data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key not in KNOWN_KEYS}
 
 
+def _merged_fragments(stored: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The stored top-level fragments with a body's applied. A `retryConfig` of `null` removes
+    the retry policy (as `null` removes `abortConfig`), so it is neither stored nor echoed;
+    other fragments keep Cumulocity's behaviour (stored as given)."""
+    merged = {**stored, **_extra_fragments(data)}
+    if RETRY_CONFIG in data and data[RETRY_CONFIG] is None:
+        del merged[RETRY_CONFIG]
+    return merged
+
+
 # --- schedule ----------------------------------------------------------------------------------
 
 
@@ -305,7 +316,14 @@ def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None)
 
 @transaction.atomic
 def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) -> BulkOperation:
-    """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
+    """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2).
+
+    The schedule starts at the later of `startDate` and the moment the bulk operation becomes
+    visible: the end of this transaction, once its targets are stored (100,000 of them take
+    seconds), not the moment the request began, so the ramp is not late (and does not catch up
+    in a burst) when its first run sees it. With `now` given (tests, replays), that moment is
+    `now`."""
+    given = now
     selector, start, ramp, prototype = _create_input(data)
     bulk_retry_config_validate(data)
     abort_config = abort_config_input(data)
@@ -318,7 +336,7 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
         start_date=start,
         creation_ramp=ramp,
         operation_prototype=prototype,
-        fragments=_extra_fragments(data),
+        fragments=_merged_fragments({}, data),
         creation_time=now,
         last_updated=now,
         effective_start=max(start, now),
@@ -328,7 +346,9 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     _schedule(bulk, now)
     bulk.save(force_insert=True)
     _replace_targets(bulk, device_ids, skip=set())
-    bulk.save(update_fields=["target_count"])
+    if given is None:
+        _schedule(bulk, timezone.now())  # the last statement before the commit: visible now
+    bulk.save(update_fields=["target_count", "effective_start", "first_index", "next_due_at"])
     _wake_ramp_on_commit(bulk)
     bulk_changed(bulk.pk, created=True)
     return bulk
@@ -387,7 +407,7 @@ def bulk_operation_update(
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
     bulk_retry_config_validate(data)
     abort_config = abort_config_input(data)
-    now = now or timezone.now()
+    given, now = now, now or timezone.now()
     with transaction.atomic():
         bulk = _lock_running(bulk_operation_id, "changed", precondition)
         rollout.check_update(bulk, data, ramp=ramp)
@@ -399,7 +419,7 @@ def bulk_operation_update(
             bulk.operation_prototype = prototype
         if "abortConfig" in data:  # null removes the thresholds
             bulk.abort_config = abort_config
-        bulk.fragments = {**bulk.fragments, **_extra_fragments(data)}
+        bulk.fragments = _merged_fragments(bulk.fragments, data)
         if selector is not None:
             processed = set(
                 BulkOperationTarget.objects.filter(
@@ -408,7 +428,8 @@ def bulk_operation_update(
             )
             _store_selector(bulk, selector)
             _replace_targets(bulk, _targets(selector), skip=processed)
-        _schedule(bulk, now)
+        # From when the change becomes visible (new targets take a while to store), as on create.
+        _schedule(bulk, now if given is not None else timezone.now())
         rollout.hold(bulk)  # a paused or wave-waiting one stays so
         bulk.last_updated = now
         bulk.save()
