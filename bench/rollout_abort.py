@@ -20,7 +20,12 @@ they appear:
       criterion of (a); the agent makes the first --exp-fault-after children SUCCESSFUL, then fails
       every one, so the threshold is crossed while the rate climbs or runs at its cap. Printed:
       children created per --curve-interval seconds beside the configured curve (bench/rollout.py's
-      reference) up to the abort, each child's lateness on that curve, and what (a) prints.
+      reference) up to the abort, each child's lateness on that curve, and what (a) prints;
+  (d) cancel: creationRamp 0 over every device but one (a first wave; the second, of one
+      device, waits for the first's gate), no agent: once the first wave is created (all
+      PENDING), `DELETE ...?cancelPending=true`. Printed: the DELETE's answer time, when DELETED
+      was first seen (10 ms polls from another connection) and when the last PENDING child was
+      seen failed, each from the moment the DELETE was sent.
 
 For each it prints when the threshold was crossed (the commit of the agent's status change that
 made failed/finished reach it: between the start and the return of that call), the abort's moment
@@ -111,7 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--curve-interval", type=float, default=10.0, help="(c) seconds per row of the curve"
     )
-    parser.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--interval", type=float, default=0.5, help="BULK_RAMP_INTERVAL (beat)")
     parser.add_argument("--bins", type=int, default=12, help="(a) rows of the rate curve")
     parser.add_argument("--timeout", type=float, default=900.0, help="per bulk operation, seconds")
@@ -136,8 +141,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ):
         parser.error("--slow-devices, --fault-after and --exp-fault-after must be below --devices")
     args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
-    if not args.parts or args.parts - {"a", "b", "c"}:
-        parser.error("--parts: a comma-separated subset of a,b,c")
+    if not args.parts or args.parts - {"a", "b", "c", "d"}:
+        parser.error("--parts: a comma-separated subset of a,b,c,d")
     return args
 
 
@@ -258,6 +263,23 @@ def wait_ended(
     raise SystemExit(f"bulk operation {bulk_id} not aborted after {timeout:.0f} s")
 
 
+def wait_drained(url: str, bulk_id: int, timeout: float) -> datetime:
+    """When no PENDING child of the bulk operation was left (polled every 10 ms): the abort's
+    batches, which follow its commit, are done."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            left = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM devicecontrol_operation WHERE bulk_operation_id = %s"
+                " AND status = 'PENDING')",
+                (bulk_id,),
+            ).fetchone()[0]
+            if not left:
+                return datetime.now(UTC)
+            time.sleep(0.01)
+    raise SystemExit(f"bulk operation {bulk_id}: PENDING children left after {timeout:.0f} s")
+
+
 @dataclass
 class Outcome:
     crossing: Crossing
@@ -267,6 +289,7 @@ class Outcome:
     creation: list[datetime]  # every child's creationTime, ascending
     start: datetime
     post_seconds: float  # the POST: validation, the targets' snapshot, commit
+    drained: datetime  # no PENDING child was left before this
 
     @property
     def last(self) -> datetime:
@@ -300,6 +323,7 @@ def run(
     finally:
         agent.stop.set()
         agent.join(timeout=30)
+    drained = wait_drained(url, bulk_id, timeout)
     bulk = BulkOperation.objects.get(pk=bulk_id)
     if agent.crossing is None or bulk.abort_reason is None:
         raise SystemExit(f"bulk operation {bulk_id} ended without a crossing: {bulk.abort_reason}")
@@ -311,7 +335,7 @@ def run(
     # A rate's step restarts effectiveStart at the step's first child: a rollout's origin is its
     # startDate (set ahead of the POST's commit), a creationRamp's its effectiveStart.
     start = bulk.start_date if bulk.rollout_config else bulk.effective_start
-    return Outcome(agent.crossing, aborted, seen, reason, creation, start, posted)
+    return Outcome(agent.crossing, aborted, seen, reason, creation, start, posted, drained)
 
 
 def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> float:
@@ -330,8 +354,8 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> flo
     out(
         f"abort: its run's moment (abortReason.time) +{(outcome.aborted - s).total_seconds():.3f}"
         f" s, seen committed +{(outcome.seen - s).total_seconds():.3f} s: {abort_latency * 1000:.0f}"
-        f" ms after the crossing commit (10 ms polls; the abort's transaction, PENDING children "
-        f"failed included, took at most {(outcome.seen - outcome.aborted).total_seconds() * 1000:.0f}"
+        f" ms after the crossing commit (10 ms polls; the abort's stop transaction took at most "
+        f"{(outcome.seen - outcome.aborted).total_seconds() * 1000:.0f}"
         f" ms); last child created at +{(outcome.last - s).total_seconds():.3f}"
         f" s ({stop_latency * 1000:.0f} ms after it); children created after the crossing: "
         f"{outcome.after(c.returned)} (after its call began: {outcome.after(c.started)}); "
@@ -340,12 +364,22 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> flo
     )
     met = stop_latency <= tick
     pending = outcome.reason["pendingFailed"]
-    took = (outcome.seen - outcome.aborted).total_seconds()
+    took = (outcome.drained - outcome.aborted).total_seconds()
+    out(
+        f"every PENDING child failed (none left) +{(outcome.drained - s).total_seconds():.3f} s:"
+        f" {(outcome.drained - c.returned).total_seconds() * 1000:.0f} ms after the crossing "
+        f"commit, {(outcome.drained - outcome.seen).total_seconds() * 1000:.0f} ms after DELETED "
+        "was visible"
+    )
     out(
         f"ceiling: one ramp tick (BULK_RAMP_INTERVAL) = {tick * 1000:.0f} ms; goal creation stops "
         f"within one tick of the crossing: {'met' if met else 'NOT met'}; the abort's commit "
         f"(DELETED visible) {abort_latency / tick:.2f} ticks after it"
-        + (f", {took / pending * 1000:.2f} ms per PENDING child failed" if pending else "")
+        + (
+            f", {took / pending * 1000:.2f} ms per PENDING child failed (from the abort's moment)"
+            if pending
+            else ""
+        )
     )
     summary(
         out,
@@ -365,6 +399,12 @@ def report_outcome(out: Report, name: str, outcome: Outcome, tick: float) -> flo
         ceiling="ramp tick",
         ceiling_value=tick,
     )
+    summary(
+        out,
+        f"{name} PENDING children all failed after crossing",
+        (outcome.drained - c.returned).total_seconds(),
+        "s",
+    )
     summary(out, f"{name} children after crossing", outcome.after(c.returned), "children")
     return stop_latency
 
@@ -380,8 +420,8 @@ def rate_curve(out: Report, outcome: Outcome, ramp: float, bins: int) -> None:
         counts[max(index, 0)] += 1
     configured = 1 / ramp if ramp else float("inf")
     out(
-        f"the POST took {outcome.post_seconds:.2f} s; the schedule (effectiveStart) starts once it "
-        "has read its targets, before it stores them and commits: the ramp first catches up"
+        f"the POST took {outcome.post_seconds:.2f} s; the schedule (effectiveStart) starts at "
+        "its commit, once its targets are stored: the first slice shows no catch-up burst"
     )
     out(f"rate curve (children/s per {width:.2f} s slice; configured {configured:,.1f}/s):")
     out("  from (s)   created/s   configured/s   ratio")
@@ -472,6 +512,96 @@ def exponential(
     return early
 
 
+def cancel_pending(
+    args: argparse.Namespace, client: Any, url: str, worker: Process, group_id: int, out: Report
+) -> None:
+    """(d): DELETE ?cancelPending=true of a bulk operation whose children are all PENDING."""
+    out(
+        f"=== (d) creationRamp 0 over {args.devices:,} devices, no agent; once every child is "
+        "PENDING: DELETE ?cancelPending=true ==="
+    )
+    # Two waves, the second of one device: the first is created at once and the gate then waits
+    # for it (no agent), so the bulk operation is still IN_PROGRESS when it is cancelled.
+    body = {
+        "groupId": str(group_id),
+        "startDate": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "creationRamp": 0,
+        "operationPrototype": PROTOTYPE,
+        "waves": [{"size": args.devices - 1}, {"percentage": 100}],
+    }
+    bulk_id = post_bulk(client, body)
+    deadline = time.monotonic() + args.timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            state = conn.execute(
+                "SELECT rollout_state FROM bulkops_bulkoperation WHERE id = %s", (bulk_id,)
+            ).fetchone()[0]
+            if state == "WAITING_FOR_WAVE":
+                break
+            if not worker.alive():
+                raise SystemExit(f"worker died:\n{worker.log_tail(30)}")
+            time.sleep(0.05)
+    answered: list[float] = []
+
+    def delete() -> None:
+        from django.db import connection
+
+        try:
+            response = client.delete(f"/devicecontrol/bulkoperations/{bulk_id}?cancelPending=true")
+            if response.status_code != 204:
+                raise SystemExit(f"DELETE: {response.status_code} {response.content[:300]!r}")
+            answered.append(time.perf_counter())
+        finally:
+            connection.close()
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        pending = conn.execute(
+            "SELECT count(*) FROM devicecontrol_operation WHERE bulk_operation_id = %s "
+            "AND status = 'PENDING'",
+            (bulk_id,),
+        ).fetchone()[0]
+        sent = time.perf_counter()
+        thread = threading.Thread(target=delete, daemon=True)
+        thread.start()
+        deleted = None
+        while deleted is None and time.perf_counter() - sent < args.timeout:
+            status = conn.execute(
+                "SELECT status FROM bulkops_bulkoperation WHERE id = %s", (bulk_id,)
+            ).fetchone()[0]
+            if status == "DELETED":
+                deleted = time.perf_counter()
+            else:
+                time.sleep(0.01)
+        drained = None
+        while drained is None and time.perf_counter() - sent < args.timeout:
+            left = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM devicecontrol_operation WHERE bulk_operation_id = %s"
+                " AND status = 'PENDING')",
+                (bulk_id,),
+            ).fetchone()[0]
+            if not left:
+                drained = time.perf_counter()
+            else:
+                time.sleep(0.01)
+        thread.join(timeout=args.timeout)
+    if deleted is None or drained is None or not answered:
+        raise SystemExit(f"bulk operation {bulk_id}: cancel not seen within {args.timeout:.0f} s")
+    out(
+        f"{pending:,} PENDING children; from the DELETE sent: DELETED visible after "
+        f"{(deleted - sent) * 1000:.0f} ms, the answer (204) after {(answered[0] - sent) * 1000:.0f}"
+        f" ms, no PENDING child left after {(drained - sent) * 1000:.0f} ms (10 ms polls)"
+    )
+    summary(
+        out,
+        "cancelPending DELETED visible after DELETE",
+        deleted - sent,
+        "s",
+        ceiling="ramp tick",
+        ceiling_value=args.interval,
+    )
+    summary(out, "cancelPending all PENDING failed after DELETE", drained - sent, "s")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     url, admin_url = checked_database_url(args.database_url)
@@ -544,6 +674,10 @@ def main(argv: list[str]) -> int:
         if "c" in args.parts:
             out()
             early = exponential(args, client, url, worker, groups["all"], out)
+
+        if "d" in args.parts:
+            out()
+            cancel_pending(args, client, url, worker, groups["all"], out)
     finally:
         beat.stop()
         worker.stop()

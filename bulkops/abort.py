@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
@@ -41,7 +41,7 @@ from devicecontrol.services import (
     operations_fail,
     operations_retries_drop,
 )
-from deviceplatform.api.dates import format_datetime
+from deviceplatform.api.dates import format_datetime, parse_datetime
 from deviceplatform.api.exceptions import ValidationFailed
 
 logger = logging.getLogger(__name__)
@@ -156,10 +156,12 @@ class AbortCounts:
         return self.failed
 
 
-def _cancelled_q() -> Q:
+def cancelled_q() -> Q:
     """Failures an operator caused (README "Cancel that reaches the device"): a PENDING child
     cancelled ("Cancelled by <user>") or one whose cancel was requested while EXECUTING. They say
-    nothing about the rollout's health, so abort criteria leave them out (of finished too)."""
+    nothing about the rollout's health, so abort criteria leave them out (of finished too), and so
+    do wave gates (bulkops.rollout `wave_count`). Combine it with FAILED: an EXECUTING child with
+    a cancel request is still running."""
     return Q(failure_reason__startswith=CANCELLED_REASON.split("{", 1)[0]) | Q(
         fragments__has_key=CANCEL_REQUESTED
     )
@@ -179,7 +181,7 @@ def abort_counts(*, bulk_operation_id: int) -> AbortCounts:
     out of `finished` too or not be counted in `failed` (the bound then still holds, since
     (f - r) / (n - r) <= f / n). A FAILED attempt with a booked automatic retry (`retry_at`) is
     not finished yet: its device fails for good only once its retries are spent, so it is left out
-    of both counts. So is a child an operator cancelled (`_cancelled_q`)."""
+    of both counts. So is a child an operator cancelled (`cancelled_q`)."""
     final = [OperationStatus.SUCCESSFUL, OperationStatus.FAILED]
     failed = Q(status=OperationStatus.FAILED)
     row = (
@@ -189,7 +191,7 @@ def abort_counts(*, bulk_operation_id: int) -> AbortCounts:
             status__in=final,
             retry_at__isnull=True,
         )
-        .exclude(failed & _cancelled_q())
+        .exclude(failed & cancelled_q())
         .aggregate(
             finished=Count("pk"),
             failed=Count("pk", filter=failed),
@@ -246,22 +248,18 @@ def _percentage(failures: int, finished: int) -> float:
 def _abort(
     bulk: BulkOperation, criterion: dict[str, Any], counts: AbortCounts, now: datetime
 ) -> None:
-    """Abort `bulk` (row-locked by the caller's transaction): no further child, its PENDING
-    children FAILED (each with an UPDATE event after commit), DELETED with `abort_reason`."""
+    """The stop (row-locked by the caller's transaction, kept short): no further child, booked
+    retries dropped, DELETED with `abort_reason`, and `pending_fail` marked. The PENDING children
+    are failed after the commit, in batches of their own (`bulk_pending_fail`, which the caller
+    runs once its transaction is over: `bulk_operation_abort_check` returned True)."""
     failures = counts.failures(criterion["failureType"])
     percentage = _percentage(failures, counts.finished)
     summary = criterion_summary(criterion)
     message = f"{ABORTED_PREFIX}{summary}: {failures} of {counts.finished} finished failed"
     # No further attempts either: booked automatic retries of its children go, as on a cancel.
-    # First: this waits for a child the retry sweep holds, and a retry it just created is then
-    # PENDING for the statements below (each reads what committed before it ran).
+    # This waits for a child the retry sweep holds; a retry it just created is then PENDING for
+    # the batches that follow the commit.
     operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
-    pending = Operation.objects.filter(
-        bulk_operation_id=bulk.pk, superseded=False, status=OperationStatus.PENDING
-    )
-    cancelled = operations_fail(
-        queryset=pending, reason=f"{ABORTED_PREFIX}{summary}", now=now, batch_size=FAIL_BATCH_SIZE
-    )
     bulk.status = BulkStatus.DELETED
     bulk.next_due_at = None
     bulk.last_updated = now
@@ -270,21 +268,147 @@ def _abort(
         "failed": failures,
         "finished": counts.finished,
         "percentage": int(percentage) if percentage.is_integer() else percentage,
-        "pendingFailed": cancelled,
+        "pendingFailed": 0,  # counted up by each batch of `bulk_pending_fail`
         "createdChildren": bulk.next_index - bulk.dropped,
         "time": format_datetime(now),
         "message": message,
     }
-    bulk.save(update_fields=["status", "next_due_at", "last_updated", "abort_reason"])
-    bulk_changed(bulk.pk)
-    transaction.on_commit(
-        lambda: logger.warning(
-            "Bulk operation %s aborted: %s (%d PENDING children failed)",
-            bulk.pk,
-            message,
-            cancelled,
-        )
+    pending_fail_mark(bulk, reason=f"{ABORTED_PREFIX}{summary}", notify=True, now=now)
+    bulk.save(
+        update_fields=["status", "next_due_at", "last_updated", "abort_reason", "pending_fail"]
     )
+    bulk_changed(bulk.pk)
+    transaction.on_commit(lambda: logger.warning("Bulk operation %s aborted: %s", bulk.pk, message))
+
+
+# --- failing the PENDING children of a stopped bulk operation -------------------------------------
+
+# How long a `pending_fail` lease lasts without a batch renewing it: a process that died between
+# batches leaves it to beat's sweep (`bulk_pending_fail_sweep`) this long after its last batch.
+PENDING_FAIL_LEASE = timedelta(seconds=30)
+
+
+def pending_fail_mark(bulk: BulkOperation, *, reason: str, notify: bool, now: datetime) -> None:
+    """Mark `bulk` (row-locked, saved by the caller with "pending_fail") as having PENDING
+    children to fail with `reason`, leased to the caller from `now`: it runs `bulk_pending_fail`
+    with `leased=True` once its transaction is over."""
+    bulk.pending_fail = {"reason": reason, "notify": notify, "at": format_datetime(now)}
+
+
+def _lease_expired(marker: dict[str, Any], now: datetime) -> bool:
+    at = marker.get("at")
+    return at is None or parse_datetime(at, field="at") + PENDING_FAIL_LEASE <= now
+
+
+def _renew(bulk_operation_id: int, marker: dict[str, Any], failed: int, now: datetime) -> bool:
+    """In the batch's transaction, after its children: renew the lease and count the batch in
+    `abortReason.pendingFailed` (an abort's marker). False when the marker changed or went
+    (another cancel replaced it): this finisher stops."""
+    bulk = (
+        BulkOperation.objects.select_for_update()
+        .filter(pk=bulk_operation_id)
+        .only("pk", "pending_fail", "abort_reason")
+        .first()
+    )
+    current = bulk.pending_fail if bulk is not None else None
+    if current is None or current.get("reason") != marker["reason"]:
+        return False
+    assert bulk is not None
+    bulk.pending_fail = {**current, "at": format_datetime(now)}
+    fields = ["pending_fail"]
+    if failed and bulk.abort_reason is not None and marker["reason"].startswith(ABORTED_PREFIX):
+        bulk.abort_reason = {
+            **bulk.abort_reason,
+            "pendingFailed": bulk.abort_reason.get("pendingFailed", 0) + failed,
+        }
+        fields.append("abort_reason")
+        bulk_changed(bulk.pk)
+    bulk.save(update_fields=fields)
+    return True
+
+
+def bulk_pending_fail(
+    *,
+    bulk_operation_id: int,
+    now: datetime | None = None,
+    batch_size: int = FAIL_BATCH_SIZE,
+    leased: bool = False,
+) -> int:
+    """Fail the PENDING children (latest attempts) of a bulk operation marked `pending_fail`,
+    `batch_size` per transaction; each batch commits on its own when this runs outside any
+    transaction (inside one, they are savepoints of it). Idempotent: a row is locked (waiting
+    for an agent's transaction that holds it) and re-checked, so a child an agent took meanwhile
+    keeps its status. The lease: `leased` (the caller marked it in the stop it just committed),
+    or taken here once it expired (a finisher died between batches); otherwise someone else is
+    at it and this returns 0. The marker goes once no PENDING child is left. Returns the
+    children failed."""
+    with transaction.atomic():
+        bulk = (
+            BulkOperation.objects.select_for_update()
+            .filter(pk=bulk_operation_id)
+            .only("pk", "pending_fail")
+            .first()
+        )
+        marker = bulk.pending_fail if bulk is not None else None
+        if marker is None:
+            return 0
+        if not leased:
+            moment = now or timezone.now()
+            if not _lease_expired(marker, moment):
+                return 0
+            assert bulk is not None
+            bulk.pending_fail = {**marker, "at": format_datetime(moment)}
+            bulk.save(update_fields=["pending_fail"])
+    pending = Operation.objects.filter(
+        bulk_operation_id=bulk_operation_id, superseded=False, status=OperationStatus.PENDING
+    )
+    total, last = 0, 0
+    while True:
+        with transaction.atomic():
+            moment = now or timezone.now()
+            # The batch: a range of IDs (its upper bound read from the index; None: the rest).
+            rows = pending.filter(pk__gt=last)
+            bound = list(rows.order_by("pk").values_list("pk", flat=True)[batch_size - 1 :][:1])
+            if bound:
+                rows = rows.filter(pk__lte=bound[0])
+            # Locked in ID order and re-checked once locked: PENDING still, or left alone.
+            failed = operations_fail(
+                queryset=rows,
+                reason=marker["reason"],
+                now=moment,
+                batch_size=batch_size,
+                notify=marker.get("notify", True),
+            )
+            if not _renew(bulk_operation_id, marker, failed, moment):
+                return total + failed
+            total += failed
+            if not bound:
+                # None left: the marker goes (in the transaction that failed the last ones).
+                BulkOperation.objects.filter(pk=bulk_operation_id).update(pending_fail=None)
+                break
+            last = bound[0]
+    logger.info(
+        "Bulk operation %s: %d PENDING children failed (%s)",
+        bulk_operation_id,
+        total,
+        marker["reason"],
+    )
+    return total
+
+
+def bulk_pending_fail_sweep(*, now: datetime | None = None) -> int:
+    """Finish the PENDING children of stopped bulk operations whose finisher died between
+    batches (its lease expired): beat runs this every tick. Returns the children failed."""
+    marked = BulkOperation.objects.filter(pending_fail__isnull=False)
+    total = 0
+    for pk, marker in list(marked.order_by("pk").values_list("pk", "pending_fail")):
+        if not _lease_expired(marker, now or timezone.now()):
+            continue
+        try:
+            total += bulk_pending_fail(bulk_operation_id=pk, now=now)
+        except Exception:  # one bulk operation's failure never stops the others, nor the tick
+            logger.exception("Failing PENDING children of bulk operation %s failed", pk)
+    return total
 
 
 def bulk_operation_abort_check(*, bulk: BulkOperation, now: datetime) -> bool:
@@ -349,8 +473,10 @@ def bulk_operations_abort_sweep(*, now: datetime | None = None) -> list[int]:
                 )
                 # The moment once the lock is held: after every batch the ramp committed.
                 moment = now or timezone.now()
-                if bulk is not None and bulk_operation_abort_check(bulk=bulk, now=moment):
-                    aborted.append(pk)
+                stopped = bulk is not None and bulk_operation_abort_check(bulk=bulk, now=moment)
+            if stopped:
+                aborted.append(pk)
+                bulk_pending_fail(bulk_operation_id=pk, now=now, leased=True)
         except Exception:  # one bulk operation's failure never stops the others, nor the tick
             logger.exception("Abort check of bulk operation %s failed; next tick retries", pk)
     return aborted

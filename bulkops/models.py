@@ -51,7 +51,12 @@ class BulkOperation(models.Model):
     wave (0-based); `current_rate` the children per minute the schedule runs at when a rate governs
     it instead of `creation_ramp`, `rate_step` the exponential increases applied so far;
     `rollout_reason` why it is paused. A paused or wave-waiting bulk operation has no
-    `next_due_at`, so the ramp never picks it up."""
+    `next_due_at`, so the ramp never picks it up.
+
+    `pending_fail` is set while PENDING children of a stopped bulk operation (aborted, or
+    cancelled with `cancelPending`) are still to be failed after the stop committed
+    (bulkops.abort `bulk_pending_fail`): {"reason", "notify", "at"}, `at` the lease's last
+    renewal by the process failing them in batches; cleared once none is left."""
 
     group_id = models.BigIntegerField(null=True, blank=True)
     failed_parent_id = models.BigIntegerField(null=True, blank=True)
@@ -86,6 +91,7 @@ class BulkOperation(models.Model):
     wave = models.PositiveIntegerField(default=0, db_default=0)
     current_rate = models.FloatField(null=True, blank=True)
     rate_step = models.PositiveIntegerField(default=0, db_default=0)
+    pending_fail = DocumentField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -94,6 +100,11 @@ class BulkOperation(models.Model):
                 fields=["rollout_state"],
                 name="bulk_wave_wait_idx",
                 condition=models.Q(rollout_state="WAITING_FOR_WAVE"),
+            ),
+            models.Index(
+                fields=["id"],
+                name="bulk_pending_fail_idx",
+                condition=models.Q(pending_fail__isnull=False),
             ),
             models.Index(
                 fields=["next_due_at"],

@@ -436,40 +436,55 @@ def hold(bulk: BulkOperation) -> None:
 
 @dataclass(frozen=True)
 class WaveCount:
-    """A wave's children (one per device: its latest attempt), finished ones, successful ones."""
+    """A wave's children (one per device: its latest attempt) that count for its gate, finished
+    ones, successful ones; and `cancelled`, the FAILED ones an operator cancelled, which are left
+    out of the other three (as abort criteria leave them out)."""
 
     total: int
     finished: int
     successful: int
+    cancelled: int = 0
 
 
 def wave_count(bulk: BulkOperation, wave: int) -> WaveCount:
     """The one count of a wave's children that the gates decide on: the latest attempt
     (`superseded=False`) of each device at the wave's positions; a device deleted before its
     child was created has none and does not count. A FAILED attempt with a booked automatic retry
-    (`retry_at`, README "Automatic retries") is not finished yet: its retry may still succeed."""
+    (`retry_at`, README "Automatic retries") is not finished yet: its retry may still succeed.
+    A child an operator cancelled (FAILED "Cancelled by ...", or failed after a cancel request:
+    bulkops.abort `cancelled_q`) is not counted at all: the denominator of `successThreshold`
+    is the wave's other children."""
+    from bulkops.abort import cancelled_q  # abort -> live -> serializers -> this module
+
     ends = wave_ends(bulk.waves or [{"percentage": 100}], bulk.target_count)
     start = ends[wave - 1] if wave > 0 else 0
     devices = BulkOperationTarget.objects.filter(
         bulk_operation_id=bulk.pk, position__gte=start, position__lt=ends[wave]
     ).values("device_id")
+    cancelled = Q(status=OperationStatus.FAILED) & cancelled_q()
+    counted = ~cancelled
     counts = Operation.objects.filter(
         bulk_operation_id=bulk.pk, superseded=False, device_id__in=devices
     ).aggregate(
-        total=Count("pk"),
+        total=Count("pk", filter=counted),
         finished=Count(
             "pk",
             filter=Q(status__in=[OperationStatus.SUCCESSFUL, OperationStatus.FAILED])
-            & Q(retry_at__isnull=True),
+            & Q(retry_at__isnull=True)
+            & counted,
         ),
         successful=Count("pk", filter=Q(status=OperationStatus.SUCCESSFUL)),
+        cancelled=Count("pk", filter=cancelled),
     )
     return WaveCount(**counts)
 
 
 def _share(count: WaveCount) -> str:
     percent = 100.0 if not count.total else 100.0 * count.successful / count.total
-    return f"{count.successful} of {count.total} succeeded ({percent:.4g}%)"
+    share = f"{count.successful} of {count.total} succeeded ({percent:.4g}%)"
+    if count.cancelled:
+        share += f", {count.cancelled} cancelled by an operator not counted"
+    return share
 
 
 def _start_next_wave(bulk: BulkOperation, now: datetime) -> None:

@@ -93,6 +93,8 @@ def bulk_operation_json(bulk: BulkOperation, *, base: str) -> dict[str, Any]:
     body["generalStatus"] = general_status(bulk, counts)
     body["progress"] = progress_json(bulk, counts)
     body.update(bulk.fragments)
+    if body.get("retryConfig", {}) is None:  # stored by a PUT before `null` meant "remove"
+        del body["retryConfig"]
     if bulk.abort_config is not None:
         body["abortConfig"] = bulk.abort_config
     if bulk.abort_reason is not None:

@@ -32,7 +32,12 @@ from django.db.models import F
 from django.utils import timezone
 
 from bulkops import rollout
-from bulkops.abort import abort_config_input, bulk_operation_abort_check
+from bulkops.abort import (
+    abort_config_input,
+    bulk_operation_abort_check,
+    bulk_pending_fail,
+    pending_fail_mark,
+)
 from bulkops.live import bulk_changed
 from bulkops.models import (
     RUNNING_STATUSES,
@@ -48,9 +53,10 @@ from devicecontrol.models import Operation, OperationStatus
 from devicecontrol.realtime import OperationEvent
 from devicecontrol.serializers import operation_json
 from devicecontrol.services import (
+    CANCELLED_REASON,
+    RETRY_CONFIG,
     StatusChange,
     operation_prototype_validate,
-    operations_cancel_pending,
     operations_create_many,
     operations_retries_drop,
 )
@@ -190,6 +196,16 @@ def _extra_fragments(data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key not in KNOWN_KEYS}
 
 
+def _merged_fragments(stored: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The stored top-level fragments with a body's applied. A `retryConfig` of `null` removes
+    the retry policy (as `null` removes `abortConfig`), so it is neither stored nor echoed;
+    other fragments keep Cumulocity's behaviour (stored as given)."""
+    merged = {**stored, **_extra_fragments(data)}
+    if RETRY_CONFIG in data and data[RETRY_CONFIG] is None:
+        del merged[RETRY_CONFIG]
+    return merged
+
+
 # --- schedule ----------------------------------------------------------------------------------
 
 
@@ -300,7 +316,14 @@ def bulk_operation_preview(*, data: dict[str, Any], now: datetime | None = None)
 
 @transaction.atomic
 def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) -> BulkOperation:
-    """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2)."""
+    """Validate, snapshot the targets, store ACTIVE/SCHEDULED (bulkoperations.md §2).
+
+    The schedule starts at the later of `startDate` and the moment the bulk operation becomes
+    visible: the end of this transaction, once its targets are stored (100,000 of them take
+    seconds), not the moment the request began, so the ramp is not late (and does not catch up
+    in a burst) when its first run sees it. With `now` given (tests, replays), that moment is
+    `now`."""
+    given = now
     selector, start, ramp, prototype = _create_input(data)
     bulk_retry_config_validate(data)
     abort_config = abort_config_input(data)
@@ -313,7 +336,7 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
         start_date=start,
         creation_ramp=ramp,
         operation_prototype=prototype,
-        fragments=_extra_fragments(data),
+        fragments=_merged_fragments({}, data),
         creation_time=now,
         last_updated=now,
         effective_start=max(start, now),
@@ -323,7 +346,9 @@ def bulk_operation_create(*, data: dict[str, Any], now: datetime | None = None) 
     _schedule(bulk, now)
     bulk.save(force_insert=True)
     _replace_targets(bulk, device_ids, skip=set())
-    bulk.save(update_fields=["target_count"])
+    if given is None:
+        _schedule(bulk, timezone.now())  # the last statement before the commit: visible now
+    bulk.save(update_fields=["target_count", "effective_start", "first_index", "next_due_at"])
     _wake_ramp_on_commit(bulk)
     bulk_changed(bulk.pk, created=True)
     return bulk
@@ -382,7 +407,7 @@ def bulk_operation_update(
     prototype = _prototype(data["operationPrototype"]) if "operationPrototype" in data else None
     bulk_retry_config_validate(data)
     abort_config = abort_config_input(data)
-    now = now or timezone.now()
+    given, now = now, now or timezone.now()
     with transaction.atomic():
         bulk = _lock_running(bulk_operation_id, "changed", precondition)
         rollout.check_update(bulk, data, ramp=ramp)
@@ -394,7 +419,7 @@ def bulk_operation_update(
             bulk.operation_prototype = prototype
         if "abortConfig" in data:  # null removes the thresholds
             bulk.abort_config = abort_config
-        bulk.fragments = {**bulk.fragments, **_extra_fragments(data)}
+        bulk.fragments = _merged_fragments(bulk.fragments, data)
         if selector is not None:
             processed = set(
                 BulkOperationTarget.objects.filter(
@@ -403,7 +428,8 @@ def bulk_operation_update(
             )
             _store_selector(bulk, selector)
             _replace_targets(bulk, _targets(selector), skip=processed)
-        _schedule(bulk, now)
+        # From when the change becomes visible (new targets take a while to store), as on create.
+        _schedule(bulk, now if given is not None else timezone.now())
         rollout.hold(bulk)  # a paused or wave-waiting one stays so
         bulk.last_updated = now
         bulk.save()
@@ -423,29 +449,60 @@ def bulk_operation_cancel(
 ) -> BulkOperation:
     """DELETE (bulkoperations.md §10): no further children; existing ones keep their status.
     `cancel_pending` (`?cancelPending=true`, README "Cancel that reaches the device"): its
-    PENDING children (latest attempts) are also cancelled, "Cancelled by <by>", in the same
-    transaction, in batches; and a bulk operation that is COMPLETED or DELETED already is not
-    refused: its status stays, only its PENDING children are cancelled."""
+    PENDING children (latest attempts) are also cancelled, "Cancelled by <by>"; and a bulk
+    operation that is COMPLETED or DELETED already is not refused: its status stays, only its
+    PENDING children are cancelled.
+
+    First the stop, one short transaction (`bulk_operation_stop`); then the PENDING children are
+    failed in batches of their own before this returns (`bulk_pending_fail`; beat's sweep
+    finishes them if this process dies meanwhile)."""
+    bulk = bulk_operation_stop(
+        bulk_operation_id=bulk_operation_id,
+        now=now,
+        precondition=precondition,
+        cancel_pending=cancel_pending,
+        by=by,
+        notify=notify,
+    )
+    if cancel_pending:
+        bulk_pending_fail(bulk_operation_id=bulk.pk, now=now, leased=True)
+        bulk.pending_fail = None
+    return bulk
+
+
+def bulk_operation_stop(
+    *,
+    bulk_operation_id: int,
+    now: datetime | None = None,
+    precondition: Callable[[BulkOperation], None] | None = None,
+    cancel_pending: bool = False,
+    by: str = "",
+    notify: bool = True,
+) -> BulkOperation:
+    """The stop of `bulk_operation_cancel`, in one transaction under the row lock: 404, the
+    `precondition` (`If-Match`, 412) and, without `cancel_pending`, 422 unless running are
+    checked before anything is written; then DELETED (a running one), booked retries dropped
+    and, with `cancel_pending`, the `pending_fail` mark leased to the caller, who then runs
+    `bulk_pending_fail` (if it dies first, beat's sweep does once the lease expired)."""
     now = now or timezone.now()
     with transaction.atomic():
         if cancel_pending:
             bulk = _locked(bulk_operation_id, precondition)
         else:
             bulk = _lock_running(bulk_operation_id, "cancelled", precondition)
+        fields = []
         if bulk.status in RUNNING_STATUSES:
             bulk.status = BulkStatus.DELETED
             bulk.next_due_at = None
             bulk.last_updated = now
-            bulk.save(update_fields=["status", "next_due_at", "last_updated"])
+            fields += ["status", "next_due_at", "last_updated"]
+        if cancel_pending:
+            pending_fail_mark(bulk, reason=CANCELLED_REASON.format(by=by), notify=notify, now=now)
+            fields.append("pending_fail")
+        if fields:
+            bulk.save(update_fields=fields)
         # No further children: booked automatic retries of its children go too.
         operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
-        if cancel_pending:
-            operations_cancel_pending(
-                queryset=Operation.objects.filter(bulk_operation_id=bulk.pk, superseded=False),
-                by=by,
-                notify=notify,
-                now=now,
-            )
         bulk_changed(bulk.pk)
     return bulk
 
@@ -868,6 +925,8 @@ def _advance_all(
                     moment = timezone.now()
                 tried_index = bulk.next_index
                 count = _advance_one(bulk, moment, batch_size)
+            if bulk.status == BulkStatus.DELETED and bulk.pending_fail is not None:
+                _fail_pending_after_abort(claimed, now)
         except Exception as exc:
             if claimed is None:
                 raise  # the claim itself failed: nothing to set aside
@@ -883,6 +942,15 @@ def _advance_all(
             continue
         processed[claimed] += count
         latest[claimed] = bulk
+
+
+def _fail_pending_after_abort(bulk_id: int, now: datetime | None) -> None:
+    """The ramp just committed an abort: fail its PENDING children now, in batches of their own
+    (a failure here is logged; beat's sweep finishes them once the lease expired)."""
+    try:
+        bulk_pending_fail(bulk_operation_id=bulk_id, now=now, leased=True)
+    except Exception:
+        logger.exception("Bulk operation %s: failing its PENDING children failed", bulk_id)
 
 
 def bulk_operations_advance(

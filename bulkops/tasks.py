@@ -82,6 +82,9 @@ def advance_bulk_operations(
         # Abort thresholds crossed since the last tick, also of bulk operations not due (the
         # ramp checks those it advances itself, before each batch).
         abort.bulk_operations_abort_sweep()
+        # PENDING children of an aborted or cancelPending'ed bulk operation whose finisher died
+        # between its batches (its lease expired).
+        abort.bulk_pending_fail_sweep()
     ramp_wake(services.bulk_operations_next_due(), queue=queue)
     return created
 

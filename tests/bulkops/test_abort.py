@@ -7,6 +7,7 @@ with a real worker and beat are in test_abort_live.py."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -531,8 +532,9 @@ def test_the_sweep_leaves_a_bulk_locked_by_the_ramp_and_takes_it_on_its_next_run
 
 @pytest.mark.django_db(transaction=True)
 def test_the_abort_waits_for_a_child_an_agent_holds_and_leaves_it_if_it_moved_on() -> None:
-    """An agent holds a PENDING child's row while moving it to EXECUTING: the abort waits for
-    it, sees it EXECUTING, and leaves it; everything commits in one transaction."""
+    """An agent holds a PENDING child's row while moving it to EXECUTING: the stop (DELETED,
+    abortReason) commits at once, without waiting for it; the batch that fails the PENDING
+    children waits for the row, sees it EXECUTING, and leaves it."""
     if connection.vendor != "postgresql":
         pytest.skip("row locks: PostgreSQL only (SQLite serialises whole transactions)")
     fleet = make_fleet(3)
@@ -560,9 +562,15 @@ def test_the_abort_waits_for_a_child_an_agent_holds_and_leaves_it_if_it_moved_on
         target=lambda: (result.append(bulk_operations_abort_sweep(now=at(2))), connection.close())
     )
     sweeper.start()
-    sweeper.join(0.5)
-    assert sweeper.is_alive()  # waiting for the agent's row
-    assert reload(bulk).status == BulkStatus.COMPLETED  # nothing committed meanwhile
+    deadline = time.monotonic() + 30
+    while reload(bulk).status != BulkStatus.DELETED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopped = reload(bulk)
+    assert stopped.status == BulkStatus.DELETED  # the stop committed while the agent holds a row
+    assert stopped.abort_reason["pendingFailed"] == 0  # no batch committed yet
+    assert stopped.pending_fail is not None
+    assert sweeper.is_alive()  # its batch waits for the agent's row
+    assert Operation.objects.get(pk=third.pk).status == "PENDING"
     release.set()
     thread.join(30)
     sweeper.join(30)
@@ -570,6 +578,7 @@ def test_the_abort_waits_for_a_child_an_agent_holds_and_leaves_it_if_it_moved_on
     statuses = {op.pk: op.status for op in children(bulk)}
     assert statuses == {first.pk: "FAILED", second.pk: "EXECUTING", third.pk: "FAILED"}
     assert reload(bulk).abort_reason["pendingFailed"] == 1
+    assert reload(bulk).pending_fail is None  # done: the sweep has nothing left
 
 
 @pytest.mark.django_db(transaction=True)

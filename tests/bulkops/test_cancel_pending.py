@@ -1,6 +1,6 @@
 """`DELETE /devicecontrol/bulkoperations/{id}?cancelPending=true` (extension, README "Cancel that
 reaches the device"): the bulk operation is cancelled as always, and its PENDING children (each
-device's latest attempt) fail "Cancelled by <user>" in the same transaction; without the
+device's latest attempt) fail "Cancelled by <user>" in batches after the stop committed; without the
 parameter (or `false`) the children keep their status, as the spec says."""
 
 from __future__ import annotations
@@ -193,6 +193,7 @@ def test_a_stale_if_match_is_412_and_cancels_nothing(bapi: Clients) -> None:
     assert_error(response, 412)
     assert statuses(bulk) == before
     assert reload(bulk).status == "IN_PROGRESS"
+    assert reload(bulk).pending_fail is None  # nothing marked for the sweep either
 
 
 def test_while_the_ramp_runs_only_created_children_are_cancelled_and_no_more_come(

@@ -15,7 +15,7 @@ from bulkops.abort import bulk_operations_abort_sweep
 from bulkops.models import BulkOperation, BulkStatus, RolloutState
 from bulkops.serializers import bulk_operation_json
 from devicecontrol.models import Operation
-from devicecontrol.services import operation_retry, operation_update
+from devicecontrol.services import operation_cancel, operation_retry, operation_update
 from deviceplatform.api.exceptions import NotFound, ValidationFailed
 from tests.bulkops.conftest import (
     T0,
@@ -287,6 +287,52 @@ def test_a_wave_counts_each_device_by_its_latest_attempt() -> None:
     assert services.bulk_rollout_gates_check(now=at(1)) == 0  # the retry may still succeed
     operation_update(operation_id=retry.pk, data={"status": "SUCCESSFUL"})
     assert services.bulk_rollout_gates_check(now=at(2)) == 1
+
+
+def test_a_wave_gate_leaves_out_children_an_operator_cancelled() -> None:
+    """As abort criteria do: a child cancelled by an operator ("Cancelled by ...", or failed
+    after a cancel request) counts neither for nor against successThreshold; the denominator
+    is the wave's other children."""
+    fleet = make_fleet(5)
+    bulk = create_bulk(
+        fleet.group,
+        creationRamp=0,
+        waves=[{"size": 4, "successThreshold": 100}, {"percentage": 100}],
+    )
+    advance(0)
+    first, second, third, fourth = children(bulk)
+    operation_cancel(operation=first, by="ops")  # PENDING: FAILED "Cancelled by ops"
+    operation_update(operation_id=second.pk, data={"status": "EXECUTING"})
+    operation_cancel(operation=Operation.objects.get(pk=second.pk), by="ops")  # a request
+    operation_update(operation_id=second.pk, data={"status": "FAILED"})  # the agent stops
+    operation_update(operation_id=third.pk, data={"status": "SUCCESSFUL"})
+    assert rollout.wave_count(reload(bulk), 0) == rollout.WaveCount(
+        total=2, finished=1, successful=1, cancelled=2
+    )
+    assert services.bulk_rollout_gates_check(now=at(1)) == 0  # the fourth may still succeed
+    operation_update(operation_id=fourth.pk, data={"status": "SUCCESSFUL"})
+    assert services.bulk_rollout_gates_check(now=at(2)) == 1  # 2 of 2 counted: 100 %
+    assert reload(bulk).wave == 1
+    assert advance(2) == 1
+
+
+def test_a_wave_gate_still_counts_a_child_the_agent_failed() -> None:
+    fleet = make_fleet(3)
+    bulk = create_bulk(
+        fleet.group,
+        creationRamp=0,
+        waves=[{"size": 2, "successThreshold": 100}, {"percentage": 100}],
+    )
+    advance(0)
+    first, second = children(bulk)
+    operation_cancel(operation=first, by="ops")
+    operation_update(operation_id=second.pk, data={"status": "FAILED", "failureReason": "Boom"})
+    assert services.bulk_rollout_gates_check(now=at(1)) == 1
+    paused = reload(bulk)
+    assert paused.rollout_state == RolloutState.PAUSED
+    assert paused.rollout_reason.startswith(
+        "Wave 1 fell short: 0 of 1 succeeded (0%), 1 cancelled by an operator not counted"
+    )
 
 
 def test_waves_go_with_a_rate() -> None:

@@ -467,7 +467,62 @@ def test_a_bulk_retry_config_can_be_set_and_removed_by_put(api: Clients) -> None
     removed = call(
         api["admin"], "PUT", f"{BULK}/{bulk.pk}", {"retryConfig": None}, accept="application/json"
     )
-    assert ok_json(removed).get("retryConfig") is None
+    assert "retryConfig" not in ok_json(removed)  # removed, not echoed as null
+    assert "retryConfig" not in BulkOperation.objects.get(pk=bulk.pk).fragments
+    assert "retryConfig" not in ok_json(call(api["admin"], "GET", f"{BULK}/{bulk.pk}"))
+
+
+def test_a_bulk_retry_config_of_null_removes_it_and_no_child_is_retried(api: Clients) -> None:
+    fleet = make_fleet(2)
+    data = bulk_data(fleet.group, creationRamp=0, startDate=START, retryConfig=CONFIG)
+    bulk = bulk_services.bulk_operation_create(data=data, now=T0)
+    created = call(
+        api["admin"],
+        "POST",
+        BULK,
+        {**bulk_data(fleet.group), "retryConfig": None},
+        accept="application/json",
+    )
+    created = ok_json(created, 201)
+    assert "retryConfig" not in created  # a POST's null: no policy, nothing stored
+    assert "retryConfig" not in BulkOperation.objects.get(pk=created["id"]).fragments
+
+    bulk_services.bulk_operation_update(
+        bulk_operation_id=bulk.pk, data={"retryConfig": None}, now=T0
+    )
+    bulk_services.bulk_operations_advance(now=T0)
+    child = Operation.objects.filter(bulk_operation_id=bulk.pk).order_by("pk").first()
+    assert child is not None
+    assert fail(child, 1).retry_at is None
+
+
+def test_an_operations_retry_config_of_null_removes_it(api: Clients, device: ManagedObject) -> None:
+    client = api["admin"]
+    created = call(
+        client,
+        "POST",
+        OPERATIONS,
+        {"deviceId": str(device.pk), "c8y_Restart": {}, "retryConfig": None},
+        accept="application/json",
+    )
+    body = ok_json(created, 201)
+    assert "retryConfig" not in body
+    assert "attempt" not in body
+    operation = create(device)
+    assert ok_json(call(client, "GET", f"{OPERATIONS}/{operation.pk}"))["attempt"] == 1
+
+    changed = call(
+        client,
+        "PUT",
+        f"{OPERATIONS}/{operation.pk}",
+        {"status": "EXECUTING", "retryConfig": None},
+        accept="application/json",
+    )
+
+    body = ok_json(changed)
+    assert ("retryConfig" in body, "attempt" in body) == (False, False)
+    assert "retryConfig" not in fresh(operation).fragments
+    assert fail(operation, 10).retry_at is None  # no policy left: no retry booked
 
 
 def test_the_admin_change_page_shows_attempt_and_booked_retry(
