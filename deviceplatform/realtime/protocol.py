@@ -10,9 +10,11 @@ sessions, and their next message is refused with `401::Authentication invalid`.
 Hostile input costs little: a request (a long-polling body, a WebSocket frame) pays for at most one
 failed password check, whatever number of handshakes it holds, and failed checks count towards the
 failed-login limit (`deviceplatform.api.auth_throttle`). A subscription is checked again when its
-events are delivered, so one granted by ownership ends when the device changes owner. When Redis or
-the database is unreachable, each message gets a Bayeux failure with advice to retry after a
-while, as CometD servers answer, never an HTTP error."""
+events are delivered, so one granted by ownership ends when the device changes owner. A subscribe
+may opt in to options of its channel (`ext."com.deviceplatform"`, subscriptions.py), held as
+variants of the subscription that end with it. When Redis or the database is unreachable, each
+message gets a Bayeux failure with advice to retry after a while, as CometD servers answer, never
+an HTTP error."""
 
 from __future__ import annotations
 
@@ -186,7 +188,7 @@ def _channel_of(event: bytes) -> str:
     return str(orjson.loads(event).get("channel", ""))
 
 
-def _options(message: dict[str, Any], rules: Sequence[Any]) -> dict[str, bool] | str:
+def _options(message: dict[str, Any], rules: Sequence[tuple[Any, Any]]) -> dict[str, bool] | str:
     """The options a `/meta/subscribe` sets (`ext."com.deviceplatform"`), each offered by every
     channel it names, or the error to answer. Without the extension: none (all off)."""
     ext = message.get("ext")
@@ -481,7 +483,7 @@ class Exchange:
         if add:
             if any(rule is None for rule in rules):
                 return _failure(message, "400::Invalid channel", **echo)
-            options = _options(message, rules)  # type: ignore[arg-type]
+            options = _options(message, [found for found in rules if found is not None])
             if isinstance(options, str):
                 return _failure(message, options, **echo)
             chosen = [variant(c, o) for c in stored for o, on in sorted(options.items()) if on]
