@@ -5,7 +5,13 @@ nothing goes out for a rolled-back change, and a device's events go out in the o
 transactions that changed it. Each turns into the Bayeux messages of realtime.md §5: on the
 realtime family `/operations/{deviceId}` with `{realtimeAction, data}`, and for creations also the
 bare operation on the agent family's `/{agentId}`, both kept in the device's order.
-`register_channels` declares who may subscribe to these channels (auth.md §7)."""
+`register_channels` declares who may subscribe to these channels (auth.md §7).
+
+A cancel request (README "Cancel that reaches the device") is an UPDATE that also goes to
+`/{agentId}`, but only to the subscribers that opted in to `cancelRequests` there
+(`"ext": {"com.deviceplatform": {"cancelRequests": true}}` on their `/meta/subscribe`): in
+Cumulocity that channel carries new operations only, and a plain agent runs whatever arrives on it,
+so an EXECUTING operation there could be run a second time."""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from deviceplatform.roles import Role
 from inventory.models import ManagedObject
 
 Action = Literal["CREATE", "UPDATE", "DELETE"]
+# The option of the agent channel under which cancel requests arrive.
+CANCEL_REQUESTS = "cancelRequests"
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class OperationEvent:
     agent_id: int | None
     data: dict[str, Any] | str = field(compare=True)
     # An UPDATE the agent must see too (a cancel request, README "Cancel that reaches the
-    # device"): it goes to the agent channel as well, like a creation.
+    # device"): it goes to the agent channel as well, to the subscribers that opted in to it.
     to_agent: bool = False
 
     @property
@@ -66,10 +74,16 @@ def realtime_events(event: OperationEvent) -> list[RealtimeEvent]:
             key=event.device_id,
         )
     ]
-    # Only new operations (and cancel requests) go to the agent channel; a bulk child that failed
-    # for want of an agent has none.
-    if (event.action == "CREATE" or event.to_agent) and event.agent_id is not None:
+    # Only new operations go to the agent channel (and cancel requests, to the subscribers that
+    # asked for them); a bulk child that failed for want of an agent has none.
+    if event.agent_id is not None and event.action == "CREATE":
         events.append(RealtimeEvent(agent_channel(event.agent_id), data, key=event.device_id))
+    elif event.agent_id is not None and event.to_agent:
+        events.append(
+            RealtimeEvent(
+                agent_channel(event.agent_id), data, key=event.device_id, option=CANCEL_REQUESTS
+            )
+        )
     return events
 
 
@@ -89,7 +103,7 @@ def _may_watch_all(user: Any, match: re.Match[str]) -> bool:
 def register_channels() -> None:
     register(Family.REALTIME, r"/operations/\*", _may_watch_all)
     register(Family.REALTIME, r"/operations/([1-9][0-9]{0,18})", _may_watch)
-    register(Family.AGENT, r"/([1-9][0-9]{0,18})", _may_watch)
+    register(Family.AGENT, r"/([1-9][0-9]{0,18})", _may_watch, options=frozenset({CANCEL_REQUESTS}))
 
 
 def registered_events(callbacks: Sequence[Any]) -> list[OperationEvent]:

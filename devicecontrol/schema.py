@@ -79,7 +79,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "retryConfig": RETRY_CONFIG,
             "c8y_CancelRequested": obj(
                 {"time": DATE_TIME, "by": {"type": "string"}},
-                description="Extension: a cancel asked of the agent while EXECUTING",
+                description=(
+                    "Extension: a cancel asked of the agent while EXECUTING (sent on the agent "
+                    "channel to subscriptions that opted in to cancelRequests)"
+                ),
             ),
             "deviceExternalIDs": obj(
                 {"self": url(), "externalIds": {"type": "array", "items": ref("ExternalId")}},
@@ -251,8 +254,10 @@ def _attach() -> None:
             "Cancel an operation (extension)",
             owner="device",
             description=(
-                "PENDING: FAILED at once. EXECUTING: `c8y_CancelRequested` is set and the agent is "
-                "told. Final statuses: 422."
+                "PENDING: FAILED at once. EXECUTING: `c8y_CancelRequested` is set; the UPDATE goes "
+                "to `/operations/{deviceId}`, and to the agent channel `/{agentId}` only for "
+                'subscriptions made with `"ext": {"com.deviceplatform": '
+                '{"cancelRequests": true}}`. Final statuses: 422.'
             ),
             response=ref("Operation"),
             media_type=operation,

@@ -10,8 +10,10 @@ Each operation is taken with a conditional PUT (read, then `If-Match`): one that
 PENDING when it arrives is skipped.
 
 A cancel request (README "Cancel that reaches the device") comes as the EXECUTING operation with
-`c8y_CancelRequested`, on the same agent channel; the agent also sees it when it lists its
-EXECUTING operations after each (re)subscription. An operation still in its simulated work stops
+`c8y_CancelRequested`, on the same agent channel: the agent asks for them on its subscription
+(`"ext": {"com.deviceplatform": {"cancelRequests": true}}`; a plain Cumulocity agent, which sends
+none, gets new operations only). It also sees them when it lists its EXECUTING operations after
+each (re)subscription. An operation still in its simulated work stops
 and ends FAILED "Cancelled on request"; one whose handler is already changing the device
 finishes (as a real device past the point of no return would)."""
 
@@ -43,6 +45,7 @@ AGENT_ENDPOINT = "/notification/operations"
 MODIFY_ATTEMPTS = 10  # conditional PUTs of one read-modify-write before giving up
 CANCEL_REQUESTED = "c8y_CancelRequested"
 CANCELLED_ON_REQUEST = "Cancelled on request"
+OPTIONS_EXT = "com.deviceplatform"  # the server's options on a subscription (README)
 
 
 class StaleLogin(Exception):
@@ -80,6 +83,19 @@ class CumulocityAuth(Extension):
         for message in payload:
             if message.get("channel") == "/meta/handshake":
                 message.setdefault("ext", {})["com.cumulocity.authn"] = {"token": self.token}
+
+    async def incoming(self, payload: Any, headers: Any = None) -> None:
+        return None
+
+
+class CancelRequests(Extension):
+    """Opts in to cancel requests on every `/meta/subscribe` (also the ones the client repeats by
+    itself after a new handshake)."""
+
+    async def outgoing(self, payload: list[dict[str, Any]], headers: dict[str, str]) -> None:
+        for message in payload:
+            if message.get("channel") == "/meta/subscribe":
+                message.setdefault("ext", {})[OPTIONS_EXT] = {"cancelRequests": True}
 
     async def incoming(self, payload: Any, headers: Any = None) -> None:
         return None
@@ -330,7 +346,11 @@ class Agent:
                 client = CometD(
                     self.config.url + AGENT_ENDPOINT,
                     self.config.transport,
-                    extensions=[CumulocityAuth(self.login), Subscribed(self.resync.set)],
+                    extensions=[
+                        CumulocityAuth(self.login),
+                        CancelRequests(),
+                        Subscribed(self.resync.set),
+                    ],
                 )
                 connected = False
                 try:

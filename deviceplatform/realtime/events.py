@@ -55,6 +55,9 @@ class RealtimeEvent:
     channel: str  # a concrete Bayeux channel: /operations/4712, /4711, /managedobjects/4712
     data: Any
     key: int | None = None  # the managed object whose commit order it keeps (None: unordered)
+    # Only for subscribers who opted in to this option of the channel (subscriptions.py); None:
+    # for every subscriber.
+    option: str | None = None
 
     def messages(self) -> list[RealtimeEvent]:
         return [self]
@@ -173,7 +176,7 @@ def publish(events: Sequence[Event], order: Sequence[Order] = ()) -> None:
             # The renderer's dumps: a row stored before the parser's checks may hold a value
             # orjson refuses (a huge integer, deep nesting), and must not break its event.
             dumps({"channel": message.channel, "data": message.data})[:-1] + suffix,
-            subscriptions_matching(message.channel),
+            subscriptions_matching(message.channel, message.option),
         )
         for message in messages
     ]

@@ -10,9 +10,11 @@ sessions, and their next message is refused with `401::Authentication invalid`.
 Hostile input costs little: a request (a long-polling body, a WebSocket frame) pays for at most one
 failed password check, whatever number of handshakes it holds, and failed checks count towards the
 failed-login limit (`deviceplatform.api.auth_throttle`). A subscription is checked again when its
-events are delivered, so one granted by ownership ends when the device changes owner. When Redis or
-the database is unreachable, each message gets a Bayeux failure with advice to retry after a
-while, as CometD servers answer, never an HTTP error."""
+events are delivered, so one granted by ownership ends when the device changes owner. A subscribe
+may opt in to options of its channel (`ext."com.deviceplatform"`, subscriptions.py), held as
+variants of the subscription that end with it. When Redis or the database is unreachable, each
+message gets a Bayeux failure with advice to retry after a while, as CometD servers answer, never
+an HTTP error."""
 
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ from deviceplatform.realtime.subscriptions import (
     canonical,
     rule_for,
     subscriptions_matching,
+    variant,
+    variants,
 )
 from deviceplatform.roles import is_bootstrap, user_roles
 
@@ -45,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 SERVER_CONNECTION_TYPES = ("websocket", "long-polling")
 AUTHN_EXT = "com.cumulocity.authn"
+# Our own extension: `"ext": {"com.deviceplatform": {"<option>": true}}` on a `/meta/subscribe`
+# opts in to options of the channel (subscriptions.py); Cumulocity's clients never send it.
+OPTIONS_EXT = "com.deviceplatform"
 # How long a client waits before it retries after an outage of Redis or the database.
 OUTAGE_RETRY_INTERVAL_MS = 2000
 
@@ -179,6 +186,24 @@ def _channel_of(event: bytes) -> str:
         if end > 0:
             return event[len(start) : end].decode()
     return str(orjson.loads(event).get("channel", ""))
+
+
+def _options(message: dict[str, Any], rules: Sequence[tuple[Any, Any]]) -> dict[str, bool] | str:
+    """The options a `/meta/subscribe` sets (`ext."com.deviceplatform"`), each offered by every
+    channel it names, or the error to answer. Without the extension: none (all off)."""
+    ext = message.get("ext")
+    if not isinstance(ext, dict) or OPTIONS_EXT not in ext:
+        return {}
+    asked = ext[OPTIONS_EXT]
+    if not isinstance(asked, dict):
+        return f"400::Invalid ext {OPTIONS_EXT} (an object of options is expected)"
+    for option, value in asked.items():
+        if not isinstance(value, bool):
+            return f"400::Invalid ext {OPTIONS_EXT} ({option} must be true or false)"
+        refused = [rule for rule, _match in rules if option not in rule.options]
+        if refused:
+            return f"400::Invalid ext {OPTIONS_EXT} (the channel offers no option {option})"
+    return asked
 
 
 def _reply(message: Any, **fields: Any) -> dict[str, Any]:
@@ -452,16 +477,25 @@ class Exchange:
         family = Family(session["family"])
         rules = [rule_for(family, canonical(channel)) for channel in channels]
         stored = [canonical(channel) for channel in channels]
+        # A channel's variants follow it: an unsubscribe ends them, and a subscribe keeps those
+        # of the options it sets and ends the others (the last subscribe decides).
+        drop = [each for channel in stored for each in variants(channel)]
         if add:
             if any(rule is None for rule in rules):
                 return _failure(message, "400::Invalid channel", **echo)
+            options = _options(message, [found for found in rules if found is not None])
+            if isinstance(options, str):
+                return _failure(message, options, **echo)
+            chosen = [variant(c, o) for c in stored for o, on in sorted(options.items()) if on]
+            drop = [each for each in drop if each not in chosen]
             epoch = await current_epoch(self.store)  # before the check: a later change wins
             if not await _authorize(int(session["uid"]), rules):
                 return _failure(message, "403::Subscription denied", **echo)
             for channel in stored:
                 rights_cache.put(client_id, channel, epoch, True)
+            stored += chosen
         grace = int(session["interval"]) + settings.REALTIME_MAX_INTERVAL_MS
-        if not await self.store.subscribe(client_id, stored, add=add, ttl_ms=grace):
+        if not await self.store.subscribe(client_id, stored, add=add, ttl_ms=grace, drop=drop):
             return await self._gone(message, **echo)
         return _reply(message, successful=True, clientId=client_id, **echo)
 
@@ -570,7 +604,9 @@ class Exchange:
             return events
         revoked = sorted({s for channel in channels - permitted for s in candidates[channel]})
         logger.info("realtime: session %s lost the right to %s; unsubscribed", client_id, revoked)
-        await self.store.subscribe(client_id, revoked, add=False)
+        await self.store.subscribe(
+            client_id, revoked, add=False, drop=[v for s in revoked for v in variants(s)]
+        )
         return [event for event in events if _channel_of(event) in permitted]
 
     async def close(self) -> None:

@@ -207,19 +207,20 @@ if ARGV[4] ~= '' and (hold == token or hold == '') then touch(cid, tonumber(ARGV
 return 1
 """
 
-# ARGV: P, cid, add (1/0), least ttl, channel, ...
+# ARGV: P, cid, least ttl, then '+channel' (add) or '-channel' (remove), ...
 _LUA_SUBSCRIBE = """
 local cid = ARGV[2]
 local left = redis.call('PTTL', P .. 's:' .. cid)
 if left == -2 then return 0 end
-if left < tonumber(ARGV[4]) then touch(cid, tonumber(ARGV[4])) end
-for i = 5, #ARGV do
-  if ARGV[3] == '1' then
-    redis.call('SADD', P .. 'sub:' .. cid, ARGV[i])
-    redis.call('SADD', P .. 'c:' .. ARGV[i], cid)
+if left < tonumber(ARGV[3]) then touch(cid, tonumber(ARGV[3])) end
+for i = 4, #ARGV do
+  local channel = string.sub(ARGV[i], 2)
+  if string.sub(ARGV[i], 1, 1) == '+' then
+    redis.call('SADD', P .. 'sub:' .. cid, channel)
+    redis.call('SADD', P .. 'c:' .. channel, cid)
   else
-    redis.call('SREM', P .. 'sub:' .. cid, ARGV[i])
-    redis.call('SREM', P .. 'c:' .. ARGV[i], cid)
+    redis.call('SREM', P .. 'sub:' .. cid, channel)
+    redis.call('SREM', P .. 'c:' .. channel, cid)
   end
 end
 return 1
@@ -559,11 +560,20 @@ class RedisStore:
         return bool(await client.exists(f"{self.prefix}r:{cid}"))
 
     async def subscribe(
-        self, cid: str, channels: Sequence[str], *, add: bool, ttl_ms: int = 0
+        self,
+        cid: str,
+        channels: Sequence[str],
+        *,
+        add: bool,
+        ttl_ms: int = 0,
+        drop: Sequence[str] = (),
     ) -> bool:
-        """Change subscriptions; the session then lives at least `ttl_ms` more (a subscribe is a
-        sign of life, and its authorization may have taken a while under load)."""
-        return bool(await self._run("subscribe", cid, "1" if add else "0", ttl_ms, *channels))
+        """Add (or remove) `channels` and remove `drop` in one step; the session then lives at
+        least `ttl_ms` more (a subscribe is a sign of life, and its authorization may have taken a
+        while under load)."""
+        changes = [("+" if add else "-") + channel for channel in channels]
+        changes += ["-" + channel for channel in drop]
+        return bool(await self._run("subscribe", cid, ttl_ms, *changes))
 
     async def subscriptions(self, cid: str) -> set[str]:
         client, _ = self._client()
@@ -846,15 +856,23 @@ class MemoryStore:
             return until is not None and until > self.clock()
 
     async def subscribe(
-        self, cid: str, channels: Sequence[str], *, add: bool, ttl_ms: int = 0
+        self,
+        cid: str,
+        channels: Sequence[str],
+        *,
+        add: bool,
+        ttl_ms: int = 0,
+        drop: Sequence[str] = (),
     ) -> bool:
         with self._lock:
             session = self._live(cid)
             if session is None:
                 return False
             session.deadline = max(session.deadline, self.clock() + ttl_ms / 1000)
-            for channel in channels:
-                if add:
+            changes = [(channel, add) for channel in channels]
+            changes += [(channel, False) for channel in drop]
+            for channel, adding in changes:
+                if adding:
                     session.subs.add(channel)
                     self._index.setdefault(channel, set()).add(cid)
                 else:

@@ -15,8 +15,9 @@ from django.db import transaction
 from rest_framework.test import APIClient
 
 from devicecontrol.models import Operation
-from devicecontrol.realtime import OperationEvent, registered_events
+from devicecontrol.realtime import CANCEL_REQUESTS, OperationEvent, registered_events
 from devicecontrol.serializers import operation_json
+from deviceplatform.realtime.subscriptions import variant
 from deviceplatform.roles import Role
 from inventory import services as inventory_services
 from inventory.models import ManagedObject, Relation
@@ -121,6 +122,14 @@ def deleted(operation: Operation) -> Message:
 def to_agent(agent: ManagedObject | int, body: dict[str, Any]) -> Message:
     pk = agent if isinstance(agent, int) else agent.pk
     return {"channel": f"/{pk}", "data": body}
+
+
+def opted_in(agent: ManagedObject) -> list[str]:
+    """What a session holds after subscribing to the agent's channel with the cancel-request
+    option (`"ext": {"com.deviceplatform": {"cancelRequests": true}}`): the channel and its
+    variant. A plain subscriber holds the channel only."""
+    channel = f"/{agent.pk}"
+    return [channel, variant(channel, CANCEL_REQUESTS)]
 
 
 class Abort(Exception):

@@ -14,7 +14,12 @@ from rest_framework.test import APIClient
 
 from devicecontrol import services
 from devicecontrol.models import Operation, OperationStatus
-from devicecontrol.realtime import OperationEvent, realtime_events, registered_events
+from devicecontrol.realtime import (
+    CANCEL_REQUESTS,
+    OperationEvent,
+    realtime_events,
+    registered_events,
+)
 from devicecontrol.serializers import operation_json
 from deviceplatform.api.exceptions import ValidationFailed
 from deviceplatform.roles import Role
@@ -22,9 +27,11 @@ from inventory.models import ManagedObject
 from tests.conftest import Subscribe
 from tests.devicecontrol.conftest import (
     add_child_devices,
+    as_get,
     call,
     changed,
     make_device,
+    opted_in,
     to_agent,
 )
 from tests.factories import Clients
@@ -137,16 +144,17 @@ def test_cancel_of_an_executing_operation_asks_its_agent(
     after = Operation.objects.get(pk=executing.pk)
     assert after.status_changed_at == before.status_changed_at
     assert after.fragments == {**before.fragments, "c8y_CancelRequested": requested}
-    # The UPDATE goes to the device's channel and, unlike other updates, to the agent's.
+    # The UPDATE goes to the device's channel and, unlike other updates, to the agent's, for
+    # the subscribers there that asked for cancel requests only.
     events = registered_events(callbacks)
     assert events == [update_event(executing, to_agent=True)]
-    assert [message.channel for message in realtime_events(events[0])] == [
-        f"/operations/{device.pk}",
-        f"/{agent.pk}",
+    assert [(message.channel, message.option) for message in realtime_events(events[0])] == [
+        (f"/operations/{device.pk}", None),
+        (f"/{agent.pk}", CANCEL_REQUESTS),
     ]
 
 
-def test_the_agent_receives_the_cancel_request_on_its_channel(
+def test_only_an_agent_that_asked_receives_the_cancel_request_on_its_channel(
     api: Clients,
     agent: ManagedObject,
     device: ManagedObject,
@@ -154,14 +162,18 @@ def test_the_agent_receives_the_cancel_request_on_its_channel(
     django_capture_on_commit_callbacks: Callable[..., Any],
 ) -> None:
     executing = make_operation(device, "EXECUTING")
-    agent_listener = subscriber(f"/{agent.pk}")
+    asked = subscriber(*opted_in(agent))
+    plain = subscriber(f"/{agent.pk}")
     device_listener = subscriber(f"/operations/{device.pk}")
 
     with django_capture_on_commit_callbacks(execute=True):
         body = post_cancel(api["admin"], executing.pk, HTTP_ACCEPT="application/json").json()
+        created = make_operation(device)  # a new operation reaches both
 
-    assert agent_listener.received() == [to_agent(agent, body)]
-    assert device_listener.received() == [changed("UPDATE", body)]
+    new = as_get(created)
+    assert asked.received() == [to_agent(agent, body), to_agent(agent, new)]
+    assert plain.received() == [to_agent(agent, new)]
+    assert device_listener.received() == [changed("UPDATE", body), changed("CREATE", new)]
 
 
 def test_a_second_cancel_of_an_executing_operation_keeps_the_first_request(

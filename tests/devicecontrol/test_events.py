@@ -39,6 +39,7 @@ from tests.devicecontrol.conftest import (
     make_device,
     ok_json,
     operation_path,
+    opted_in,
     relative,
     rolled_back,
     to_agent,
@@ -562,7 +563,8 @@ def test_admin_cancel_action_sends_an_update_per_open_operation(
     done = operation_create(device=hierarchy.device, data={"c8y_Restart": {}})
     operation_update(operation_id=done.pk, data={"status": "SUCCESSFUL"})
     every = subscriber("/operations/*")
-    agent = subscriber(f"/{hierarchy.agent.pk}")
+    agent = subscriber(*opted_in(hierarchy.agent))
+    plain_agent = subscriber(f"/{hierarchy.agent.pk}")
 
     with capture_events(execute=True) as events:
         response = admin_client.post(
@@ -583,6 +585,7 @@ def test_admin_cancel_action_sends_an_update_per_open_operation(
     assert events == [event("UPDATE", pending, relative(bodies[0])), request]
     assert every.received() == [changed("UPDATE", body) for body in bodies]
     assert agent.received() == [to_agent(hierarchy.agent, bodies[1])]
+    assert plain_agent.received() == []  # it did not ask for cancel requests
 
 
 def test_admin_retry_and_delete_send_create_and_delete(

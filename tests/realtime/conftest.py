@@ -197,6 +197,9 @@ class Rest:
             "PUT", f"/devicecontrol/operations/{operation_id}", 200, json=body, headers=headers
         )
 
+    async def cancel_operation(self, operation_id: object) -> None:
+        await self._call("POST", f"/devicecontrol/operations/{operation_id}/cancel", 200)
+
     async def delete_operations(self, **params: str) -> None:
         await self._call("DELETE", "/devicecontrol/operations", 204, params=params)
 

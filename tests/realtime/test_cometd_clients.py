@@ -302,6 +302,63 @@ async def test_agent_gets_new_operations_of_its_grandchildren_only(
             assert_event(await next_message(client), channel, fetched)
 
 
+class CancelRequests(Extension):
+    """Opts in to cancel requests on every `/meta/subscribe`, as the simulator's agents do."""
+
+    async def outgoing(self, payload: list[dict[str, Any]], headers: dict[str, str]) -> None:
+        for message in payload:
+            if message["channel"] == "/meta/subscribe":
+                message.setdefault("ext", {})["com.deviceplatform"] = {"cancelRequests": True}
+
+    async def incoming(self, payload: Any, headers: Any = None) -> None:
+        return None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_cancel_requests_reach_only_the_agent_that_asked(
+    server: Server, world: World, transport: ConnectionType
+) -> None:
+    """A plain client of the agent channel (every Cumulocity agent) gets new operations only, as
+    Cumulocity sends; one that opted in also gets the cancel request of an EXECUTING operation.
+    The device channel gets its standard UPDATE either way."""
+    channel = f"/{world.agent}"
+    device = f"/operations/{world.grandchild}"
+    async with (
+        http_session(ADMIN) as http,
+        cometd(server, AGENT, OWNER, transport) as plain,
+        cometd(server, AGENT, OWNER, transport, extensions=(CancelRequests(),)) as asked,
+        cometd(server, REALTIME, ADMIN, transport) as watcher,
+    ):
+        await plain.subscribe(channel)
+        await asked.subscribe(channel)
+        await watcher.subscribe(device)
+        rest = Rest(http, server)
+
+        created = await rest.create_operation(world.grandchild)
+        pending = await rest.get_operation(created["id"])
+        await rest.update_operation(created["id"], {"status": "EXECUTING"})
+        executing = await rest.get_operation(created["id"])
+        await rest.cancel_operation(created["id"])
+        requested = await rest.get_operation(created["id"])
+        assert requested["status"] == "EXECUTING"
+        assert requested["c8y_CancelRequested"]["by"] == "rt_admin"
+        # A sentinel: anything sent to the plain client in between would come before it.
+        later = await rest.get_operation((await rest.create_operation(world.grandchild))["id"])
+
+        for expected in (pending, later):
+            assert_event(await next_message(plain), channel, expected)
+        for expected in (pending, requested, later):
+            assert_event(await next_message(asked), channel, expected)
+        for action, expected in (
+            ("CREATE", pending),
+            ("UPDATE", executing),
+            ("UPDATE", requested),
+            ("CREATE", later),
+        ):
+            message = await next_message(watcher)
+            assert_event(message, device, {"realtimeAction": action, "data": expected})
+
+
 # --- authentication and authorisation ------------------------------------------------------------
 
 

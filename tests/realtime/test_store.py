@@ -33,7 +33,7 @@ from deviceplatform.realtime.store import (
     RedisStore,
     Store,
 )
-from deviceplatform.realtime.subscriptions import subscriptions_matching
+from deviceplatform.realtime.subscriptions import subscriptions_matching, variant
 
 pytestmark = pytest.mark.asyncio
 
@@ -394,6 +394,33 @@ async def test_publish_reaches_each_subscribed_session_once(
     assert await events_of(store, half) == expected
     assert await events_of(store, elsewhere) == []
     assert await events_of(store, left) == []
+
+
+async def test_an_option_event_reaches_only_the_sessions_holding_its_variant(store: Store) -> None:
+    asked = await new_session(store, "/5", variant("/5", "cancelRequests"), family="agent")
+    plain = await new_session(store, "/5", family="agent")
+    # One step adds the channel and drops its variant: the session asks no more.
+    withdrawn = await new_session(store, "/5", variant("/5", "cancelRequests"), family="agent")
+    assert await store.subscribe(
+        withdrawn, ["/5"], add=True, drop=[variant("/5", "cancelRequests")]
+    )
+    assert await store.subscriptions(withdrawn) == {"/5"}
+    assert subscriptions_matching("/5", "cancelRequests") == ["/5#cancelRequests"]
+    assert subscriptions_matching("/operations/5", "x") == ["/operations/5#x", "/operations/*#x"]
+
+    store.publish(
+        [
+            (b"new", subscriptions_matching("/5")),
+            (b"request", subscriptions_matching("/5", "cancelRequests")),
+        ]
+    )
+
+    assert await events_of(store, asked) == [b"new", b"request"]  # once each
+    assert await events_of(store, plain) == [b"new"]
+    assert await events_of(store, withdrawn) == [b"new"]
+    # An unsubscribe may drop the variants with the channel.
+    assert await store.subscribe(asked, ["/5"], add=False, drop=[variant("/5", "cancelRequests")])
+    assert await store.subscriptions(asked) == set()
 
 
 async def test_queue_keeps_the_newest_events_up_to_the_limit(store: Store, peek: Peek) -> None:
