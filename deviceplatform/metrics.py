@@ -417,13 +417,12 @@ def metrics_client_address(meta: Mapping[str, Any]) -> str | None:
     X-Forwarded-For when the proxy is trusted (USE_X_FORWARDED_FOR), and otherwise by none at all
     (None: only the token admits it), never by the proxy's own address. A request without those
     headers is judged by REMOTE_ADDR."""
-    from deviceplatform.api.auth_throttle import client_address
-
-    forwarded = any(meta.get(header) for header in PROXY_HEADERS)
-    if not forwarded:
+    if not any(meta.get(header) for header in PROXY_HEADERS):
         return meta.get("REMOTE_ADDR") or None
-    if settings.USE_X_FORWARDED_FOR and meta.get("HTTP_X_FORWARDED_FOR", "").strip(" ,"):
-        return client_address(dict(meta))
+    if settings.USE_X_FORWARDED_FOR:
+        # The last entry, as the failed-login limit takes it (auth_throttle.client_address); an
+        # empty one names no client (and falls back to nothing, unlike the limit).
+        return meta.get("HTTP_X_FORWARDED_FOR", "").rpartition(",")[2].strip() or None
     return None
 
 

@@ -136,6 +136,7 @@ def test_a_trusted_proxy_that_names_no_client_is_not_admitted_by_its_own_address
         {"HTTP_FORWARDED": "for=203.0.113.9"},
         {"HTTP_X_REAL_IP": "203.0.113.9"},
         {"HTTP_X_FORWARDED_FOR": " , ", "HTTP_X_REAL_IP": "203.0.113.9"},
+        {"HTTP_X_FORWARDED_FOR": "203.0.113.9, "},
     ):
         assert client.get("/metrics", **headers).status_code == 403, headers
 
