@@ -6,7 +6,9 @@ it for every process: gunicorn and uvicorn workers, Celery worker and beat) each
 samples to files there and a scrape adds them up, whichever process answers it; without it they
 live in this process. Values that are state rather than events (bulk operations running, PENDING
 operations per agent, realtime sessions) are read at scrape time by the collectors apps register
-with `register_scrape_collector` (AppConfig.ready): deviceplatform names no app (STYLE.md §1).
+with `register_scrape_collector` (AppConfig.ready): deviceplatform names no app (STYLE.md §1). A
+collector whose value costs a query over many rows keeps it with `cached_for_scrape`, computed at
+most once per period by all processes together.
 
 Hooks for the apps above are plain functions (`operations_created`, `bulk_ramp_advanced`, ...):
 they count after the transaction commits, so a rolled-back write counts nothing."""
