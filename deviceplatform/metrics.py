@@ -6,7 +6,9 @@ it for every process: gunicorn and uvicorn workers, Celery worker and beat) each
 samples to files there and a scrape adds them up, whichever process answers it; without it they
 live in this process. Values that are state rather than events (bulk operations running, PENDING
 operations per agent, realtime sessions) are read at scrape time by the collectors apps register
-with `register_scrape_collector` (AppConfig.ready): deviceplatform names no app (STYLE.md §1).
+with `register_scrape_collector` (AppConfig.ready): deviceplatform names no app (STYLE.md §1). A
+collector whose value costs a query over many rows keeps it with `cached_for_scrape`, computed at
+most once per period by all processes together.
 
 Hooks for the apps above are plain functions (`operations_created`, `bulk_ramp_advanced`, ...):
 they count after the transaction commits, so a rolled-back write counts nothing."""
@@ -14,9 +16,11 @@ they count after the transaction commits, so a rolled-back write counts nothing.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache, partial
@@ -223,6 +227,97 @@ class _ScrapeCollectors:
             yield from families
 
 
+# Values a scrape-time collector computes at a cost (a count over many rows): shared by every
+# process for `max_age` seconds, in Redis under METRICS_CACHE_PREFIX with REDIS_URL, else in this
+# process (the one server process). {key: (computed at, value)}.
+_LOCAL_CACHE: dict[str, tuple[float, Any]] = {}
+_LOCAL_COUNTING: set[str] = set()
+_LOCAL_LOCK = threading.Lock()
+
+
+@cache
+def _cache_client(url: str) -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=1.0, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
+    )
+
+
+def _cache_read(key: str) -> tuple[float, Any] | None:
+    if not settings.REDIS_URL:
+        with _LOCAL_LOCK:
+            return _LOCAL_CACHE.get(key)
+    raw = _cache_client(settings.REDIS_URL).get(key)
+    if raw is None:
+        return None
+    at, value = json.loads(raw)
+    return float(at), value
+
+
+def _cache_claim(key: str, seconds: float) -> bool:
+    """Whether this process is the one to compute `key` again (no other is at it)."""
+    if not settings.REDIS_URL:
+        with _LOCAL_LOCK:
+            if key in _LOCAL_COUNTING:
+                return False
+            _LOCAL_COUNTING.add(key)
+            return True
+    claimed = _cache_client(settings.REDIS_URL).set(
+        f"{key}:computing", "1", nx=True, px=max(1, int(seconds * 1000))
+    )
+    return bool(claimed)
+
+
+def _cache_write(key: str, at: float, value: Any, max_age: float) -> None:
+    if not settings.REDIS_URL:
+        with _LOCAL_LOCK:
+            _LOCAL_CACHE[key] = (at, value)
+            _LOCAL_COUNTING.discard(key)
+        return
+    client = _cache_client(settings.REDIS_URL)
+    # Kept well past its age: a stale value is what other scrapes serve while one computes anew.
+    client.set(key, json.dumps([at, value]), px=max(1, int(max_age * 10_000)))
+    client.delete(f"{key}:computing")
+
+
+def cached_for_scrape(
+    name: str, compute: Callable[[], Any], max_age: float, *, now: float | None = None
+) -> tuple[Any, float]:
+    """`compute()` (a JSON-able value) at most once per `max_age` seconds across every process:
+    (the value, its age in seconds). A scrape that finds the value older computes it again while
+    the others meanwhile serve the older one; 0 or less: computed on every call. If Redis fails,
+    computed here and then."""
+    moment = time.time() if now is None else now
+    if max_age <= 0:
+        return compute(), 0.0
+    key = f"{settings.METRICS_CACHE_PREFIX}:{name}"
+    try:
+        stored = _cache_read(key)
+        if stored is not None and 0 <= moment - stored[0] < max_age:
+            return stored[1], moment - stored[0]
+        if stored is not None and not _cache_claim(key, max_age):
+            return stored[1], max(0.0, moment - stored[0])
+        if stored is None:
+            _cache_claim(key, max_age)
+    except Exception:
+        logger.warning("metrics: the scrape cache is unavailable; %s computed", name, exc_info=True)
+        return compute(), 0.0
+    try:
+        value = compute()
+    except BaseException:
+        with _LOCAL_LOCK:
+            _LOCAL_COUNTING.discard(key)
+        raise
+    try:
+        _cache_write(key, moment, value, max_age)
+    except Exception:
+        logger.warning("metrics: could not store %s in the scrape cache", name, exc_info=True)
+    return value, 0.0
+
+
 class _ProcessRegistry:
     """This process's own metrics (no multi-process directory)."""
 
@@ -313,12 +408,41 @@ def _address_allowed(address: str | None) -> bool:
     return any(ip in network for network in _networks(tuple(settings.METRICS_ALLOWED_NETWORKS)))
 
 
+# Headers a proxy adds when it passes a request on: their presence says REMOTE_ADDR is the proxy's.
+PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+
+
+def metrics_client_address(meta: Mapping[str, Any]) -> str | None:
+    """The address METRICS_ALLOWED_NETWORKS is checked against. A request that came through a proxy
+    (it carries X-Forwarded-For, Forwarded or X-Real-IP) has the proxy's address as REMOTE_ADDR,
+    127.0.0.1 in the production layout: it is judged by the client address the proxy appended to
+    X-Forwarded-For when the proxy is trusted (USE_X_FORWARDED_FOR), and otherwise by none at all
+    (None: only the token admits it), never by the proxy's own address. A request without those
+    headers is judged by REMOTE_ADDR."""
+    if not any(meta.get(header) for header in PROXY_HEADERS):
+        return meta.get("REMOTE_ADDR") or None
+    if settings.USE_X_FORWARDED_FOR:
+        # The last entry, as the failed-login limit takes it (auth_throttle.client_address); an
+        # empty one names no client (and falls back to nothing, unlike the limit).
+        return meta.get("HTTP_X_FORWARDED_FOR", "").rpartition(",")[2].strip() or None
+    return None
+
+
 def _token_given(request: HttpRequest) -> bool:
     import hmac
 
     token = settings.METRICS_TOKEN
     scheme, _, given = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
     return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given, token)
+
+
+def _refusal_hint(meta: Mapping[str, Any]) -> str:
+    if any(meta.get(header) for header in PROXY_HEADERS) and not settings.USE_X_FORWARDED_FOR:
+        return (
+            "; this request came through a proxy and USE_X_FORWARDED_FOR is off, so no client "
+            "address is known (the proxy's own does not count)"
+        )
+    return ""
 
 
 @csrf_exempt
@@ -328,13 +452,12 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         return error_response(404, "general/Not Found", f"No resource at {request.path}")
     if request.method not in ("GET", "HEAD"):
         return method_not_allowed_response(request.method, "GET, HEAD")
-    from deviceplatform.api.auth_throttle import client_address
-
-    if not (_token_given(request) or _address_allowed(client_address(request.META))):
+    if not (_token_given(request) or _address_allowed(metrics_client_address(request.META))):
         return error_response(
             403,
             "security/Forbidden",
-            "Metrics are served to METRICS_ALLOWED_NETWORKS or with the METRICS_TOKEN bearer token",
+            "Metrics are served to METRICS_ALLOWED_NETWORKS or with the METRICS_TOKEN bearer token"
+            + _refusal_hint(request.META),
         )
     response = HttpResponse(
         generate_latest(scrape_registry()), content_type=CONTENT_TYPE_PLAIN_0_0_4

@@ -539,7 +539,9 @@ def operations_paths() -> dict[str, Any]:
                 "summary": "Prometheus metrics",
                 "description": (
                     "The Prometheus text format, to METRICS_ALLOWED_NETWORKS (default: this host) "
-                    "or with `Authorization: Bearer $METRICS_TOKEN`; 404 when both are empty."
+                    "or with `Authorization: Bearer $METRICS_TOKEN`; 404 when both are empty. "
+                    "Through a proxy the client's address counts: the last X-Forwarded-For entry "
+                    "when USE_X_FORWARDED_FOR is on, none otherwise (never the proxy's own)."
                 ),
                 "tags": ["operations"],
                 "security": [{}, {"metricsToken": []}],

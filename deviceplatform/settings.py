@@ -386,15 +386,20 @@ HEALTH_BEAT_MAX_AGE_SECONDS = env.float("HEALTH_BEAT_MAX_AGE_SECONDS", default=0
 HEALTH_CHECK_TIMEOUT_SECONDS = env.float("HEALTH_CHECK_TIMEOUT_SECONDS", default=1.0)
 CELERY_BEAT_SCHEDULER = "deviceplatform.health:HeartbeatScheduler"
 # /metrics (Prometheus text format) answers a client whose address is in METRICS_ALLOWED_NETWORKS
-# (CIDRs, comma-separated; the address as the failed-login limit sees it, behind a proxy from
-# X-Forwarded-For) or that sends `Authorization: Bearer METRICS_TOKEN`; others get 403. Both empty:
+# (CIDRs, comma-separated; behind a proxy the client's address from X-Forwarded-For when
+# USE_X_FORWARDED_FOR trusts it, and a request forwarded by an untrusted proxy has none: the proxy's
+# own address never admits it) or that sends `Authorization: Bearer METRICS_TOKEN`; others get 403. Both empty:
 # /metrics is off (404). PROMETHEUS_MULTIPROC_DIR (read by prometheus-client itself; bin/run sets
 # it) makes every process (gunicorn and uvicorn workers, Celery) write its samples there and
 # /metrics add them up. METRICS_PENDING_TOP_AGENTS: the agents with the most PENDING operations
-# that get a labelled series of their own.
+# that get a labelled series of their own; those PENDING figures (a count over every PENDING row)
+# are counted at most once per METRICS_PENDING_CACHE_SECONDS by all processes together (kept in
+# Redis under METRICS_CACHE_PREFIX with REDIS_URL), 0: on every scrape.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"])
 METRICS_PENDING_TOP_AGENTS = env.int("METRICS_PENDING_TOP_AGENTS", default=10)
+METRICS_PENDING_CACHE_SECONDS = env.float("METRICS_PENDING_CACHE_SECONDS", default=30.0)
+METRICS_CACHE_PREFIX = env.str("METRICS_CACHE_PREFIX", default="dp:metrics")
 
 # --- Logging ---------------------------------------------------------------------------------------
 # Every process (server, gunicorn, uvicorn, Celery worker and beat) logs to stderr through this one

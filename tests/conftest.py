@@ -43,6 +43,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Realtime state of each run and xdist worker apart in the shared Redis.
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     settings.REALTIME_PREFIX = f"test:{RUN_ID}:{worker}:rt"
+    # The scrape cache of /metrics (deviceplatform.metrics.cached_for_scrape), likewise.
+    os.environ["METRICS_CACHE_PREFIX"] = f"test:{RUN_ID}:{worker}:metrics"
+    settings.METRICS_CACHE_PREFIX = os.environ["METRICS_CACHE_PREFIX"]
     # The suite's many users and wrong-password tests must not trip the failed-login limiter: it
     # is off here and in the servers tests start (they inherit the environment); the tests of the
     # limiter turn it on themselves.

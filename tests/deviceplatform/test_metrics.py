@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -81,11 +82,106 @@ def test_an_address_outside_the_allow_list_is_403_in_the_error_shape(
     assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
 
 
-def test_behind_a_proxy_the_forwarded_address_counts(client: Any, settings: Any) -> None:
+# The production layout: nginx on the public address proxies to the servers on 127.0.0.1, so every
+# request reaches Django from REMOTE_ADDR 127.0.0.1 (the test client's), with the X-Forwarded-For
+# that deploy/nginx.conf sets ($proxy_add_x_forwarded_for: what the client sent, then its address).
+OUTSIDE_THROUGH_NGINX = {"HTTP_X_FORWARDED_FOR": "203.0.113.9"}
+LOCAL_THROUGH_NGINX = {"HTTP_X_FORWARDED_FOR": "127.0.0.1"}
+OUTSIDE_CLAIMING_LOCAL = {"HTTP_X_FORWARDED_FOR": "127.0.0.1, 203.0.113.9"}
+
+
+@pytest.mark.django_db
+def test_behind_a_trusted_proxy_the_forwarded_address_counts(client: Any, settings: Any) -> None:
     settings.USE_X_FORWARDED_FOR = True
-    outside = {"HTTP_X_FORWARDED_FOR": "203.0.113.9"}
-    assert client.get("/metrics", **outside).status_code == 403  # the proxy is 127.0.0.1
-    assert client.get("/metrics", HTTP_X_FORWARDED_FOR="1.2.3.4, 127.0.0.1").status_code == 200
+    assert client.get("/metrics", **OUTSIDE_THROUGH_NGINX).status_code == 403
+    assert client.get("/metrics", **OUTSIDE_CLAIMING_LOCAL).status_code == 403
+    scrape(client, **LOCAL_THROUGH_NGINX)  # Prometheus on the proxy's host
+    scrape(client, HTTP_X_FORWARDED_FOR="1.2.3.4, 127.0.0.1")  # the address nginx appended counts
+    scrape(client)  # straight to the server on 127.0.0.1, no proxy: REMOTE_ADDR
+    settings.METRICS_ALLOWED_NETWORKS = ["203.0.113.0/24"]
+    scrape(client, **OUTSIDE_THROUGH_NGINX)
+    assert client.get("/metrics", **LOCAL_THROUGH_NGINX).status_code == 403
+
+
+@pytest.mark.django_db
+def test_a_forwarded_request_is_never_admitted_by_the_proxys_own_address(
+    client: Any, settings: Any
+) -> None:
+    """USE_X_FORWARDED_FOR off (its default) behind a proxy: REMOTE_ADDR is the proxy's, inside the
+    default allow-list; a request that shows it came through a proxy is refused by address (the
+    token still opens it), whatever client it came from."""
+    settings.USE_X_FORWARDED_FOR = False
+    for headers in (
+        OUTSIDE_THROUGH_NGINX,
+        LOCAL_THROUGH_NGINX,
+        {"HTTP_FORWARDED": "for=203.0.113.9;proto=https"},
+        {"HTTP_X_REAL_IP": "203.0.113.9"},
+    ):
+        response = client.get("/metrics", **headers)
+        assert response.status_code == 403, headers
+        body = response.json()
+        assert body["error"] == "security/Forbidden"
+        assert "came through a proxy and USE_X_FORWARDED_FOR is off" in body["message"]
+    settings.METRICS_TOKEN = "s3cret-token"
+    scrape(client, HTTP_AUTHORIZATION="Bearer s3cret-token", **OUTSIDE_THROUGH_NGINX)
+    scrape(client)  # no proxy header: REMOTE_ADDR 127.0.0.1 is the client's own
+
+
+@pytest.mark.django_db
+def test_a_trusted_proxy_that_names_no_client_is_not_admitted_by_its_own_address(
+    client: Any, settings: Any
+) -> None:
+    settings.USE_X_FORWARDED_FOR = True
+    for headers in (
+        {"HTTP_FORWARDED": "for=203.0.113.9"},
+        {"HTTP_X_REAL_IP": "203.0.113.9"},
+        {"HTTP_X_FORWARDED_FOR": " , ", "HTTP_X_REAL_IP": "203.0.113.9"},
+        {"HTTP_X_FORWARDED_FOR": "203.0.113.9, "},
+    ):
+        assert client.get("/metrics", **headers).status_code == 403, headers
+
+
+def nginx_blocks(text: str) -> list[tuple[str, str]]:
+    """deploy/nginx.conf's `server` and `location` blocks: (header line, body without nested
+    blocks)."""
+    # Comments and quoted strings (which may hold braces or #) go, in one left-to-right pass.
+    text = re.sub(r"#[^\n]*|'[^']*'|\"[^\"]*\"", lambda m: "" if m[0][0] == "#" else '""', text)
+    blocks: list[tuple[str, str]] = []
+    stack: list[tuple[str, list[str]]] = []
+    header = ""
+    for token in re.split(r"([{}])", text):
+        if token == "{":
+            stack.append((header.strip().splitlines()[-1].strip() if header.strip() else "", []))
+            header = ""
+        elif token == "}":
+            name, body = stack.pop()
+            body.append(header)
+            blocks.append((name, "".join(body)))
+            header = ""
+        else:
+            if stack:
+                stack[-1][1].append(token.rsplit(";", 1)[0] + ";" if ";" in token else "")
+            header = token.rsplit(";", 1)[-1]
+    return blocks
+
+
+def test_deploy_nginx_conf_always_appends_the_client_address_and_bin_run_trusts_it() -> None:
+    """What the rule above relies on in the production layout: every proxied location sends
+    X-Forwarded-For with the client's address appended (a location that sets any header inherits
+    none from the server block), and `bin/run --production` turns USE_X_FORWARDED_FOR on."""
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    blocks = nginx_blocks(conf)
+    servers = [body for name, body in blocks if name.startswith("server")]
+    locations = [(name, body) for name, body in blocks if name.startswith("location")]
+    assert len(servers) == 1
+    assert len(locations) >= 4
+    appends = re.compile(r"proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;")
+    assert appends.search(servers[0])
+    for name, body in locations:
+        if "proxy_pass" in body and "proxy_set_header" in body:
+            assert appends.search(body), name
+    run = (REPO / "bin" / "run").read_text()
+    assert 'export USE_X_FORWARDED_FOR="${USE_X_FORWARDED_FOR:-true}"' in run
 
 
 @pytest.mark.django_db
@@ -193,6 +289,7 @@ def test_pending_operations_per_agent_as_a_histogram_and_the_top_agents(
     client: Any, settings: Any
 ) -> None:
     settings.METRICS_PENDING_TOP_AGENTS = 1
+    settings.METRICS_PENDING_CACHE_SECONDS = 0  # counted on this scrape (the cache: below)
     busy, quiet = make_device("Busy", agent=True), make_device("Quiet", agent=True)
     busy_devices = [make_device(f"B{i}") for i in range(3)]
     quiet_device = make_device("Q")
@@ -211,6 +308,65 @@ def test_pending_operations_per_agent_as_a_histogram_and_the_top_agents(
     assert top == {
         ("deviceplatform_pending_operations_top_agents", frozenset({("agent", str(busy.pk))})): 3
     }
+
+
+def pending_figures(now: float) -> tuple[float, float, dict[str, float], float]:
+    """(agents, PENDING operations, {agent: count} of the top agents, age) as a scrape reads them."""
+    from devicecontrol.metrics import pending_per_agent
+
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in pending_per_agent(now=now)
+        for sample in family.samples
+    }
+    name = "deviceplatform_pending_operations_per_agent"
+    top = {
+        dict(labels)["agent"]: count
+        for (sample, labels), count in samples.items()
+        if sample == "deviceplatform_pending_operations_top_agents"
+    }
+    age = value(samples, "deviceplatform_pending_operations_age_seconds")
+    return value(samples, f"{name}_count"), value(samples, f"{name}_sum"), top, age
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "in-process"])
+def test_pending_figures_are_counted_once_per_cache_period_and_follow_the_operations(
+    settings: Any, shared: bool
+) -> None:
+    """A scrape within METRICS_PENDING_CACHE_SECONDS of the last count serves it (with its age);
+    the first one after counts again, and the figures follow operations created and finished."""
+    from deviceplatform.metrics import _cache_claim
+
+    if shared and not settings.REDIS_URL:
+        pytest.skip("REDIS_URL is not set: the shared cache needs Redis")  # bin/test sets it
+    if not shared:
+        settings.REDIS_URL = ""
+    settings.METRICS_CACHE_PREFIX = f"test:metrics:{uuid.uuid4().hex}"
+    settings.METRICS_PENDING_CACHE_SECONDS = 30
+    agent = make_device("Agent", agent=True)
+    devices = [make_device(f"D{i}") for i in range(3)]
+    add_child_devices(agent, *devices)
+    operations = [
+        dc_services.operation_create(device=device, data={"c8y_Restart": {}}) for device in devices
+    ]
+    t0 = 1_000_000.0
+    assert pending_figures(t0) == (1, 3, {str(agent.pk): 3}, 0)
+    for device in devices:
+        dc_services.operation_create(device=device, data={"c8y_Restart": {}})
+    assert pending_figures(t0 + 29) == (1, 3, {str(agent.pk): 3}, 29)  # the count of t0
+    assert pending_figures(t0 + 30) == (1, 6, {str(agent.pk): 6}, 0)  # counted again
+    for operation in operations:
+        dc_services.operation_update(operation_id=operation.pk, data={"status": "SUCCESSFUL"})
+    assert pending_figures(t0 + 45)[1] == 6
+    assert pending_figures(t0 + 60) == (1, 3, {str(agent.pk): 3}, 0)
+    # While another process is counting, a stale count is served rather than counted twice.
+    for operation in Operation.objects.filter(status="PENDING"):
+        dc_services.operation_update(operation_id=operation.pk, data={"status": "FAILED"})
+    assert _cache_claim(f"{settings.METRICS_CACHE_PREFIX}:pending_per_agent", 30)
+    assert pending_figures(t0 + 95) == (1, 3, {str(agent.pk): 3}, 35)
+    settings.METRICS_PENDING_CACHE_SECONDS = 0  # off: every scrape counts
+    assert pending_figures(t0 + 96) == (0, 0, {}, 0)
 
 
 # --- bulk operations -----------------------------------------------------------------------------

@@ -251,6 +251,81 @@ def test_a_task_sent_by_a_traced_process_runs_in_the_same_trace_in_the_worker(
         pool.stop_all()
 
 
+OFF_WITH_TRAFFIC = """
+import json
+import sys
+
+import django
+from django.conf import settings
+
+django.setup()
+import redis
+from django.test import Client
+from opentelemetry import metrics, trace
+from redis.observability import recorder
+
+from bulkops.tasks import advance_bulk_operations
+
+middleware, queue = sys.argv[1:]
+status = Client().get("/inventory").status_code
+client = redis.Redis.from_url(settings.REDIS_URL)
+client.set(queue + ":probe", "1", ex=60)
+client.get(queue + ":probe")
+advance_bulk_operations.apply_async(queue=queue)
+print(json.dumps({
+    "status": status,
+    "ours": sorted(
+        name for name in sys.modules
+        if name == "deviceplatform.tracing" or name.startswith("opentelemetry.instrumentation")
+    ),
+    "tracer_provider": type(trace.get_tracer_provider()).__name__,
+    "meter_provider": type(metrics.get_meter_provider()).__name__,
+    "redis_metrics": recorder.is_enabled(),
+    "middleware": settings.MIDDLEWARE == json.loads(middleware),
+}))
+"""
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "variables",
+    [{}, {"OTEL_TRACES_EXPORTER": "none"}, {"OTEL_SDK_DISABLED": "true"}],
+    ids=["no-variables", "exporter-none-with-endpoint", "sdk-disabled-with-endpoint"],
+)
+def test_tracing_off_with_opentelemetry_installed_records_and_sends_nothing(
+    variables: dict[str, str],
+) -> None:
+    """requirements-otel.txt installed (the test venv has it) but tracing not configured: redis-py
+    8 imports opentelemetry-sdk's metrics module for metrics of its own, which stay off (no meter
+    provider, its recorder disabled); no tracer provider, no instrumentation, no middleware, and
+    nothing reaches the OTLP endpoint the variables name, through requests, Redis commands and a
+    Celery send."""
+    assert settings.REDIS_URL, "needs the broker: bin/test sets REDIS_URL"
+    Collector.received = []
+    server = HTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    queue = f"test-tracing-off-{uuid.uuid4().hex[:12]}"  # nobody consumes it
+    env = dict(variables)
+    if variables:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        done = run(OFF_WITH_TRAFFIC, json.dumps(settings.MIDDLEWARE), queue, **env)
+    finally:
+        server.shutdown()
+        redis.Redis.from_url(settings.REDIS_URL).delete(queue, f"{queue}:probe")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "status": 401,
+        "ours": [],
+        "tracer_provider": "ProxyTracerProvider",
+        "meter_provider": "_ProxyMeterProvider",
+        "redis_metrics": False,
+        "middleware": True,
+    }
+    assert Collector.received == []
+
+
 def test_an_unknown_exporter_is_refused_at_start() -> None:
     done = run("import django; django.setup()", OTEL_TRACES_EXPORTER="jaeger")
     assert done.returncode != 0
