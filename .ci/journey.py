@@ -8,7 +8,8 @@ temporary directory, builds that copy's `.venv` from requirements.txt alone (wha
 on first use), imports every module the processes load (.ci/import_check.py), and then for each
 layout starts `bin/run` there as a real process and walks through:
 
-  start        bin/run answers HTTP (migrations, static files, admin user, processes up)
+  start        bin/run answers HTTP (migrations, static files, admin user), /health/ready 200
+               (database, migrations and, with Redis, worker and beat heartbeats)
   device user  `manage.py createuser ... --groups devices`, as the README says
   inventory    the agent (as the device user) creates itself and three child devices; the admin
                makes a group of them
