@@ -8,7 +8,8 @@ temporary directory, builds that copy's `.venv` from requirements.txt alone (wha
 on first use), imports every module the processes load (.ci/import_check.py), and then for each
 layout starts `bin/run` there as a real process and walks through:
 
-  start        bin/run answers HTTP (migrations, static files, admin user, processes up)
+  start        bin/run answers HTTP (migrations, static files, admin user), /health/ready 200
+               (database, migrations and, with Redis, worker and beat heartbeats)
   device user  `manage.py createuser ... --groups devices`, as the README says
   inventory    the agent (as the device user) creates itself and three child devices; the admin
                makes a group of them
@@ -78,6 +79,10 @@ STEP_TIMEOUT = 60.0
 
 class JourneyFailed(Exception):
     pass
+
+
+class PlatformExited(Exception):
+    """bin/run is gone: nothing to wait for any more (wait_for does not retry this)."""
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -267,13 +272,19 @@ class Platform:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_still(self, seconds: float) -> int | None:
+        """The log's line count if no line came in the last `seconds`, else None."""
+        count = len(self.log_text().splitlines())
+        time.sleep(seconds)
+        return count if len(self.log_text().splitlines()) == count else None
+
     def log_tail(self, lines: int) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def assert_running(self) -> None:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"bin/run exited with status {self.process.returncode}")
+            raise PlatformExited(f"bin/run exited with status {self.process.returncode}")
 
     def manage(self, *args: str) -> str:
         return subprocess.run(
@@ -392,6 +403,7 @@ class Subscription:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._loop.set_exception_handler(self._exception)
         try:
             async with Client(
                 self.url,
@@ -406,6 +418,15 @@ class Subscription:
         except BaseException as exc:  # reported to the main thread
             self.error.append(exc)
             self.ready.set()
+
+    def _exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """aiocometd's done-callbacks (`_connect_done`, `_receive_done`) re-raise the cancellation
+        of its own tasks when `close` stops them: noise of our shutdown, not an error. Anything
+        else, or before `close`, is printed as asyncio does."""
+        stopping = self._stop is not None and self._stop.is_set()
+        if stopping and isinstance(context.get("exception"), asyncio.CancelledError):
+            return
+        loop.default_exception_handler(context)
 
     async def _receive(self, client: Client) -> None:
         async for message in client:
@@ -523,6 +544,18 @@ def run_layout(clone: Path, layout: str, workdir: Path) -> float:
                 return requests.get(platform.url + "/tenant/loginOptions", timeout=5).ok
 
             wait_for("GET /tenant/loginOptions to answer 200", answers, timeout=180)
+
+            def ready() -> bool:
+                platform.assert_running()
+                response = requests.get(platform.url + "/health/ready", timeout=5)
+                assert response.status_code in (200, 503), response.status_code
+                if response.status_code != 200:
+                    raise AssertionError(f"not ready: {response.text[:500]}")
+                return True
+
+            # Every process up (database, migrations and, with Redis, the worker's and beat's
+            # heartbeats) before the journey relies on them: a slow machine starts them late.
+            wait_for("GET /health/ready to answer 200", ready, timeout=120)
             admin_password = (clone / ".admin-password").read_text().strip()
             admin = Api(platform.url, "admin", admin_password)
             admin.call("GET", "/platform", 200)
@@ -768,8 +801,13 @@ def run_layout(clone: Path, layout: str, workdir: Path) -> float:
                     r" user=admin",
                     text,
                 ), "no access line for POST /devicecontrol/operations"
-            time.sleep(1)  # let the last event deliveries and disconnects log
-            before = len(platform.log_text().splitlines())
+            # The subscriptions' last requests and disconnects log (on a busy machine later than
+            # on an idle one): wait until the log has been still for a second, then watch it.
+            before = wait_for(
+                "the platform's log to be still for 1 s after the subscriptions closed",
+                lambda: platform.log_still(1.0),
+                timeout=30,
+            )
             time.sleep(4)  # 8 ramp ticks and 4 sweeps of an idle platform
             after = platform.log_text().splitlines()
             idle = after[before:]

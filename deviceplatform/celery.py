@@ -10,7 +10,8 @@ from deviceplatform.logs import current_request_id, is_request_id, reset_request
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deviceplatform.settings")
 
-app = Celery("deviceplatform")
+# Celery's Django fix-up, keeping each worker process's connection pool (deviceplatform/celery_fixup.py).
+app = Celery("deviceplatform", fixups=["deviceplatform.celery_fixup:fixup"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # The worker's heartbeat for /health/ready (deviceplatform/health.py); beat writes its own from
