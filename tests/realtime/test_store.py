@@ -26,6 +26,7 @@ from deviceplatform.realtime.store import (
     ENDED,
     GONE,
     HELD,
+    REDIS_POOL_SIZE,
     SUPERSEDED,
     Attached,
     MemoryStore,
@@ -354,10 +355,12 @@ async def test_session_record_and_removal(store: Store, peek: Peek) -> None:
 
 async def test_more_calls_at_once_than_pooled_connections_wait_for_one(store: Store) -> None:
     # 10,000 idle WebSocket clients on one process: thousands of held connects can end in the same
-    # second, each with a store call; the Redis store's pool (1,000 connections) must queue them,
-    # not fail the calls beyond it (MaxConnectionsError).
+    # second, each with a store call; the Redis store's pool (REDIS_POOL_SIZE connections) must
+    # queue them, not fail the calls beyond it (MaxConnectionsError).
     cid = await new_session(store, "/operations/5")
-    sessions = await asyncio.gather(*(store.get_session(cid) for _ in range(1200)))
+    calls = 12 * REDIS_POOL_SIZE
+    sessions = await asyncio.gather(*(store.get_session(cid) for _ in range(calls)))
+    assert len(sessions) == calls
     assert all(session is not None and session["family"] for session in sessions)
 
 
