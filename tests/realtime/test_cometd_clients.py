@@ -441,14 +441,14 @@ async def test_long_polling_connect_is_held_and_queued_events_wait(
         # The first connect is answered at once, despite the session's 60 s hold.
         started = time.monotonic()
         events, reply = await polling.connect(client_id)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30  # not the 60 s hold (a bound, loaded or not)
         assert (events, reply["successful"]) == ([], True)
 
         # A later connect with nothing queued is held for its advice.timeout.
         started = time.monotonic()
         events, reply = await polling.connect(client_id, timeout_ms=1000)
         held = time.monotonic() - started
-        assert 0.9 <= held < 5, held
+        assert 0.9 <= held < 30, held  # its 1 s, not the session's 60 s
         assert (events, reply["successful"]) == ([], True)
         assert reply["advice"] == {"reconnect": "retry", "interval": 0, "timeout": 1000}
 
@@ -458,7 +458,7 @@ async def test_long_polling_connect_is_held_and_queued_events_wait(
         second = await rest.create_operation(world.child)
         started = time.monotonic()
         events, reply = await polling.connect(client_id)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30  # not the 60 s hold (a bound, loaded or not)
         assert reply["successful"] is True
         assert [(e["data"]["realtimeAction"], e["data"]["data"]["id"]) for e in events] == [
             ("CREATE", first["id"]),
@@ -488,7 +488,7 @@ async def test_websocket_connect_is_held_and_events_are_pushed_during_the_hold(
             sent = await socket.connect(client_id, timeout_ms=1000)
             reply = await socket.next()
             held = time.monotonic() - started
-            assert 0.9 <= held < 5, held
+            assert 0.9 <= held < 30, held  # its 1 s, not the default 60 s
             assert (reply["id"], reply["successful"]) == (sent["id"], True)
             assert reply["advice"]["timeout"] == 1000
 
