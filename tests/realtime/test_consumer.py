@@ -318,7 +318,7 @@ async def test_a_newer_connect_answers_the_held_one_at_once(world: World) -> Non
         older = ws.connect_message(timeout=60_000)
         await ws.send([older])
         assert await ws.nothing(0.1)
-        newer = ws.connect_message(timeout=300)
+        newer = ws.connect_message(timeout=5000)  # outlasts the operation's creation when loaded
         started = time.monotonic()
         await ws.send([newer])
         [older_reply] = await ws.frame()
@@ -427,7 +427,7 @@ async def test_a_session_without_connects_expires_and_the_sweep_drops_its_subscr
         await idle.handshake("reader")
         await idle.subscribed(channel)
         await active.start("reader", channel)
-        await active.send([active.connect_message(timeout=5000)])  # held: alive meanwhile
+        await active.send([active.connect_message(timeout=60_000)])  # held: alive meanwhile
         cid = idle.client_id
         assert await store.subscriptions(cid) == {channel}
         assert cid.encode() in index.smembers(index_key)
@@ -459,7 +459,7 @@ async def test_the_in_process_store_speaks_the_same_protocol(world: World, setti
         handshake = await ws.handshake("reader")
         subscribe = await ws.subscribe(f"/operations/{world.device.pk}")
         [first] = await ws.request([ws.connect_message()])
-        connect = ws.connect_message(timeout=300)
+        connect = ws.connect_message(timeout=5000)  # outlasts the operation's creation when loaded
         await ws.send([connect])
         assert await ws.nothing(0.05)
         operation = await create_operation(world.device)
