@@ -106,7 +106,13 @@ def _scripts() -> tuple[Any, Any]:
 
 
 def _booked_key(queue: str | None) -> str:
-    return _BOOKED_KEY.format(queue=queue or "")
+    """The booking of `queue`; None is the default queue, which a run sent there sees by name
+    (its routing key): both book under one key."""
+    if not queue:
+        from deviceplatform.celery import app
+
+        queue = app.conf.task_default_queue
+    return _BOOKED_KEY.format(queue=queue)
 
 
 def _unbook(booked_ms: int, queue: str | None) -> None:
@@ -139,26 +145,27 @@ def app_is_eager() -> bool:
     return bool(app.conf.task_always_eager) or not settings.REDIS_URL
 
 
-def ramp_wake(due: datetime | None, *, queue: str | None = None) -> None:
+def ramp_wake(
+    due: datetime | None, *, queue: str | None = None, now: datetime | None = None
+) -> None:
     """Make sure a ramp run starts at `due` (at once when it is past; nothing for None), sent to
     `queue` (None: the default queue). Never raises: beat catches up whatever this could not
-    book. Nothing with BULK_RAMP_BOOKING off."""
+    book. Nothing with BULK_RAMP_BOOKING off. `now`: the current time (tests pass their own)."""
     if due is None or not settings.BULK_RAMP_BOOKING:
         return
     try:
-        _book(due, queue)
+        _book(due, queue, now or timezone.now())
     except Exception:
         logger.warning("Bulk ramp: could not book a run for %s", due.isoformat(), exc_info=True)
 
 
-def _book(due: datetime, queue: str | None) -> None:
+def _book(due: datetime, queue: str | None, now: datetime) -> None:
     from deviceplatform.scheduler import wake_entry
 
     if app_is_eager():
         # No broker: the in-process scheduler (if this process runs one) runs the ramp entry then.
-        wake_entry(RAMP_TASK, due)
+        wake_entry(RAMP_TASK, due, now=now)
         return
-    now = timezone.now()
     if due - now > ETA_HORIZON:
         return
     due_ms, now_ms = math.ceil(due.timestamp() * 1000), int(now.timestamp() * 1000)

@@ -77,13 +77,14 @@ def entries_from_schedule(beat_schedule: Mapping[str, Mapping[str, Any]]) -> lis
     return entries
 
 
-def wake_entry(task: str, at: datetime) -> bool:
+def wake_entry(task: str, at: datetime, *, now: datetime | None = None) -> bool:
     """Run the beat entries of `task` at `at` in this process's embedded scheduler, if it runs
-    one and that is before they are due (see `Scheduler.wake`). False if there is none to wake."""
+    one and that is before they are due (see `Scheduler.wake`). False if there is none to wake.
+    `now` (default: the current time) is the moment the scheduler's clock reads now."""
     scheduler = _running
     if scheduler is None:
         return False
-    seconds = (at - timezone.now()).total_seconds()
+    seconds = (at - (now or timezone.now())).total_seconds()
     return scheduler.wake(task, scheduler.clock() + seconds)
 
 

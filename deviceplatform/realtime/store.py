@@ -72,6 +72,11 @@ SUPERSEDED = 0  # another connect took over the session
 HELD = 1
 # How long a Redis call of the realtime store waits for a free pooled connection (see _client).
 REDIS_POOL_WAIT_SECONDS = 20
+# Connections per event loop. Redis runs one command at a time, so more connections than this buy
+# no throughput; a burst that opened 1,000 at once overflowed Redis's accept backlog (511 by
+# default): dropped handshakes retried after 1 s, 3 s, ... and ran into redis-py's 5 s connect
+# timeout on a loaded machine.
+REDIS_POOL_SIZE = 100
 
 
 @dataclass
@@ -499,11 +504,11 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         entry = self._async_clients.get(loop)
         if entry is None:
-            # Many sockets hold sessions at once; redis-py caps a pool at 100 by default. A burst
-            # of more calls than that at once (thousands of held connects ending in the same
-            # second) waits for a free connection instead of failing with MaxConnectionsError.
+            # Many sockets hold sessions at once. A burst of more calls than there are pooled
+            # connections (thousands of held connects ending in the same second) waits for a
+            # free connection instead of failing with MaxConnectionsError.
             pool = self._redis_asyncio.BlockingConnectionPool.from_url(
-                self.url, max_connections=1000, timeout=REDIS_POOL_WAIT_SECONDS
+                self.url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_SECONDS
             )
             client = self._redis_asyncio.Redis(connection_pool=pool)
             scripts = {

@@ -151,10 +151,12 @@ def fail_children_until_aborted(bulk: BulkOperation, rollout: Rollout) -> list[d
 
 
 def test_the_worker_stops_the_ramp_and_fails_the_pending_children(rollout: Rollout) -> None:
+    # The whole ramp (600 × 0.2 s) takes longer than WAIT: it can only end by the abort, however
+    # slowly this process (the agent) fails the first 20 children on a loaded machine.
     fleet = build_fleet(600)
     bulk = create(
         fleet,
-        ramp=0.02,
+        ramp=0.2,
         criteria=[{"failureType": "FAILED", "thresholdPercentage": 50, "minNumberOfExecuted": 20}],
     )
     failed_at = fail_children_until_aborted(bulk, rollout)

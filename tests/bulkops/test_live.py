@@ -33,7 +33,7 @@ from tests.realtime.bayeux import WsBayeux
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-IDLE = 10.0  # bounds a hang while waiting for the publisher; never a timing assertion
+IDLE = 30.0  # bounds a hang while waiting for the publisher; never a timing assertion
 
 
 def events(messages: list[dict[str, Any]], channel: str | None = None) -> list[dict[str, Any]]:
@@ -131,7 +131,9 @@ async def test_a_subscriber_sees_the_create_the_ramp_and_the_final_state_as_get_
 async def test_a_burst_of_status_changes_gives_a_few_messages_and_the_last_is_exact(
     bapi: Clients, settings: Any
 ) -> None:
-    settings.BULK_LIVE_INTERVAL_MS = 1000
+    # 40 changes: however long the burst takes on a loaded machine (up to 24 s), one message per
+    # 3 s interval stays well below a message per change.
+    settings.BULK_LIVE_INTERVAL_MS = 3000
     await database_sync_to_async(bapi.prepare)("bulk_reader")
     fleet: Fleet = await database_sync_to_async(make_fleet)(20)
     bulk = await database_sync_to_async(services.bulk_operation_create)(
@@ -153,7 +155,7 @@ async def test_a_burst_of_status_changes_gives_a_few_messages_and_the_last_is_ex
 
     changes = 2 * len(ids)
     # A leading message, at most one per interval during the burst, one trailing message.
-    ceiling = 2 + int(burst / 1.0)
+    ceiling = 2 + int(burst / 3.0)
     assert 1 <= len(received) <= ceiling, (len(received), burst)
     assert len(received) < changes / 4, (len(received), burst)
     assert received[-1]["data"]["data"] == final

@@ -83,7 +83,7 @@ async def test_replies_then_events_then_the_connect_reply(world: World) -> None:
     await lp.start("reader", f"/operations/{world.device.pk}")
     first = await create_operation(world.device)
     second = await create_operation(world.device)
-    connect = lp.connect_message(timeout=5000)  # first in the request, last in the answer
+    connect = lp.connect_message(timeout=60_000)  # first in the request, last in the answer
     subscribe = lp.message("/meta/subscribe", subscription=f"/operations/{world.agent.pk}")
     unsubscribe = lp.message("/meta/unsubscribe", subscription=f"/operations/{world.other.pk}")
     started = time.monotonic()
@@ -104,7 +104,7 @@ async def test_replies_then_events_then_the_connect_reply(world: World) -> None:
     ]
     assert event_ids(body) == [first, second]
     assert all(m["successful"] is True for m in body if m["channel"].startswith("/meta/"))
-    assert elapsed < 3  # more than a single connect: not held (§6.2)
+    assert elapsed < 30  # more than a single connect: not held for its 60 s (§6.2)
     # the events were delivered: the queue is empty now
     assert event_ids(await lp.connect_now()) == []
 
@@ -114,7 +114,7 @@ async def test_a_held_connect_ends_with_the_first_event_or_its_timeout(world: Wo
     await lp.start("reader", f"/operations/{world.device.pk}")
 
     started = time.monotonic()
-    waiting = asyncio.create_task(lp.request([lp.connect_message(timeout=5000)]))
+    waiting = asyncio.create_task(lp.request([lp.connect_message(timeout=60_000)]))
     done, _ = await asyncio.wait({waiting}, timeout=0.2)
     assert not done  # held: nothing queued
     operation = await create_operation(world.device)
@@ -128,12 +128,12 @@ async def test_a_held_connect_ends_with_the_first_event_or_its_timeout(world: Wo
     assert event_ids(woken) == [operation]
     assert woken[-1]["channel"] == "/meta/connect"
     assert woken[-1]["successful"] is True
-    assert woken[-1]["advice"] == {"reconnect": "retry", "interval": 0, "timeout": 5000}
-    assert woken_after < 3, woken_after
+    assert woken[-1]["advice"] == {"reconnect": "retry", "interval": 0, "timeout": 60_000}
+    assert woken_after < 30, woken_after  # woken, not timed out after 60 s
     assert [m["channel"] for m in timed_out] == ["/meta/connect"]
     assert timed_out[0]["successful"] is True
     assert timed_out[0]["advice"]["timeout"] == 300
-    assert 0.3 <= timed_out_after < 3, timed_out_after
+    assert 0.3 <= timed_out_after < 30, timed_out_after
 
 
 async def test_handshake_credentials_from_the_authorization_header(world: World) -> None:

@@ -26,6 +26,7 @@ from deviceplatform.realtime.store import (
     ENDED,
     GONE,
     HELD,
+    REDIS_POOL_SIZE,
     SUPERSEDED,
     Attached,
     MemoryStore,
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.asyncio
 QUEUE_LIMIT = 5
 MAX_HOLD_MS = 50_000
 MAX_INTERVAL_MS = 10_000
-PROMPT = 1.0  # seconds: "at once", far below any hold time used here
+BOUND = 30.0  # seconds: a bound for a broken run, not a timing assertion
+HOLD_MS = 60_000  # a session's hold: a connect answered within BOUND was woken, not timed out
 ORDER_TIMEOUT_MS = 3000  # hold-back of out-of-order batches (on the test's clock)
 RECENT = 5  # ms between two numbers of one object: the predecessor may still be on its way
 
@@ -89,6 +91,14 @@ class Peek:
         assert isinstance(self.store, MemoryStore)
         session = self.store._sessions.get(cid)
         return -2.0 if session is None else (session.deadline - time.monotonic()) * 1000
+
+    def expires_within(self, cid: str, ms: float) -> bool:
+        """Whether the session has at most `ms` left: expiring, or expired already (a slow
+        machine may take longer than that between two calls); not one without an expiry."""
+        left = self.ttl_ms(cid)
+        if self.raw is not None:
+            return left == -2 or 0 <= left <= ms  # -2: gone; -1: no expiry
+        return left <= ms
 
     def close(self) -> None:
         if self.raw is not None:
@@ -162,7 +172,7 @@ class Wakes:
         self.queue: asyncio.Queue[list[str]] = asyncio.Queue()
 
     async def next(self) -> list[str]:
-        return await asyncio.wait_for(self.queue.get(), 5)
+        return await asyncio.wait_for(self.queue.get(), BOUND)
 
 
 @pytest_asyncio.fixture
@@ -173,7 +183,7 @@ async def listen(store: Store) -> AsyncIterator[Callable[[str], Awaitable[Wakes]
         wakes = Wakes(hub_id)
         ready = asyncio.Event()
         tasks.append(asyncio.create_task(store.listen(hub_id, wakes.queue.put_nowait, ready)))
-        await asyncio.wait_for(ready.wait(), 5)
+        await asyncio.wait_for(ready.wait(), BOUND)
         return wakes
 
     yield start
@@ -274,7 +284,7 @@ def payloads(channel: str, numbers: Sequence[int]) -> list[bytes]:
     return [event(channel, n)[0] for n in numbers]
 
 
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 3.0) -> None:
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = BOUND) -> None:
     deadline = time.monotonic() + timeout
     while not await condition():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -354,10 +364,12 @@ async def test_session_record_and_removal(store: Store, peek: Peek) -> None:
 
 async def test_more_calls_at_once_than_pooled_connections_wait_for_one(store: Store) -> None:
     # 10,000 idle WebSocket clients on one process: thousands of held connects can end in the same
-    # second, each with a store call; the Redis store's pool (1,000 connections) must queue them,
-    # not fail the calls beyond it (MaxConnectionsError).
+    # second, each with a store call; the Redis store's pool (REDIS_POOL_SIZE connections) must
+    # queue them, not fail the calls beyond it (MaxConnectionsError).
     cid = await new_session(store, "/operations/5")
-    sessions = await asyncio.gather(*(store.get_session(cid) for _ in range(1200)))
+    calls = 12 * REDIS_POOL_SIZE
+    sessions = await asyncio.gather(*(store.get_session(cid) for _ in range(calls)))
+    assert len(sessions) == calls
     assert all(session is not None and session["family"] for session in sessions)
 
 
@@ -488,6 +500,7 @@ async def test_later_attach_holds_for_the_requested_or_session_time(
     cid = await new_session(store, timeout=30_000, interval=250)
     await connected(store, cid)
 
+    started = time.monotonic()
     attached = await attach(store, cid, hub="hub-b", hold="t2", requested_ms=requested)
 
     assert attached == Attached(
@@ -496,8 +509,12 @@ async def test_later_attach_holds_for_the_requested_or_session_time(
     session = await store.get_session(cid)
     assert session is not None
     assert (session["holder"], session["hold"]) == ("hub-b", "t2")
-    # The session lives for the hold plus the interval plus the reconnect grace.
-    assert hold + 250 + MAX_INTERVAL_MS - 2000 < peek.ttl_ms(cid) <= hold + 250 + MAX_INTERVAL_MS
+    # The session lives for the hold plus the interval plus the reconnect grace, less the time
+    # since the attach set that (measured: a loaded machine may take a while).
+    life = hold + 250 + MAX_INTERVAL_MS
+    left = peek.ttl_ms(cid)
+    elapsed_ms = (time.monotonic() - started) * 1000
+    assert life - elapsed_ms - 1 <= left <= life
 
 
 async def test_session_timeout_above_the_cap_is_capped(store: Store) -> None:
@@ -608,8 +625,8 @@ async def test_drain_of_an_expired_or_never_held_session_is_gone(store: Store) -
     assert await store.remove_session(idle)  # removed while nobody held it
     assert await store.drain(idle, "", release=True) == (GONE, [])
     assert await store.drain(new_client_id(), "t1", release=True) == (GONE, [])  # never existed
-    expiring = await new_session(store, ttl_ms=50)
-    await held(store, expiring, hold="t1")  # the hold refreshes it to hold + interval + max
+    expiring = await new_session(store)
+    await held(store, expiring, hold="t1")
     await store.release(expiring, "t1", ttl_ms=1)
     await asyncio.sleep(0.05)
     await store.sweep()
@@ -646,7 +663,7 @@ async def test_release_with_ttl_shortens_the_sessions_life(store: Store, peek: P
     assert session["hold"] == "t1"
 
     await store.release(cid, "t1", ttl_ms=80)
-    assert 0 < peek.ttl_ms(cid) <= 80
+    assert peek.expires_within(cid, 80)
 
     async def gone() -> bool:
         return await store.get_session(cid) is None
@@ -658,7 +675,7 @@ async def test_release_with_ttl_shortens_the_sessions_life(store: Store, peek: P
     idle = await new_session(store)
     await connected(store, idle)
     await store.release(idle, "any", ttl_ms=80)
-    assert 0 < peek.ttl_ms(idle) <= 80
+    assert peek.expires_within(idle, 80)
 
 
 # --- expiry and the sweeper --------------------------------------------------------------------------
@@ -685,8 +702,9 @@ async def test_sweep_removes_expired_sessions_from_the_index(
 ) -> None:
     wakes = await listen("hub-a")
     short1 = await new_session(store, "/operations/7", "/operations/*")
-    # Connected and held with a 10 ms hold and a 200 ms grace: a 210 ms life.
-    await connected(store, short1, requested_ms=10, max_interval_ms=200)
+    # Held with a 10 ms hold and a 200 ms grace: a 210 ms life (from the second connect: the
+    # first, with the default grace, gives it the time to come on a loaded machine).
+    await connected(store, short1)
     attached = await attach(store, short1, requested_ms=10, max_interval_ms=200)
     assert attached is not None
     assert attached.held
@@ -811,44 +829,41 @@ async def test_a_newer_attach_wakes_the_previous_holder(
 async def test_held_connect_answers_as_soon_as_an_event_is_published(
     store: Store, hub: Hub
 ) -> None:
-    cid = await new_session(store, "/operations/5", timeout=5000, interval=100)
+    cid = await new_session(store, "/operations/5", timeout=HOLD_MS, interval=100)
     first = await hub.connect(cid, requested_ms=None, immediate=False)
-    assert (first.known, first.events, first.hold_ms) == (True, [], 5000)
+    assert (first.known, first.events, first.hold_ms) == (True, [], HOLD_MS)
 
     task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
     await wait_held(store, cid, hub.id)
-    started = time.monotonic()
     await store.apublish([event("/operations/5", 1)])
-    outcome = await asyncio.wait_for(task, 5)
+    outcome = await asyncio.wait_for(task, BOUND)
 
-    assert time.monotonic() - started < PROMPT
     assert outcome.known
     assert outcome.events == payloads("/operations/5", [1])
-    assert (outcome.hold_ms, outcome.interval_ms, outcome.timeout_ms) == (5000, 100, 5000)
+    assert (outcome.hold_ms, outcome.interval_ms, outcome.timeout_ms) == (HOLD_MS, 100, HOLD_MS)
     session = await store.get_session(cid)
     assert session is not None
     assert session["hold"] == ""
 
 
 async def test_held_connect_answers_publishes_from_another_thread(store: Store, hub: Hub) -> None:
-    cid = await new_session(store, "/operations/5", timeout=5000)
+    cid = await new_session(store, "/operations/5", timeout=HOLD_MS)
     await hub.connect(cid, requested_ms=None, immediate=False)
     task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
     await wait_held(store, cid, hub.id)
-    started = time.monotonic()
     await asyncio.to_thread(store.publish, [event("/operations/5", 1)])
-    outcome = await asyncio.wait_for(task, 5)
-    assert time.monotonic() - started < PROMPT
+    outcome = await asyncio.wait_for(task, BOUND)
     assert outcome.known
     assert outcome.events == payloads("/operations/5", [1])
 
 
 async def test_held_connect_ends_after_its_hold_time(store: Store, hub: Hub) -> None:
-    cid = await new_session(store, "/operations/5", timeout=5000)
+    cid = await new_session(store, "/operations/5", timeout=HOLD_MS)
     await hub.connect(cid, requested_ms=None, immediate=False)
     started = time.monotonic()
-    outcome = await hub.connect(cid, requested_ms=150, immediate=False)
-    assert 0.14 <= time.monotonic() - started < PROMPT
+    # Within BOUND: the requested 150 ms, not the session's 60 s; and not before those 150 ms.
+    outcome = await asyncio.wait_for(hub.connect(cid, requested_ms=150, immediate=False), BOUND)
+    assert time.monotonic() - started >= 0.14
     assert (outcome.known, outcome.events, outcome.hold_ms) == (True, [], 150)
     session = await store.get_session(cid)
     assert session is not None
@@ -856,22 +871,20 @@ async def test_held_connect_ends_after_its_hold_time(store: Store, hub: Hub) -> 
 
 
 async def test_second_connect_on_the_same_hub_supersedes_the_first(store: Store, hub: Hub) -> None:
-    cid = await new_session(store, "/operations/5", timeout=5000)
+    cid = await new_session(store, "/operations/5", timeout=HOLD_MS)
     await hub.connect(cid, requested_ms=None, immediate=False)
     first = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
     token = await wait_held(store, cid, hub.id)
 
-    started = time.monotonic()
     second = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
-    outcome = await asyncio.wait_for(first, 5)
-    assert time.monotonic() - started < PROMPT
+    outcome = await asyncio.wait_for(first, BOUND)
     assert outcome.known
     assert outcome.events == []
 
     await wait_held(store, cid, hub.id, not_token=token)
     assert not second.done()
     await store.apublish([event("/operations/5", 1)])
-    outcome = await asyncio.wait_for(second, 5)
+    outcome = await asyncio.wait_for(second, BOUND)
     assert outcome.known
     assert outcome.events == payloads("/operations/5", [1])
 
@@ -879,7 +892,7 @@ async def test_second_connect_on_the_same_hub_supersedes_the_first(store: Store,
 async def test_held_connect_stays_wakeable_after_a_wake_up_without_events(
     store: Store, hub: Hub
 ) -> None:
-    cid = await new_session(store, "/operations/5", timeout=5000)
+    cid = await new_session(store, "/operations/5", timeout=HOLD_MS)
     await hub.connect(cid, requested_ms=None, immediate=False)
     task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
     token = await wait_held(store, cid, hub.id)
@@ -891,10 +904,8 @@ async def test_held_connect_stays_wakeable_after_a_wake_up_without_events(
     assert session["hold"] == token
     assert not task.done()
 
-    started = time.monotonic()
     await store.apublish([event("/operations/5", 1)])
-    outcome = await asyncio.wait_for(task, 5)
-    assert time.monotonic() - started < PROMPT
+    outcome = await asyncio.wait_for(task, BOUND)
     assert outcome.known
     assert outcome.events == payloads("/operations/5", [1])
 
@@ -906,16 +917,14 @@ async def test_connect_of_an_unknown_session(store: Store, hub: Hub) -> None:
 
 
 async def test_held_connect_of_a_removed_session_ends(store: Store, hub: Hub) -> None:
-    cid = await new_session(store, "/operations/5", timeout=5000)
+    cid = await new_session(store, "/operations/5", timeout=HOLD_MS)
     await hub.connect(cid, requested_ms=None, immediate=False)
     task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
     await wait_held(store, cid, hub.id)
 
-    started = time.monotonic()
     assert await store.remove_session(cid)
-    outcome = await asyncio.wait_for(task, 5)
+    outcome = await asyncio.wait_for(task, BOUND)
 
-    assert time.monotonic() - started < PROMPT
     assert outcome.known
     assert outcome.ended
     assert outcome.events == []
@@ -925,7 +934,7 @@ async def test_held_connect_of_a_removed_session_ends(store: Store, hub: Hub) ->
 
 
 async def test_cancelled_held_connect_releases_its_hold(store: Store, hub: Hub) -> None:
-    cid = await new_session(store, "/operations/5", timeout=5000)
+    cid = await new_session(store, "/operations/5", timeout=HOLD_MS)
     await hub.connect(cid, requested_ms=None, immediate=False)
     task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
     await wait_held(store, cid, hub.id)
@@ -941,7 +950,7 @@ async def test_cancelled_held_connect_releases_its_hold(store: Store, hub: Hub) 
     later = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
     await wait_held(store, cid, hub.id)
     await store.apublish([event("/operations/5", 1)])
-    outcome = await asyncio.wait_for(later, 5)
+    outcome = await asyncio.wait_for(later, BOUND)
     assert outcome.known
     assert outcome.events == payloads("/operations/5", [1])
 
@@ -1094,7 +1103,7 @@ async def test_released_batches_wake_the_holding_hub(ordered: Store, clock: Cloc
     ready = asyncio.Event()
     listener = asyncio.create_task(ordered.listen("hub-a", wakes.queue.put_nowait, ready))
     try:
-        await asyncio.wait_for(ready.wait(), 5)
+        await asyncio.wait_for(ready.wait(), BOUND)
         cid = await new_session(ordered, "/operations/5")
         await held(ordered, cid, hold="t1")
 
@@ -1122,14 +1131,14 @@ async def test_the_hub_delivers_overdue_batches_without_another_publish(clock: C
             clock.advance(60)
             hub = Hub(store)
             try:
-                cid = await new_session(store, "/operations/5", timeout=5000)
+                cid = await new_session(store, "/operations/5", timeout=HOLD_MS)
                 await hub.connect(cid, requested_ms=None, immediate=False)
                 task = asyncio.create_task(hub.connect(cid, requested_ms=None, immediate=False))
                 await wait_held(store, cid, hub.id)
                 publish(store, 5, 2)
                 assert not task.done()
                 clock.advance(0.2)
-                outcome = await asyncio.wait_for(task, 5)
+                outcome = await asyncio.wait_for(task, BOUND)
                 assert outcome.events == got((5, 2))
             finally:
                 await hub.close()
@@ -1162,11 +1171,11 @@ async def test_the_hub_closes_when_a_store_call_swallows_the_cancel() -> None:
                     raise
 
     hub = Hub(Swallowing(QUEUE_LIMIT, order_timeout_ms=40))
-    await asyncio.wait_for(entered.wait(), 5)
+    await asyncio.wait_for(entered.wait(), BOUND)
     closing = asyncio.create_task(hub.close())
-    done, _ = await asyncio.wait({closing}, timeout=5)
+    done, _ = await asyncio.wait({closing}, timeout=BOUND)
     swallow = False  # a hub that did not end its task ends now: a failure must not hang the run
     for task in hub._tasks:
         task.cancel()
-    await asyncio.wait_for(closing, 5)
+    await asyncio.wait_for(closing, BOUND)
     assert done, "Hub.close did not end its periodic tasks"
