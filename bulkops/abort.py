@@ -364,8 +364,8 @@ def bulk_pending_fail(
     batch_size: int = FAIL_BATCH_SIZE,
     leased: bool = False,
 ) -> int:
-    """Fail the PENDING children (latest attempts) of a bulk operation marked `pending_fail`,
-    `batch_size` per transaction; each batch commits on its own when this runs outside any
+    """Fail the PENDING children (latest attempts, up to the marker's `upTo`: those that existed
+    at the stop) of a bulk operation marked `pending_fail`, `batch_size` per transaction; each batch commits on its own when this runs outside any
     transaction (inside one, they are savepoints of it). Idempotent: a row is locked (waiting
     for an agent's transaction that holds it) and re-checked, so a child an agent took meanwhile
     keeps its status. The lease: `leased` (the caller marked it in the stop it just committed),
