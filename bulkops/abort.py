@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Count, Exists, OuterRef, Q
+from django.db.models import Count, Exists, Max, OuterRef, Q
 from django.utils import timezone
 
 from bulkops.live import bulk_changed
@@ -291,8 +291,35 @@ PENDING_FAIL_LEASE = timedelta(seconds=30)
 def pending_fail_mark(bulk: BulkOperation, *, reason: str, notify: bool, now: datetime) -> None:
     """Mark `bulk` (row-locked, saved by the caller with "pending_fail") as having PENDING
     children to fail with `reason`, leased to the caller from `now`: it runs `bulk_pending_fail`
-    with `leased=True` once its transaction is over."""
-    bulk.pending_fail = {"reason": reason, "notify": notify, "at": format_datetime(now)}
+    with `leased=True` once its transaction is over.
+
+    Only the children that exist now are the stop's (`upTo`, the highest child ID at the stop;
+    call this after the booked retries were dropped, which waits for a retry the sweep is
+    creating): an attempt created after the stop (a retry by hand) is someone's later, explicit
+    request, and the batches leave it PENDING.
+
+    A cancel (`?cancelPending=true`) arriving while an abort's batches still run joins the abort
+    (`pending_fail_join`) instead of calling this: see there."""
+    top = Operation.objects.filter(bulk_operation_id=bulk.pk).aggregate(top=Max("pk"))["top"]
+    bulk.pending_fail = {
+        "reason": reason,
+        "notify": notify,
+        "at": format_datetime(now),
+        "upTo": top or 0,
+    }
+
+
+def pending_fail_join(bulk: BulkOperation, *, now: datetime) -> bool:
+    """A cancel's stop on `bulk` (row-locked) whose abort is still failing its PENDING children:
+    keep the abort's marker, reason and `abortReason.pendingFailed` count, widen it to the children
+    that exist now, and lease it to the caller too (it runs `bulk_pending_fail(leased=True)`
+    beside the abort's finisher; each child is failed once, each batch counts what it failed).
+    False when there is no abort marker to join."""
+    current = bulk.pending_fail
+    if current is None or not current.get("reason", "").startswith(ABORTED_PREFIX):
+        return False
+    pending_fail_mark(bulk, reason=current["reason"], notify=current.get("notify", True), now=now)
+    return True
 
 
 def _lease_expired(marker: dict[str, Any], now: datetime) -> bool:
@@ -300,10 +327,13 @@ def _lease_expired(marker: dict[str, Any], now: datetime) -> bool:
     return at is None or parse_datetime(at, field="at") + PENDING_FAIL_LEASE <= now
 
 
-def _renew(bulk_operation_id: int, marker: dict[str, Any], failed: int, now: datetime) -> bool:
+def _renew(
+    bulk_operation_id: int, marker: dict[str, Any], failed: int, now: datetime
+) -> dict[str, Any] | None:
     """In the batch's transaction, after its children: renew the lease and count the batch in
-    `abortReason.pendingFailed` (an abort's marker). False when the marker changed or went
-    (another cancel replaced it): this finisher stops."""
+    `abortReason.pendingFailed` (an abort's marker). Returns the marker as it stands now (a
+    cancel that joined an abort may have widened its `upTo`); None when it changed its reason or
+    went (another cancel replaced it, or another finisher of it is done): this finisher stops."""
     bulk = (
         BulkOperation.objects.select_for_update()
         .filter(pk=bulk_operation_id)
@@ -312,7 +342,7 @@ def _renew(bulk_operation_id: int, marker: dict[str, Any], failed: int, now: dat
     )
     current = bulk.pending_fail if bulk is not None else None
     if current is None or current.get("reason") != marker["reason"]:
-        return False
+        return None
     assert bulk is not None
     bulk.pending_fail = {**current, "at": format_datetime(now)}
     fields = ["pending_fail"]
@@ -324,7 +354,7 @@ def _renew(bulk_operation_id: int, marker: dict[str, Any], failed: int, now: dat
         fields.append("abort_reason")
         bulk_changed(bulk.pk)
     bulk.save(update_fields=fields)
-    return True
+    return bulk.pending_fail
 
 
 def bulk_pending_fail(
@@ -334,8 +364,8 @@ def bulk_pending_fail(
     batch_size: int = FAIL_BATCH_SIZE,
     leased: bool = False,
 ) -> int:
-    """Fail the PENDING children (latest attempts) of a bulk operation marked `pending_fail`,
-    `batch_size` per transaction; each batch commits on its own when this runs outside any
+    """Fail the PENDING children (latest attempts, up to the marker's `upTo`: those that existed
+    at the stop) of a bulk operation marked `pending_fail`, `batch_size` per transaction; each batch commits on its own when this runs outside any
     transaction (inside one, they are savepoints of it). Idempotent: a row is locked (waiting
     for an agent's transaction that holds it) and re-checked, so a child an agent took meanwhile
     keeps its status. The lease: `leased` (the caller marked it in the stop it just committed),
@@ -366,8 +396,12 @@ def bulk_pending_fail(
     while True:
         with transaction.atomic():
             moment = now or timezone.now()
+            # Only the children that existed at the stop (none created later: a retry by hand).
+            up_to = marker.get("upTo")
             # The batch: a range of IDs (its upper bound read from the index; None: the rest).
             rows = pending.filter(pk__gt=last)
+            if up_to is not None:  # a marker stored before `upTo` existed: every child
+                rows = rows.filter(pk__lte=up_to)
             bound = list(rows.order_by("pk").values_list("pk", flat=True)[batch_size - 1 :][:1])
             if bound:
                 rows = rows.filter(pk__lte=bound[0])
@@ -379,14 +413,18 @@ def bulk_pending_fail(
                 batch_size=batch_size,
                 notify=marker.get("notify", True),
             )
-            if not _renew(bulk_operation_id, marker, failed, moment):
+            current = _renew(bulk_operation_id, marker, failed, moment)
+            if current is None:
                 return total + failed
             total += failed
-            if not bound:
+            if not bound and current.get("upTo") == up_to:
                 # None left: the marker goes (in the transaction that failed the last ones).
                 BulkOperation.objects.filter(pk=bulk_operation_id).update(pending_fail=None)
                 break
-            last = bound[0]
+            # A cancel that joined widened `upTo`: go on to the children it added.
+            marker = current
+            if bound:
+                last = bound[0]
     logger.info(
         "Bulk operation %s: %d PENDING children failed (%s)",
         bulk_operation_id,
@@ -416,6 +454,10 @@ def bulk_operation_abort_check(*, bulk: BulkOperation, now: datetime) -> bool:
     holds the bulk operation's row lock in its transaction (the ramp, before each batch)."""
     config = bulk.abort_config
     if not config or bulk.abort_reason is not None or bulk.status not in WATCHED_STATUSES:
+        return False
+    if bulk.pending_fail is not None:
+        # A cancel's batches (`?cancelPending=true` on a COMPLETED one) are failing its PENDING
+        # children: the first stop wins; the criteria are checked again once they are done.
         return False
     progress = bulk_operation_progress(bulk)
     if bulk.status == BulkStatus.COMPLETED and not progress["pending"] + progress["executing"]:

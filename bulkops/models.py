@@ -55,8 +55,9 @@ class BulkOperation(models.Model):
 
     `pending_fail` is set while PENDING children of a stopped bulk operation (aborted, or
     cancelled with `cancelPending`) are still to be failed after the stop committed
-    (bulkops.abort `bulk_pending_fail`): {"reason", "notify", "at"}, `at` the lease's last
-    renewal by the process failing them in batches; cleared once none is left."""
+    (bulkops.abort `bulk_pending_fail`): {"reason", "notify", "at", "upTo"}, `at` the lease's
+    last renewal by the process failing them in batches, `upTo` the highest child ID at the stop
+    (later attempts are left alone); cleared once none is left."""
 
     group_id = models.BigIntegerField(null=True, blank=True)
     failed_parent_id = models.BigIntegerField(null=True, blank=True)

@@ -36,6 +36,7 @@ from bulkops.abort import (
     abort_config_input,
     bulk_operation_abort_check,
     bulk_pending_fail,
+    pending_fail_join,
     pending_fail_mark,
 )
 from bulkops.live import bulk_changed
@@ -496,13 +497,17 @@ def bulk_operation_stop(
             bulk.next_due_at = None
             bulk.last_updated = now
             fields += ["status", "next_due_at", "last_updated"]
-        if cancel_pending:
+        # No further children: booked automatic retries of its children go too (before the
+        # mark, which takes the children that exist once a retry being created is in).
+        operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
+        # An abort still failing its PENDING children is joined, not replaced: they keep the
+        # abort's reason and count in its `abortReason.pendingFailed`.
+        if cancel_pending and not pending_fail_join(bulk, now=now):
             pending_fail_mark(bulk, reason=CANCELLED_REASON.format(by=by), notify=notify, now=now)
+        if cancel_pending:
             fields.append("pending_fail")
         if fields:
             bulk.save(update_fields=fields)
-        # No further children: booked automatic retries of its children go too.
-        operations_retries_drop(queryset=Operation.objects.filter(bulk_operation_id=bulk.pk))
         bulk_changed(bulk.pk)
     return bulk
 
