@@ -20,6 +20,6 @@ def realtime_state() -> Iterable[Metric]:
     )
     yield GaugeMetricFamily(
         "deviceplatform_realtime_subscriptions",
-        "Channel subscriptions of the live sessions.",
+        "Channel subscriptions clients made in the live sessions (option variants not counted).",
         value=subscriptions,
     )

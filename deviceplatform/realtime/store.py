@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deviceplatform import metrics
+from deviceplatform.realtime.subscriptions import VARIANT_SEPARATOR, is_variant
 
 logger = logging.getLogger(__name__)
 
@@ -451,13 +452,18 @@ return {queued, dropped}
 """
 
 
-# Live sessions (deadline after now, ms) and their subscriptions, for /metrics. ARGV: P, now ms.
+# Live sessions (deadline after now, ms) and their client subscriptions (an option's variant,
+# named with ARGV[3], is no subscription of its own), for /metrics. ARGV: P, now ms, separator.
 _LUA_STATS = """
 local P = ARGV[1]
 local sessions = redis.call('ZRANGEBYSCORE', P .. 'exp', '(' .. ARGV[2], '+inf')
 local subscriptions = 0
 for _, cid in ipairs(sessions) do
-  subscriptions = subscriptions + redis.call('SCARD', P .. 'sub:' .. cid)
+  for _, channel in ipairs(redis.call('SMEMBERS', P .. 'sub:' .. cid)) do
+    if not string.find(channel, ARGV[3], 1, true) then
+      subscriptions = subscriptions + 1
+    end
+  end
 end
 return {#sessions, subscriptions}
 """
@@ -639,8 +645,11 @@ class RedisStore:
         metrics.realtime_queued(*await self._run("release_held", *self._order_args()[1:]))
 
     def stats(self) -> tuple[int, int]:
-        """(live sessions, their subscriptions), synchronous: for /metrics."""
-        sessions, subscriptions = self._stats_sync(args=[self.prefix, int(time.time() * 1000)])
+        """(live sessions, their client subscriptions: options' variants excluded), synchronous:
+        for /metrics."""
+        sessions, subscriptions = self._stats_sync(
+            args=[self.prefix, int(time.time() * 1000), VARIANT_SEPARATOR]
+        )
         return int(sessions), int(subscriptions)
 
     def _order_args(self) -> list[Any]:
@@ -1012,11 +1021,13 @@ class MemoryStore:
     # --- commit order (the module docstring; the same steps as _LUA_ORDER) ----------------------
 
     def stats(self) -> tuple[int, int]:
-        """(live sessions, their subscriptions): for /metrics."""
+        """(live sessions, their client subscriptions: options' variants excluded): for /metrics."""
         with self._lock:
             now = self.clock()
             live = [s for s in self._sessions.values() if s.deadline > now]
-            return len(live), sum(len(session.subs) for session in live)
+            return len(live), sum(
+                1 for session in live for channel in session.subs if not is_variant(channel)
+            )
 
     def _enqueue(self, prepared: Sequence[Prepared], wakes: dict[str, set[str]]) -> None:
         queued = dropped = 0

@@ -44,13 +44,19 @@ def register(
 
 
 # Joins a channel and an option into a variant: no registered pattern matches a name with it.
-_VARIANT = "#"
+VARIANT_SEPARATOR = "#"
 
 
 def variant(channel: str, option: str) -> str:
     """The subscription that receives `channel`'s events for subscribers who opted in to `option`
     (`/4711` -> `/4711#cancelRequests`)."""
-    return f"{channel}{_VARIANT}{option}"
+    return f"{channel}{VARIANT_SEPARATOR}{option}"
+
+
+def is_variant(subscription: str) -> bool:
+    """Whether `subscription` is an option's variant (held for the channel a client subscribed
+    to, not a subscription of its own)."""
+    return VARIANT_SEPARATOR in subscription
 
 
 def variants(channel: str) -> list[str]:

@@ -9,16 +9,22 @@ transports, through the real consumer and view, with the events of committed ser
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
 from django.db import transaction
+from django.test import Client
 
 from devicecontrol import services as devicecontrol_services
 from devicecontrol.models import Operation
+from devicecontrol.realtime import CANCEL_REQUESTS
 from deviceplatform.realtime.hub import get_store
+from deviceplatform.realtime.store import MemoryStore, RedisStore
+from deviceplatform.realtime.subscriptions import variant
 from inventory import services as inventory_services
+from tests.deviceplatform.test_metrics import parse, value
 from tests.realtime.bayeux import (
     AGENT,
     REALTIME,
@@ -166,6 +172,38 @@ async def test_the_last_subscribe_decides_and_an_unsubscribe_ends_the_option(
         requests.append([event[3] for event in seen(await client.connect_now())])
 
     assert requests == [[False, True], [False], [False], [False, True], [False]]
+
+
+@database_sync_to_async
+def subscriptions_gauge() -> float:
+    """`deviceplatform_realtime_subscriptions` read back through a real scrape of /metrics (the
+    scrape's database connection closed after it, as a server's request thread does)."""
+    response = Client().get("/metrics")
+    assert response.status_code == 200, response.content
+    return value(parse(response.content.decode()), "deviceplatform_realtime_subscriptions")
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_opted_in_subscription_counts_once_in_the_subscriptions_gauge(
+    world: World, settings: Any, transport: str, kind: str
+) -> None:
+    settings.REALTIME_PREFIX = f"test:gauge:{uuid.uuid4().hex[:12]}"
+    settings.REDIS_URL = settings.REDIS_URL if kind == "redis" else ""
+    assert isinstance(get_store(), RedisStore if kind == "redis" else MemoryStore)
+    agent = f"/{world.agent.pk}"
+    before = await subscriptions_gauge()
+    client = await open_session(transport, AGENT, "alice", {"subscription": agent, "ext": OPT_IN})
+    try:
+        held = await get_store().subscriptions(client.client_id)  # type: ignore[arg-type]
+        assert held == {agent, variant(agent, CANCEL_REQUESTS)}  # the store holds both
+        assert await subscriptions_gauge() == before + 1  # the client made one
+
+        reply = await client.unsubscribe(agent)
+        assert reply["successful"] is True, reply
+        assert await subscriptions_gauge() == before
+    finally:
+        await close(client)
 
 
 async def test_an_agent_channel_that_loses_its_right_drops_the_option_too(world: World) -> None:
