@@ -9,6 +9,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -135,8 +136,9 @@ def test_a_task_run_inline_keeps_the_id_of_the_request_that_runs_it(
     """Without a broker (no REDIS_URL) Celery runs tasks eagerly, in the caller's context: the
     task's lines carry the caller's request id, and the task leaves it as it found it."""
     fleet = make_fleet(2)
-    now = timezone.now()
-    create_bulk(fleet.group, now=now, creationRamp=0.01, startDate=now.isoformat())
+    # Started a second ago: both children are due when the task runs, however soon that is.
+    past = timezone.now() - timedelta(seconds=1)
+    create_bulk(fleet.group, now=past, creationRamp=0.01, startDate=past.isoformat())
     caplog.set_level(logging.INFO, logger="bulkops.services")
     token = set_request_id("inline-7")
     try:
