@@ -105,6 +105,21 @@ def fresh_roles_cache() -> None:
     roles_cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def platform_celery_app_stays_current() -> Iterator[None]:
+    """A test that builds a Celery app of its own (a client for a private broker) must not leave it
+    as Celery's current app: the platform's shared tasks would be sent there in every later test of
+    this process (CI failed that way once: Connection refused to a private Redis long stopped)."""
+    from celery import current_app
+
+    from deviceplatform.celery import app
+
+    yield
+    assert current_app._get_current_object() is app, (
+        "this test left another Celery app current: build it with set_as_current=False"
+    )
+
+
 @pytest.fixture
 def make_user(db: None) -> Callable[..., Any]:
     from deviceplatform.services import user_upsert

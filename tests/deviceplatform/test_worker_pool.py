@@ -67,7 +67,9 @@ def worker(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    client = Celery(broker=private_redis.url)
+    # Not Celery's current app: shared tasks (the platform's) would go to this private broker
+    # in every later test of this process, after the broker is gone.
+    client = Celery(broker=private_redis.url, set_as_current=False)
     store = redis.Redis.from_url(private_redis.url)
     try:
         yield client, store, log
