@@ -98,10 +98,11 @@ def publish_live_changes(**_: Any) -> None:
 
 
 @cache
-def _scripts() -> tuple[Any, Any]:
+def _scripts(redis_url: str) -> tuple[Any, Any]:
+    """The booking scripts on `redis_url`'s client (one per URL: REDIS_URL may change in tests)."""
     import redis
 
-    client = redis.Redis.from_url(settings.REDIS_URL)
+    client = redis.Redis.from_url(redis_url)
     return client.register_script(_BOOK_LUA), client.register_script(_UNBOOK_LUA)
 
 
@@ -123,7 +124,7 @@ def _unbook(booked_ms: int, queue: str | None) -> None:
     if 0 < early <= EARLY_WAIT_SECONDS:
         time.sleep(early)
     try:
-        _scripts()[1](keys=[_booked_key(queue)], args=[booked_ms])
+        _scripts(settings.REDIS_URL)[1](keys=[_booked_key(queue)], args=[booked_ms])
     except Exception:
         logger.warning("Bulk ramp: could not clear the booking of %s ms", booked_ms, exc_info=True)
 
@@ -170,7 +171,7 @@ def _book(due: datetime, queue: str | None, now: datetime) -> None:
         return
     due_ms, now_ms = math.ceil(due.timestamp() * 1000), int(now.timestamp() * 1000)
     ttl_ms = max(due_ms - now_ms, 0) + 60_000
-    if _scripts()[0](keys=[_booked_key(queue)], args=[due_ms, now_ms, ttl_ms]):
+    if _scripts(settings.REDIS_URL)[0](keys=[_booked_key(queue)], args=[due_ms, now_ms, ttl_ms]):
         advance_bulk_operations.apply_async(
             kwargs={"booked_ms": due_ms}, eta=due if due > now else None, queue=queue
         )
