@@ -301,4 +301,35 @@ def client_address(meta: dict[str, Any]) -> str | None:
         last = forwarded.rpartition(",")[2].strip()
         if last:
             return last
+    else:
+        _warn_if_proxied(meta)
     return meta.get("REMOTE_ADDR") or None
+
+
+_proxy_warned = threading.Event()
+
+
+def _warn_if_proxied(meta: dict[str, Any]) -> None:
+    """Once per process: a request forwarded by a proxy on a private or loopback address while
+    USE_X_FORWARDED_FOR is off means every client behind that proxy shares its address, and so one
+    per-address failure count: 30 wrong passwords from anyone would hold back everyone's new
+    logins for a window. Not fixed here by trusting the header (a client could then pick its own
+    address and escape the limit): the operator is told which setting says the proxy is trusted."""
+    if _proxy_warned.is_set() or not meta.get("HTTP_X_FORWARDED_FOR"):
+        return
+    import ipaddress
+
+    try:
+        remote = ipaddress.ip_address(meta.get("REMOTE_ADDR") or "")
+    except ValueError:
+        return
+    if not (remote.is_private or remote.is_loopback):
+        return  # a client on the internet sending the header itself, not a proxy of ours
+    _proxy_warned.set()
+    logger.warning(
+        "Requests arrive through a proxy at %s (X-Forwarded-For) but USE_X_FORWARDED_FOR is off: "
+        "the failed-login limit per address counts that proxy's address for all its clients. "
+        "Set USE_X_FORWARDED_FOR=true when this proxy is yours and appends the client's address "
+        '(README "Failed logins"). Said once per process.',
+        remote,
+    )

@@ -416,6 +416,44 @@ def test_client_address_behind_a_proxy(settings: Any) -> None:
     assert client_address({"REMOTE_ADDR": "127.0.0.1"}) == "127.0.0.1"
 
 
+def test_a_proxy_not_trusted_is_named_in_the_log_once(
+    settings: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a proxy with USE_X_FORWARDED_FOR off, every client shares the proxy's failure count:
+    the operator is told once per process. A client on the internet sending the header itself, or
+    a trusted proxy, is no reason to."""
+    monkeypatch.setattr(auth_throttle, "_proxy_warned", auth_throttle.threading.Event())
+    proxied = {"REMOTE_ADDR": "10.0.0.7", "HTTP_X_FORWARDED_FOR": "203.0.113.5"}
+    settings.USE_X_FORWARDED_FOR = True
+    with caplog.at_level("WARNING", logger="deviceplatform.api.auth_throttle"):
+        client_address(proxied)
+        settings.USE_X_FORWARDED_FOR = False
+        client_address({"REMOTE_ADDR": "8.8.8.8", "HTTP_X_FORWARDED_FOR": "1.2.3.4"})
+        client_address({"REMOTE_ADDR": "10.0.0.7"})  # not forwarded
+        assert caplog.records == []
+        client_address(proxied)
+        client_address(proxied)
+    (record,) = caplog.records
+    assert "10.0.0.7" in record.getMessage()
+    assert "USE_X_FORWARDED_FOR" in record.getMessage()
+
+
+def test_a_request_through_an_untrusted_proxy_warns_through_the_api(
+    client: Any, settings: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth_throttle, "_proxy_warned", auth_throttle.threading.Event())
+    settings.USE_X_FORWARDED_FOR = False
+    with caplog.at_level("WARNING", logger="deviceplatform.api.auth_throttle"):
+        response = client.get(
+            "/inventory/managedObjects",
+            HTTP_AUTHORIZATION=basic("nobody", "wrong"),
+            HTTP_X_FORWARDED_FOR="203.0.113.5",
+            REMOTE_ADDR="127.0.0.1",
+        )
+    assert response.status_code == 401
+    assert any("USE_X_FORWARDED_FOR is off" in r.getMessage() for r in caplog.records)
+
+
 # --- shared between processes ---------------------------------------------------------------------
 
 
