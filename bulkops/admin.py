@@ -317,6 +317,7 @@ CREATE_FIELDSETS = (
 )
 # The datalists that let an operator pick a group or bulk operation by name.
 PICK_LIST_SIZE = 500
+PICK_NAME_MATCHES = 5  # group IDs named when a typed name matches several groups
 SOFTWARE_EXAMPLE = (
     '[{"name": "agent", "version": "2.1.0", "url": "https://example.com/agent.deb", '
     '"action": "install"}]'
@@ -336,6 +337,14 @@ def _parse_json(text: str, field: str) -> Any:
         raise ValidationError({field: f"Enter valid JSON: {exc}."}) from None
 
 
+def target_groups() -> QuerySet[ManagedObject]:
+    """What a bulk operation may target: groups and smart groups (bulkops.services decides the
+    same for a groupId)."""
+    return ManagedObject.objects.filter(
+        Q(is_group=True) | Q(fragments__has_key="c8y_IsDynamicGroup")
+    )
+
+
 class BulkCreateForm(forms.Form):
     """What the operator chooses on the add page; `body()` turns it into the REST create body, so
     `bulk_operation_create` (and its preview) decide exactly as for `POST /bulkoperations`."""
@@ -348,13 +357,12 @@ class BulkCreateForm(forms.Form):
         initial="group",
         widget=forms.RadioSelect,
     )
-    group = forms.IntegerField(
+    group = forms.CharField(
         required=False,
-        min_value=1,
-        max_value=MAX_ID,
-        label="Group ID",
-        widget=forms.TextInput(attrs={"list": "bulk-groups", "size": 20}),
-        help_text="A group or smart group; type to pick one by name.",
+        max_length=1024,
+        label="Group",
+        widget=forms.TextInput(attrs={"list": "bulk-groups", "size": 30}),
+        help_text="A group or smart group: its ID, or its exact name (type to pick one).",
     )
     failed_parent = forms.IntegerField(
         required=False,
@@ -422,6 +430,32 @@ class BulkCreateForm(forms.Form):
             except ApiError as exc:
                 raise ValidationError(exc.message) from None
         return value
+
+    def clean_group(self) -> int | None:
+        """A group's ID, or the exact name of one group or smart group (as the pick list shows
+        them): an operator types "Simulated fleet" as readily as 9."""
+        value = self.cleaned_data.get("group", "").strip()
+        if not value:
+            return None
+        if value.isdigit():
+            if not 1 <= int(value) <= MAX_ID:
+                raise ValidationError(f"A group ID is a whole number from 1 to {MAX_ID}.")
+            return int(value)
+        found = list(
+            target_groups()
+            .filter(name=value)
+            .order_by("pk")
+            .values_list("pk", flat=True)[: PICK_NAME_MATCHES + 1]
+        )
+        if not found:
+            raise ValidationError(f"No group or smart group is named “{value}”: type its ID.")
+        if len(found) > 1:
+            shown = ", ".join(str(pk) for pk in found[:PICK_NAME_MATCHES])
+            more = ", ..." if len(found) > PICK_NAME_MATCHES else ""
+            raise ValidationError(
+                f"Several groups are named “{value}” (IDs {shown}{more}): type the ID of one."
+            )
+        return found[0]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
@@ -869,7 +903,7 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
                     if preview
                     else ""
                 ),
-                "groups": ManagedObject.objects.filter(is_group=True)
+                "groups": target_groups()
                 .order_by("name", "pk")
                 .values("pk", "name")[:PICK_LIST_SIZE],
                 "failed_bulks": bulk_operations_with_progress()

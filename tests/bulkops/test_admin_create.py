@@ -222,7 +222,11 @@ def test_each_template_builds_its_prototype(
     ("values", "field", "message"),
     [
         ({"group": ""}, "group", "Pick the group whose devices get the operation."),
-        ({"group": "x"}, "group", "Enter a whole number."),
+        ({"group": "x"}, "group", "No group or smart group is named “x”: type its ID."),
+        ({"group": "Pump 1"}, "group", "No group or smart group is named “Pump 1”"),  # a device
+        ({"group": "Pumps "}, "group", "Several groups are named “Pumps”"),
+        ({"group": "0"}, "group", "A group ID is a whole number from 1 to"),
+        ({"group": "99999999999999999999"}, "group", "A group ID is a whole number from 1 to"),
         ({"group": "{device}"}, "group", "is not a device group"),
         ({"group": "987654321"}, "group", "Managed object 987654321 is not a device group"),
         ({"target": "failed"}, "failed_parent", "Pick the bulk operation whose failures"),
@@ -254,6 +258,8 @@ def test_bad_choices_are_form_errors_and_write_nothing(
     device = ManagedObject.objects.filter(is_device=True, is_group=False).first()
     assert device is not None
     values = {key: str(value).replace("{device}", str(device.pk)) for key, value in values.items()}
+    if values.get("group") == "Pumps ":
+        new_group("Pumps", [])  # a second group of that name (the typed name is trimmed)
     before = state()
 
     for button in ("_preview", "_confirm"):
@@ -264,6 +270,21 @@ def test_bad_choices_are_form_errors_and_write_nothing(
         assert any(message in error for error in errors.get(field, [])), errors
         assert "_confirm" not in response.content.decode()
         assert state() == before
+
+
+def test_a_group_is_picked_by_its_exact_name_too(
+    admin_client: Client, group: ManagedObject
+) -> None:
+    """README "See it work": the operator types the group's name (the pick list offers it); a
+    smart group by name as well."""
+    confirm(admin_client, fields(None, group="Pumps"))
+    assert BulkOperation.objects.get().group_id == group.pk
+
+    smart = new_object(
+        "Smart pumps", c8y_IsDynamicGroup={"invisible": {}}, c8y_DeviceQueryString="name eq 'Pump*'"
+    )
+    response = preview(admin_client, fields(None, group="Smart pumps"))
+    assert response.context["form"].cleaned_data["group"] == smart.pk
 
 
 def test_create_only_what_was_previewed(admin_client: Client, group: ManagedObject) -> None:
