@@ -192,6 +192,11 @@ def test_the_operator_sends_an_operation_and_watches_a_bulk_operation_complete(
     expect(listing.locator(f'[data-live-key="status-{bulk_id}"]')).to_have_text("COMPLETED")
     expect(page.locator(f'[data-live-key="status-{bulk_id}"]')).to_have_text("COMPLETED")
     expect(page.locator(f'[data-live-key="general-{bulk_id}"]')).to_have_text("SUCCESSFUL")
+    # The live line's time as the admin's dates: 24-hour, seconds, the browser's zone.
+    finished = re.compile(
+        rf"^Finished: nothing left to change \(\d\d:\d\d:\d\d {re.escape(BROWSER_ZONE_NAME)}\)$"
+    )
+    expect(page.locator("[data-live-indicator]")).to_have_text(finished)
     bulk = operator_api.get(f"/devicecontrol/bulkoperations/{bulk_id}")
     assert (bulk["status"], bulk["generalStatus"]) == ("COMPLETED", "SUCCESSFUL"), bulk
     assert bulk["progress"]["successful"] == FLEET_SIZE, bulk

@@ -18,8 +18,22 @@
 
   var MAX_BACKOFF_MS = 60000;
 
+  function pad(n) {
+    return (n < 10 ? '0' : '') + n;
+  }
+
+  // "19:36:38 GMT+9": 24-hour with seconds and the browser's zone, as the admin's dates (dates.js).
   function clock(date) {
-    return date.toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+    var zone = '';
+    try {
+      var parts = new Intl.DateTimeFormat(undefined, { timeZoneName: 'short' }).formatToParts(date);
+      for (var i = 0; i < parts.length; i++) {
+        if (parts[i].type === 'timeZoneName') zone = ' ' + parts[i].value;
+      }
+    } catch (e) {
+      zone = '';
+    }
+    return pad(date.getHours()) + ':' + pad(date.getMinutes()) + ':' + pad(date.getSeconds()) + zone;
   }
 
   function LiveArea(area) {
