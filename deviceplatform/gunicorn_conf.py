@@ -11,6 +11,10 @@ logconfig_dict = LOGGING
 accesslog = None
 # REST requests are short (the wait endpoint and long-polls go to uvicorn): a stop need not wait.
 graceful_timeout = 5
+# gunicorn 25+ opens a control socket for `gunicornc` at one path per user ($HOME/.gunicorn or
+# $XDG_RUNTIME_DIR): two platforms on one machine would share it, and a read-only home would
+# have to be written. bin/run manages the processes; nothing here uses it.
+control_socket_disable = True
 
 
 def child_exit(server: object, worker: object) -> None:
