@@ -63,6 +63,17 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
+class WebSocketChatterFilter(logging.Filter):
+    """Drops the websockets library's "connection open" / "connection closed" lines (uvicorn
+    passes its own logger to it), below WARNING: uvicorn's `[accepted]` line already records
+    the connection, and an agent fleet reconnecting would write three lines per agent."""
+
+    CHATTER = frozenset({"connection open", "connection closed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.msg not in self.CHATTER
+
+
 class PlainFormatter(logging.Formatter):
     """The plain line, with `[<request id>] ` before the message of a record that has one."""
 
@@ -92,7 +103,10 @@ def logging_config(*, level: str, fmt: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_context": {"()": "deviceplatform.logs.RequestContextFilter"}},
+        "filters": {
+            "request_context": {"()": "deviceplatform.logs.RequestContextFilter"},
+            "websocket_chatter": {"()": "deviceplatform.logs.WebSocketChatterFilter"},
+        },
         "formatters": {"main": formatters[fmt]},
         "handlers": {
             "console": {
@@ -112,6 +126,10 @@ def logging_config(*, level: str, fmt: str) -> dict[str, Any]:
             "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
             # uvicorn's access lines carry no duration and would double ours.
             "uvicorn.access": {"level": "WARNING"},
+            # A WebSocket connection gets one line, uvicorn's `"WebSocket <path>" [accepted]`; the
+            # websockets library's "connection open" / "connection closed" (logged on uvicorn's
+            # logger) would add two more per agent connection.
+            "uvicorn.error": {"filters": ["websocket_chatter"]},
         },
     }
 

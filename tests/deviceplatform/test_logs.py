@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from devicecontrol import tasks as devicecontrol_tasks
 from deviceplatform.logs import REQUEST_ID_HEADER, logging_config
 from tests.bulkops.conftest import advance, create_bulk, make_fleet
 from tests.devicecontrol.conftest import add_child_devices, make_device
+from tests.servers import Servers, launch  # noqa: F401  (fixture)
 
 ACCESS = "deviceplatform.access"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -198,3 +200,25 @@ def test_a_ramp_run_that_created_children_logs_one_line_with_counts(
         f"Bulk ramp: 2 target(s) processed: bulk operation {bulk.pk} +2, 2 of 3 (IN_PROGRESS)",
         f"Bulk ramp: 1 target(s) processed: bulk operation {bulk.pk} +1, 3 of 3 (COMPLETED)",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_websocket_connection_logs_one_line(launch: Servers, tmp_path: Any) -> None:  # noqa: F811
+    """uvicorn's `"WebSocket /notification/operations" [accepted]` line, without the websockets
+    library's "connection open" and "connection closed" (three lines per agent connection)."""
+    from websockets.sync.client import connect
+
+    server = launch.start("uvicorn", LOG_LEVEL="INFO")
+    with connect(f"{server.ws}/notification/operations") as socket:
+        socket.send('[{"channel": "/meta/handshake", "version": "1.0"}]')
+        assert "/meta/handshake" in socket.recv(timeout=30)  # refused (no login): any answer
+    # Both sides closed; the server's lines are written by then or within a moment.
+    deadline = time.monotonic() + 30
+    while "[accepted]" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    log = server.log()
+    assert log.count('"WebSocket /notification/operations" [accepted]') == 1, log
+    assert "connection open" not in log, log
+    assert "connection closed" not in log, log
