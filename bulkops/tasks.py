@@ -18,6 +18,7 @@ from typing import Any
 from celery import current_task, shared_task
 from celery.signals import worker_process_shutdown, worker_shutdown
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from bulkops import abort, live, services
@@ -100,21 +101,24 @@ def fail_pending_children(bulk_operation_id: int) -> int:
     return abort.bulk_pending_fail(bulk_operation_id=bulk_operation_id, leased=True)
 
 
-def fail_pending_children_send(bulk_operation_id: int, *, queue: str | None) -> bool:
-    """Send `fail_pending_children` to `queue` (None: the default queue, or CELERY_TASK_ROUTES).
-    Never raises: a send that fails is logged, and the sweep finishes once the lease expired.
-    True when it was sent."""
-    try:
-        fail_pending_children.apply_async(args=(bulk_operation_id,), queue=queue)
-    except Exception:
-        logger.warning(
-            "Bulk operation %s: could not hand its PENDING children to a task; beat's sweep "
-            "fails them once the lease expired",
-            bulk_operation_id,
-            exc_info=True,
-        )
-        return False
-    return True
+def fail_pending_children_send(bulk_operation_id: int, *, queue: str | None) -> None:
+    """Send `fail_pending_children` to `queue` (None: the default queue, or CELERY_TASK_ROUTES)
+    once the current transaction commits (at once outside one): never before the stop it
+    finishes. A send that fails is logged, not raised: beat's sweep finishes once the lease
+    expired."""
+
+    def send() -> None:
+        try:
+            fail_pending_children.apply_async(args=(bulk_operation_id,), queue=queue)
+        except Exception:
+            logger.warning(
+                "Bulk operation %s: could not hand its PENDING children to a task; beat's sweep "
+                "fails them once the lease expired",
+                bulk_operation_id,
+                exc_info=True,
+            )
+
+    transaction.on_commit(send)
 
 
 def in_worker_task() -> bool:
