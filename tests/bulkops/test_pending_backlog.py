@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from django.conf import settings
 from django.db.models import Max, Min
 from django.utils import timezone
 
-from bulkops import services, tasks
+from bulkops import live, services, tasks
 from bulkops.abort import ABORTED_PREFIX, PENDING_FAIL_LEASE, bulk_pending_fail_sweep
 from bulkops.models import BulkOperation, BulkStatus
 from devicecontrol.models import Operation, OperationStatus
@@ -40,6 +41,14 @@ WAIT = 90.0  # a bound for a broken run, not a timing assertion
 ANY_HALF = {
     "criteria": [{"failureType": "ANY", "thresholdPercentage": 50, "minNumberOfExecuted": 1}]
 }
+
+
+@pytest.fixture(autouse=True)
+def live_published() -> Iterator[None]:
+    """This process's live messages go out before the test's database does (bulkops/live.py's
+    thread publishes the last change up to BULK_LIVE_INTERVAL_MS after it)."""
+    yield
+    live.throttle().wait_idle(WAIT)
 
 
 @pytest.fixture
@@ -74,15 +83,16 @@ def row(bulk: BulkOperation) -> BulkOperation:
     return BulkOperation.objects.get(pk=bulk.pk)
 
 
-def created_bulk(fleet: Fleet, **data: Any) -> BulkOperation:
+def created_bulk(fleet: Fleet, now: datetime | None = None, **data: Any) -> BulkOperation:
     return services.bulk_operation_create(
         data={
             "groupId": fleet.group.pk,
-            "startDate": timezone.now().isoformat(),
+            "startDate": (now or timezone.now()).isoformat(),
             "creationRamp": 0,
             "operationPrototype": {"description": "Restart", "c8y_Restart": {}},
             **data,
-        }
+        },
+        now=now,
     )
 
 
@@ -105,21 +115,37 @@ def running(size: int) -> BulkOperation:
     return bulk
 
 
+def due_with_backlog(size: int) -> BulkOperation:
+    """An IN_PROGRESS bulk operation with abort criteria, `size` PENDING children and its next
+    child due now: a ramp run claims it (one second a child, started `size` seconds ago)."""
+    start = timezone.now() - timedelta(seconds=size + 1)
+    bulk = created_bulk(build_fleet(size + 1), now=start, creationRamp=1, abortConfig=ANY_HALF)
+    services.bulk_operations_advance(now=start + timedelta(seconds=size - 0.5))
+    assert row(bulk).status == BulkStatus.IN_PROGRESS
+    assert pending(bulk) == size
+    return bulk
+
+
+@pytest.mark.parametrize("run", ["ramp", "beat"])
 def test_the_ramp_creates_other_children_while_an_aborts_backlog_is_failed(
-    pool: Workers,
+    pool: Workers, run: str
 ) -> None:
-    """Beat's run aborts A (3,000 PENDING children) and hands the backlog to a task: the booked
-    runs that follow create B's children while that task fails A's, in the other worker. Inline
+    """The ramp (its check before A's next batch) or beat's abort sweep (A being COMPLETED), in
+    one beat tick, aborts A (3,000 PENDING children) and hands the backlog to a task: the booked runs
+    that follow create B's children while that task fails A's, in the other worker. Inline
     (before), the run failed all of A's before it booked B's next run: no child of B was created
     between A's abort and its last failed child."""
-    aborted = all_pending(3000, abortConfig=ANY_HALF)
+    made = {"ramp": due_with_backlog, "beat": lambda n: all_pending(n, abortConfig=ANY_HALF)}
+    aborted = made[run](3000)
     first = children(aborted).order_by("pk").first()
     operation_update(operation_id=first.pk, data={"status": "FAILED"})  # 1 of 1 failed: fires
     for _ in range(2):
         pool.start().wait_ready()
     other = created_bulk(build_fleet(200), creationRamp=0.05)  # 10 s of due children
 
-    tasks.advance_bulk_operations.apply_async(queue=pool.queue)  # one beat tick
+    # One beat tick (a booked run would fan out a run for B: in parallel even before). Ramp: A is
+    # due first, its check aborts it before its next batch; beat: the sweep after the ramp does.
+    tasks.advance_bulk_operations.apply_async(queue=pool.queue)
     wait_for(lambda: row(aborted).status == BulkStatus.DELETED, pool, "the abort")
     wait_for(lambda: row(aborted).pending_fail is None, pool, "the backlog failed")
 
@@ -127,6 +153,7 @@ def test_the_ramp_creates_other_children_while_an_aborts_backlog_is_failed(
     reason = row(aborted).abort_reason
     assert reason is not None
     assert reason["pendingFailed"] == 2999
+    assert reason["createdChildren"] == 3000  # ramp: stopped before A's next (due) child
     failed = children(aborted).filter(failure_reason__startswith=ABORTED_PREFIX)
     window = failed.aggregate(first=Min("status_changed_at"), last=Max("status_changed_at"))
     assert failed.count() == 2999
