@@ -376,6 +376,29 @@ def bulk_pending_fail(
     return _fail_batches(bulk_operation_id, now, batch_size, leased=leased, deadline=None)[0]
 
 
+def _lease(bulk_operation_id: int, now: datetime | None, *, leased: bool) -> dict[str, Any] | None:
+    """The marker of `bulk_operation_id` for a finisher: `leased` (handed to it), or taken here
+    once expired (its `at` renewed, under the row lock). None: no marker, or someone else's
+    lease still runs."""
+    with transaction.atomic():
+        bulk = (
+            BulkOperation.objects.select_for_update()
+            .filter(pk=bulk_operation_id)
+            .only("pk", "pending_fail")
+            .first()
+        )
+        marker = bulk.pending_fail if bulk is not None else None
+        if marker is None or leased:
+            return marker
+        moment = now or timezone.now()
+        if not _lease_expired(marker, moment):
+            return None
+        assert bulk is not None
+        bulk.pending_fail = {**marker, "at": format_datetime(moment)}
+        bulk.save(update_fields=["pending_fail"])
+        return bulk.pending_fail
+
+
 def _fail_batches(
     bulk_operation_id: int,
     now: datetime | None,
@@ -388,23 +411,9 @@ def _fail_batches(
     (None: never). Returns the children failed and whether this finisher is done (no marker left,
     or another one took over); False: stopped by the deadline, the marker still leased to it."""
     batch_size = batch_size or settings.BULK_PENDING_FAIL_BATCH_SIZE
-    with transaction.atomic():
-        bulk = (
-            BulkOperation.objects.select_for_update()
-            .filter(pk=bulk_operation_id)
-            .only("pk", "pending_fail")
-            .first()
-        )
-        marker = bulk.pending_fail if bulk is not None else None
-        if marker is None:
-            return 0, True
-        if not leased:
-            moment = now or timezone.now()
-            if not _lease_expired(marker, moment):
-                return 0, True
-            assert bulk is not None
-            bulk.pending_fail = {**marker, "at": format_datetime(moment)}
-            bulk.save(update_fields=["pending_fail"])
+    marker = _lease(bulk_operation_id, now, leased=leased)
+    if marker is None:
+        return 0, True
     pending = Operation.objects.filter(
         bulk_operation_id=bulk_operation_id, superseded=False, status=OperationStatus.PENDING
     )
@@ -498,14 +507,28 @@ def bulk_pending_fail_after_stop(
 
 def bulk_pending_fail_sweep(*, now: datetime | None = None) -> int:
     """Finish the PENDING children of stopped bulk operations whose finisher died between
-    batches (its lease expired): beat runs this every tick. Returns the children failed."""
+    batches, or whose task was lost (its lease expired): beat runs this every tick. In a worker's
+    task (`bulkops.tasks.in_worker_task`) each one's lease is taken here and its children go to
+    `fail_pending_children`, as after a stop, so that the tick is not held up; elsewhere they are
+    failed here. Returns the children failed here."""
+    from bulkops import tasks  # the tasks module imports this one
+
+    hand_off = not tasks.app_is_eager() and tasks.in_worker_task()
     marked = BulkOperation.objects.filter(pending_fail__isnull=False)
     total = 0
     for pk, marker in list(marked.order_by("pk").values_list("pk", "pending_fail")):
         if not _lease_expired(marker, now or timezone.now()):
             continue
         try:
-            total += bulk_pending_fail(bulk_operation_id=pk, now=now)
+            if not hand_off:
+                total += bulk_pending_fail(bulk_operation_id=pk, now=now)
+            elif _lease(pk, now, leased=False) is not None:
+                logger.warning(
+                    "Bulk operation %s: the finisher of its PENDING children stopped; "
+                    "handing them to a task again",
+                    pk,
+                )
+                tasks.fail_pending_children_send(pk, queue=tasks.current_queue())
         except Exception:  # one bulk operation's failure never stops the others, nor the tick
             logger.exception("Failing PENDING children of bulk operation %s failed", pk)
     return total

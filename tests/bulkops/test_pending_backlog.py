@@ -190,6 +190,26 @@ def test_a_killed_hand_off_task_is_finished_by_the_sweep_once_the_lease_expired(
     assert counted_progress(bulk)["failed"] == 3000
 
 
+def test_a_task_never_sent_is_handed_off_again_by_beats_sweep_once_the_lease_expired(
+    pool: Workers,
+) -> None:
+    """The stop committed a lease that expired without any batch (its task was lost): beat's
+    tick in a worker takes the lease and sends the task again instead of failing them in the tick."""
+    bulk = running(300)
+    past = timezone.now() - PENDING_FAIL_LEASE - timedelta(seconds=1)
+    services.bulk_operation_stop(bulk_operation_id=bulk.pk, cancel_pending=True, by="op", now=past)
+    worker = pool.start()
+    worker.wait_ready()
+
+    tasks.advance_bulk_operations.apply_async(queue=pool.queue)  # one beat tick
+    wait_for(lambda: row(bulk).pending_fail is None, pool, "the sweep's task")
+
+    assert pending(bulk) == 0
+    assert set(children(bulk).values_list("failure_reason", flat=True)) == {"Cancelled by op"}
+    assert "handing them to a task again" in worker.log()
+    assert counted_progress(bulk)["failed"] == 300
+
+
 @pytest.fixture
 def default_queue(pool: Workers) -> Iterator[None]:
     """Tasks sent without a queue go to the pool's (a request's hand-off): the shared default
