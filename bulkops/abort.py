@@ -483,12 +483,11 @@ def bulk_pending_fail_after_stop(
       `bulkops.tasks.fail_pending_children`, on the queue of the running task, so that the run
       goes on (other bulk operations' children, the rest of the tick) while it is failed;
     - with `inline_seconds` (a request: BULK_PENDING_FAIL_INLINE_SECONDS) and a broker: here until
-      done or the budget is spent, then the rest goes to that task (default queue, or
-      CELERY_TASK_ROUTES);
+      done or the budget is spent, then the rest goes to that task (on the default queue);
     - otherwise every batch here: no broker (eager, the embedded scheduler), or a caller that is
       not in a worker's task and has no budget (tests, the shell, management code).
     A task that is lost (never sent, its worker killed) leaves the marker's lease to expire: beat's
-    `bulk_pending_fail_sweep` then finishes the children."""
+    `bulk_pending_fail_sweep` then takes over (in a worker: by sending the task again)."""
     from bulkops import tasks  # the tasks module imports this one
 
     if not tasks.app_is_eager():

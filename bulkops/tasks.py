@@ -102,10 +102,9 @@ def fail_pending_children(bulk_operation_id: int) -> int:
 
 
 def fail_pending_children_send(bulk_operation_id: int, *, queue: str | None) -> None:
-    """Send `fail_pending_children` to `queue` (None: the default queue, or CELERY_TASK_ROUTES)
-    once the current transaction commits (at once outside one): never before the stop it
-    finishes. A send that fails is logged, not raised: beat's sweep finishes once the lease
-    expired."""
+    """Send `fail_pending_children` to `queue` (None: the default queue) once the current
+    transaction commits (at once outside one): never before the stop it finishes. A send that
+    fails is logged, not raised: beat's sweep finishes once the lease expired."""
 
     def send() -> None:
         try:
