@@ -23,9 +23,11 @@ they appear:
       reference) up to the abort, each child's lateness on that curve, and what (a) prints;
   (d) cancel: creationRamp 0 over every device but one (a first wave; the second, of one
       device, waits for the first's gate), no agent: once the first wave is created (all
-      PENDING), `DELETE ...?cancelPending=true`. Printed: the DELETE's answer time, when DELETED
-      was first seen (10 ms polls from another connection) and when the last PENDING child was
-      seen failed, each from the moment the DELETE was sent.
+      PENDING), `DELETE ...?cancelPending=true` (sent from this process, with this process's
+      BULK_PENDING_FAIL_INLINE_SECONDS: the request fails children that long, then hands the
+      rest to the worker). Printed: the DELETE's answer time (204), when DELETED was first seen
+      (10 ms polls from another connection) and when the last PENDING child was seen failed,
+      each from the moment the DELETE was sent.
 
 For each it prints when the threshold was crossed (the commit of the agent's status change that
 made failed/finished reach it: between the start and the return of that call), the abort's moment
@@ -542,6 +544,7 @@ def cancel_pending(
                 raise SystemExit(f"worker died:\n{worker.log_tail(30)}")
             time.sleep(0.05)
     answered: list[float] = []
+    from django.conf import settings
 
     def delete() -> None:
         from django.db import connection
@@ -589,7 +592,9 @@ def cancel_pending(
     out(
         f"{pending:,} PENDING children; from the DELETE sent: DELETED visible after "
         f"{(deleted - sent) * 1000:.0f} ms, the answer (204) after {(answered[0] - sent) * 1000:.0f}"
-        f" ms, no PENDING child left after {(drained - sent) * 1000:.0f} ms (10 ms polls)"
+        f" ms, no PENDING child left after {(drained - sent) * 1000:.0f} ms (10 ms polls); the"
+        f" request fails them for up to BULK_PENDING_FAIL_INLINE_SECONDS ="
+        f" {settings.BULK_PENDING_FAIL_INLINE_SECONDS:g} s, then hands the rest to the worker"
     )
     summary(
         out,
@@ -598,6 +603,14 @@ def cancel_pending(
         "s",
         ceiling="ramp tick",
         ceiling_value=args.interval,
+    )
+    summary(
+        out,
+        "cancelPending answer (204) after DELETE",
+        answered[0] - sent,
+        "s",
+        ceiling="BULK_PENDING_FAIL_INLINE_SECONDS",
+        ceiling_value=settings.BULK_PENDING_FAIL_INLINE_SECONDS,
     )
     summary(out, "cancelPending all PENDING failed after DELETE", drained - sent, "s")
 

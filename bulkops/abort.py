@@ -12,7 +12,8 @@ When it is evaluated (only for bulk operations with an `abort_config`; the other
   (`bulk_operation_abort_check`): no batch is created once the threshold is crossed;
 - by the beat task, after it folds the progress deltas (`bulk_operations_abort_sweep`, every
   BULK_RAMP_INTERVAL), for bulk operations that are not due and for COMPLETED ones whose children
-  are still running: their PENDING children are failed within one tick.
+  are still running: they stop within one tick, and their PENDING children are then failed by a
+  task of their own (`bulk_pending_fail_after_stop`).
 Both first compare the progress counters (exact and cheap: the folded columns plus the unfolded
 deltas), an upper bound of the failures any criterion counts, and count the children only when
 that bound could fire."""
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Exists, Max, OuterRef, Q
 from django.utils import timezone
@@ -53,9 +56,6 @@ DEFAULT_MIN_EXECUTED = 1
 MAX_CRITERIA = 10
 MAX_MIN_EXECUTED = 10**9
 ABORTED_PREFIX = "Rollout aborted: "
-# PENDING children failed per statement by an abort (bench/rollout_abort.py: 2,000 took about
-# half the time per child of 500).
-FAIL_BATCH_SIZE = 2000
 # What the expiry and execution-timeout sweepers write (devicecontrol `_fail_due`): the text
 # before the first placeholder of their reasons. An agent can only fail an operation with one
 # of these by copying the sweepers' words.
@@ -250,8 +250,8 @@ def _abort(
 ) -> None:
     """The stop (row-locked by the caller's transaction, kept short): no further child, booked
     retries dropped, DELETED with `abort_reason`, and `pending_fail` marked. The PENDING children
-    are failed after the commit, in batches of their own (`bulk_pending_fail`, which the caller
-    runs once its transaction is over: `bulk_operation_abort_check` returned True)."""
+    are failed after the commit, in batches of their own (`bulk_pending_fail_after_stop`, which
+    the caller runs once its transaction is over: `bulk_operation_abort_check` returned True)."""
     failures = counts.failures(criterion["failureType"])
     percentage = _percentage(failures, counts.finished)
     summary = criterion_summary(criterion)
@@ -290,8 +290,8 @@ PENDING_FAIL_LEASE = timedelta(seconds=30)
 
 def pending_fail_mark(bulk: BulkOperation, *, reason: str, notify: bool, now: datetime) -> None:
     """Mark `bulk` (row-locked, saved by the caller with "pending_fail") as having PENDING
-    children to fail with `reason`, leased to the caller from `now`: it runs `bulk_pending_fail`
-    with `leased=True` once its transaction is over.
+    children to fail with `reason`, leased to the caller from `now`: it runs
+    `bulk_pending_fail_after_stop` once its transaction is over.
 
     Only the children that exist now are the stop's (`upTo`, the highest child ID at the stop;
     call this after the booked retries were dropped, which waits for a retry the sweep is
@@ -312,7 +312,7 @@ def pending_fail_mark(bulk: BulkOperation, *, reason: str, notify: bool, now: da
 def pending_fail_join(bulk: BulkOperation, *, now: datetime) -> bool:
     """A cancel's stop on `bulk` (row-locked) whose abort is still failing its PENDING children:
     keep the abort's marker, reason and `abortReason.pendingFailed` count, widen it to the children
-    that exist now, and lease it to the caller too (it runs `bulk_pending_fail(leased=True)`
+    that exist now, and lease it to the caller too (it runs `bulk_pending_fail_after_stop`
     beside the abort's finisher; each child is failed once, each batch counts what it failed).
     False when there is no abort marker to join."""
     current = bulk.pending_fail
@@ -361,17 +361,25 @@ def bulk_pending_fail(
     *,
     bulk_operation_id: int,
     now: datetime | None = None,
-    batch_size: int = FAIL_BATCH_SIZE,
+    batch_size: int | None = None,
     leased: bool = False,
 ) -> int:
     """Fail the PENDING children (latest attempts, up to the marker's `upTo`: those that existed
-    at the stop) of a bulk operation marked `pending_fail`, `batch_size` per transaction; each batch commits on its own when this runs outside any
-    transaction (inside one, they are savepoints of it). Idempotent: a row is locked (waiting
-    for an agent's transaction that holds it) and re-checked, so a child an agent took meanwhile
-    keeps its status. The lease: `leased` (the caller marked it in the stop it just committed),
-    or taken here once it expired (a finisher died between batches); otherwise someone else is
-    at it and this returns 0. The marker goes once no PENDING child is left. Returns the
-    children failed."""
+    at the stop) of a bulk operation marked `pending_fail`, `batch_size` (default
+    BULK_PENDING_FAIL_BATCH_SIZE) per transaction; each batch commits on its own when this runs
+    outside any transaction (inside one, they are savepoints of it). Idempotent: a row is locked
+    (waiting for an agent's transaction that holds it) and re-checked, so a child an agent took
+    meanwhile keeps its status. The lease: `leased` (the caller marked it in the stop it just
+    committed, or was handed it: `bulkops.tasks.fail_pending_children`), or taken here once it
+    expired (a finisher died between batches); otherwise someone else is at it and this returns
+    0. The marker goes once no PENDING child is left. Returns the children failed."""
+    return _fail_batches(bulk_operation_id, now, batch_size, leased=leased, deadline=None)[0]
+
+
+def _lease(bulk_operation_id: int, now: datetime | None, *, leased: bool) -> dict[str, Any] | None:
+    """The marker of `bulk_operation_id` for a finisher: `leased` (handed to it), or taken here
+    once expired (its `at` renewed, under the row lock). None: no marker, or someone else's
+    lease still runs."""
     with transaction.atomic():
         bulk = (
             BulkOperation.objects.select_for_update()
@@ -380,20 +388,45 @@ def bulk_pending_fail(
             .first()
         )
         marker = bulk.pending_fail if bulk is not None else None
-        if marker is None:
-            return 0
-        if not leased:
-            moment = now or timezone.now()
-            if not _lease_expired(marker, moment):
-                return 0
-            assert bulk is not None
-            bulk.pending_fail = {**marker, "at": format_datetime(moment)}
-            bulk.save(update_fields=["pending_fail"])
+        if marker is None or leased:
+            return marker
+        moment = now or timezone.now()
+        if not _lease_expired(marker, moment):
+            return None
+        assert bulk is not None
+        bulk.pending_fail = {**marker, "at": format_datetime(moment)}
+        bulk.save(update_fields=["pending_fail"])
+        return bulk.pending_fail
+
+
+def _fail_batches(
+    bulk_operation_id: int,
+    now: datetime | None,
+    batch_size: int | None,
+    *,
+    leased: bool,
+    deadline: float | None,
+) -> tuple[int, bool]:
+    """`bulk_pending_fail`, stopping before a batch once `time.monotonic()` reached `deadline`
+    (None: never). Returns the children failed and whether this finisher is done (no marker left,
+    or another one took over); False: stopped by the deadline, the marker still leased to it."""
+    batch_size = batch_size or settings.BULK_PENDING_FAIL_BATCH_SIZE
+    marker = _lease(bulk_operation_id, now, leased=leased)
+    if marker is None:
+        return 0, True
     pending = Operation.objects.filter(
         bulk_operation_id=bulk_operation_id, superseded=False, status=OperationStatus.PENDING
     )
     total, last = 0, 0
     while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            logger.info(
+                "Bulk operation %s: %d PENDING children failed (%s); time budget spent",
+                bulk_operation_id,
+                total,
+                marker["reason"],
+            )
+            return total, False
         with transaction.atomic():
             moment = now or timezone.now()
             # Only the children that existed at the stop (none created later: a retry by hand).
@@ -415,7 +448,7 @@ def bulk_pending_fail(
             )
             current = _renew(bulk_operation_id, marker, failed, moment)
             if current is None:
-                return total + failed
+                return total + failed, True
             total += failed
             if not bound and current.get("upTo") == up_to:
                 # None left: the marker goes (in the transaction that failed the last ones).
@@ -431,19 +464,70 @@ def bulk_pending_fail(
         total,
         marker["reason"],
     )
-    return total
+    return total, True
+
+
+def bulk_pending_fail_after_stop(
+    *,
+    bulk_operation_id: int,
+    now: datetime | None = None,
+    inline_seconds: float | None = None,
+) -> bool:
+    """Fail the PENDING children of a stop the caller just committed (its `pending_fail` marker
+    leased to the caller; call this outside any transaction), here or in a task of their own.
+    Returns True when every batch ran here, False when the rest was handed off.
+
+    Where the batches run:
+    - in a task a Celery worker took from its broker (the ramp's run, beat's abort sweep;
+      `bulkops.tasks.in_worker_task`): none here. The backlog goes at once to the task
+      `bulkops.tasks.fail_pending_children`, on the queue of the running task, so that the run
+      goes on (other bulk operations' children, the rest of the tick) while it is failed;
+    - with `inline_seconds` (a request: BULK_PENDING_FAIL_INLINE_SECONDS) and a broker: here until
+      done or the budget is spent, then the rest goes to that task (on the default queue);
+    - otherwise every batch here: no broker (eager, the embedded scheduler), or a caller that is
+      not in a worker's task and has no budget (tests, the shell, management code).
+    A task that is lost (never sent, its worker killed) leaves the marker's lease to expire: beat's
+    `bulk_pending_fail_sweep` then takes over (in a worker: by sending the task again)."""
+    from bulkops import tasks  # the tasks module imports this one
+
+    if not tasks.app_is_eager():
+        if tasks.in_worker_task():
+            tasks.fail_pending_children_send(bulk_operation_id, queue=tasks.current_queue())
+            return False
+        if inline_seconds is not None:
+            deadline = time.monotonic() + inline_seconds
+            _, done = _fail_batches(bulk_operation_id, now, None, leased=True, deadline=deadline)
+            if not done:
+                tasks.fail_pending_children_send(bulk_operation_id, queue=None)
+            return done
+    _fail_batches(bulk_operation_id, now, None, leased=True, deadline=None)
+    return True
 
 
 def bulk_pending_fail_sweep(*, now: datetime | None = None) -> int:
     """Finish the PENDING children of stopped bulk operations whose finisher died between
-    batches (its lease expired): beat runs this every tick. Returns the children failed."""
+    batches, or whose task was lost (its lease expired): beat runs this every tick. In a worker's
+    task (`bulkops.tasks.in_worker_task`) each one's lease is taken here and its children go to
+    `fail_pending_children`, as after a stop, so that the tick is not held up; elsewhere they are
+    failed here. Returns the children failed here."""
+    from bulkops import tasks  # the tasks module imports this one
+
+    hand_off = not tasks.app_is_eager() and tasks.in_worker_task()
     marked = BulkOperation.objects.filter(pending_fail__isnull=False)
     total = 0
     for pk, marker in list(marked.order_by("pk").values_list("pk", "pending_fail")):
         if not _lease_expired(marker, now or timezone.now()):
             continue
         try:
-            total += bulk_pending_fail(bulk_operation_id=pk, now=now)
+            if not hand_off:
+                total += bulk_pending_fail(bulk_operation_id=pk, now=now)
+            elif _lease(pk, now, leased=False) is not None:
+                logger.warning(
+                    "Bulk operation %s: the finisher of its PENDING children stopped; "
+                    "handing them to a task again",
+                    pk,
+                )
+                tasks.fail_pending_children_send(pk, queue=tasks.current_queue())
         except Exception:  # one bulk operation's failure never stops the others, nor the tick
             logger.exception("Failing PENDING children of bulk operation %s failed", pk)
     return total
@@ -518,7 +602,8 @@ def bulk_operations_abort_sweep(*, now: datetime | None = None) -> list[int]:
                 stopped = bulk is not None and bulk_operation_abort_check(bulk=bulk, now=moment)
             if stopped:
                 aborted.append(pk)
-                bulk_pending_fail(bulk_operation_id=pk, now=now, leased=True)
+                # In beat's run: handed to a task of its own (`bulk_pending_fail_after_stop`).
+                bulk_pending_fail_after_stop(bulk_operation_id=pk, now=now)
         except Exception:  # one bulk operation's failure never stops the others, nor the tick
             logger.exception("Abort check of bulk operation %s failed; next tick retries", pk)
     return aborted

@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import OuterRef, Q, QuerySet, Subquery
@@ -1132,7 +1133,11 @@ def _running(bulk: BulkOperation) -> None:
 
 def _abort(pk: int, by: str) -> BulkOperation:
     return bulk_operation_cancel(
-        bulk_operation_id=pk, cancel_pending=True, by=by, precondition=_running
+        bulk_operation_id=pk,
+        cancel_pending=True,
+        by=by,
+        precondition=_running,
+        inline_seconds=settings.BULK_PENDING_FAIL_INLINE_SECONDS,
     )
 
 

@@ -35,7 +35,7 @@ from bulkops import rollout
 from bulkops.abort import (
     abort_config_input,
     bulk_operation_abort_check,
-    bulk_pending_fail,
+    bulk_pending_fail_after_stop,
     pending_fail_join,
     pending_fail_mark,
 )
@@ -447,6 +447,7 @@ def bulk_operation_cancel(
     cancel_pending: bool = False,
     by: str = "",
     notify: bool = True,
+    inline_seconds: float | None = None,
 ) -> BulkOperation:
     """DELETE (bulkoperations.md §10): no further children; existing ones keep their status.
     `cancel_pending` (`?cancelPending=true`, README "Cancel that reaches the device"): its
@@ -455,8 +456,11 @@ def bulk_operation_cancel(
     PENDING children are cancelled.
 
     First the stop, one short transaction (`bulk_operation_stop`); then the PENDING children are
-    failed in batches of their own before this returns (`bulk_pending_fail`; beat's sweep
-    finishes them if this process dies meanwhile)."""
+    failed in batches of their own (bulkops.abort `bulk_pending_fail_after_stop`): here before
+    this returns, or, with `inline_seconds` (a request's budget) and a broker, here until the
+    budget is spent and the rest by the task `fail_pending_children`. Beat's sweep finishes them
+    if the process failing them dies meanwhile. The returned `pending_fail` is None when every
+    batch ran here."""
     bulk = bulk_operation_stop(
         bulk_operation_id=bulk_operation_id,
         now=now,
@@ -465,8 +469,9 @@ def bulk_operation_cancel(
         by=by,
         notify=notify,
     )
-    if cancel_pending:
-        bulk_pending_fail(bulk_operation_id=bulk.pk, now=now, leased=True)
+    if cancel_pending and bulk_pending_fail_after_stop(
+        bulk_operation_id=bulk.pk, now=now, inline_seconds=inline_seconds
+    ):
         bulk.pending_fail = None
     return bulk
 
@@ -950,10 +955,12 @@ def _advance_all(
 
 
 def _fail_pending_after_abort(bulk_id: int, now: datetime | None) -> None:
-    """The ramp just committed an abort: fail its PENDING children now, in batches of their own
-    (a failure here is logged; beat's sweep finishes them once the lease expired)."""
+    """The ramp just committed an abort: its PENDING children are failed in batches of their own,
+    by a task of their own when this runs in a worker (the ramp goes on with the other bulk
+    operations meanwhile), here otherwise (bulkops.abort `bulk_pending_fail_after_stop`). A
+    failure here is logged; beat's sweep finishes them once the lease expired."""
     try:
-        bulk_pending_fail(bulk_operation_id=bulk_id, now=now, leased=True)
+        bulk_pending_fail_after_stop(bulk_operation_id=bulk_id, now=now)
     except Exception:
         logger.exception("Bulk operation %s: failing its PENDING children failed", bulk_id)
 

@@ -15,9 +15,10 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from celery import shared_task
+from celery import current_task, shared_task
 from celery.signals import worker_process_shutdown, worker_shutdown
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from bulkops import abort, live, services
@@ -87,6 +88,57 @@ def advance_bulk_operations(
         abort.bulk_pending_fail_sweep()
     ramp_wake(services.bulk_operations_next_due(), queue=queue)
     return created
+
+
+@shared_task(acks_late=True)
+def fail_pending_children(bulk_operation_id: int) -> int:
+    """The PENDING children of a stopped bulk operation (an abort, `?cancelPending=true`), handed
+    off by whoever committed the stop (bulkops.abort `bulk_pending_fail_after_stop`): failed in
+    batches, each its own transaction renewing the lease it was handed. Idempotent: a rerun (a
+    redelivery after a crash) finds the children failed, or the marker gone, and a run beside
+    another finisher (beat's sweep, a cancel that joined) fails each child once. A task that is
+    lost leaves the lease to expire; beat's `bulk_pending_fail_sweep` then finishes."""
+    return abort.bulk_pending_fail(bulk_operation_id=bulk_operation_id, leased=True)
+
+
+def fail_pending_children_send(bulk_operation_id: int, *, queue: str | None) -> None:
+    """Send `fail_pending_children` to `queue` (None: the default queue) once the current
+    transaction commits (at once outside one): never before the stop it finishes. A send that
+    fails is logged, not raised: beat's sweep finishes once the lease expired."""
+
+    def send() -> None:
+        try:
+            fail_pending_children.apply_async(args=(bulk_operation_id,), queue=queue)
+        except Exception:
+            logger.warning(
+                "Bulk operation %s: could not hand its PENDING children to a task; beat's sweep "
+                "fails them once the lease expired",
+                bulk_operation_id,
+                exc_info=True,
+            )
+
+    transaction.on_commit(send)
+
+
+def in_worker_task() -> bool:
+    """Whether this code runs in a task a Celery worker took from its broker: the only place
+    where handing work to another task lets this one go on (a worker will take it). Not for a
+    task called directly or run eagerly (`apply()`, no broker), nor outside any task (a request,
+    tests, the shell, management commands): those have no worker to hand it to, or are the
+    caller's own business."""
+    task = current_task
+    if not task or app_is_eager():
+        return False
+    request = task.request
+    return not request.called_directly and not request.is_eager
+
+
+def current_queue() -> str | None:
+    """The queue of the task this code runs in (its routing key), None outside one."""
+    task = current_task
+    if not task:
+        return None
+    return (task.request.delivery_info or {}).get("routing_key")
 
 
 @worker_shutdown.connect

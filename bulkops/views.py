@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from rest_framework.response import Response
 
 from bulkops import services
@@ -93,6 +94,8 @@ class BulkOperationDetailView(BulkOperationView):
             cancel_pending=cancel_pending,
             by=request.user.username,
             notify=self.notify,
+            # A large backlog goes on in a worker (the 204 comes within this budget).
+            inline_seconds=settings.BULK_PENDING_FAIL_INLINE_SECONDS,
         )
         return self.no_content()
 

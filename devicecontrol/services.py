@@ -639,28 +639,6 @@ def operation_cancel(
     return locked
 
 
-def operations_cancel_pending(
-    *,
-    queryset: QuerySet[Operation],
-    by: str,
-    notify: bool = True,
-    now: datetime | None = None,
-    batch_size: int = 500,
-) -> int:
-    """Cancel the PENDING operations of `queryset` as `operation_cancel` does, inside the
-    caller's transaction (a bulk operation's cancel: all or nothing with it). Rows are locked and
-    read `batch_size` at a time in ID order, so only one batch of rows is in memory (the UPDATE
-    events wait for the commit). Waits for rows another transaction holds (an agent's PUT): a
-    row that left PENDING meanwhile is not touched."""
-    return operations_fail(
-        queryset=queryset.filter(status=OperationStatus.PENDING),
-        reason=CANCELLED_REASON.format(by=by),
-        now=now or timezone.now(),
-        batch_size=batch_size,
-        notify=notify,
-    )
-
-
 def _fail_due(
     *,
     queryset: QuerySet[Operation],

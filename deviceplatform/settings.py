@@ -342,6 +342,15 @@ BULK_RAMP_BOOKING = env.bool("BULK_RAMP_BOOKING", default=True)
 # A bulk operation's changes go out on /bulkoperations/{id} at most once per this many ms (the last
 # state always), whichever processes see them (bulkops/live.py); 0: every change at once.
 BULK_LIVE_INTERVAL_MS = env.int("BULK_LIVE_INTERVAL_MS", default=250)
+# PENDING children of a stopped bulk operation (an abort, `?cancelPending=true`) failed per
+# transaction (bulkops/abort.py `bulk_pending_fail`; bench/rollout_abort.py: 2,000 took about half
+# the time per child of 500).
+BULK_PENDING_FAIL_BATCH_SIZE = env.int("BULK_PENDING_FAIL_BATCH_SIZE", default=2000)
+# How long a request that stops a bulk operation (`DELETE ...?cancelPending=true`, the admin's Abort)
+# fails its PENDING children itself before it hands the rest to the task `fail_pending_children`
+# and answers (with a broker; without one it fails them all: nobody else would). Well below
+# gunicorn's 30 s worker timeout (bin/run).
+BULK_PENDING_FAIL_INLINE_SECONDS = env.float("BULK_PENDING_FAIL_INLINE_SECONDS", default=5.0)
 
 # --- Device control (README "Beyond Cumulocity") ---------------------------------------------------
 # A PENDING operation not picked up within this many seconds becomes FAILED (0: never). ARTIK: 7 days.

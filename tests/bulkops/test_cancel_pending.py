@@ -19,7 +19,6 @@ from tests.bulkops.conftest import (
     BULK,
     Fleet,
     advance,
-    at,
     children,
     counted_progress,
     create_bulk,
@@ -211,31 +210,6 @@ def test_while_the_ramp_runs_only_created_children_are_cancelled_and_no_more_com
         ("FAILED", "Cancelled by bulk_admin")
     ] * 2
     assert get_bulk(bapi["bulk_reader"], bulk.pk)["progress"] == counted_progress(bulk)
-
-
-def test_the_batched_service_cancels_every_matching_row(
-    django_capture_on_commit_callbacks: Callable[..., Any],
-) -> None:
-    fleet = make_fleet(7)
-    bulk = create_bulk(fleet.group, creationRamp=0)
-    advance(0)
-    done = children(bulk)[2]
-    dc_services.operation_update(operation_id=done.pk, data={"status": "SUCCESSFUL"})
-
-    with django_capture_on_commit_callbacks() as callbacks:
-        count = dc_services.operations_cancel_pending(
-            queryset=Operation.objects.filter(bulk_operation_id=bulk.pk),
-            by="ops",
-            now=at(30),
-            batch_size=2,
-        )
-
-    assert count == 6
-    rows = Operation.objects.filter(bulk_operation_id=bulk.pk).order_by("pk")
-    assert [(op.status, op.status_changed_at) for op in rows if op.pk != done.pk] == [
-        ("FAILED", at(30))
-    ] * 6
-    assert len(registered_events(callbacks)) == 6
 
 
 @pytest.mark.django_db(transaction=True)
