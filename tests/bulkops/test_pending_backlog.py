@@ -248,11 +248,12 @@ def test_a_cancel_pending_whose_budget_is_spent_answers_204_and_a_worker_finishe
 @pytest.fixture
 def no_broker() -> Iterator[None]:
     """As without REDIS_URL: tasks run eagerly in the caller (the embedded server)."""
+    before = app.conf.task_always_eager
     app.conf.task_always_eager = True
     try:
         yield
     finally:
-        app.conf.task_always_eager = False
+        app.conf.task_always_eager = before
 
 
 def test_without_a_broker_a_cancel_pending_fails_every_child_before_the_204(
