@@ -363,6 +363,7 @@ def bulk_pending_fail(
     now: datetime | None = None,
     batch_size: int | None = None,
     leased: bool = False,
+    lease_at: str | None = None,
 ) -> int:
     """Fail the PENDING children (latest attempts, up to the marker's `upTo`: those that existed
     at the stop) of a bulk operation marked `pending_fail`, `batch_size` (default
@@ -372,14 +373,22 @@ def bulk_pending_fail(
     meanwhile keeps its status. The lease: `leased` (the caller marked it in the stop it just
     committed, or was handed it: `bulkops.tasks.fail_pending_children`), or taken here once it
     expired (a finisher died between batches); otherwise someone else is at it and this returns
-    0. The marker goes once no PENDING child is left. Returns the children failed."""
-    return _fail_batches(bulk_operation_id, now, batch_size, leased=leased, deadline=None)[0]
+    0. `lease_at`: the lease was handed over as it stood then (the marker's `at`, by a task's
+    sender): still the caller's only while `at` is unchanged, since another finisher that took
+    it since (beat's sweep, after the task waited in its queue past the lease; a cancel that
+    joined) renews it. The marker goes once no PENDING child is left. Returns the children
+    failed."""
+    return _fail_batches(
+        bulk_operation_id, now, batch_size, leased=leased, deadline=None, lease_at=lease_at
+    )[0]
 
 
-def _lease(bulk_operation_id: int, now: datetime | None, *, leased: bool) -> dict[str, Any] | None:
-    """The marker of `bulk_operation_id` for a finisher: `leased` (handed to it), or taken here
-    once expired (its `at` renewed, under the row lock). None: no marker, or someone else's
-    lease still runs."""
+def _lease(
+    bulk_operation_id: int, now: datetime | None, *, leased: bool, lease_at: str | None = None
+) -> dict[str, Any] | None:
+    """The marker of `bulk_operation_id` for a finisher: `leased` (the caller just committed the
+    stop), handed to it (`lease_at` is still the marker's `at`), or taken here once expired (its
+    `at` renewed, under the row lock). None: no marker, or someone else's lease still runs."""
     with transaction.atomic():
         bulk = (
             BulkOperation.objects.select_for_update()
@@ -389,6 +398,8 @@ def _lease(bulk_operation_id: int, now: datetime | None, *, leased: bool) -> dic
         )
         marker = bulk.pending_fail if bulk is not None else None
         if marker is None or leased:
+            return marker
+        if lease_at is not None and marker.get("at") == lease_at:
             return marker
         moment = now or timezone.now()
         if not _lease_expired(marker, moment):
@@ -406,12 +417,13 @@ def _fail_batches(
     *,
     leased: bool,
     deadline: float | None,
+    lease_at: str | None = None,
 ) -> tuple[int, bool]:
     """`bulk_pending_fail`, stopping before a batch once `time.monotonic()` reached `deadline`
     (None: never). Returns the children failed and whether this finisher is done (no marker left,
     or another one took over); False: stopped by the deadline, the marker still leased to it."""
     batch_size = batch_size or settings.BULK_PENDING_FAIL_BATCH_SIZE
-    marker = _lease(bulk_operation_id, now, leased=leased)
+    marker = _lease(bulk_operation_id, now, leased=leased, lease_at=lease_at)
     if marker is None:
         return 0, True
     pending = Operation.objects.filter(

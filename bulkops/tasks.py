@@ -22,6 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from bulkops import abort, live, services
+from bulkops.models import BulkOperation
 
 logger = logging.getLogger(__name__)
 
@@ -91,24 +92,38 @@ def advance_bulk_operations(
 
 
 @shared_task(acks_late=True)
-def fail_pending_children(bulk_operation_id: int) -> int:
+def fail_pending_children(bulk_operation_id: int, lease_at: str | None = None) -> int:
     """The PENDING children of a stopped bulk operation (an abort, `?cancelPending=true`), handed
     off by whoever committed the stop (bulkops.abort `bulk_pending_fail_after_stop`): failed in
-    batches, each its own transaction renewing the lease it was handed. Idempotent: a rerun (a
-    redelivery after a crash) finds the children failed, or the marker gone, and a run beside
-    another finisher (beat's sweep, a cancel that joined) fails each child once. A task that is
-    lost leaves the lease to expire; beat's `bulk_pending_fail_sweep` then finishes."""
-    return abort.bulk_pending_fail(bulk_operation_id=bulk_operation_id, leased=True)
+    batches, each its own transaction renewing the lease it was handed (`lease_at`, the marker's
+    `at` when it was sent). A task that waited in its queue until another finisher took the
+    lease (beat's sweep, once it expired; a cancel that joined) does nothing; one that runs
+    beside another finisher anyway fails each child once. A task that is lost (never sent, its
+    worker killed: with acks_late the message is acknowledged or redelivered only much later)
+    leaves the lease to expire; beat's `bulk_pending_fail_sweep` then finishes."""
+    return abort.bulk_pending_fail(
+        bulk_operation_id=bulk_operation_id, leased=lease_at is None, lease_at=lease_at
+    )
 
 
 def fail_pending_children_send(bulk_operation_id: int, *, queue: str | None) -> None:
     """Send `fail_pending_children` to `queue` (None: the default queue) once the current
-    transaction commits (at once outside one): never before the stop it finishes. A send that
-    fails is logged, not raised: beat's sweep finishes once the lease expired."""
+    transaction commits (at once outside one): never before the stop it finishes, with the lease
+    as it stands then (the marker's `at`; the caller holds it). A send that fails is logged, not
+    raised: beat's sweep finishes once the lease expired."""
 
     def send() -> None:
         try:
-            fail_pending_children.apply_async(args=(bulk_operation_id,), queue=queue)
+            marker = (
+                BulkOperation.objects.filter(pk=bulk_operation_id)
+                .values_list("pending_fail", flat=True)
+                .first()
+            )
+            if not marker:
+                return  # finished meanwhile (a joined finisher), or the bulk operation is gone
+            fail_pending_children.apply_async(
+                args=(bulk_operation_id,), kwargs={"lease_at": marker["at"]}, queue=queue
+            )
         except Exception:
             logger.warning(
                 "Bulk operation %s: could not hand its PENDING children to a task; beat's sweep "

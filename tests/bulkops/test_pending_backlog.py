@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db.models import Max, Min
 from django.utils import timezone
 
-from bulkops import live, services, tasks
+from bulkops import abort, live, services, tasks
 from bulkops.abort import ABORTED_PREFIX, PENDING_FAIL_LEASE, bulk_pending_fail_sweep
 from bulkops.models import BulkOperation, BulkStatus
 from devicecontrol.models import Operation, OperationStatus
@@ -287,3 +287,23 @@ def test_a_ramp_run_outside_a_worker_fails_the_backlog_itself(settings: Any) -> 
     assert row(bulk).pending_fail is None
     assert pending(bulk) == 0
     assert row(bulk).abort_reason["pendingFailed"] == 29
+
+
+def test_a_task_that_waited_past_its_lease_leaves_the_children_to_whoever_took_it() -> None:
+    """A hand-off task carries the lease as it was sent (the marker's `at`). Queued behind busy
+    workers past the lease, beat's sweep takes the lease and sends another task; the first one,
+    when it finally runs, finds the lease renewed by someone else and does nothing (before, every
+    copy ran, one trailing the other). The second holds the current lease and fails them."""
+    bulk = running(30)
+    services.bulk_operation_stop(bulk_operation_id=bulk.pk, cancel_pending=True, by="op")
+    first_lease = row(bulk).pending_fail["at"]
+    later = timezone.now() + PENDING_FAIL_LEASE + timedelta(seconds=1)
+    taken = abort._lease(bulk.pk, later, leased=False)  # the sweep takes the expired lease
+    assert taken is not None
+    assert taken["at"] != first_lease
+
+    assert tasks.fail_pending_children(bulk.pk, lease_at=first_lease) == 0
+    assert pending(bulk) == 30
+    assert tasks.fail_pending_children(bulk.pk, lease_at=taken["at"]) == 30
+    assert pending(bulk) == 0
+    assert row(bulk).pending_fail is None
