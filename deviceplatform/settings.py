@@ -346,11 +346,20 @@ BULK_LIVE_INTERVAL_MS = env.int("BULK_LIVE_INTERVAL_MS", default=250)
 # transaction (bulkops/abort.py `bulk_pending_fail`; bench/rollout_abort.py: 2,000 took about half
 # the time per child of 500).
 BULK_PENDING_FAIL_BATCH_SIZE = env.int("BULK_PENDING_FAIL_BATCH_SIZE", default=2000)
+if not 1 <= BULK_PENDING_FAIL_BATCH_SIZE <= 100_000:
+    raise ImproperlyConfigured(
+        f"BULK_PENDING_FAIL_BATCH_SIZE must be from 1 to 100000, not {BULK_PENDING_FAIL_BATCH_SIZE}"
+    )
 # How long a request that stops a bulk operation (`DELETE ...?cancelPending=true`, the admin's Abort)
 # fails its PENDING children itself before it hands the rest to the task `fail_pending_children`
 # and answers (with a broker; without one it fails them all: nobody else would). Well below
 # gunicorn's 30 s worker timeout (bin/run).
 BULK_PENDING_FAIL_INLINE_SECONDS = env.float("BULK_PENDING_FAIL_INLINE_SECONDS", default=5.0)
+if not 0 <= BULK_PENDING_FAIL_INLINE_SECONDS <= 20:  # also refuses nan
+    raise ImproperlyConfigured(
+        "BULK_PENDING_FAIL_INLINE_SECONDS must be from 0 to 20 (a request must answer before "
+        f"gunicorn's 30 s worker timeout), not {BULK_PENDING_FAIL_INLINE_SECONDS}"
+    )
 
 # --- Device control (README "Beyond Cumulocity") ---------------------------------------------------
 # A PENDING operation not picked up within this many seconds becomes FAILED (0: never). ARTIK: 7 days.
