@@ -363,7 +363,7 @@ class BulkCreateForm(forms.Form):
         max_length=1024,
         label="Group",
         widget=forms.TextInput(attrs={"list": "bulk-groups", "size": 30}),
-        help_text="A group or smart group: its ID, or its exact name (type to pick one).",
+        help_text="A group or smart group: its ID, or its exact name (type to pick one; digits alone are an ID).",
     )
     failed_parent = forms.IntegerField(
         required=False,
@@ -438,7 +438,7 @@ class BulkCreateForm(forms.Form):
         value = self.cleaned_data.get("group", "").strip()
         if not value:
             return None
-        if value.isdigit():
+        if value.isascii() and value.isdigit():  # "²" is a digit to str.isdigit, not to int()
             if not 1 <= int(value) <= MAX_ID:
                 raise ValidationError(f"A group ID is a whole number from 1 to {MAX_ID}.")
             return int(value)

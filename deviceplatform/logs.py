@@ -71,7 +71,11 @@ class WebSocketChatterFilter(logging.Filter):
     CHATTER = frozenset({"connection open", "connection closed"})
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.msg not in self.CHATTER
+        return (
+            record.levelno >= logging.WARNING
+            or not isinstance(record.msg, str)
+            or record.msg not in self.CHATTER
+        )
 
 
 class PlainFormatter(logging.Formatter):

@@ -226,6 +226,7 @@ def test_each_template_builds_its_prototype(
         ({"group": "Pump 1"}, "group", "No group or smart group is named “Pump 1”"),  # a device
         ({"group": "Pumps "}, "group", "Several groups are named “Pumps”"),
         ({"group": "0"}, "group", "A group ID is a whole number from 1 to"),
+        ({"group": "²"}, "group", "No group or smart group is named “²”"),
         ({"group": "99999999999999999999"}, "group", "A group ID is a whole number from 1 to"),
         ({"group": "{device}"}, "group", "is not a device group"),
         ({"group": "987654321"}, "group", "Managed object 987654321 is not a device group"),

@@ -222,3 +222,17 @@ def test_a_websocket_connection_logs_one_line(launch: Servers, tmp_path: Any) ->
     assert log.count('"WebSocket /notification/operations" [accepted]') == 1, log
     assert "connection open" not in log, log
     assert "connection closed" not in log, log
+
+
+def test_the_websocket_chatter_filter_passes_any_other_record() -> None:
+    from deviceplatform.logs import WebSocketChatterFilter
+
+    def record(msg: Any, level: int = logging.INFO) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", level, __file__, 1, msg, None, None)
+
+    chatter = WebSocketChatterFilter()
+    assert not chatter.filter(record("connection open"))
+    assert not chatter.filter(record("connection closed"))
+    assert chatter.filter(record("connection closed", logging.WARNING))
+    assert chatter.filter(record({"not": "hashable"}))  # never raises into the caller
+    assert chatter.filter(record("Started server process [%d]"))
