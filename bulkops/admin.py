@@ -8,7 +8,7 @@ into it yet (`bulkops.selectors`, in the same query as the rows), so the changel
 for 10 or 100,000 children and is exact on every page load. The list and the change page poll a small JSON endpoint (`live/`,
 one query for the bulk operations shown) through `deviceplatform/live.js`, which swaps in the
 same cells the page rendered: counters, bar and status move without a reload. A ramp that keeps failing on a bulk
-operation shows its reason in the "ramp error" column and on the change form. Writes go through the services, as the REST API's do: the change form
+operation shows its reason under the list's status and on the change form. Writes go through the services, as the REST API's do: the change form
 rehearses `bulk_operation_update` in a savepoint that is always rolled back, so a refusal (a
 negative ramp, a bulk operation that completed meanwhile) is a form error and nothing is written.
 The add page builds the body of `POST /bulkoperations` and hands it to `bulk_operation_preview`
