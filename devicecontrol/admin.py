@@ -25,6 +25,7 @@ from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils import formats, timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -449,17 +450,17 @@ class SendOperationForm(forms.Form):
 @admin.register(Operation)
 class OperationAdmin(FleetListMixin, admin.ModelAdmin):
     form = OperationForm
+    # Narrow enough for a 1280-px screen with the navigation and filter sidebars open
+    # (operations.css, tests/browser/test_admin_layout.py): the agent under the device; the
+    # description, bulk operation and retries under the fragment names; the change page shows each
+    # apart.
     list_display = [
         "id",
-        "device_link",
-        "agent_link",
+        "device_agent",
         "status_label",
-        "fragment_names",
-        "description",
+        "operation_summary",
         "failure_reason_short",
-        "creation_time",
-        "bulk_operation_id",
-        "retried",
+        "created",
     ]
     list_display_links = ["id"]
     list_select_related = ["device"]
@@ -709,6 +710,42 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
         if obj.retry_of_id is not None:
             parts.append(format_html("retry of {}", _operation_link(obj.retry_of_id)))
         return format_html_join("; ", "{}", ((part,) for part in parts)) if parts else ""
+
+    @admin.display(description="device, agent", ordering="device_id")
+    def device_agent(self, obj: Operation) -> str:
+        return format_html(
+            '<div>{}</div><div class="operation-secondary">agent {}</div>',
+            self.device_link(obj),
+            self.agent_link(obj),
+        )
+
+    @admin.display(description="operation")
+    def operation_summary(self, obj: Operation) -> str:
+        """The fragment names over the description, the bulk operation and the retries."""
+        lines = [format_html('<div class="operation-fragments">{}</div>', self.fragment_names(obj))]
+        if description := self.description(obj):
+            lines.append(format_html('<div class="operation-secondary">{}</div>', description))
+        origin = [part for part in (self.bulk_link(obj), self.retried(obj)) if part]
+        if origin:
+            lines.append(
+                format_html(
+                    '<div class="operation-secondary">{}</div>',
+                    format_html_join("; ", "{}", ((part,) for part in origin)),
+                )
+            )
+        return format_html_join("", "{}", ((line,) for line in lines))
+
+    @admin.display(description="created", ordering="creation_time")
+    def created(self, obj: Operation) -> str:
+        # As the admin shows a date (dates.js puts it in the browser's zone), but free to wrap.
+        return formats.localize(timezone.template_localtime(obj.creation_time))
+
+    @staticmethod
+    def bulk_link(obj: Operation) -> str:
+        if obj.bulk_operation_id is None:
+            return ""
+        url = reverse("admin:bulkops_bulkoperation_change", args=[obj.bulk_operation_id])
+        return format_html('bulk <a href="{}">{}</a>', url, obj.bulk_operation_id)
 
     @admin.display(description="device", ordering="device_id")
     def device_link(self, obj: Operation) -> str:

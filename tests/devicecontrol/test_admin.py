@@ -98,8 +98,9 @@ def test_changelist_lists_newest_first_with_links_and_fragment_names(
     agent_page = reverse("admin:inventory_managedobject_change", args=[agent.pk])
     assert f'<a href="{device_page}">Pump 7 [{device.pk}]</a>' in page
     assert f'<a href="{agent_page}">{agent.pk}</a>' in page
-    assert '<td class="field-fragment_names">c8y_Restart</td>' in page  # description apart
-    assert '<td class="field-description">Restart</td>' in page
+    # One "operation" column: the fragment names (description apart), the description under them.
+    assert '<div class="operation-fragments">c8y_Restart</div>' in page
+    assert '<div class="operation-secondary">Restart</div>' in page
     assert "c8y_Firmware" in page
 
 
