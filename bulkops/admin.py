@@ -180,14 +180,21 @@ def general_status_html(bulk: BulkOperation) -> str:
     return format_html("{}", general_status(bulk))
 
 
+def _admin_time(moment: datetime | None, empty: str = "-") -> str:
+    """A moment as the admin shows dates ("2026-12-03 08:40:56 UTC", which dates.js shows in the
+    browser's zone), not the API's ISO text."""
+    if moment is None:
+        return empty
+    return formats.localize(timezone.template_localtime(moment))
+
+
 def ramp_error_html(bulk: BulkOperation) -> str:
     if not bulk.ramp_error_count:
         # Marked, so the list's status cell (bulkops.css) can hide it.
         return format_html('<span class="bulk-no-ramp-error">{}</span>', "-")
-    when = format_datetime(bulk.ramp_error_at) if bulk.ramp_error_at else "?"
     text = (
-        f"{bulk.ramp_error} (failed {bulk.ramp_error_count} time(s) in a row, last at {when}; "
-        f"retried at {format_datetime(bulk.next_due_at) if bulk.next_due_at else '-'})"
+        f"{bulk.ramp_error} (failed {bulk.ramp_error_count} time(s) in a row, last at "
+        f"{_admin_time(bulk.ramp_error_at, '?')}; retried at {_admin_time(bulk.next_due_at)})"
     )
     # The whole text is the tooltip too: the list shows its first lines only (bulkops.css).
     return format_html(
@@ -217,7 +224,7 @@ def child_links_html(bulk: BulkOperation) -> str:
 
 
 def next_due_html(bulk: BulkOperation) -> str:
-    return format_html("{}", format_datetime(bulk.next_due_at) if bulk.next_due_at else "-")
+    return format_html("{}", _admin_time(bulk.next_due_at))
 
 
 def rollout_html(bulk: BulkOperation) -> str:
@@ -944,7 +951,7 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
     def schedule_display(self, obj: BulkOperation) -> str:
         """The start date (in the admin's format, which dates.js shows in the browser's zone) over
         the creation ramp, or "rollout rate" when `rolloutConfig` sets the pace."""
-        start = formats.localize(timezone.template_localtime(obj.start_date))
+        start = _admin_time(obj.start_date)
         pace = "rollout rate" if obj.rollout_config else f"ramp {obj.creation_ramp:g} s"
         return format_html(
             '<div class="bulk-start">{}</div><div class="bulk-ramp">{}</div>', start, pace

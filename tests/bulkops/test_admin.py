@@ -517,3 +517,18 @@ def test_the_actions_write_a_history_entry_for_each_bulk_operation_they_changed(
         )
     ]
     assert history(completed) == []  # skipped both times: nothing changed
+
+
+def test_the_change_page_shows_its_times_as_the_admins_dates(
+    admin_client: Client, scheduled: BulkOperation
+) -> None:
+    """Next due and the ramp error's times in the admin's format (which dates.js shows in the
+    browser's zone), not the API's ISO text."""
+    BulkOperation.objects.filter(pk=scheduled.pk).update(
+        ramp_error="IntegrityError: boom", ramp_error_count=2, ramp_error_at=FUTURE
+    )
+    page = admin_client.get(change_url(scheduled)).content.decode()
+
+    assert "2099-06-01T08:30:00.000Z" not in page
+    assert "last at 2099-06-01 08:30:00 UTC; retried at 2099-06-01 08:30:00 UTC" in page
+    assert '<div class="readonly">2099-06-01 08:30:00 UTC</div>' in page  # next due at
