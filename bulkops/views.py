@@ -15,7 +15,7 @@ from bulkops.serializers import bulk_operation_json, bulk_operation_url
 from deviceplatform.api.idempotency import idempotent_create
 from deviceplatform.api.media_types import MediaType
 from deviceplatform.api.pagination import paginated
-from deviceplatform.api.params import get_bool, parse_id
+from deviceplatform.api.params import get_strict_bool, parse_path_id
 from deviceplatform.api.views import CumulocityView
 from deviceplatform.roles import Role
 
@@ -27,7 +27,7 @@ class BulkOperationView(CumulocityView):
     def get_bulk_operation(self, pk: str | int) -> BulkOperation:
         """The bulk operation with its exact progress (one query), 404 if there is none."""
         try:
-            bulk = bulk_operations_with_progress().filter(pk=parse_id(pk)).first()
+            bulk = bulk_operations_with_progress().filter(pk=parse_path_id(pk)).first()
         except Exception:
             bulk = None
         if bulk is None:
@@ -87,9 +87,13 @@ class BulkOperationDetailView(BulkOperationView):
         return self.respond(lambda: self.render(bulk), MediaType.BULK_OPERATION, etag=True)
 
     def delete(self, request: Any, pk: str) -> Response:
-        cancel_pending = get_bool(request.GET, "cancelPending")
+        # The refusals in README's order, before anything is written: 404, 403 (both in
+        # get_bulk_operation), a bad body, a bad cancelPending, then a stale If-Match (412).
+        bulk = self.get_bulk_operation(pk)
+        self.no_body()
+        cancel_pending = get_strict_bool(request.GET, "cancelPending")
         services.bulk_operation_cancel(
-            bulk_operation_id=self.get_bulk_operation(pk).pk,
+            bulk_operation_id=bulk.pk,
             precondition=self.if_match(self.render),
             cancel_pending=cancel_pending,
             by=request.user.username,

@@ -13,7 +13,7 @@ from django.db.models import QuerySet
 from devicecontrol.models import NewDeviceRequest, NewDeviceRequestStatus, Operation
 from devicecontrol.services import new_device_request_not_found, operation_not_found
 from deviceplatform.api.exceptions import InvalidQuery
-from deviceplatform.api.params import parse_id
+from deviceplatform.api.params import parse_path_id
 from deviceplatform.api.permissions import has_any_role
 from deviceplatform.roles import Role
 from inventory.models import ExternalId, ManagedObject
@@ -23,7 +23,7 @@ from inventory.serializers import external_id_json
 
 def operation_get(*, pk: object) -> Operation:
     try:
-        operation_id = parse_id(pk)
+        operation_id = parse_path_id(pk)
     except Exception:
         raise operation_not_found(pk) from None
     operation = Operation.objects.select_related("device").filter(pk=operation_id).first()

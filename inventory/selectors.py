@@ -13,7 +13,7 @@ from django.db.models.functions import Cast
 from django.db.models.lookups import StartsWith
 
 from deviceplatform.api.exceptions import NotFound
-from deviceplatform.api.params import MAX_ID, parse_id
+from deviceplatform.api.params import MAX_ID, parse_path_id
 from deviceplatform.api.permissions import has_any_role
 from deviceplatform.roles import Role
 from inventory.models import ExternalId, ManagedObject, ManagedObjectReference, Relation
@@ -109,7 +109,7 @@ def managed_object_with_agent(object_id: int) -> tuple[ManagedObject, int | None
 def managed_object_get(*, pk: object) -> ManagedObject:
     """The object with this ID (a path segment or body value), or 404 `inventory/Not Found`."""
     try:
-        object_id = parse_id(pk)
+        object_id = parse_path_id(pk)
     except Exception:
         raise managed_object_not_found(pk) from None
     managed_object = managed_object_by_id(object_id)
@@ -185,7 +185,7 @@ def parents_of(*, child: ManagedObject, relation: Relation) -> QuerySet[ManagedO
 def reference_get(*, parent: ManagedObject, relation: Relation, child_pk: object) -> ManagedObject:
     """The child of one edge, or 404 when the edge does not exist."""
     try:
-        child_id = parse_id(child_pk)
+        child_id = parse_path_id(child_pk)
     except Exception:
         raise managed_object_not_found(child_pk) from None
     child = children_of(parent=parent, relation=relation).filter(pk=child_id).first()

@@ -27,6 +27,20 @@ def get_bool(params: Mapping[str, str], name: str, default: bool = False) -> boo
     raise InvalidQuery(f"{name} must be true or false, not {value!r}")
 
 
+def get_strict_bool(params: Mapping[str, str], name: str) -> bool:
+    """An extension's boolean parameter (`cancelPending`): absent is false; otherwise exactly one
+    `true` or `false`. An empty, differently spelt or repeated value is a 422: a cancel is not
+    worth guessing at (Cumulocity's own parameters keep `get_bool`'s leniency)."""
+    if name not in params:
+        return False
+    getlist = getattr(params, "getlist", None)  # a QueryDict keeps every repetition
+    values = getlist(name) if getlist is not None else [params[name]]
+    if len(values) != 1 or values[0] not in ("true", "false"):
+        shown = ", ".join(repr(value) for value in values)
+        raise InvalidQuery(f"{name} must be true or false (once), not {shown}")
+    return values[0] == "true"
+
+
 def get_int(params: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     value = params.get(name)
     if value is None or value == "":
@@ -58,6 +72,17 @@ def parse_id(value: object, *, field: str = "id") -> int:
         return value
     if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
         return int(value.strip())
+    raise InvalidQuery(f"{field} must be an ID, not {value!r}")
+
+
+def parse_path_id(value: object, *, field: str = "id") -> int:
+    """An ID in a URL path (or one already parsed): ASCII digits and nothing else. Unlike
+    `parse_id` (query lists such as `ids=1, 2`, body values) no space is trimmed: `/%2042`
+    names no resource, it is not 42."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
     raise InvalidQuery(f"{field} must be an ID, not {value!r}")
 
 

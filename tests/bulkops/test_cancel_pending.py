@@ -103,7 +103,7 @@ def test_cancel_pending_fails_the_pending_latest_attempts(
     }
 
 
-@pytest.mark.parametrize("query", ["", "?cancelPending=false", "?cancelPending="])
+@pytest.mark.parametrize("query", ["", "?cancelPending=false"])
 def test_without_cancel_pending_the_children_keep_their_status(
     bapi: Clients, query: str, django_capture_on_commit_callbacks: Callable[..., Any]
 ) -> None:
@@ -119,7 +119,23 @@ def test_without_cancel_pending_the_children_keep_their_status(
     assert reload(bulk).status == "DELETED"
 
 
-@pytest.mark.parametrize("value", ["yes", "1", "TRUEE", "on"])
+@pytest.mark.parametrize(
+    "value",
+    # Exactly `true` or `false`, once: an empty, differently spelt or repeated value is refused
+    # (an empty one used to be a plain cancel, a repetition the last value).
+    [
+        "yes",
+        "1",
+        "TRUEE",
+        "on",
+        "",
+        "TRUE",
+        "True",
+        "%20true",
+        "true%20",
+        "true&cancelPending=false",
+    ],
+)
 def test_a_bad_cancel_pending_is_422_and_changes_nothing(
     bapi: Clients, value: str, row_counts: Callable[[], dict[str, int]]
 ) -> None:
@@ -179,6 +195,56 @@ def test_cancel_pending_of_a_cancelled_bulk_cancels_what_is_left(bapi: Clients) 
 
 def test_unknown_bulk_is_404_with_cancel_pending(bapi: Clients) -> None:
     assert_error(call(bapi["bulk_admin"], "DELETE", f"{BULK}/999999?cancelPending=true"), 404)
+
+
+@pytest.mark.parametrize(
+    ("who", "path", "status"),
+    [
+        ("bulk_admin", "999999", 404),  # an unknown ID first, whatever the parameter
+        ("bulk_admin", "%20{id}", 404),  # an ID with a space names nothing
+        ("bulk_reader", "{id}", 403),  # then the role
+        ("nobody", "{id}", 403),
+    ],
+)
+def test_the_refusals_come_in_order_before_a_bad_cancel_pending(
+    bapi: Clients, who: str, path: str, status: int, row_counts: Callable[[], dict[str, int]]
+) -> None:
+    bulk, _ = started(make_fleet(6))
+    bapi.prepare(who)
+    before, counts = statuses(bulk), row_counts()
+    target = path.format(id=bulk.pk)
+
+    assert_error(call(bapi[who], "DELETE", f"{BULK}/{target}?cancelPending=yes"), status)
+    assert statuses(bulk) == before
+    assert row_counts() == counts
+    assert reload(bulk).status == "IN_PROGRESS"
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status"),
+    [
+        ("[garbage", "application/json", 400),
+        ("x", "text/plain", 415),
+        ("[1]", "application/json", 422),
+    ],
+)
+def test_a_bad_body_on_delete_is_refused_and_cancels_nothing(
+    bapi: Clients, raw: str, content_type: str, status: int
+) -> None:
+    bulk, _ = started(make_fleet(6))
+    before = statuses(bulk)
+
+    response = call(
+        bapi["bulk_admin"],
+        "DELETE",
+        f"{BULK}/{bulk.pk}?cancelPending=true",
+        raw=raw,
+        content_type=content_type,
+    )
+
+    assert_error(response, status)
+    assert statuses(bulk) == before
+    assert reload(bulk).status == "IN_PROGRESS"
 
 
 def test_a_stale_if_match_is_412_and_cancels_nothing(bapi: Clients) -> None:
