@@ -579,6 +579,17 @@ def operation_retry(
             f"{operation.device_id} in bulk operation {operation.bulk_operation_id} can be retried",
             error="devicecontrol/Invalid Data",
         )
+    # Once only, as for a bulk child: a second retry of the same attempt (a double click, a client
+    # resending after a timeout) would run the operation twice on the device and multiply its
+    # automatic retries. The row lock above makes a concurrent second retry wait for the first
+    # one's commit, and this check then sees it.
+    later = Operation.objects.filter(retry_of_id=operation.pk).order_by("pk").first()
+    if later is not None:
+        raise ValidationFailed(
+            f"Operation {operation.pk} was already retried (operation {later.pk}); only the latest "
+            "attempt can be retried",
+            error="devicecontrol/Invalid Data",
+        )
     device = ManagedObject.objects.get(pk=operation.device_id)
     if operation.bulk_operation_id is not None:
         Operation.objects.filter(pk=operation.pk).update(superseded=True, retry_at=None)

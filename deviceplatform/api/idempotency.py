@@ -67,6 +67,13 @@ def check_key(key: str) -> None:
             f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters long, got {len(key)}",
             error="general/badRequest",
         )
+    # Control characters (NUL is refused by PostgreSQL's text type: it was a 500) and keys of
+    # whitespace alone name nothing a client meant to send.
+    if not key.strip() or any(ord(char) < 32 or ord(char) == 127 for char in key):
+        raise BadRequest(
+            "Idempotency-Key must be printable text, not blank and without control characters",
+            error="general/badRequest",
+        )
 
 
 def idempotent_create(post: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from devicecontrol.serializers import operation_json
 from deviceplatform.roles import Role
 from inventory.models import ManagedObject
 from tests.factories import Clients
-from tests.helpers import assert_error
+from tests.helpers import assert_error, run_together
 
 pytestmark = pytest.mark.django_db
 
@@ -158,6 +158,47 @@ def test_retry_keeps_the_sms_delivery_marker(api: Clients, device: ManagedObject
 
     assert body["deliveryType"] == "SMS"
     assert body["c8y_Restart"] == {}
+
+
+def test_an_operation_is_retried_once_then_its_latest_attempt_is(
+    api: Clients,
+    failed: Operation,
+    row_counts: Callable[[], dict[str, int]],
+    django_capture_on_commit_callbacks: Callable[..., Any],
+) -> None:
+    """A second retry of the same attempt (a double click, a client resending after a timeout)
+    would run the operation twice on the device and multiply its automatic retries: 422, as for a
+    bulk child, naming the retry that exists; the latest attempt can be retried once it fails."""
+    first = post_retry(api["admin"], failed.pk, HTTP_ACCEPT="application/json").json()
+    before = row_counts()
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        again = post_retry(api["admin"], failed.pk, HTTP_ACCEPT="application/json")
+
+    body = assert_error(again, 422, "devicecontrol/Invalid Data")
+    assert body["message"] == (
+        f"Operation {failed.pk} was already retried (operation {first['id']}); only the latest "
+        "attempt can be retried"
+    )
+    assert row_counts() == before
+    assert callbacks == []
+    services.operation_update(operation_id=int(first["id"]), data={"status": "FAILED"})
+    assert post_retry(api["admin"], first["id"]).status_code == 201
+
+
+@pytest.mark.postgresql  # row locks; SQLite runs one writer at a time anyway
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_retries_of_one_operation_make_one_attempt(failed: Operation) -> None:
+    """Eight at once (each holding the row as read before): the row lock makes each wait for the
+    one before it, which then sees its retry. Before: eight PENDING copies."""
+    stale = Operation.objects.get(pk=failed.pk)
+    outcomes = run_together(lambda _: services.operation_retry(operation=stale), 8)
+
+    assert (
+        sorted(type(outcome).__name__ for outcome in outcomes)
+        == ["Operation"] + ["ValidationFailed"] * 7
+    ), outcomes
+    assert Operation.objects.filter(retry_of=failed.pk).count() == 1
 
 
 @pytest.mark.parametrize("status", ["PENDING", "EXECUTING", "SUCCESSFUL"])

@@ -178,6 +178,17 @@ def test_empty_or_too_long_key_is_400(users: dict, key: str) -> None:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("key", ["a\x00b", "a\nb", "\t", "   ", "del\x7f"])
+def test_a_blank_key_or_one_with_control_characters_is_400(users: dict, key: str) -> None:
+    """NUL was a 500 on PostgreSQL (its text type refuses it); the others were stored as keys."""
+    answer = post(users["ann"], MO, {"name": "K"}, key=key)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "general/badRequest"
+    assert "Idempotency-Key must be printable text" in answer.json()["message"]
+    assert not ManagedObject.objects.filter(name="K").exists()
+
+
+@pytest.mark.django_db
 def test_a_255_character_key_is_accepted(users: dict) -> None:
     key = "k" * 255
     first = post(users["ann"], MO, {"name": "Long"}, key=key)
