@@ -231,6 +231,11 @@ def _attach() -> None:
         delete=c8y_operation(
             "Cancel a bulk operation",
             status=204,
+            description=(
+                "No body is read; one that is there must be a JSON object (malformed 400, another "
+                "media type 415, not an object 422). cancelPending is exactly true or false."
+            ),
+            errors={400: "Malformed JSON body", 415: "A body of another media type"},
             parameters=[
                 BULK_ID,
                 IF_MATCH,

@@ -368,7 +368,7 @@ def test_real_answers_match_the_document(
             "post",
         )
     check(
-        api.delete(f"{bulk_path}/{rollout['id']}", {"cancelPending": "true"}),
+        api.delete(f"{bulk_path}/{rollout['id']}?cancelPending=true"),
         f"{bulk_path}/{{id}}",
         "delete",
     )
