@@ -524,7 +524,7 @@ def bulk_pending_fail_sweep(*, now: datetime | None = None) -> int:
     failed here. Returns the children failed here."""
     from bulkops import tasks  # the tasks module imports this one
 
-    hand_off = not tasks.app_is_eager() and tasks.in_worker_task()
+    hand_off = tasks.in_worker_task()  # never with an eager app
     marked = BulkOperation.objects.filter(pending_fail__isnull=False)
     total = 0
     for pk, marker in list(marked.order_by("pk").values_list("pk", "pending_fail")):

@@ -35,7 +35,7 @@ from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
-from django.utils import formats, timezone
+from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
@@ -67,6 +67,7 @@ from deviceplatform.admin_lists import FleetListMixin
 from deviceplatform.api.dates import format_datetime, parse_datetime
 from deviceplatform.api.exceptions import ApiError, ValidationFailed, error_body
 from deviceplatform.api.params import MAX_ID
+from deviceplatform.formats import admin_time
 from inventory.admin import adopt, rehearse
 from inventory.models import ManagedObject
 
@@ -180,21 +181,13 @@ def general_status_html(bulk: BulkOperation) -> str:
     return format_html("{}", general_status(bulk))
 
 
-def _admin_time(moment: datetime | None, empty: str = "-") -> str:
-    """A moment as the admin shows dates ("2026-12-03 08:40:56 UTC", which dates.js shows in the
-    browser's zone), not the API's ISO text."""
-    if moment is None:
-        return empty
-    return formats.localize(timezone.template_localtime(moment))
-
-
 def ramp_error_html(bulk: BulkOperation) -> str:
     if not bulk.ramp_error_count:
         # Marked, so the list's status cell (bulkops.css) can hide it.
         return format_html('<span class="bulk-no-ramp-error">{}</span>', "-")
     text = (
         f"{bulk.ramp_error} (failed {bulk.ramp_error_count} time(s) in a row, last at "
-        f"{_admin_time(bulk.ramp_error_at, '?')}; retried at {_admin_time(bulk.next_due_at)})"
+        f"{admin_time(bulk.ramp_error_at, '?')}; retried at {admin_time(bulk.next_due_at)})"
     )
     # The whole text is the tooltip too: the list shows its first lines only (bulkops.css).
     return format_html(
@@ -224,7 +217,7 @@ def child_links_html(bulk: BulkOperation) -> str:
 
 
 def next_due_html(bulk: BulkOperation) -> str:
-    return format_html("{}", _admin_time(bulk.next_due_at))
+    return format_html("{}", admin_time(bulk.next_due_at))
 
 
 def rollout_html(bulk: BulkOperation) -> str:
@@ -951,7 +944,7 @@ class BulkOperationAdmin(FleetListMixin, admin.ModelAdmin):
     def schedule_display(self, obj: BulkOperation) -> str:
         """The start date (in the admin's format, which dates.js shows in the browser's zone) over
         the creation ramp, or "rollout rate" when `rolloutConfig` sets the pace."""
-        start = _admin_time(obj.start_date)
+        start = admin_time(obj.start_date)
         pace = "rollout rate" if obj.rollout_config else f"ramp {obj.creation_ramp:g} s"
         return format_html(
             '<div class="bulk-start">{}</div><div class="bulk-ramp">{}</div>', start, pace

@@ -25,7 +25,6 @@ from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
-from django.utils import formats, timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -53,6 +52,7 @@ from devicecontrol.services import (
 from deviceplatform.admin_lists import FleetListMixin
 from deviceplatform.api.exceptions import ApiError
 from deviceplatform.api.params import MAX_ID
+from deviceplatform.formats import admin_time
 from inventory.admin import FragmentsField, ManagedObjectAdmin, adopt, rehearse
 from inventory.models import ManagedObject
 from inventory.selectors import device_agent_id
@@ -738,7 +738,7 @@ class OperationAdmin(FleetListMixin, admin.ModelAdmin):
     @admin.display(description="created", ordering="creation_time")
     def created(self, obj: Operation) -> str:
         # As the admin shows a date (dates.js puts it in the browser's zone), but free to wrap.
-        return formats.localize(timezone.template_localtime(obj.creation_time))
+        return admin_time(obj.creation_time)
 
     @staticmethod
     def bulk_link(obj: Operation) -> str:
